@@ -1,0 +1,145 @@
+//! The `cowvm` command: boots VMs and (later) checkpoints, restores and clones them.
+
+mod bench;
+mod plot;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+use vmm::{Console, HugePages, MemSize, Vm, VmConfig, VmExit};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cowvm",
+    version,
+    about = "A KVM virtual machine monitor with live checkpoints"
+)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a tracing filter directive.
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum HugePagesArg {
+    None,
+    Thp,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a kernel and run it until the guest exits; the exit status is the guest's.
+    Run(RunArgs),
+    /// Benchmarks of the VMM itself.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// How to build a VM.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmArgs {
+    /// Kernel: a PVH ELF, a Linux bzImage or a vmlinux ELF.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Guest memory size, such as 512M or 2G.
+    #[arg(long, default_value = "256M")]
+    mem: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Transparent huge pages for guest memory.
+    #[arg(long, value_enum, default_value_t = HugePagesArg::None)]
+    hugepages: HugePagesArg,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Write the serial console to this file instead of standard output.
+    #[arg(long)]
+    console: Option<PathBuf>,
+}
+
+impl VmArgs {
+    /// The VM configuration these arguments describe.
+    pub fn config(&self, console: Console) -> anyhow::Result<VmConfig> {
+        let mem: MemSize = self
+            .mem
+            .parse()
+            .with_context(|| format!("--mem {}", self.mem))?;
+        Ok(VmConfig {
+            mem_size: mem.0,
+            vcpus: self.vcpus,
+            hugepages: match self.hugepages {
+                HugePagesArg::None => HugePages::None,
+                HugePagesArg::Thp => HugePages::Thp,
+            },
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            console,
+        })
+    }
+}
+
+fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(level).with_context(|| format!("--log-level {level}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let console = match args.console {
+        Some(path) => Console::File(path),
+        None => Console::Stdout,
+    };
+    let vm = Vm::boot(args.vm.config(console)?)?;
+    let exit = vm.wait();
+    match &exit {
+        VmExit::Guest(_) | VmExit::Stopped => {}
+        other => eprintln!("cowvm: {other}"),
+    }
+    Ok(ExitCode::from(exit.status() as u8))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = init_logging(&cli.log_level, cli.log_format).and_then(|()| match cli.command {
+        Command::Run(args) => run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cowvm: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

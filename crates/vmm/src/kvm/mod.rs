@@ -1,0 +1,114 @@
+//! The KVM virtual machine: the VM file descriptor, its memory slots, in-kernel irqchip and PIT,
+//! and the vCPUs with their x86 set-up.
+
+pub mod cpu;
+pub mod vcpu;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+
+/// Guest-physical address of the three pages KVM needs for the real-mode TSS on Intel hosts.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Guest-physical address of the identity-map page KVM needs on Intel hosts.
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Errors of KVM set-up.
+#[derive(Debug, Error)]
+pub enum KvmError {
+    /// `/dev/kvm` does not exist.
+    #[error("/dev/kvm does not exist: this host has no KVM (load the kvm module or use a host with virtualization)")]
+    NoKvm,
+    /// `/dev/kvm` exists but cannot be opened.
+    #[error("permission denied opening /dev/kvm: run as root or add the user to the kvm group")]
+    KvmPermission,
+    /// Opening `/dev/kvm` failed otherwise.
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The KVM API version is not the stable one.
+    #[error("unsupported KVM API version {0} (12 is required)")]
+    ApiVersion(i32),
+    /// A KVM capability we depend on is missing.
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed")]
+    Ioctl {
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+impl KvmError {
+    /// Wraps a failed ioctl with the name of the operation.
+    pub fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+        move |source| KvmError::Ioctl { op, source }
+    }
+}
+
+/// Opens `/dev/kvm`, turning the common failures into precise errors.
+pub fn open_kvm() -> Result<Kvm, KvmError> {
+    let kvm = Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => KvmError::NoKvm,
+        libc::EACCES | libc::EPERM => KvmError::KvmPermission,
+        _ => KvmError::OpenKvm(e),
+    })?;
+    let version = kvm.get_api_version();
+    if version != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(KvmError::ApiVersion(version));
+    }
+    for (cap, name) in [
+        (kvm_ioctls::Cap::Irqchip, "in-kernel irqchip"),
+        (kvm_ioctls::Cap::Pit2, "in-kernel PIT"),
+        (kvm_ioctls::Cap::Irqfd, "irqfd"),
+        (kvm_ioctls::Cap::UserMemory, "user memory"),
+        (kvm_ioctls::Cap::ImmediateExit, "immediate_exit"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(KvmError::MissingCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Creates the VM: TSS and identity-map addresses, in-kernel irqchip and PIT.
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
+    let vm = kvm.create_vm().map_err(KvmError::ioctl("create VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(KvmError::ioctl("set TSS address"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(KvmError::ioctl("set identity map address"))?;
+    vm.create_irq_chip()
+        .map_err(KvmError::ioctl("create irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(KvmError::ioctl("create PIT"))?;
+    Ok(vm)
+}
+
+/// Registers every region of `mem` as a KVM memory slot (slot i = region i).
+pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .expect("offset 0 lies in every region");
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host range is a live mapping owned by `mem`, which the caller keeps alive
+        // for as long as the VM exists (the VM struct owns both).
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(KvmError::ioctl("set user memory region"))?;
+    }
+    Ok(())
+}

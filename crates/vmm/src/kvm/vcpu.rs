@@ -1,0 +1,349 @@
+//! vCPU threads: one thread per vCPU, each a small state machine (Running / Paused / Exiting)
+//! driven by a shared [`VcpuControl`].
+//!
+//! A pause sets the target state, then kicks every vCPU thread with a real-time signal. The
+//! signal handler sets `kvm_run.immediate_exit`, so a thread that was about to enter `KVM_RUN`
+//! returns at once instead of sleeping in the guest; a thread already inside `KVM_RUN` is
+//! interrupted by the signal itself (`KVM_RUN` returns `EINTR`). Each thread then parks on a
+//! condition variable, and the pausing thread waits until all are parked.
+
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use thiserror::Error;
+use tracing::{debug, error, warn};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::Bus;
+use crate::exit::{ExitNotifier, VmExit};
+
+/// Errors of the vCPU control path.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    /// Registering the kick signal handler failed.
+    #[error("cannot register the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// Spawning a vCPU thread failed.
+    #[error("cannot spawn the thread of vCPU {0}")]
+    Spawn(u8, #[source] std::io::Error),
+    /// Not every vCPU parked in time.
+    #[error("vCPUs did not pause within {0:?} ({1} of {2} parked)")]
+    PauseTimeout(Duration, usize, usize),
+    /// The VM is exiting, so it cannot be paused or resumed.
+    #[error("the VM is exiting")]
+    Exiting,
+    /// The VM is already paused.
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+}
+
+/// What the vCPU threads are asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Run,
+    Pause,
+    Exit,
+}
+
+#[derive(Debug)]
+struct ControlState {
+    target: Target,
+    parked: usize,
+}
+
+/// State shared by the VMM and its vCPU threads.
+#[derive(Debug)]
+pub struct VcpuControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    count: usize,
+}
+
+/// How long a pause may take before the VMM gives up; far above the microseconds it takes.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+thread_local! {
+    /// `kvm_run.immediate_exit` of the vCPU that runs on this thread, for the kick handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: the pointer is set by this thread's vCPU loop to a field of its own mapped
+        // `kvm_run`, and reset to null before that mapping goes away. A volatile byte store is
+        // async-signal-safe.
+        unsafe { std::ptr::write_volatile(flag, 1) };
+    }
+}
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn register_kick_handler() -> Result<(), VcpuError> {
+    static REGISTER: Once = Once::new();
+    let mut result = Ok(());
+    REGISTER.call_once(|| {
+        result = register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal);
+    });
+    result
+}
+
+/// Proof that the VM is paused; resumes the vCPUs when dropped, so an early return cannot leave
+/// the VM frozen.
+#[derive(Debug)]
+pub struct PauseGuard<'a> {
+    control: &'a VcpuControl,
+    took: Duration,
+}
+
+impl PauseGuard<'_> {
+    /// How long it took from the pause request until every vCPU was parked.
+    pub fn took(&self) -> Duration {
+        self.took
+    }
+
+    /// Resumes the vCPUs now.
+    pub fn resume(self) {}
+}
+
+impl Drop for PauseGuard<'_> {
+    fn drop(&mut self) {
+        self.control.resume_all();
+    }
+}
+
+impl VcpuControl {
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of vCPUs.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the vCPUs are paused (or asked to pause).
+    pub fn is_paused(&self) -> bool {
+        self.lock().target == Target::Pause
+    }
+
+    fn kick_all(&self) {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for thread in threads.iter() {
+            // A thread that has already finished cannot be signalled; that is fine, it is not
+            // running guest code either.
+            if let Err(e) = thread.kill(kick_signal()) {
+                debug!("kick of a vCPU thread failed: {e}");
+            }
+        }
+    }
+
+    /// Stops every vCPU and waits until all are parked outside `KVM_RUN`.
+    pub fn pause(&self) -> Result<PauseGuard<'_>, VcpuError> {
+        let start = Instant::now();
+        {
+            let mut st = self.lock();
+            match st.target {
+                Target::Exit => return Err(VcpuError::Exiting),
+                Target::Pause => return Err(VcpuError::AlreadyPaused),
+                Target::Run => st.target = Target::Pause,
+            }
+        }
+        self.kick_all();
+        let st = self.lock();
+        let (st, timeout) = self
+            .changed
+            .wait_timeout_while(st, PAUSE_TIMEOUT, |st| {
+                st.parked < self.count && st.target == Target::Pause
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        if st.target == Target::Exit {
+            return Err(VcpuError::Exiting);
+        }
+        if timeout.timed_out() {
+            let parked = st.parked;
+            drop(st);
+            self.resume_all();
+            return Err(VcpuError::PauseTimeout(PAUSE_TIMEOUT, parked, self.count));
+        }
+        Ok(PauseGuard {
+            control: self,
+            took: start.elapsed(),
+        })
+    }
+
+    fn resume_all(&self) {
+        let mut st = self.lock();
+        if st.target == Target::Pause {
+            st.target = Target::Run;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Asks every vCPU thread to exit and kicks them.
+    pub fn request_exit(&self) {
+        self.lock().target = Target::Exit;
+        self.changed.notify_all();
+        self.kick_all();
+    }
+
+    /// Waits for every vCPU thread to finish.
+    pub fn join(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for thread in threads {
+            if thread.join().is_err() {
+                error!("a vCPU thread panicked");
+            }
+        }
+    }
+
+    /// Blocks the calling vCPU thread while the VM is paused. Returns false if it must exit.
+    fn wait_while_paused(&self) -> bool {
+        let mut st = self.lock();
+        if st.target == Target::Pause {
+            st.parked += 1;
+            self.changed.notify_all();
+            while st.target == Target::Pause {
+                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            st.parked -= 1;
+        }
+        st.target != Target::Exit
+    }
+}
+
+/// A vCPU ready to run on its own thread.
+pub struct Vcpu {
+    /// Index of the vCPU (its APIC id).
+    pub id: u8,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// Port I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+}
+
+/// What the run loop does after an exit.
+enum Next {
+    Continue,
+    Stop(VmExit),
+}
+
+impl Vcpu {
+    fn handle_exit(&mut self) -> Next {
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.pio.write(u64::from(port), data);
+                Next::Continue
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.pio.read(u64::from(port), data);
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.mmio.write(addr, data);
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.mmio.read(addr, data);
+                Next::Continue
+            }
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) => Next::Continue,
+            Ok(VcpuExit::Shutdown) => Next::Stop(VmExit::TripleFault {
+                vcpu: self.id,
+                registers: crate::exit::describe_registers(&self.fd),
+            }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Next::Stop(VmExit::SystemEvent(kind)),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Next::Stop(VmExit::Fatal(format!(
+                "KVM could not enter vCPU {} (hardware entry failure reason {reason:#x} on host CPU {cpu})",
+                self.id
+            ))),
+            Ok(VcpuExit::InternalError) => Next::Stop(VmExit::Fatal(format!(
+                "KVM internal error on vCPU {} (an instruction KVM cannot emulate?): {}",
+                self.id,
+                crate::exit::describe_registers(&self.fd)
+            ))),
+            Ok(other) => Next::Stop(VmExit::Fatal(format!(
+                "unexpected KVM exit on vCPU {}: {other:?}",
+                self.id
+            ))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(e) => Next::Stop(VmExit::Fatal(format!("KVM_RUN failed on vCPU {}: {e}", self.id))),
+        }
+    }
+
+    fn run_loop(mut self, control: Arc<VcpuControl>, exit: Arc<ExitNotifier>) {
+        let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|c| c.set(flag));
+        while control.wait_while_paused() {
+            if let Next::Stop(reason) = self.handle_exit() {
+                warn_if_fatal(&reason);
+                exit.notify(reason);
+                control.request_exit();
+                break;
+            }
+        }
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+        debug!(vcpu = self.id, "vCPU thread exits");
+    }
+}
+
+fn warn_if_fatal(reason: &VmExit) {
+    if !matches!(reason, VmExit::Guest(_)) {
+        warn!("VM stops: {reason}");
+    }
+}
+
+/// Starts one thread per vCPU; they run until the VM exits.
+pub fn start_vcpus(
+    vcpus: Vec<Vcpu>,
+    exit: Arc<ExitNotifier>,
+) -> Result<Arc<VcpuControl>, VcpuError> {
+    register_kick_handler()?;
+    let control = Arc::new(VcpuControl {
+        state: Mutex::new(ControlState {
+            target: Target::Run,
+            parked: 0,
+        }),
+        changed: Condvar::new(),
+        threads: Mutex::new(Vec::new()),
+        count: vcpus.len(),
+    });
+    for vcpu in vcpus {
+        let id = vcpu.id;
+        let (c, e) = (control.clone(), exit.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu.run_loop(c, e));
+        match handle {
+            Ok(h) => control
+                .threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(h),
+            Err(err) => {
+                control.request_exit();
+                control.join();
+                return Err(VcpuError::Spawn(id, err));
+            }
+        }
+    }
+    Ok(control)
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").field("id", &self.id).finish()
+    }
+}

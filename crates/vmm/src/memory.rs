@@ -1,0 +1,213 @@
+//! Guest physical memory: private anonymous mappings laid out around the 32-bit MMIO hole.
+//!
+//! Memory is `MAP_PRIVATE | MAP_ANONYMOUS` on purpose: the `fork` checkpoint strategy relies on
+//! the kernel's copy-on-write of private pages to freeze the child's view of guest memory.
+
+use std::fmt;
+use std::str::FromStr;
+
+use thiserror::Error;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Start of the 32-bit MMIO hole: RAM above this address is relocated above 4 GiB.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// End of the 32-bit MMIO hole.
+pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// Guest page size used for memory accounting and checkpoints.
+pub const PAGE_SIZE: u64 = 4096;
+/// Smallest guest memory we accept: room for the boot structures and a small guest.
+pub const MIN_MEM_SIZE: u64 = 16 << 20;
+/// Largest guest memory we accept (bounded by the guest physical address width we expose).
+pub const MAX_MEM_SIZE: u64 = 1 << 40;
+
+/// Errors of guest memory setup.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// The size string is not a number with an optional K/M/G/T suffix.
+    #[error("invalid memory size {0:?}: expected a number with an optional K, M, G or T suffix")]
+    BadSize(String),
+    /// The size is outside the accepted range or not page aligned.
+    #[error("memory size {size} bytes is out of range: it must be a multiple of 4 KiB between {min} and {max} bytes")]
+    SizeOutOfRange {
+        /// Requested size.
+        size: u64,
+        /// Smallest accepted size.
+        min: u64,
+        /// Largest accepted size.
+        max: u64,
+    },
+    /// mmap of guest memory failed.
+    #[error("cannot map {size} bytes of guest memory")]
+    Map {
+        /// Requested size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// madvise(MADV_HUGEPAGE) failed.
+    #[error("cannot enable transparent huge pages on guest memory")]
+    HugePages(#[source] std::io::Error),
+}
+
+/// A memory size given on the command line, such as `512M` or `2G`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemSize(pub u64);
+
+impl FromStr for MemSize {
+    type Err = MemoryError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || MemoryError::BadSize(s.to_string());
+        let t = s.trim();
+        let (digits, shift) = match t.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => {
+                let shift = match c.to_ascii_uppercase() {
+                    'K' => 10,
+                    'M' => 20,
+                    'G' => 30,
+                    'T' => 40,
+                    _ => return Err(bad()),
+                };
+                (&t[..i], shift)
+            }
+            _ => (t, 0),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        n.checked_mul(1u64 << shift).map(MemSize).ok_or_else(bad)
+    }
+}
+
+impl fmt::Display for MemSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+            if n >= 1 << shift && n % (1 << shift) == 0 {
+                return write!(f, "{}{}", n >> shift, suffix);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
+/// Whether guest memory asks the host for transparent huge pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HugePages {
+    /// Plain 4 KiB pages (the host may still use THP if it is set to `always`).
+    #[default]
+    None,
+    /// `madvise(MADV_HUGEPAGE)` on all guest memory.
+    Thp,
+}
+
+/// The guest-physical ranges that hold RAM for a VM of `size` bytes.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    if size <= MMIO_HOLE_START {
+        vec![(GuestAddress(0), size as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_HOLE_START as usize),
+            (
+                GuestAddress(MMIO_HOLE_END),
+                (size - MMIO_HOLE_START) as usize,
+            ),
+        ]
+    }
+}
+
+/// Checks that `size` is a usable guest memory size.
+pub fn validate_size(size: u64) -> Result<(), MemoryError> {
+    if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&size) || size % PAGE_SIZE != 0 {
+        return Err(MemoryError::SizeOutOfRange {
+            size,
+            min: MIN_MEM_SIZE,
+            max: MAX_MEM_SIZE,
+        });
+    }
+    Ok(())
+}
+
+/// Maps guest memory of `size` bytes as private anonymous memory.
+pub fn create_guest_memory(size: u64, huge: HugePages) -> Result<GuestMemoryMmap, MemoryError> {
+    validate_size(size)?;
+    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(size))
+        .map_err(|source| MemoryError::Map { size, source })?;
+    if huge == HugePages::Thp {
+        for region in mem.iter() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("offset 0 lies in every region");
+            // SAFETY: the range is exactly one mapping owned by `mem`; MADV_HUGEPAGE only changes
+            // the kernel's page size policy for it and never its contents.
+            let rc =
+                unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+            if rc != 0 {
+                return Err(MemoryError::HugePages(std::io::Error::last_os_error()));
+            }
+        }
+    }
+    Ok(mem)
+}
+
+/// Total RAM bytes of `mem`.
+pub fn ram_size(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// End (exclusive) of the highest RAM range.
+pub fn ram_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.last_addr().unchecked_add(1).raw_value()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!("512M".parse::<MemSize>().unwrap().0, 512 << 20);
+        assert_eq!("2G".parse::<MemSize>().unwrap().0, 2 << 30);
+        assert_eq!("2g".parse::<MemSize>().unwrap().0, 2 << 30);
+        assert_eq!("4096".parse::<MemSize>().unwrap().0, 4096);
+        assert_eq!("64K".parse::<MemSize>().unwrap().0, 64 << 10);
+        for bad in [
+            "",
+            "M",
+            "12Q",
+            "-1G",
+            "1.5G",
+            "99999999999999999999T",
+            "1 G",
+        ] {
+            assert!(bad.parse::<MemSize>().is_err(), "{bad:?} parsed");
+        }
+        assert_eq!(MemSize(2 << 30).to_string(), "2G");
+        assert_eq!(MemSize(4097).to_string(), "4097");
+    }
+
+    #[test]
+    fn validates_sizes() {
+        assert!(validate_size(256 << 20).is_ok());
+        assert!(validate_size(1 << 20).is_err());
+        assert!(validate_size((256 << 20) + 1).is_err());
+        assert!(validate_size(2 << 40).is_err());
+    }
+
+    #[test]
+    fn splits_ram_around_the_mmio_hole() {
+        assert_eq!(ram_ranges(1 << 30), vec![(GuestAddress(0), 1 << 30)]);
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));
+        assert_eq!(r[1], (GuestAddress(1 << 32), (1 << 30) as usize));
+    }
+
+    #[test]
+    fn maps_private_memory() {
+        let mem = create_guest_memory(64 << 20, HugePages::Thp).unwrap();
+        assert_eq!(ram_size(&mem), 64 << 20);
+        assert_eq!(ram_end(&mem), 64 << 20);
+    }
+}
