@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 
 ./scripts/setup.sh
 cargo fmt --all -- --check
+(cd guests/pvh && cargo fmt -- --check && cargo clippy --release -- -D warnings)
 cargo clippy --workspace --all-targets --release -- -D warnings
 cargo test --workspace --release

@@ -187,7 +187,7 @@ impl Vm {
             }
             vcpus.push(Vcpu {
                 id,
-                fd: vcpu_fd,
+                fd: Arc::new(Mutex::new(vcpu_fd)),
                 pio: pio.clone(),
                 mmio: mmio.clone(),
             });

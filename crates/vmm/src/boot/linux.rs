@@ -6,7 +6,7 @@
 //! hits instructions that KVM does not emulate.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::path::Path;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -50,92 +50,11 @@ const CMDLINE_SIZE_PROTOCOL: u16 = 0x0206;
 /// First boot protocol with `pref_address` and `init_size` (2.10).
 const INIT_SIZE_PROTOCOL: u16 = 0x020a;
 
-const PT_NOTE: u32 = 4;
-
-/// Whether an ELF carries Linux's own ELF note (every vmlinux does), read from its PT_NOTE
-/// segments.
-pub fn is_linux_elf(file: &mut File) -> bool {
-    linux_note(file).unwrap_or(false)
-}
-
-fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-    file.seek(SeekFrom::Start(offset))?;
-    file.read_exact(buf)
-}
-
-fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_le_bytes([b[i], b[i + 1]])
-}
-
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(b: &[u8], i: usize) -> u64 {
-    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
-}
-
-fn linux_note(file: &mut File) -> std::io::Result<bool> {
-    let mut ehdr = [0u8; 64];
-    read_at(file, 0, &mut ehdr)?;
-    let (phoff, phentsize, phnum) = (
-        u64_at(&ehdr, 0x20),
-        u16_at(&ehdr, 0x36),
-        u16_at(&ehdr, 0x38),
-    );
-    if usize::from(phentsize) < 56 {
-        return Ok(false);
-    }
-    for i in 0..u64::from(phnum) {
-        let mut phdr = [0u8; 56];
-        // A corrupt header must not overflow (and panic in debug builds): treat it as no note.
-        let Some(at) = i
-            .checked_mul(u64::from(phentsize))
-            .and_then(|o| o.checked_add(phoff))
-        else {
-            return Ok(false);
-        };
-        read_at(file, at, &mut phdr)?;
-        if u32_at(&phdr, 0) != PT_NOTE {
-            continue;
-        }
-        let (offset, size) = (u64_at(&phdr, 8), u64_at(&phdr, 0x20));
-        if size > 1 << 20 {
-            continue;
-        }
-        let mut notes = vec![0u8; size as usize];
-        read_at(file, offset, &mut notes)?;
-        let mut pos = 0usize;
-        while pos + 12 <= notes.len() {
-            let namesz = u32_at(&notes, pos) as usize;
-            let descsz = u32_at(&notes, pos + 4) as usize;
-            let name_start = pos + 12;
-            let name = notes.get(name_start..name_start + namesz).unwrap_or(&[]);
-            if name == b"Linux\0" {
-                return Ok(true);
-            }
-            pos = name_start + namesz.next_multiple_of(4) + descsz.next_multiple_of(4);
-        }
-    }
-    Ok(false)
-}
-
-/// Copies an initrd into the highest page-aligned place of low RAM that ends below `max_end`.
-/// Returns its address and size.
+/// Copies an initrd into the highest page-aligned place of low RAM that ends below `max_end`
+/// and starts at or above `min_start`: the end of the memory the kernel occupies, so that neither
+/// the kernel's load nor its in-place decompression overwrites the initrd (GRUB places it above
+/// the kernel's `init_size` for the same reason). Returns its address and size.
 pub fn load_initrd(
-    mem: &GuestMemoryMmap,
-    mem_size: u64,
-    file: File,
-    path: &Path,
-    max_end: u64,
-) -> Result<(u64, u64), BootError> {
-    place_initrd(mem, mem_size, file, path, HIMEM_START, max_end)
-}
-
-/// Like [`load_initrd`], but the initrd must also start at or above `min_start`: the end of the
-/// memory the kernel occupies, so that neither the kernel's load nor its in-place decompression
-/// overwrites the initrd (GRUB places it above the kernel's `init_size` for the same reason).
-fn place_initrd(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     mut file: File,
@@ -273,7 +192,7 @@ fn write_boot(
             0 => DEFAULT_INITRD_ADDR_MAX,
             m => u64::from(m),
         } + 1;
-        let (addr, size) = place_initrd(mem, mem_size, file, path, kernel_end, max)?;
+        let (addr, size) = load_initrd(mem, mem_size, file, path, kernel_end, max)?;
         params.hdr.ramdisk_image =
             u32::try_from(addr).expect("the initrd is placed below the 32-bit MMIO hole");
         params.hdr.ramdisk_size =

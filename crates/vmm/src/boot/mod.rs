@@ -4,6 +4,7 @@
 //! 32-bit protected mode with a `hvm_start_info`) and the Linux x86 boot protocol (bzImage or a
 //! vmlinux ELF, entered in 64-bit mode with `boot_params`).
 
+pub mod elf_notes;
 pub mod linux;
 pub mod pvh;
 
@@ -173,13 +174,16 @@ pub fn load_kernel(
         .transpose()?;
     match probe(&mut kernel, spec.kernel)? {
         ImageKind::Elf => {
+            // Decide from the notes before loading anything, so that an ELF that is no kernel
+            // (a program, say) is refused for what it is, not for where it wants to be loaded.
+            let notes = elf_notes::scan(&mut kernel);
+            if !notes.pvh && !notes.linux {
+                return Err(BootError::NotBootable(spec.kernel.to_path_buf()));
+            }
             let loaded = pvh::load_elf(mem, &mut kernel, spec.kernel)?;
             match loaded.pvh_entry {
-                Some(entry) => pvh::configure(mem, mem_size, entry, spec.cmdline, initrd),
-                None if linux::is_linux_elf(&mut kernel) => {
-                    linux::configure_vmlinux(mem, mem_size, &loaded, spec.cmdline, initrd)
-                }
-                None => Err(BootError::NotBootable(spec.kernel.to_path_buf())),
+                Some(entry) => pvh::configure(mem, mem_size, &loaded, entry, spec.cmdline, initrd),
+                None => linux::configure_vmlinux(mem, mem_size, &loaded, spec.cmdline, initrd),
             }
         }
         ImageKind::BzImage => linux::load_bzimage(

@@ -65,6 +65,7 @@ pub fn load_elf(
 pub fn configure(
     mem: &GuestMemoryMmap,
     mem_size: u64,
+    loaded: &LoadedElf,
     entry: u64,
     cmdline: &str,
     initrd: Option<(&Path, File)>,
@@ -95,7 +96,8 @@ pub fn configure(
     let mut params = BootParams::new(&start_info, GuestAddress(START_INFO_ADDR));
     params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
     if let Some((path, file)) = initrd {
-        let (addr, size) = super::linux::load_initrd(mem, mem_size, file, path, u64::MAX)?;
+        let (addr, size) =
+            super::linux::load_initrd(mem, mem_size, file, path, loaded.end, u64::MAX)?;
         let module = hvm_modlist_entry {
             paddr: addr,
             size,

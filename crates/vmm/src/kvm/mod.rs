@@ -2,6 +2,7 @@
 //! and the vCPUs with their x86 set-up.
 
 pub mod cpu;
+pub mod state;
 pub mod vcpu;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -32,6 +33,23 @@ pub enum KvmError {
     /// A KVM capability we depend on is missing.
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
+    /// More MSRs than one KVM call can carry.
+    #[error("{0} MSRs exceed what one KVM call can carry")]
+    TooManyMsrs(usize),
+    /// KVM read fewer MSRs than asked.
+    #[error("KVM read {read} of {wanted} MSRs")]
+    MsrsIncomplete {
+        /// MSRs read.
+        read: usize,
+        /// MSRs asked for.
+        wanted: usize,
+    },
+    /// KVM refused to load an MSR.
+    #[error("KVM refused to restore MSR {0:#x}")]
+    MsrRejected(u32),
+    /// Saved state that cannot be loaded.
+    #[error("invalid saved vCPU or VM state: {0}")]
+    BadState(&'static str),
     /// A KVM ioctl failed.
     #[error("KVM {op} failed")]
     Ioctl {

@@ -55,12 +55,19 @@ struct ControlState {
 }
 
 /// State shared by the VMM and its vCPU threads.
-#[derive(Debug)]
 pub struct VcpuControl {
     state: Mutex<ControlState>,
     changed: Condvar,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    count: usize,
+    fds: Vec<Arc<Mutex<VcpuFd>>>,
+}
+
+impl std::fmt::Debug for VcpuControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuControl")
+            .field("vcpus", &self.fds.len())
+            .finish()
+    }
 }
 
 /// How long a pause may take before the VMM gives up; far above the microseconds it takes.
@@ -111,6 +118,14 @@ impl PauseGuard<'_> {
 
     /// Resumes the vCPUs now.
     pub fn resume(self) {}
+
+    /// The vCPUs, for reading or writing their state while they cannot run.
+    pub fn vcpus(&self) -> impl Iterator<Item = MutexGuard<'_, VcpuFd>> {
+        self.control
+            .fds
+            .iter()
+            .map(|fd| fd.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 impl Drop for PauseGuard<'_> {
@@ -126,7 +141,7 @@ impl VcpuControl {
 
     /// Number of vCPUs.
     pub fn count(&self) -> usize {
-        self.count
+        self.fds.len()
     }
 
     /// Whether the vCPUs are paused (or asked to pause).
@@ -161,7 +176,7 @@ impl VcpuControl {
         let (st, timeout) = self
             .changed
             .wait_timeout_while(st, PAUSE_TIMEOUT, |st| {
-                st.parked < self.count && st.target == Target::Pause
+                st.parked < self.count() && st.target == Target::Pause
             })
             .unwrap_or_else(|p| p.into_inner());
         if st.target == Target::Exit {
@@ -171,7 +186,7 @@ impl VcpuControl {
             let parked = st.parked;
             drop(st);
             self.resume_all();
-            return Err(VcpuError::PauseTimeout(PAUSE_TIMEOUT, parked, self.count));
+            return Err(VcpuError::PauseTimeout(PAUSE_TIMEOUT, parked, self.count()));
         }
         Ok(PauseGuard {
             control: self,
@@ -223,8 +238,9 @@ impl VcpuControl {
 pub struct Vcpu {
     /// Index of the vCPU (its APIC id).
     pub id: u8,
-    /// The KVM vCPU.
-    pub fd: VcpuFd,
+    /// The KVM vCPU; locked by its thread around each `KVM_RUN`, so the VMM can reach it while
+    /// the vCPU is paused.
+    pub fd: Arc<Mutex<VcpuFd>>,
     /// Port I/O devices.
     pub pio: Arc<Bus>,
     /// MMIO devices.
@@ -238,8 +254,8 @@ enum Next {
 }
 
 impl Vcpu {
-    fn handle_exit(&mut self) -> Next {
-        match self.fd.run() {
+    fn run_once(&self, fd: &mut VcpuFd) -> Next {
+        match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.pio.write(u64::from(port), data);
                 Next::Continue
@@ -259,7 +275,7 @@ impl Vcpu {
             Ok(VcpuExit::Intr) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) => Next::Continue,
             Ok(VcpuExit::Shutdown) => Next::Stop(VmExit::TripleFault {
                 vcpu: self.id,
-                registers: crate::exit::describe_registers(&self.fd),
+                registers: crate::exit::describe_registers(fd),
             }),
             Ok(VcpuExit::SystemEvent(kind, _)) => Next::Stop(VmExit::SystemEvent(kind)),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Next::Stop(VmExit::Fatal(format!(
@@ -269,25 +285,26 @@ impl Vcpu {
             Ok(VcpuExit::InternalError) => Next::Stop(VmExit::Fatal(format!(
                 "KVM internal error on vCPU {} (an instruction KVM cannot emulate?): {}",
                 self.id,
-                crate::exit::describe_registers(&self.fd)
+                crate::exit::describe_registers(fd)
             ))),
             Ok(other) => Next::Stop(VmExit::Fatal(format!(
                 "unexpected KVM exit on vCPU {}: {other:?}",
                 self.id
             ))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.fd.set_kvm_immediate_exit(0);
+                fd.set_kvm_immediate_exit(0);
                 Next::Continue
             }
             Err(e) => Next::Stop(VmExit::Fatal(format!("KVM_RUN failed on vCPU {}: {e}", self.id))),
         }
     }
 
-    fn run_loop(mut self, control: Arc<VcpuControl>, exit: Arc<ExitNotifier>) {
-        let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+    fn run_loop(self, control: Arc<VcpuControl>, exit: Arc<ExitNotifier>) {
+        let flag: *mut u8 = &mut self.lock_fd().get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|c| c.set(flag));
         while control.wait_while_paused() {
-            if let Next::Stop(reason) = self.handle_exit() {
+            let next = self.run_once(&mut self.lock_fd());
+            if let Next::Stop(reason) = next {
                 warn_if_fatal(&reason);
                 exit.notify(reason);
                 control.request_exit();
@@ -296,6 +313,12 @@ impl Vcpu {
         }
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
         debug!(vcpu = self.id, "vCPU thread exits");
+    }
+}
+
+impl Vcpu {
+    fn lock_fd(&self) -> MutexGuard<'_, VcpuFd> {
+        self.fd.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -318,7 +341,7 @@ pub fn start_vcpus(
         }),
         changed: Condvar::new(),
         threads: Mutex::new(Vec::new()),
-        count: vcpus.len(),
+        fds: vcpus.iter().map(|v| v.fd.clone()).collect(),
     });
     for vcpu in vcpus {
         let id = vcpu.id;

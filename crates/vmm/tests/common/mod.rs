@@ -84,7 +84,8 @@ pub fn hash_memory(mem: &GuestMemoryMmap) -> u64 {
         let mut off = 0;
         while off < len {
             let n = buf.len().min((len - off) as usize);
-            mem.read_slice(&mut buf[..n], GuestAddress(start + off)).unwrap();
+            mem.read_slice(&mut buf[..n], GuestAddress(start + off))
+                .unwrap();
             h.write(&buf[..n]);
             off += n as u64;
         }

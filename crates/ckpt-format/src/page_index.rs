@@ -1,0 +1,373 @@
+//! The page index: for every guest page, whether it is zero or present in the image, and the
+//! xxh3-64 hash of its content, so any page can be verified on its own, in any order.
+//!
+//! On-disk layout of the `page-index` section (all integers little-endian):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `b"CVPGIDX\0"` |
+//! | 8 | 4 | index layout version (1) |
+//! | 12 | 4 | page size (4096) |
+//! | 16 | 8 | page count `n` |
+//! | 24 | 8 | reserved (0) |
+//! | 32 | `n` rounded up to 8 | one state byte per page: 0 = zero, 1 = present |
+//! | … | `8 n` | one u64 hash per page (the hash of a zero page for zero pages) |
+//!
+//! A state *byte* (not a bit) leaves room for later states, such as "unchanged since the
+//! parent checkpoint" for incremental checkpoints.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+use crate::checksum::zero_page_hash;
+use crate::error::{Error, Result};
+use crate::PAGE_SIZE;
+
+const MAGIC: &[u8; 8] = b"CVPGIDX\0";
+const INDEX_VERSION: u32 = 1;
+const HEADER_LEN: u64 = 32;
+
+const STATE_ZERO: u8 = 0;
+const STATE_PRESENT: u8 = 1;
+/// Writer-only states, never on disk.
+const STATE_UNWRITTEN: u8 = 0xff;
+const STATE_CLAIMED: u8 = 0xfe;
+
+/// What the image holds for one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// All zero: not written to the image; whatever bytes are there must not be trusted.
+    Zero,
+    /// Written to the image at `page * 4096` of the memory section.
+    Present,
+}
+
+/// One page's entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageEntry {
+    /// Zero or present.
+    pub state: PageState,
+    /// xxh3-64 of the page's 4096 bytes.
+    pub hash: u64,
+}
+
+/// The decoded page index of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageIndex {
+    states: Vec<u8>,
+    hashes: Vec<u64>,
+}
+
+fn states_len(pages: u64) -> u64 {
+    pages.div_ceil(8) * 8
+}
+
+impl PageIndex {
+    /// Byte length of the encoded index of `pages` pages.
+    pub fn encoded_len(pages: u64) -> u64 {
+        HEADER_LEN + states_len(pages) + 8 * pages
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> u64 {
+        self.states.len() as u64
+    }
+
+    /// The entry of `page`, or `None` past the end.
+    pub fn entry(&self, page: u64) -> Option<PageEntry> {
+        let i = usize::try_from(page).ok()?;
+        let state = match *self.states.get(i)? {
+            STATE_ZERO => PageState::Zero,
+            _ => PageState::Present,
+        };
+        Some(PageEntry {
+            state,
+            hash: self.hashes[i],
+        })
+    }
+
+    /// Number of zero pages.
+    pub fn zero_pages(&self) -> u64 {
+        self.states.iter().filter(|&&s| s == STATE_ZERO).count() as u64
+    }
+
+    /// Maximal runs of zero pages, in increasing order (a restore that maps a raw device whose
+    /// holes are not guaranteed zero overlays these with anonymous zero memory).
+    pub fn zero_runs(&self) -> impl Iterator<Item = Range<u64>> + '_ {
+        let n = self.states.len();
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            while i < n && self.states[i] != STATE_ZERO {
+                i += 1;
+            }
+            if i == n {
+                return None;
+            }
+            let start = i;
+            while i < n && self.states[i] == STATE_ZERO {
+                i += 1;
+            }
+            Some(start as u64..i as u64)
+        })
+    }
+
+    /// Encodes the index in its on-disk layout.
+    pub fn encode(&self) -> Vec<u8> {
+        let pages = self.pages();
+        let mut out = Vec::with_capacity(Self::encoded_len(pages) as usize);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        out.extend_from_slice(&pages.to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes());
+        out.extend_from_slice(&self.states);
+        out.resize((HEADER_LEN + states_len(pages)) as usize, 0);
+        for h in &self.hashes {
+            out.extend_from_slice(&h.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes an index, checking its header and every entry, and that it describes
+    /// `expected_pages` pages.
+    pub fn decode(bytes: &[u8], expected_pages: u64) -> Result<PageIndex> {
+        let bad = |detail: String| Error::corrupt("section page-index", detail);
+        if bytes.len() < HEADER_LEN as usize {
+            return Err(bad(format!(
+                "{} bytes is shorter than its header",
+                bytes.len()
+            )));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+        if &bytes[..8] != MAGIC {
+            return Err(Error::BadMagic {
+                what: "page index",
+                found: String::from_utf8_lossy(&bytes[..8]).into_owned(),
+            });
+        }
+        if u32_at(8) != INDEX_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: "page index",
+                found: u32_at(8),
+                supported: INDEX_VERSION,
+            });
+        }
+        if u32_at(12) as usize != PAGE_SIZE {
+            return Err(bad(format!("page size {}", u32_at(12))));
+        }
+        let pages = u64_at(16);
+        if pages != expected_pages {
+            return Err(bad(format!(
+                "{pages} pages, manifest says {expected_pages}"
+            )));
+        }
+        if bytes.len() as u64 != Self::encoded_len(pages) {
+            return Err(bad(format!(
+                "{} bytes, {} expected for {pages} pages",
+                bytes.len(),
+                Self::encoded_len(pages)
+            )));
+        }
+        let n = pages as usize;
+        let states_at = HEADER_LEN as usize;
+        let states = bytes[states_at..states_at + n].to_vec();
+        if let Some(page) = states
+            .iter()
+            .position(|&s| s != STATE_ZERO && s != STATE_PRESENT)
+        {
+            return Err(bad(format!(
+                "page {page} has unknown state {}",
+                states[page]
+            )));
+        }
+        let hashes_at = states_at + states_len(pages) as usize;
+        let hashes: Vec<u64> = bytes[hashes_at..]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        Ok(PageIndex { states, hashes })
+    }
+}
+
+/// The writer's lock-free per-page table: one state byte and one hash per page.
+///
+/// A page goes UNWRITTEN → CLAIMED (compare-and-swap, so two writers of one page cannot both
+/// win) → ZERO or PRESENT (release store after its hash, so whoever sees the final state sees
+/// the hash).
+pub(crate) struct PageTable {
+    states: Box<[AtomicU8]>,
+    hashes: Box<[AtomicU64]>,
+}
+
+impl PageTable {
+    pub(crate) fn new(pages: u64) -> PageTable {
+        let n = usize::try_from(pages).expect("page count fits in memory");
+        PageTable {
+            states: (0..n).map(|_| AtomicU8::new(STATE_UNWRITTEN)).collect(),
+            hashes: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub(crate) fn pages(&self) -> u64 {
+        self.states.len() as u64
+    }
+
+    /// Claims `page` for writing; fails if it was claimed or written before.
+    pub(crate) fn claim(&self, page: u64) -> Result<()> {
+        let slot = &self.states[page as usize];
+        slot.compare_exchange(
+            STATE_UNWRITTEN,
+            STATE_CLAIMED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .map(|_| ())
+        .map_err(|_| Error::PageWrittenTwice { page })
+    }
+
+    /// Returns a claimed page to unwritten (its write failed).
+    pub(crate) fn unclaim(&self, page: u64) {
+        self.states[page as usize].store(STATE_UNWRITTEN, Ordering::Release);
+    }
+
+    /// Records a claimed page as written.
+    pub(crate) fn complete(&self, page: u64, zero: bool, hash: u64) {
+        let i = page as usize;
+        self.hashes[i].store(hash, Ordering::Relaxed);
+        let state = if zero { STATE_ZERO } else { STATE_PRESENT };
+        self.states[i].store(state, Ordering::Release);
+    }
+
+    /// A copy of the table (what `fork` gives the child).
+    pub(crate) fn copy(&self) -> PageTable {
+        PageTable {
+            states: self
+                .states
+                .iter()
+                .map(|s| AtomicU8::new(s.load(Ordering::Acquire)))
+                .collect(),
+            hashes: self
+                .hashes
+                .iter()
+                .map(|h| AtomicU64::new(h.load(Ordering::Relaxed)))
+                .collect(),
+        }
+    }
+
+    /// Snapshots the table into a [`PageIndex`]; fails naming the first page not written.
+    pub(crate) fn to_index(&self) -> Result<PageIndex> {
+        let states: Vec<u8> = self
+            .states
+            .iter()
+            .map(|s| s.load(Ordering::Acquire))
+            .collect();
+        let missing = states
+            .iter()
+            .filter(|&&s| s != STATE_ZERO && s != STATE_PRESENT)
+            .count() as u64;
+        if missing > 0 {
+            let page = states
+                .iter()
+                .position(|&s| s != STATE_ZERO && s != STATE_PRESENT)
+                .expect("a missing page exists") as u64;
+            return Err(Error::PageMissing {
+                page,
+                missing,
+                pages: self.pages(),
+            });
+        }
+        let hashes = self
+            .hashes
+            .iter()
+            .map(|h| h.load(Ordering::Relaxed))
+            .collect();
+        Ok(PageIndex { states, hashes })
+    }
+}
+
+impl PageIndex {
+    /// Builds an index from entries (tests and tools).
+    pub fn from_entries(entries: impl IntoIterator<Item = PageEntry>) -> PageIndex {
+        let (states, hashes) = entries
+            .into_iter()
+            .map(|e| match e.state {
+                PageState::Zero => (STATE_ZERO, zero_page_hash()),
+                PageState::Present => (STATE_PRESENT, e.hash),
+            })
+            .unzip();
+        PageIndex { states, hashes }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_decode_round_trip() {
+        let idx = PageIndex::from_entries((0..13u64).map(|i| PageEntry {
+            state: if i % 3 == 0 {
+                PageState::Zero
+            } else {
+                PageState::Present
+            },
+            hash: i * 0x1111,
+        }));
+        let bytes = idx.encode();
+        assert_eq!(bytes.len() as u64, PageIndex::encoded_len(13));
+        let back = PageIndex::decode(&bytes, 13).unwrap();
+        assert_eq!(back, idx);
+        assert_eq!(back.zero_pages(), 5);
+        assert_eq!(
+            back.zero_runs().collect::<Vec<_>>(),
+            vec![0..1, 3..4, 6..7, 9..10, 12..13]
+        );
+        assert!(PageIndex::decode(&bytes, 12).is_err());
+        let mut bad = bytes.clone();
+        bad[32 + 2] = 7;
+        assert!(matches!(
+            PageIndex::decode(&bad, 13),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn table_claims_once_and_reports_missing() {
+        let t = PageTable::new(4);
+        t.claim(2).unwrap();
+        assert!(matches!(
+            t.claim(2),
+            Err(Error::PageWrittenTwice { page: 2 })
+        ));
+        t.complete(2, false, 5);
+        assert!(matches!(
+            t.claim(2),
+            Err(Error::PageWrittenTwice { page: 2 })
+        ));
+        for p in [0, 3] {
+            t.claim(p).unwrap();
+            t.complete(p, true, zero_page_hash());
+        }
+        assert!(matches!(
+            t.to_index(),
+            Err(Error::PageMissing {
+                page: 1,
+                missing: 1,
+                pages: 4
+            })
+        ));
+        t.claim(1).unwrap();
+        t.complete(1, false, 9);
+        let idx = t.to_index().unwrap();
+        assert_eq!(
+            idx.entry(1),
+            Some(PageEntry {
+                state: PageState::Present,
+                hash: 9
+            })
+        );
+        assert_eq!(idx.entry(0).unwrap().state, PageState::Zero);
+        assert_eq!(idx.entry(4), None);
+    }
+}

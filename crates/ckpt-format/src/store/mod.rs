@@ -1,0 +1,142 @@
+//! Checkpoint stores: where the sections of a checkpoint are written and read.
+//!
+//! A [`Store`] names a place (a directory, a raw file or device, a memfd); `create` starts a new
+//! checkpoint there and returns a [`StoreWriter`], `open` returns a [`StoreReader`] of the
+//! checkpoint there. The checkpoint logic (hashing, page index, manifest, the order of
+//! durability) lives in [`crate::CheckpointWriter`] and [`crate::Checkpoint`]; a store only moves
+//! bytes and keeps the completion marker, so object storage can be added as another store.
+//!
+//! Contract of a store writer, in the order the checkpoint writer uses it:
+//! 1. `write_memory` at any offset inside the memory section, from many threads at once;
+//!    never called twice for one page, never called for zero pages (which must read back as
+//!    zero where [`MemorySource::File::holes_read_as_zero`] says so);
+//! 2. `write_section` once per section (`state`, `page-index`, then `manifest`);
+//! 3. `sync`: everything written so far is durable;
+//! 4. `commit`: writes the completion marker and makes it durable. Before `commit` returns,
+//!    readers refuse the checkpoint as incomplete.
+
+mod dir;
+mod raw;
+
+pub use dir::{DirStore, Overwrite};
+pub use raw::{MemStore, RawStore};
+
+/// Reads exactly `buf.len()` bytes at `offset`, reporting a short read as truncation of
+/// `section` (whose full length is `expected`).
+pub(crate) fn read_exact_at(
+    file: &File,
+    path: &std::path::Path,
+    section: &str,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            let found = file
+                .metadata()
+                .map(|m| m.len().saturating_sub(offset))
+                .unwrap_or(0);
+            crate::Error::Truncated {
+                section: section.to_string(),
+                expected: buf.len() as u64,
+                found,
+            }
+        } else {
+            crate::Error::io("read", path, e)
+        }
+    })
+}
+
+use std::fmt;
+use std::fs::File;
+
+use crate::error::Result;
+use crate::manifest::{Section, SectionEntry};
+
+/// What a store must know to lay out a new checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Guest memory size in bytes; a whole, non-zero number of 4096-byte pages.
+    pub mem_size: u64,
+}
+
+/// A place that holds one checkpoint.
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Starts writing a new checkpoint here. Any previous checkpoint here stops being complete
+    /// before anything else is written (or the store refuses, see [`DirStore`]).
+    fn create(&self, layout: &Layout) -> Result<Box<dyn StoreWriter>>;
+    /// Opens the checkpoint here for reading.
+    fn open(&self) -> Result<Box<dyn StoreReader>>;
+}
+
+/// Where a section was put: the file (for stores of several files) and offset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// File name inside the store, if the store has several files.
+    pub file: Option<String>,
+    /// Byte offset inside that file or device.
+    pub offset: u64,
+}
+
+/// Writing side of a store. See the module documentation for the order of calls.
+pub trait StoreWriter: Send + Sync + fmt::Debug {
+    /// Human-readable name of the store (path), for messages.
+    fn describe(&self) -> String;
+    /// Where the memory section lives; its offset is 2 MiB aligned.
+    fn memory_location(&self) -> Location;
+    /// Positional write of whole pages at `offset` bytes into the memory section. Called
+    /// concurrently from many threads (and from a forked child) for distinct pages.
+    fn write_memory(&self, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Makes the memory section durable.
+    fn sync_memory(&self) -> Result<()>;
+    /// Writes a whole section (`state`, `page-index` or `manifest`).
+    fn write_section(&self, section: Section, bytes: &[u8]) -> Result<Location>;
+    /// Reads back a section written by this checkpoint (possibly by a forked child).
+    fn read_section(&self, entry: &SectionEntry) -> Result<Vec<u8>>;
+    /// Makes everything written so far durable.
+    fn sync(&self) -> Result<()>;
+    /// Writes the completion marker for `manifest` (whose checksum it records), after the
+    /// sections `sections`, and makes it durable. Everything else must be durable already.
+    fn commit(&self, sections: &[SectionEntry], manifest: &SectionEntry) -> Result<()>;
+}
+
+/// Reading side of a store.
+pub trait StoreReader: Send + Sync + fmt::Debug {
+    /// Human-readable name of the store (path), for messages.
+    fn describe(&self) -> String;
+    /// The manifest's entry from the completion marker, or `None` if there is no valid
+    /// marker (the checkpoint is incomplete).
+    fn read_commit(&self) -> Result<Option<SectionEntry>>;
+    /// Reads a whole section; a short section is [`crate::Error::Truncated`] naming it.
+    fn read_section(&self, entry: &SectionEntry) -> Result<Vec<u8>>;
+    /// Checks that the memory section is where the store keeps it and is not truncated.
+    fn check_memory(&self, entry: &SectionEntry) -> Result<()>;
+    /// Reads `buf.len()` bytes at `offset` bytes into the memory section.
+    fn read_memory(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// How a restore can map the memory section `entry`.
+    fn memory_source(&self, entry: &SectionEntry) -> Result<MemorySource>;
+}
+
+/// How a restore gets at guest memory.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum MemorySource {
+    /// The memory image is a range of a file: `mmap(MAP_PRIVATE)` of `len` bytes at `offset`
+    /// (2 MiB aligned) gives page i at `i * 4096`.
+    File {
+        /// The file or device (opened read-only, or the memfd itself).
+        file: File,
+        /// Offset of page 0.
+        offset: u64,
+        /// Length of the memory image (`mem_size`).
+        len: u64,
+        /// Whether pages the page index marks zero read as zero in the file. When `false`
+        /// (a raw block device), such pages may hold stale bytes: map
+        /// [`crate::PageIndex::zero_runs`] as anonymous memory over them.
+        holes_read_as_zero: bool,
+    },
+    /// Not mappable (e.g. object storage): serve pages with [`crate::Checkpoint::read_page`],
+    /// for example from a userfaultfd missing-page handler.
+    Pages,
+}
