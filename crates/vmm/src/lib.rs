@@ -2,6 +2,7 @@
 //! threads and their pause/resume control.
 
 pub mod boot;
+pub mod checkpoint;
 pub mod devices;
 pub mod exit;
 pub mod kvm;

@@ -152,6 +152,63 @@ pub fn create_guest_memory(size: u64, huge: HugePages) -> Result<GuestMemoryMmap
     Ok(mem)
 }
 
+/// One RAM region as the checkpoint code sees it: where it is in the guest, in this process, and
+/// in the memory image (the concatenation of all regions, page i at byte i * 4096).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+    /// Host virtual address of the first byte (a mapping owned by the VM's `GuestMemoryMmap`).
+    pub host: usize,
+    /// Length in bytes (a multiple of the page size).
+    pub len: u64,
+    /// Offset of the first byte in the memory image.
+    pub image_offset: u64,
+}
+
+impl RamRegion {
+    /// First image page of the region.
+    pub fn first_page(&self) -> u64 {
+        self.image_offset / PAGE_SIZE
+    }
+
+    /// Number of pages in the region.
+    pub fn pages(&self) -> u64 {
+        self.len / PAGE_SIZE
+    }
+
+    /// Host address of image page `page`, which must lie in this region.
+    pub fn host_of_page(&self, page: u64) -> usize {
+        self.host + ((page - self.first_page()) * PAGE_SIZE) as usize
+    }
+
+    /// The image page at host address `addr`, if it lies in this region.
+    pub fn page_of_host(&self, addr: usize) -> Option<u64> {
+        let off = addr.checked_sub(self.host)? as u64;
+        (off < self.len).then(|| self.first_page() + off / PAGE_SIZE)
+    }
+}
+
+/// The RAM regions of `mem` in image order.
+pub fn ram_regions(mem: &GuestMemoryMmap) -> Vec<RamRegion> {
+    let mut image_offset = 0;
+    mem.iter()
+        .map(|r| {
+            let host = r
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("offset 0 lies in every region") as usize;
+            let region = RamRegion {
+                gpa: r.start_addr().raw_value(),
+                host,
+                len: r.len(),
+                image_offset,
+            };
+            image_offset += r.len();
+            region
+        })
+        .collect()
+}
+
 /// Total RAM bytes of `mem`.
 pub fn ram_size(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()

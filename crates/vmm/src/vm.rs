@@ -7,18 +7,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use tracing::{info, info_span};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError, BootSpec};
+use crate::checkpoint::CheckpointLock;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_PORT, COM1_SIZE};
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::kvm::cpu::{configure_vcpu, set_boot_registers, supported_cpuid, vcpu_cpuid};
+use crate::kvm::state::savable_msrs;
 use crate::kvm::vcpu::{start_vcpus, PauseGuard, Vcpu, VcpuControl, VcpuError};
 use crate::kvm::{self, KvmError};
 use crate::memory::{self, HugePages, MemoryError};
@@ -100,14 +102,30 @@ pub enum VmError {
     EventFd(#[source] std::io::Error),
 }
 
+/// What a VM was built from, kept for checkpoints (which record it) and status queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSummary {
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Kernel image (none for a restored VM that did not boot).
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: Option<String>,
+}
+
 /// A VM whose vCPUs are running.
 pub struct Vm {
+    summary: VmSummary,
     memory: GuestMemoryMmap,
     control: Arc<VcpuControl>,
     exit: Arc<ExitNotifier>,
     serial: Arc<Mutex<SerialConsole>>,
+    msrs: Vec<u32>,
+    checkpoint_lock: CheckpointLock,
     // The VM fd must outlive the vCPU threads; `Drop` joins them first.
-    _fd: VmFd,
+    fd: VmFd,
     _kvm: Kvm,
 }
 
@@ -120,7 +138,8 @@ impl std::fmt::Debug for Vm {
     }
 }
 
-fn console_writer(console: Console) -> Result<Box<dyn Write + Send>, VmError> {
+/// Opens the console sink.
+pub(crate) fn console_writer(console: Console) -> Result<Box<dyn Write + Send>, VmError> {
     Ok(match console {
         Console::Stdout => Box::new(std::io::stdout()),
         Console::File(path) => Box::new(
@@ -135,6 +154,102 @@ fn console_writer(console: Console) -> Result<Box<dyn Write + Send>, VmError> {
     })
 }
 
+/// The pieces of a VM before its vCPUs run: shared by boot and restore.
+pub(crate) struct VmParts {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+    pub memory: GuestMemoryMmap,
+    pub exit: Arc<ExitNotifier>,
+}
+
+impl VmParts {
+    /// Opens KVM, creates the VM and registers `memory` with it.
+    pub fn new(memory: GuestMemoryMmap) -> Result<VmParts, VmError> {
+        let kvm = kvm::open_kvm()?;
+        let fd = kvm::create_vm(&kvm)?;
+        kvm::register_memory(&fd, &memory)?;
+        Ok(VmParts {
+            kvm,
+            fd,
+            memory,
+            exit: Arc::new(ExitNotifier::default()),
+        })
+    }
+
+    /// Creates the legacy devices (serial console, debug exit) and the buses.
+    pub fn devices(
+        &self,
+        serial: impl FnOnce(EventFd) -> Result<SerialConsole, VmError>,
+    ) -> Result<(Arc<Mutex<SerialConsole>>, Bus, Bus), VmError> {
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        self.fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(KvmError::ioctl("register serial irqfd"))?;
+        let serial = Arc::new(Mutex::new(serial(serial_irq)?));
+        let mut pio = Bus::default();
+        pio.insert(COM1_PORT..COM1_PORT + COM1_SIZE, serial.clone())?;
+        pio.insert(
+            DEBUG_EXIT_PORT..DEBUG_EXIT_PORT + DEBUG_EXIT_SIZE,
+            Arc::new(Mutex::new(DebugExit::new(self.exit.clone()))),
+        )?;
+        Ok((serial, pio, Bus::default()))
+    }
+
+    /// Creates and configures `count` vCPUs; `init` then sets each one's registers (boot entry
+    /// or restored state). Returns them with the list of MSRs that can be saved.
+    pub fn vcpus(
+        &self,
+        count: u8,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        mut init: impl FnMut(u8, &VcpuFd) -> Result<(), VmError>,
+    ) -> Result<(Vec<Vcpu>, Vec<u32>), VmError> {
+        let base_cpuid = supported_cpuid(&self.kvm)?;
+        let mut vcpus = Vec::with_capacity(usize::from(count));
+        let mut msrs = Vec::new();
+        for id in 0..count {
+            let vcpu_fd = self
+                .fd
+                .create_vcpu(u64::from(id))
+                .map_err(KvmError::ioctl("create vCPU"))?;
+            configure_vcpu(&vcpu_fd, &vcpu_cpuid(&base_cpuid, id, count))?;
+            if id == 0 {
+                msrs = savable_msrs(&self.kvm, &vcpu_fd)?;
+            }
+            init(id, &vcpu_fd)?;
+            vcpus.push(Vcpu {
+                id,
+                fd: Arc::new(Mutex::new(vcpu_fd)),
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+            });
+        }
+        Ok((vcpus, msrs))
+    }
+
+    /// Starts the vCPU threads: the VM runs.
+    pub fn start(
+        self,
+        summary: VmSummary,
+        serial: Arc<Mutex<SerialConsole>>,
+        vcpus: Vec<Vcpu>,
+        msrs: Vec<u32>,
+    ) -> Result<Vm, VmError> {
+        let control = start_vcpus(vcpus, self.exit.clone())?;
+        Ok(Vm {
+            summary,
+            memory: self.memory,
+            control,
+            exit: self.exit,
+            serial,
+            msrs,
+            checkpoint_lock: CheckpointLock::default(),
+            fd: self.fd,
+            _kvm: self.kvm,
+        })
+    }
+}
+
 impl Vm {
     /// Builds the VM described by `config` and starts its vCPUs.
     pub fn boot(config: VmConfig) -> Result<Vm, VmError> {
@@ -144,13 +259,12 @@ impl Vm {
             return Err(VmError::VcpuCount(config.vcpus));
         }
         memory::validate_size(config.mem_size)?;
-        let kvm = kvm::open_kvm()?;
-        let fd = kvm::create_vm(&kvm)?;
-        let memory = memory::create_guest_memory(config.mem_size, config.hugepages)?;
-        kvm::register_memory(&fd, &memory)?;
-
+        let parts = VmParts::new(memory::create_guest_memory(
+            config.mem_size,
+            config.hugepages,
+        )?)?;
         let entry = boot::load_kernel(
-            &memory,
+            &parts.memory,
             config.mem_size,
             &BootSpec {
                 kernel: &config.kernel,
@@ -158,50 +272,49 @@ impl Vm {
                 cmdline: &config.cmdline,
             },
         )?;
-
-        let exit = Arc::new(ExitNotifier::default());
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        fd.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(KvmError::ioctl("register serial irqfd"))?;
-        let serial = Arc::new(Mutex::new(SerialConsole::new(
-            serial_irq,
-            console_writer(config.console)?,
-        )));
-        let mut pio = Bus::default();
-        pio.insert(COM1_PORT..COM1_PORT + COM1_SIZE, serial.clone())?;
-        pio.insert(
-            DEBUG_EXIT_PORT..DEBUG_EXIT_PORT + DEBUG_EXIT_SIZE,
-            Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
-        )?;
-        let (pio, mmio) = (Arc::new(pio), Arc::new(Bus::default()));
-
-        let base_cpuid = supported_cpuid(&kvm)?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for id in 0..config.vcpus {
-            let vcpu_fd = fd
-                .create_vcpu(u64::from(id))
-                .map_err(KvmError::ioctl("create vCPU"))?;
-            configure_vcpu(&vcpu_fd, &vcpu_cpuid(&base_cpuid, id, config.vcpus))?;
-            if id == 0 {
-                set_boot_registers(&vcpu_fd, entry)?;
-            }
-            vcpus.push(Vcpu {
-                id,
-                fd: Arc::new(Mutex::new(vcpu_fd)),
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-            });
-        }
-        let control = start_vcpus(vcpus, exit.clone())?;
+        let out = console_writer(config.console)?;
+        let (serial, pio, mmio) = parts.devices(|irq| Ok(SerialConsole::new(irq, out)))?;
+        let (vcpus, msrs) =
+            parts.vcpus(config.vcpus, Arc::new(pio), Arc::new(mmio), |id, fd| {
+                if id == 0 {
+                    set_boot_registers(fd, entry)?;
+                }
+                Ok(())
+            })?;
+        let summary = VmSummary {
+            mem_size: config.mem_size,
+            vcpus: config.vcpus,
+            kernel: Some(config.kernel.clone()),
+            cmdline: Some(config.cmdline.clone()),
+        };
+        let vm = parts.start(summary, serial, vcpus, msrs)?;
         info!(kernel = %config.kernel.display(), "VM started");
-        Ok(Vm {
-            memory,
-            control,
-            exit,
-            serial,
-            _fd: fd,
-            _kvm: kvm,
-        })
+        Ok(vm)
+    }
+
+    /// What the VM was built from.
+    pub fn summary(&self) -> &VmSummary {
+        &self.summary
+    }
+
+    /// The KVM VM (for saving its state while paused).
+    pub(crate) fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// MSRs saved with each vCPU.
+    pub(crate) fn msr_indices(&self) -> &[u32] {
+        &self.msrs
+    }
+
+    /// Serialises this VM's checkpoints.
+    pub(crate) fn checkpoint_lock(&self) -> &CheckpointLock {
+        &self.checkpoint_lock
+    }
+
+    /// The serial console.
+    pub(crate) fn serial(&self) -> &Arc<Mutex<SerialConsole>> {
+        &self.serial
     }
 
     /// Guest memory. While the VM runs, vCPUs write it concurrently.

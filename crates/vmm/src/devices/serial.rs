@@ -3,7 +3,9 @@
 
 use std::io::{self, LineWriter, Write};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,8 +30,59 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// Where console output goes.
-pub type ConsoleOut = LineWriter<Box<dyn Write + Send>>;
+/// Console output: whole lines to the sink, counting every byte the guest sent.
+pub struct ConsoleOut {
+    out: LineWriter<Box<dyn Write + Send>>,
+    emitted: u64,
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.emitted += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Errors of restoring the serial device.
+#[derive(Debug, Error)]
+pub enum SerialError {
+    /// The saved state is not a valid 16550 state.
+    #[error("invalid saved serial state: {0}")]
+    BadState(String),
+}
+
+/// The saved state of COM1: the 16550 registers and FIFO, and how many bytes the guest had
+/// written to the console (so the output of a restored VM can be lined up with the original's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+    /// Bytes the guest has written to the console so far.
+    pub bytes_emitted: u64,
+}
 
 /// The COM1 device.
 pub struct SerialConsole {
@@ -40,8 +93,64 @@ impl SerialConsole {
     /// A console writing whole lines to `out`, raising its interrupt through `irq`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         SerialConsole {
-            serial: Serial::new(IrqTrigger(irq), LineWriter::new(out)),
+            serial: Serial::new(
+                IrqTrigger(irq),
+                ConsoleOut {
+                    out: LineWriter::new(out),
+                    emitted: 0,
+                },
+            ),
         }
+    }
+
+    /// A console in the saved state `state`, continuing on `out`.
+    pub fn restore(
+        state: &SerialSnapshot,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, SerialError> {
+        let regs = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let out = ConsoleOut {
+            out: LineWriter::new(out),
+            emitted: state.bytes_emitted,
+        };
+        let serial = Serial::from_state(&regs, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| SerialError::BadState(format!("{e:?}")))?;
+        Ok(SerialConsole { serial })
+    }
+
+    /// The device state.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+            bytes_emitted: self.serial.writer().emitted,
+        }
+    }
+
+    /// Bytes the guest has written to the console so far.
+    pub fn bytes_emitted(&self) -> u64 {
+        self.serial.writer().emitted
     }
 
     /// Flushes any partial line to the output.
@@ -70,6 +179,8 @@ impl BusDevice for SerialConsole {
 
 impl Drop for SerialConsole {
     fn drop(&mut self) {
-        let _ = self.flush();
+        if let Err(e) = self.flush() {
+            tracing::warn!("console flush failed: {e}");
+        }
     }
 }

@@ -1,0 +1,119 @@
+//! Marking guest memory copy-on-write and writing its checkpoint-instant content out.
+//!
+//! Three strategies (SPEC §2), all honouring the same promise — the store ends up holding every
+//! page exactly as it was at the pause:
+//! - [`uffd`]: userfaultfd write-protection; a write fault saves the original before it lifts
+//!   the protection, while a background thread saves everything else;
+//! - [`fork`]: a child process inherits guest memory, and the kernel's own copy-on-write keeps
+//!   the child's view frozen while it writes it out;
+//! - [`stop`]: stop-and-copy, the baseline: the VM stays paused until memory is written.
+
+pub mod fork;
+pub mod stop;
+pub mod uffd;
+mod uffd_sys;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ckpt_format::MemoryWriter;
+use thiserror::Error;
+
+use crate::memory::{RamRegion, PAGE_SIZE};
+
+/// Errors of the memory COW mechanisms.
+#[derive(Debug, Error)]
+pub enum CowError {
+    /// userfaultfd is unavailable or lacks a feature.
+    #[error("userfaultfd write protection is unavailable")]
+    Userfaultfd(#[source] std::io::Error),
+    /// A userfaultfd operation failed.
+    #[error("userfaultfd {op} failed")]
+    UffdOp {
+        /// The operation.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing pages to the store failed.
+    #[error("writing guest memory to the checkpoint store failed")]
+    Store(#[source] ckpt_format::Error),
+    /// fork() or its pipe failed.
+    #[error("cannot fork the memory writer process")]
+    Fork(#[source] std::io::Error),
+    /// The forked writer failed.
+    #[error("the forked memory writer failed: {0}")]
+    Child(String),
+    /// A thread of the mechanism could not be started.
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+    /// A worker thread panicked.
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
+}
+
+/// How many pages each path saved.
+#[derive(Debug, Default)]
+pub struct SaveCounters {
+    /// Pages saved by the write-fault path (uffd) or by nobody but the copier (0 elsewhere).
+    pub by_fault: AtomicU64,
+    /// Pages saved by the background writer (or the child, or the stop-and-copy loop).
+    pub in_background: AtomicU64,
+}
+
+impl SaveCounters {
+    /// (by fault, in background).
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.by_fault.load(Ordering::Relaxed),
+            self.in_background.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Largest run of pages saved in one store write.
+pub(crate) const RUN_PAGES: u64 = 512;
+
+/// The bytes of `count` pages of `region` starting at image page `first`.
+///
+/// # Safety
+/// The pages must not change while the returned slice is alive: the VM is paused, or this is
+/// the frozen copy in a forked child, or the pages are write-protected (any writer, vCPU, device
+/// or kernel, blocks on the protection until it is lifted after the slice is dropped).
+pub(crate) unsafe fn page_bytes(region: &RamRegion, first: u64, count: u64) -> &[u8] {
+    debug_assert!(
+        first >= region.first_page() && first + count <= region.first_page() + region.pages()
+    );
+    // SAFETY: the range lies inside the region's live mapping (checked above in debug builds and
+    // by every caller's loop bounds); stability is the caller's promise.
+    unsafe {
+        std::slice::from_raw_parts(
+            region.host_of_page(first) as *const u8,
+            (count * PAGE_SIZE) as usize,
+        )
+    }
+}
+
+/// Writes every page of `regions` in runs of [`RUN_PAGES`], counting them as background saves.
+///
+/// # Safety
+/// As [`page_bytes`]: nothing may write guest memory while this runs.
+pub(crate) unsafe fn write_all(
+    regions: &[RamRegion],
+    writer: &MemoryWriter,
+    counters: &SaveCounters,
+) -> Result<(), CowError> {
+    for region in regions {
+        let end = region.first_page() + region.pages();
+        let mut page = region.first_page();
+        while page < end {
+            let count = RUN_PAGES.min(end - page);
+            // SAFETY: the caller promises guest memory is frozen.
+            let bytes = unsafe { page_bytes(region, page, count) };
+            writer.write_pages(page, bytes).map_err(CowError::Store)?;
+            counters.in_background.fetch_add(count, Ordering::Relaxed);
+            page += count;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! The live checkpoint (SPEC §2), one function per phase:
+//!
+//! 1. [`prepare`] — while the VM runs: open the store, and for `uffd` write-protect memory
+//!    ahead of the pause (arming);
+//! 2. [`quiesce`] — stop the vCPUs (the pause begins); with the `drain` policy wait for disk I/O;
+//! 3. [`mark_memory_cow`] — finish write protection (`uffd`), fork the writer (`fork`), or copy
+//!    everything now (`stop`);
+//! 4. [`save_state`] — vCPUs, irqchip, PIT, clock and devices into memory;
+//! 5. resume — dropping the pause guard (the pause ends);
+//! 6. [`write_out`] — state and original memory pages to the store while the VM runs, then the
+//!    completion marker.
+//!
+//! Why this order: device state is saved after memory is marked copy-on-write, so that a device
+//! write to guest memory made between the two is either in the saved state and in the
+//! checkpoint's memory, or in neither. vCPU state is read in the pause, after the vCPUs are
+//! parked, so no instruction retires between the register read and the memory freeze.
+
+pub mod memory_cow;
+pub mod state;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ckpt_format::{
+    CheckpointOptions, CheckpointWriter, DeviceConfig, DirStore, IoPolicy, Layout, Manifest,
+    MemStore, Metrics, RawStore, Store, Strategy,
+};
+use thiserror::Error;
+use tracing::{info, info_span};
+use vm_memory::GuestMemoryMmap;
+
+use self::memory_cow::fork::{fork_writer, ForkedWriter};
+use self::memory_cow::uffd::UffdCow;
+use self::memory_cow::{stop, CowError, SaveCounters};
+use self::state::VmSnapshot;
+use crate::kvm::state::{save_vcpu, save_vm};
+use crate::kvm::vcpu::PauseGuard;
+use crate::kvm::KvmError;
+use crate::memory::{ram_regions, RamRegion};
+use crate::vm::{Vm, VmError};
+
+/// Errors of taking a checkpoint. The VM keeps running after any of them, and the checkpoint
+/// is left incomplete (never reported complete).
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    /// Another checkpoint of this VM is in progress.
+    #[error("a checkpoint of this VM is already in progress")]
+    Busy,
+    /// The strategy or policy is not one this VMM implements.
+    #[error("unsupported checkpoint option: {0}")]
+    Unsupported(&'static str),
+    /// The checkpoint store refused or failed.
+    #[error("checkpoint store {store}")]
+    Store {
+        /// The store.
+        store: String,
+        /// Cause.
+        #[source]
+        source: ckpt_format::Error,
+    },
+    /// Pausing the VM failed (or it is exiting).
+    #[error("cannot pause the VM")]
+    Pause(#[source] VmError),
+    /// Reading KVM state failed.
+    #[error("cannot save vCPU or VM state")]
+    Kvm(#[from] KvmError),
+    /// The memory COW mechanism failed.
+    #[error("memory copy-on-write failed")]
+    Memory(#[from] CowError),
+}
+
+/// Where a checkpoint goes.
+#[derive(Debug, Clone)]
+pub enum StoreSpec {
+    /// A directory of files (the default).
+    Dir(PathBuf),
+    /// One raw file or block device.
+    Raw(PathBuf),
+    /// RAM (a memfd), for the fastest clone within one host.
+    Mem(Arc<MemStore>),
+}
+
+impl StoreSpec {
+    fn store(&self) -> Box<dyn Store + '_> {
+        match self {
+            StoreSpec::Dir(p) => Box::new(DirStore::new(p.clone())),
+            StoreSpec::Raw(p) => Box::new(RawStore::new(p.clone())),
+            StoreSpec::Mem(m) => Box::new(MemStoreRef(m)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            StoreSpec::Dir(p) | StoreSpec::Raw(p) => p.display().to_string(),
+            StoreSpec::Mem(_) => "memory store".to_string(),
+        }
+    }
+}
+
+/// Lets a shared memory store be used through the `Store` trait.
+#[derive(Debug)]
+struct MemStoreRef<'a>(&'a MemStore);
+
+impl Store for MemStoreRef<'_> {
+    fn create(
+        &self,
+        layout: &Layout,
+    ) -> ckpt_format::Result<Box<dyn ckpt_format::store::StoreWriter>> {
+        self.0.create(layout)
+    }
+    fn open(&self) -> ckpt_format::Result<Box<dyn ckpt_format::store::StoreReader>> {
+        self.0.open()
+    }
+}
+
+/// Called in the pause, after the state is saved and before the vCPUs resume, with guest
+/// memory as it is at the checkpoint instant. Tests and benchmarks use it to record that
+/// instant; its running time adds to the pause.
+pub type PauseProbe = Arc<dyn Fn(&GuestMemoryMmap) + Send + Sync>;
+
+/// What to checkpoint and how.
+#[derive(Clone)]
+pub struct CheckpointRequest {
+    /// The store.
+    pub store: StoreSpec,
+    /// Strategy, I/O policy, disk policy.
+    pub options: CheckpointOptions,
+    /// Optional observer of the checkpoint instant.
+    pub pause_probe: Option<PauseProbe>,
+}
+
+impl std::fmt::Debug for CheckpointRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointRequest")
+            .field("store", &self.store)
+            .field("options", &self.options)
+            .field("pause_probe", &self.pause_probe.is_some())
+            .finish()
+    }
+}
+
+/// The phase a checkpoint is in, for progress reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Not started.
+    Pending = 0,
+    /// Store opened, memory being armed.
+    Preparing = 1,
+    /// The VM is paused.
+    Paused = 2,
+    /// Writing memory and state while the VM runs.
+    Writing = 3,
+    /// Complete.
+    Done = 4,
+    /// Failed.
+    Failed = 5,
+}
+
+/// Progress of one checkpoint, readable from other threads while it runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    phase: AtomicU8,
+    pages_total: AtomicU64,
+    pages_done: AtomicU64,
+}
+
+impl Progress {
+    fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Release);
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            1 => Phase::Preparing,
+            2 => Phase::Paused,
+            3 => Phase::Writing,
+            4 => Phase::Done,
+            5 => Phase::Failed,
+            _ => Phase::Pending,
+        }
+    }
+
+    /// (pages saved, pages total).
+    pub fn pages(&self) -> (u64, u64) {
+        (
+            self.pages_done.load(Ordering::Relaxed),
+            self.pages_total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Durations of the phases, in microseconds.
+#[derive(Debug, Default)]
+struct Timeline {
+    phases: Vec<(&'static str, u64)>,
+}
+
+impl Timeline {
+    fn time<T>(&mut self, name: &'static str, f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        self.phases.push((name, start.elapsed().as_micros() as u64));
+        out
+    }
+}
+
+/// The memory mechanism in use for one checkpoint.
+enum MemoryCow {
+    Uffd(UffdCow),
+    Fork(Option<ForkedWriter>),
+    Stop,
+}
+
+/// How often the progress of a write-out is sampled.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Serialises checkpoints of one VM.
+#[derive(Debug, Default)]
+pub struct CheckpointLock(Mutex<()>);
+
+impl Vm {
+    /// Takes a live checkpoint (SPEC §2) and waits until it is complete.
+    pub fn checkpoint(
+        &self,
+        request: &CheckpointRequest,
+        progress: &Progress,
+    ) -> Result<Manifest, CheckpointError> {
+        let _busy = self
+            .checkpoint_lock()
+            .0
+            .try_lock()
+            .map_err(|_| CheckpointError::Busy)?;
+        let span = info_span!("checkpoint", store = %request.store.describe(), strategy = ?request.options.strategy);
+        let _enter = span.enter();
+        let result = take_checkpoint(self, request, progress);
+        progress.set_phase(if result.is_ok() {
+            Phase::Done
+        } else {
+            Phase::Failed
+        });
+        result
+    }
+}
+
+fn store_err(store: &StoreSpec) -> impl FnOnce(ckpt_format::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Store {
+        store: store.describe(),
+        source,
+    }
+}
+
+fn take_checkpoint(
+    vm: &Vm,
+    request: &CheckpointRequest,
+    progress: &Progress,
+) -> Result<Manifest, CheckpointError> {
+    let options = request.options;
+    if matches!(options.strategy, Strategy::Unknown) || matches!(options.io, IoPolicy::Unknown) {
+        return Err(CheckpointError::Unsupported(
+            "unknown strategy or I/O policy",
+        ));
+    }
+    let started = Instant::now();
+    let mut timeline = Timeline::default();
+    let regions = ram_regions(vm.memory());
+    let pages: u64 = regions.iter().map(RamRegion::pages).sum();
+    progress.pages_total.store(pages, Ordering::Relaxed);
+    progress.set_phase(Phase::Preparing);
+
+    let (mut writer, mut cow) = timeline.time("prepare", || prepare(vm, request, &regions))?;
+
+    progress.set_phase(Phase::Paused);
+    let pause_start = Instant::now();
+    let guard = timeline.time("quiesce", || quiesce(vm))?;
+    let counters = SaveCounters::default();
+    timeline.time("mark_memory_cow", || {
+        mark_memory_cow(&mut cow, &regions, &mut writer, &counters)
+    })?;
+    let snapshot = timeline.time("save_state", || save_state(vm, &guard))?;
+    if let Some(probe) = &request.pause_probe {
+        probe(vm.memory());
+    }
+    timeline.time("resume", || guard.resume());
+    let pause_us = pause_start.elapsed().as_micros() as u64;
+    progress.set_phase(Phase::Writing);
+    info!(pause_us, "VM resumed");
+
+    let state = ckpt_format::encode_state(&snapshot).map_err(store_err(&request.store))?;
+    writer
+        .write_state(&state)
+        .map_err(store_err(&request.store))?;
+    let (by_fault, in_background) = timeline.time("write_out", || {
+        write_out(cow, &mut writer, &counters, progress)
+    })?;
+
+    writer.set_vm_config(vm_config(vm));
+    writer.set_options(options);
+    writer.set_created_unix_ms(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    );
+    let mut metrics = Metrics {
+        pause_us,
+        pages_saved_by_fault: by_fault,
+        pages_saved_in_background: in_background,
+        ..Metrics::default()
+    };
+    metrics.phases_us = timeline
+        .phases
+        .iter()
+        .map(|(name, us)| (name.to_string(), *us))
+        .collect();
+    metrics.total_us = started.elapsed().as_micros() as u64;
+    writer.set_metrics(metrics);
+    let manifest = writer.finish().map_err(store_err(&request.store))?;
+    info!(
+        pause_us,
+        total_us = manifest.metrics.total_us,
+        bytes = manifest.metrics.bytes_written,
+        "checkpoint complete"
+    );
+    progress.pages_done.store(pages, Ordering::Relaxed);
+    Ok(manifest)
+}
+
+/// Phase 1, while the VM runs: open the store and, for `uffd`, protect memory ahead of the pause.
+fn prepare(
+    vm: &Vm,
+    request: &CheckpointRequest,
+    regions: &[RamRegion],
+) -> Result<(CheckpointWriter, MemoryCow), CheckpointError> {
+    let store = request.store.store();
+    let writer = CheckpointWriter::create(
+        store.as_ref(),
+        &Layout {
+            mem_size: vm.summary().mem_size,
+        },
+    )
+    .map_err(store_err(&request.store))?;
+    let cow = match request.options.strategy {
+        Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions)?),
+        Strategy::Fork => MemoryCow::Fork(None),
+        Strategy::Stop | Strategy::Unknown => MemoryCow::Stop,
+    };
+    Ok((writer, cow))
+}
+
+/// Phase 2: stop every vCPU.
+fn quiesce(vm: &Vm) -> Result<PauseGuard<'_>, CheckpointError> {
+    vm.pause().map_err(CheckpointError::Pause)
+}
+
+/// Phase 3, in the pause: make memory copy-on-write (or, for `stop`, copy it now).
+fn mark_memory_cow(
+    cow: &mut MemoryCow,
+    regions: &[RamRegion],
+    writer: &mut CheckpointWriter,
+    counters: &SaveCounters,
+) -> Result<(), CheckpointError> {
+    match cow {
+        MemoryCow::Uffd(u) => {
+            u.seal(writer.memory().clone())?;
+        }
+        MemoryCow::Fork(child) => *child = Some(fork_writer(regions, writer)?),
+        MemoryCow::Stop => stop::copy_while_paused(regions, writer.memory(), counters)?,
+    }
+    Ok(())
+}
+
+/// Phase 4, in the pause: vCPUs, VM-wide KVM state and devices into memory.
+fn save_state(vm: &Vm, guard: &PauseGuard<'_>) -> Result<VmSnapshot, CheckpointError> {
+    let serial = vm.serial().lock().unwrap_or_else(|p| p.into_inner()).save();
+    let vcpus = guard
+        .vcpus()
+        .enumerate()
+        .map(|(id, fd)| save_vcpu(id as u8, &fd, vm.msr_indices()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(VmSnapshot {
+        vm: save_vm(vm.fd())?,
+        vcpus,
+        serial,
+    })
+}
+
+/// Phase 6, while the VM runs: memory to the store. Returns (pages by fault, in background).
+fn write_out(
+    cow: MemoryCow,
+    writer: &mut CheckpointWriter,
+    counters: &SaveCounters,
+    progress: &Progress,
+) -> Result<(u64, u64), CheckpointError> {
+    match cow {
+        MemoryCow::Uffd(mut u) => {
+            u.start_background()?;
+            let memory = writer.memory().clone();
+            let done = AtomicBool::new(false);
+            let counts = std::thread::scope(|s| {
+                s.spawn(|| {
+                    while !done.load(Ordering::Acquire) {
+                        let saved = memory.progress().pages_done;
+                        progress.pages_done.store(saved, Ordering::Relaxed);
+                        std::thread::sleep(PROGRESS_INTERVAL);
+                    }
+                });
+                let counts = u.finish();
+                done.store(true, Ordering::Release);
+                counts
+            })?;
+            Ok(counts)
+        }
+        MemoryCow::Fork(child) => {
+            let child = child.expect("forked in the pause");
+            let report = child.wait()?;
+            let pages = report.pages;
+            writer
+                .adopt_memory(report)
+                .map_err(|e| CowError::Child(e.to_string()))?;
+            Ok((0, pages))
+        }
+        MemoryCow::Stop => Ok(counters.get()),
+    }
+}
+
+fn vm_config(vm: &Vm) -> ckpt_format::VmConfig {
+    let s = vm.summary();
+    ckpt_format::VmConfig {
+        mem_size: s.mem_size,
+        vcpus: u32::from(s.vcpus),
+        kernel: s.kernel.clone(),
+        cmdline: s.cmdline.clone(),
+        disks: Vec::new(),
+        devices: vec![DeviceConfig {
+            id: "serial0".into(),
+            kind: "serial".into(),
+            params: [("port".to_string(), "0x3f8".to_string())].into(),
+        }],
+    }
+}

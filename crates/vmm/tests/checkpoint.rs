@@ -1,0 +1,104 @@
+//! Live checkpoints on /dev/kvm: a guest dirties memory at full speed while it is checkpointed;
+//! the store must hold exactly the pages of the pause instant, for every strategy.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, Strategy, PAGE_SIZE};
+use common::*;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
+
+/// xxh3 of every page of guest RAM in image order.
+fn page_hashes(mem: &GuestMemoryMmap) -> Vec<u64> {
+    let mut hashes = Vec::new();
+    let mut page = [0u8; PAGE_SIZE];
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        for off in (0..region.len()).step_by(PAGE_SIZE) {
+            mem.read_slice(&mut page, GuestAddress(start + off))
+                .unwrap();
+            hashes.push(ckpt_format::checksum(&page));
+        }
+    }
+    hashes
+}
+
+fn passes(text: &str) -> usize {
+    text.matches("dirty pass=").count()
+}
+
+fn checkpoint_while_dirtying(strategy: Strategy) {
+    let (vm, console) = boot_guest("dirty mem=96M fill=1 every=4", 160 << 20, 1);
+    console.wait_for("dirty pass=", 2, Duration::from_secs(30));
+    let dir = tempfile::tempdir().unwrap();
+    let at_pause: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let recorded = at_pause.clone();
+    let request = CheckpointRequest {
+        store: StoreSpec::Dir(dir.path().join("ckpt")),
+        options: CheckpointOptions {
+            strategy,
+            ..Default::default()
+        },
+        pause_probe: Some(Arc::new(move |mem| {
+            *recorded.lock().unwrap() = page_hashes(mem)
+        })),
+    };
+    let before = passes(&console.text());
+    let manifest = vm
+        .checkpoint(&request, &Progress::default())
+        .expect("checkpoint");
+    console.wait_for("dirty pass=", before + 3, Duration::from_secs(30));
+    assert!(
+        vm.exit_status().is_none(),
+        "guest stopped: {:?}",
+        vm.exit_status()
+    );
+
+    let m = &manifest.metrics;
+    let pages = (160u64 << 20) / PAGE_SIZE as u64;
+    assert_eq!(
+        m.pages_saved_by_fault + m.pages_saved_in_background,
+        pages,
+        "{m:?}"
+    );
+    assert!(m.pause_us > 0 && m.total_us >= m.pause_us, "{m:?}");
+
+    let ckpt = Checkpoint::open(&DirStore::new(dir.path().join("ckpt"))).expect("open");
+    let expected = at_pause.lock().unwrap().clone();
+    assert_eq!(expected.len() as u64, pages);
+    let mut page = [0u8; PAGE_SIZE];
+    let mut differing = Vec::new();
+    for (i, want) in expected.iter().enumerate() {
+        ckpt.read_page(i as u64, &mut page).unwrap();
+        if ckpt_format::checksum(&page) != *want {
+            differing.push(i);
+        }
+    }
+    assert!(
+        differing.is_empty(),
+        "{strategy:?}: {} pages differ from the pause instant, first {:?}",
+        differing.len(),
+        &differing[..differing.len().min(8)]
+    );
+    ckpt.verify_memory(2, &|_| {}).expect("page hashes");
+    eprintln!("{strategy:?}: {m:?}");
+    vm.stop();
+}
+
+#[test]
+fn uffd_checkpoint_holds_the_pause_instant() {
+    checkpoint_while_dirtying(Strategy::Uffd);
+}
+
+#[test]
+fn fork_checkpoint_holds_the_pause_instant() {
+    checkpoint_while_dirtying(Strategy::Fork);
+}
+
+#[test]
+fn stop_checkpoint_holds_the_pause_instant() {
+    checkpoint_while_dirtying(Strategy::Stop);
+}
