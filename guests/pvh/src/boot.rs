@@ -91,6 +91,8 @@ const fn tss_descriptor_low(base: u64, limit: u64) -> u64 {
         | (((base >> 24) & 0xff) << 56)
 }
 
+const BREAKPOINT_VECTOR: usize = 3;
+
 #[repr(C, align(16))]
 struct Idt([[u64; 2]; TRAP_VECTORS]);
 
@@ -98,6 +100,8 @@ static IDT: Idt = Idt(interrupt_gates());
 
 /// One ring-0 interrupt gate per exception, to the 16-byte stub at `TRAP_STUBS_ADDR + 16 × v`.
 /// NMI, #DF and #MC switch to the IST1 stack, so they work even on a broken ring-0 stack.
+/// The #BP gate has DPL 3, so that `int3` in ring 3 arrives as #BP rather than #GP (the
+/// handler reports it like any other exception).
 const fn interrupt_gates() -> [[u64; 2]; TRAP_VECTORS] {
     let mut gates = [[0; 2]; TRAP_VECTORS];
     let mut vector = 0;
@@ -107,10 +111,16 @@ const fn interrupt_gates() -> [[u64; 2]; TRAP_VECTORS] {
             2 | 8 | 18 => 1,
             _ => 0,
         };
+        // Present, interrupt gate, DPL 0 (0x8e) or DPL 3 (0xee).
+        let kind: u64 = if vector == BREAKPOINT_VECTOR {
+            0xee
+        } else {
+            0x8e
+        };
         gates[vector][0] = (handler & 0xffff)
             | ((KERNEL_CS as u64) << 16)
             | (ist << 32)
-            | (0x8e << 40)
+            | (kind << 40)
             | (((handler >> 16) & 0xffff) << 48);
         gates[vector][1] = handler >> 32;
         vector += 1;

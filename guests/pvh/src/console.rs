@@ -19,6 +19,8 @@ const LINE_CAPACITY: usize = 256;
 #[repr(u32)]
 pub enum Status {
     Success = 0,
+    /// A workload's own check failed (disk: a request failed, timed out or read back wrong).
+    Failed = 1,
     BadCommandLine = 2,
     Fault = 3,
 }

@@ -63,6 +63,14 @@ impl MemoryMap {
         }
         true
     }
+
+    /// Whether any RAM entry intersects [start, end).
+    pub fn overlaps_ram(&self, start: u64, end: u64) -> bool {
+        (0..self.entries)
+            .map(|index| self.entry(index))
+            .filter(|entry| entry.kind == MEMMAP_TYPE_RAM)
+            .any(|entry| entry.addr < end && start < entry.addr.saturating_add(entry.size))
+    }
 }
 
 pub struct StartInfo {

@@ -9,7 +9,7 @@ use crate::cmdline::{CmdlineError, Options, parse_mem_size, parse_u64};
 use crate::console::Console;
 
 /// splitmix64's state increment (2^64 / golden ratio).
-const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+pub(super) const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 
 pub fn run<'a>(
     console: &mut Console,
@@ -35,11 +35,7 @@ pub fn run<'a>(
     }
     let data = ram.working_set(bytes)?;
 
-    let mut state = seed;
-    for word in data.iter_mut() {
-        state = state.wrapping_add(GOLDEN_GAMMA);
-        *word = mix64(state);
-    }
+    fill(data, seed);
     for round in 1..=rounds {
         let round_checksum = mix_round(data, round);
         let _ = writeln!(
@@ -51,10 +47,19 @@ pub fn run<'a>(
     Ok(())
 }
 
+/// Fills `data` with splitmix64's output sequence from `seed`.
+pub(super) fn fill(data: &mut [u64], seed: u64) {
+    let mut state = seed;
+    for word in data.iter_mut() {
+        state = state.wrapping_add(GOLDEN_GAMMA);
+        *word = mix64(state);
+    }
+}
+
 /// Replaces each element, in order, by a mix of itself and an element at an index derived from
 /// its value (reads land anywhere in `data`, including on elements this round already changed).
 /// Returns FNV-1a over the new values in the order they were produced.
-fn mix_round(data: &mut [u64], round: u64) -> u64 {
+pub(super) fn mix_round(data: &mut [u64], round: u64) -> u64 {
     let len = data.len() as u64;
     let mut hash = FNV_OFFSET;
     for index in 0..data.len() {

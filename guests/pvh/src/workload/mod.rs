@@ -2,9 +2,12 @@
 
 mod compute;
 mod dirty;
+mod disk;
+mod fault;
 mod hello;
+mod virtio;
 
-use crate::cmdline::{CmdlineError, Options};
+use crate::cmdline::{Cmdline, CmdlineError};
 use crate::console::Console;
 use crate::start_info::MemoryMap;
 
@@ -19,18 +22,22 @@ pub fn run<'a>(
     ram: FreeRam,
     cmdline: &'a str,
 ) -> Result<(), CmdlineError<'a>> {
-    let mut words = cmdline.split_ascii_whitespace();
-    let name = words.next().ok_or(CmdlineError::NoWorkload)?;
-    let options = Options::new(words);
-    match name {
+    let Cmdline {
+        workload,
+        options,
+        virtio_mmio,
+    } = Cmdline::parse(cmdline)?;
+    match workload {
         "hello" => hello::run(console, options),
         "dirty" => dirty::run(console, ram, options),
         "compute" => compute::run(console, ram, options),
-        _ => Err(CmdlineError::UnknownWorkload(name)),
+        "fault" => fault::run(console, options),
+        "disk" => disk::run(console, ram, options, &virtio_mmio),
+        _ => Err(CmdlineError::UnknownWorkload(workload)),
     }
 }
 
-/// The guest RAM above the image, handed out once as a workload's working set.
+/// The guest RAM above the image, handed out in page-aligned pieces that never overlap.
 pub struct FreeRam {
     start: u64,
     memory_map: MemoryMap,
@@ -40,6 +47,7 @@ impl FreeRam {
     /// # Safety
     /// `image_end` must be the end of the loaded guest image (bss included), and at most one
     /// `FreeRam` may exist: nothing else in the guest uses memory above the image.
+    /// The first piece starts on the first 2 MiB boundary after the image.
     pub unsafe fn new(image_end: u64, memory_map: MemoryMap) -> Self {
         Self {
             start: image_end.next_multiple_of(WORKING_SET_ALIGN),
@@ -48,7 +56,18 @@ impl FreeRam {
     }
 
     /// The first `bytes` of free RAM (a multiple of 4 KiB), if the memory map says it is RAM.
-    pub fn working_set(self, bytes: u64) -> Result<&'static mut [u64], CmdlineError<'static>> {
+    pub fn working_set(mut self, bytes: u64) -> Result<&'static mut [u64], CmdlineError<'static>> {
+        self.take(bytes)
+    }
+
+    /// Whether any byte of [start, end) is RAM according to the loader's memory map.
+    pub fn overlaps_ram(&self, start: u64, end: u64) -> bool {
+        self.memory_map.overlaps_ram(start, end)
+    }
+
+    /// The next `bytes` of free RAM (a multiple of 4 KiB, so every piece is page-aligned), if
+    /// the memory map says it is RAM.
+    pub fn take(&mut self, bytes: u64) -> Result<&'static mut [u64], CmdlineError<'static>> {
         let in_ram = self
             .start
             .checked_add(bytes)
@@ -60,9 +79,12 @@ impl FreeRam {
             });
         }
         let words = usize::try_from(bytes / 8).expect("usize is 64 bits on x86_64");
-        // SAFETY: [start, start + bytes) is RAM per the loader's memory map, identity-mapped, lies above
-        // the guest image, and `self` (the only FreeRam, consumed here) hands it out only once.
-        Ok(unsafe { core::slice::from_raw_parts_mut(self.start as *mut u64, words) })
+        let start = self.start;
+        self.start += bytes;
+        // SAFETY: [start, start + bytes) is RAM per the loader's memory map, identity-mapped, lies
+        // above the guest image, and `self` (the only FreeRam) moved past it, so it hands this
+        // range out only once.
+        Ok(unsafe { core::slice::from_raw_parts_mut(start as *mut u64, words) })
     }
 }
 
