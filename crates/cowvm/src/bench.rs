@@ -16,6 +16,8 @@ use crate::VmArgs;
 pub enum BenchCommand {
     /// Pause/resume latency of a running guest: the floor of every checkpoint pause.
     Pause(PauseArgs),
+    /// Guest disk IOPS through virtio-blk on raw and qcow2, next to the host (issue 4).
+    Disk(crate::disk_cmd::DiskBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,6 +48,7 @@ pub struct PauseArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Pause(args) => pause(args),
+        BenchCommand::Disk(args) => crate::disk_cmd::bench(args),
     }
 }
 
@@ -99,6 +102,7 @@ fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
             mem: args.mem.clone(),
             vcpus,
             hugepages: crate::HugePagesArg::None,
+            disks: Vec::new(),
         };
         let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(std::io::sink())))?)?;
         // Let the guest reach its workload before measuring.

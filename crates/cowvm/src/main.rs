@@ -1,6 +1,7 @@
 //! The `cowvm` command: boots VMs and (later) checkpoints, restores and clones them.
 
 mod bench;
+mod disk_cmd;
 mod plot;
 
 use std::path::PathBuf;
@@ -44,6 +45,9 @@ pub enum HugePagesArg {
 enum Command {
     /// Boot a kernel and run it until the guest exits; the exit status is the guest's.
     Run(RunArgs),
+    /// Disk images: create overlays, commit them.
+    #[command(subcommand)]
+    Disk(disk_cmd::DiskCommand),
     /// Benchmarks of the VMM itself.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -70,6 +74,9 @@ pub struct VmArgs {
     /// Transparent huge pages for guest memory.
     #[arg(long, value_enum, default_value_t = HugePagesArg::None)]
     hugepages: HugePagesArg,
+    /// A virtio-blk disk: PATH[,readonly][,delay_ms=N] (raw or qcow2; repeatable).
+    #[arg(long = "disk", value_name = "PATH[,OPTS]")]
+    disks: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -99,6 +106,11 @@ impl VmArgs {
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
             console,
+            disks: self
+                .disks
+                .iter()
+                .map(|d| disk_cmd::parse_disk(d))
+                .collect::<anyhow::Result<_>>()?,
         })
     }
 }
@@ -133,6 +145,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = init_logging(&cli.log_level, cli.log_format).and_then(|()| match cli.command {
         Command::Run(args) => run(args),
+        Command::Disk(cmd) => disk_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     });
     match result {

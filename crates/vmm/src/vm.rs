@@ -17,11 +17,12 @@ use crate::boot::{self, BootError, BootSpec};
 use crate::checkpoint::CheckpointLock;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_PORT, COM1_SIZE};
+use crate::devices::virtio::block::{BlockError, BlockHandle, DiskConfig, DiskSet}; // issue 4
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::kvm::cpu::{configure_vcpu, set_boot_registers, supported_cpuid, vcpu_cpuid};
 use crate::kvm::state::savable_msrs;
-use crate::kvm::vcpu::{start_vcpus, PauseGuard, Vcpu, VcpuControl, VcpuError};
+use crate::kvm::vcpu::{start_vcpus, HeldPause, PauseGuard, Vcpu, VcpuControl, VcpuError};
 use crate::kvm::{self, KvmError};
 use crate::memory::{self, HugePages, MemoryError};
 
@@ -65,6 +66,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Serial console output.
     pub console: Console,
+    /// virtio-blk disks; disk i is at `virtio::mmio_base(i)` with IRQ `virtio::irq(i)`.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Errors of building or controlling a VM.
@@ -97,9 +100,21 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A device could not be created from its saved state.
+    #[error("cannot restore a device: {0}")]
+    Device(String),
     /// An eventfd for an interrupt cannot be created.
     #[error("cannot create an interrupt eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A disk cannot be set up (issue 4).
+    #[error("disk {index}")]
+    Disk {
+        /// Position of the disk in the configuration.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: BlockError,
+    },
 }
 
 /// What a VM was built from, kept for checkpoints (which record it) and status queries.
@@ -124,6 +139,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     msrs: Vec<u32>,
     checkpoint_lock: CheckpointLock,
+    disks: DiskSet,
     // The VM fd must outlive the vCPU threads; `Drop` joins them first.
     fd: VmFd,
     _kvm: Kvm,
@@ -244,6 +260,7 @@ impl VmParts {
             serial,
             msrs,
             checkpoint_lock: CheckpointLock::default(),
+            disks: DiskSet::default(),
             fd: self.fd,
             _kvm: self.kvm,
         })
@@ -263,32 +280,41 @@ impl Vm {
             config.mem_size,
             config.hugepages,
         )?)?;
+        // issue 4 (disks): images are opened before anything runs; each disk adds its
+        // `virtio_mmio.device=` word to the command line.
+        let blocks = DiskSet::open(&config.disks, &parts.memory)
+            .map_err(|(index, source)| VmError::Disk { index, source })?;
+        let cmdline = DiskSet::cmdline(&config.cmdline, &blocks);
         let entry = boot::load_kernel(
             &parts.memory,
             config.mem_size,
             &BootSpec {
                 kernel: &config.kernel,
                 initrd: config.initrd.as_deref(),
-                cmdline: &config.cmdline,
+                cmdline: &cmdline,
             },
         )?;
         let out = console_writer(config.console)?;
-        let (serial, pio, mmio) = parts.devices(|irq| Ok(SerialConsole::new(irq, out)))?;
-        let (vcpus, msrs) =
-            parts.vcpus(config.vcpus, Arc::new(pio), Arc::new(mmio), |id, fd| {
-                if id == 0 {
-                    set_boot_registers(fd, entry)?;
-                }
-                Ok(())
-            })?;
+        let (serial, pio, mut mmio) = parts.devices(|irq| Ok(SerialConsole::new(irq, out)))?;
+        DiskSet::attach(&blocks, &parts.fd, &mut mmio)
+            .map_err(|source| VmError::Disk { index: 0, source })?;
+        let mmio = Arc::new(mmio);
+        let (vcpus, msrs) = parts.vcpus(config.vcpus, Arc::new(pio), mmio.clone(), |id, fd| {
+            if id == 0 {
+                set_boot_registers(fd, entry)?;
+            }
+            Ok(())
+        })?;
         let summary = VmSummary {
             mem_size: config.mem_size,
             vcpus: config.vcpus,
             kernel: Some(config.kernel.clone()),
             cmdline: Some(config.cmdline.clone()),
         };
-        let vm = parts.start(summary, serial, vcpus, msrs)?;
-        info!(kernel = %config.kernel.display(), "VM started");
+        let mut vm = parts.start(summary, serial, vcpus, msrs)?;
+        vm.disks = DiskSet::start(blocks, &vm.memory, mmio)
+            .map_err(|source| VmError::Disk { index: 0, source })?;
+        info!(kernel = %config.kernel.display(), disks = config.disks.len(), "VM started");
         Ok(vm)
     }
 
@@ -317,6 +343,16 @@ impl Vm {
         &self.serial
     }
 
+    /// The virtio-blk disks, in configuration order (issue 4).
+    pub fn disks(&self) -> &[BlockHandle] {
+        self.disks.handles()
+    }
+
+    /// The MMIO bus as the vCPUs see it (tests drive devices through it).
+    pub fn mmio_bus(&self) -> Option<&Bus> {
+        self.disks.mmio()
+    }
+
     /// Guest memory. While the VM runs, vCPUs write it concurrently.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
@@ -325,6 +361,13 @@ impl Vm {
     /// Stops every vCPU; they resume when the guard is dropped.
     pub fn pause(&self) -> Result<PauseGuard<'_>, VmError> {
         Ok(self.control.pause()?)
+    }
+
+    /// Stops every vCPU until the returned pause is dropped: for a controller whose pause
+    /// spans requests (the API's `PATCH /vm`). Like [`pause`](Self::pause), it fails while
+    /// another pause (a checkpoint's) is in force.
+    pub fn pause_held(&self) -> Result<HeldPause, VmError> {
+        Ok(self.control.pause_held()?)
     }
 
     /// Whether the VM is paused.
@@ -363,6 +406,7 @@ impl Drop for Vm {
         self.exit.notify(VmExit::Stopped);
         self.control.request_exit();
         self.control.join();
+        self.disks.stop();
         if let Err(e) = self
             .serial
             .lock()

@@ -147,3 +147,20 @@ fn bad_input_is_refused_clearly() {
         Err(VmError::VcpuCount(0))
     ));
 }
+
+#[test]
+fn a_guest_exception_is_reported_and_fails_the_run() {
+    for (kind, name) in [("ud", "#UD"), ("pf", "#PF"), ("gp", "#GP"), ("de", "#DE")] {
+        let (vm, console) = boot_guest(&format!("fault kind={kind}"), MEM, 1);
+        let exit = vm
+            .wait_timeout(Duration::from_secs(20))
+            .expect("the VM must stop, not hang");
+        assert_eq!(exit, VmExit::Guest(3), "{kind}: console {}", console.text());
+        assert_ne!(exit.status(), 0);
+        let text = console.text();
+        assert!(
+            text.contains(&format!("cowvm-guest: exception {name}")),
+            "{kind}: console {text}"
+        );
+    }
+}

@@ -16,6 +16,7 @@
 //! parked, so no instruction retires between the register read and the memory freeze.
 
 pub mod memory_cow;
+pub mod restore;
 pub mod state;
 
 use std::path::PathBuf;
@@ -28,8 +29,9 @@ use ckpt_format::{
     MemStore, Metrics, RawStore, Store, Strategy,
 };
 use thiserror::Error;
-use tracing::{info, info_span};
+use tracing::{info, info_span, warn};
 use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use self::memory_cow::fork::{fork_writer, ForkedWriter};
 use self::memory_cow::uffd::UffdCow;
@@ -83,7 +85,7 @@ pub enum StoreSpec {
 }
 
 impl StoreSpec {
-    fn store(&self) -> Box<dyn Store + '_> {
+    pub(crate) fn store(&self) -> Box<dyn Store + '_> {
         match self {
             StoreSpec::Dir(p) => Box::new(DirStore::new(p.clone())),
             StoreSpec::Raw(p) => Box::new(RawStore::new(p.clone())),
@@ -91,7 +93,7 @@ impl StoreSpec {
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             StoreSpec::Dir(p) | StoreSpec::Raw(p) => p.display().to_string(),
             StoreSpec::Mem(_) => "memory store".to_string(),
@@ -272,6 +274,10 @@ fn take_checkpoint(
     progress.set_phase(Phase::Preparing);
 
     let (mut writer, mut cow) = timeline.time("prepare", || prepare(vm, request, &regions))?;
+    let options = CheckpointOptions {
+        strategy: cow.strategy(),
+        ..options
+    };
 
     progress.set_phase(Phase::Paused);
     let pause_start = Instant::now();
@@ -343,11 +349,33 @@ fn prepare(
     )
     .map_err(store_err(&request.store))?;
     let cow = match request.options.strategy {
+        // userfaultfd cannot write-protect private file mappings, which is what a lazily
+        // restored VM runs on; the kernel's own copy-on-write (fork) protects them just as well.
+        Strategy::Uffd if file_backed(vm) => {
+            warn!("guest memory maps a checkpoint file, which userfaultfd cannot protect: using the fork strategy");
+            MemoryCow::Fork(None)
+        }
         Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions)?),
         Strategy::Fork => MemoryCow::Fork(None),
         Strategy::Stop | Strategy::Unknown => MemoryCow::Stop,
     };
     Ok((writer, cow))
+}
+
+/// Whether any guest memory is a file mapping (a VM restored lazily from a checkpoint).
+fn file_backed(vm: &Vm) -> bool {
+    vm.memory().iter().any(|r| r.file_offset().is_some())
+}
+
+impl MemoryCow {
+    /// The strategy actually used, as recorded in the manifest.
+    fn strategy(&self) -> Strategy {
+        match self {
+            MemoryCow::Uffd(_) => Strategy::Uffd,
+            MemoryCow::Fork(_) => Strategy::Fork,
+            MemoryCow::Stop => Strategy::Stop,
+        }
+    }
 }
 
 /// Phase 2: stop every vCPU.

@@ -2,6 +2,7 @@
 
 pub mod debug_exit;
 pub mod serial;
+pub mod virtio;
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};

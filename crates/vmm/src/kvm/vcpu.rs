@@ -134,6 +134,27 @@ impl Drop for PauseGuard<'_> {
     }
 }
 
+/// A pause owned rather than borrowed (an API client pauses, a later request resumes); the
+/// vCPUs resume when it is dropped, so a controller that goes away cannot leave the VM frozen.
+#[derive(Debug)]
+pub struct HeldPause {
+    control: Arc<VcpuControl>,
+    took: Duration,
+}
+
+impl HeldPause {
+    /// How long it took from the pause request until every vCPU was parked.
+    pub fn took(&self) -> Duration {
+        self.took
+    }
+}
+
+impl Drop for HeldPause {
+    fn drop(&mut self) {
+        self.control.resume_all();
+    }
+}
+
 impl VcpuControl {
     fn lock(&self) -> MutexGuard<'_, ControlState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -162,6 +183,27 @@ impl VcpuControl {
 
     /// Stops every vCPU and waits until all are parked outside `KVM_RUN`.
     pub fn pause(&self) -> Result<PauseGuard<'_>, VcpuError> {
+        let took = self.park_all()?;
+        Ok(PauseGuard {
+            control: self,
+            took,
+        })
+    }
+
+    /// Like [`pause`](Self::pause), for a pause that outlives any one scope: a controller
+    /// holds the [`HeldPause`] between a pause request and a later resume request.
+    pub fn pause_held(self: &Arc<Self>) -> Result<HeldPause, VcpuError> {
+        let took = self.park_all()?;
+        Ok(HeldPause {
+            control: self.clone(),
+            took,
+        })
+    }
+
+    /// Sets the target to Paused, kicks the vCPUs and waits until all are parked. Returns how
+    /// long that took. Only one pause exists at a time (a second gets `AlreadyPaused`), so
+    /// the one guard that results is the only one that resumes.
+    fn park_all(&self) -> Result<Duration, VcpuError> {
         let start = Instant::now();
         {
             let mut st = self.lock();
@@ -188,10 +230,7 @@ impl VcpuControl {
             self.resume_all();
             return Err(VcpuError::PauseTimeout(PAUSE_TIMEOUT, parked, self.count()));
         }
-        Ok(PauseGuard {
-            control: self,
-            took: start.elapsed(),
-        })
+        Ok(start.elapsed())
     }
 
     fn resume_all(&self) {

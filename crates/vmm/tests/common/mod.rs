@@ -65,6 +65,7 @@ pub fn config(kernel: &Path, cmdline: &str, mem: u64, vcpus: u8, console: Consol
         initrd: None,
         cmdline: cmdline.to_string(),
         console,
+        disks: Vec::new(),
     }
 }
 

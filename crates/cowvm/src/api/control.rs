@@ -1,0 +1,462 @@
+//! The controller of one running VM: who holds a pause, which checkpoint is being taken, and
+//! the table of checkpoint jobs. The API server and the periodic checkpoint trigger both go
+//! through it, so their requests cannot conflict behind each other's back.
+//!
+//! Locks: `gate` (pause and checkpoint decisions) is taken before `jobs` (the table), never
+//! the other way round, and neither is held across an `await`. Operations that block (a pause
+//! waits for every vCPU to park; a checkpoint runs for seconds) run off the async workers.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ckpt_format::{CheckpointOptions, Manifest, PAGE_SIZE};
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use vmm::checkpoint::{CheckpointError, CheckpointRequest, Phase, Progress, StoreSpec};
+use vmm::kvm::vcpu::HeldPause;
+use vmm::{Vm, VmError};
+
+use super::model::{
+    CheckpointBody, CheckpointCounters, CheckpointJob, JobPhase, JobProgress, JobStatus, PausedBy,
+    VmConfigInfo, VmInfo, VmState,
+};
+
+/// Finished jobs kept for `GET /checkpoints` (older ones are forgotten, not deleted).
+const KEPT_JOBS: usize = 256;
+
+/// Why a control request is refused or failed.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The request conflicts with the VM's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The VM has exited.
+    #[error("the VM has exited: {0}")]
+    Exited(String),
+    /// The store refused the checkpoint before it began.
+    #[error("checkpoint store refused: {0}")]
+    StoreConflict(String),
+    /// The store cannot be used (missing, not writable, too small).
+    #[error("{0}")]
+    BadStore(String),
+    /// Pausing failed.
+    #[error("cannot pause the VM")]
+    Pause(#[source] VmError),
+    /// A checkpoint thread could not be started.
+    #[error("cannot start the checkpoint thread")]
+    Spawn(#[source] std::io::Error),
+    /// The checkpoint failed in the VMM.
+    #[error("{0}")]
+    Checkpoint(String),
+}
+
+/// Who holds the VM now.
+#[derive(Default)]
+struct Gate {
+    /// A client's pause.
+    held: Option<HeldPause>,
+    /// The job whose checkpoint is running.
+    running: Option<Arc<Job>>,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Complete.
+    Complete(Box<Manifest>),
+    /// Failed (before or after the pause).
+    Failed {
+        /// The store refused before anything was written (an existing checkpoint, a bad path).
+        refused_by_store: Option<bool>,
+        /// Why.
+        message: String,
+    },
+}
+
+/// One checkpoint, running or over.
+#[derive(Debug)]
+pub struct Job {
+    id: u64,
+    body: CheckpointBody,
+    started_unix_ms: u64,
+    started: Instant,
+    progress: Progress,
+    end: Mutex<Option<(Outcome, Duration)>>,
+    done: watch::Sender<bool>,
+}
+
+impl Job {
+    /// The job's id as the API shows it.
+    pub fn id(&self) -> String {
+        self.id.to_string()
+    }
+
+    /// The outcome, once over.
+    pub fn outcome(&self) -> Option<Outcome> {
+        lock(&self.end).as_ref().map(|(o, _)| o.clone())
+    }
+
+    /// Whether the checkpoint is past its preparation (store opened, memory armed) or over.
+    pub fn prepared(&self) -> bool {
+        !matches!(self.progress.phase(), Phase::Pending | Phase::Preparing)
+            || lock(&self.end).is_some()
+    }
+
+    /// Waits until the job is over.
+    pub async fn finished(&self) {
+        let mut rx = self.done.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// The job as the API shows it.
+    pub fn view(&self) -> CheckpointJob {
+        let end = lock(&self.end).clone();
+        let (done, total) = self.progress.pages();
+        let page = PAGE_SIZE as u64;
+        let (status, metrics, error, elapsed) = match end {
+            None => (JobStatus::Running, None, None, self.started.elapsed()),
+            Some((Outcome::Complete(m), took)) => {
+                (JobStatus::Complete, Some(m.metrics.clone()), None, took)
+            }
+            Some((Outcome::Failed { message, .. }, took)) => {
+                (JobStatus::Failed, None, Some(message), took)
+            }
+        };
+        let phase = match self.progress.phase() {
+            Phase::Pending => JobPhase::Pending,
+            Phase::Preparing => JobPhase::Preparing,
+            Phase::Paused => JobPhase::Paused,
+            Phase::Writing => JobPhase::Writing,
+            Phase::Done | Phase::Failed => JobPhase::Done,
+        };
+        CheckpointJob {
+            id: self.id(),
+            status,
+            phase,
+            out: self.body.out.clone(),
+            strategy: self.body.strategy,
+            io: self.body.io,
+            disk: self.body.disk,
+            started_unix_ms: self.started_unix_ms,
+            elapsed_ms: elapsed.as_millis() as u64,
+            progress: JobProgress {
+                pages_done: done,
+                pages_total: total,
+                bytes_done: done * page,
+                bytes_total: total * page,
+            },
+            metrics,
+            error,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Jobs {
+    next: u64,
+    table: BTreeMap<u64, Arc<Job>>,
+    counters: CheckpointCounters,
+}
+
+/// The controller of one VM.
+pub struct Controller {
+    vm: Arc<Vm>,
+    started: Instant,
+    gate: Mutex<Gate>,
+    jobs: Mutex<Jobs>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Classifies a checkpoint failure: did the store refuse before anything was written
+/// (`Some(true)`: an existing checkpoint; `Some(false)`: an unusable path), or did the
+/// checkpoint itself fail (`None`)?
+fn store_refusal(e: &CheckpointError) -> Option<bool> {
+    match e {
+        CheckpointError::Store { source, .. } => match source {
+            ckpt_format::Error::CheckpointExists { .. } => Some(true),
+            ckpt_format::Error::NotFound { .. }
+            | ckpt_format::Error::PermissionDenied { .. }
+            | ckpt_format::Error::StoreTooSmall { .. }
+            | ckpt_format::Error::Corrupt { .. } => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The whole chain of an error, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl Controller {
+    /// A controller for `vm`.
+    pub fn new(vm: Arc<Vm>) -> Controller {
+        Controller {
+            vm,
+            started: Instant::now(),
+            gate: Mutex::new(Gate::default()),
+            jobs: Mutex::new(Jobs {
+                next: 1,
+                ..Jobs::default()
+            }),
+        }
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    fn check_alive(&self) -> Result<(), ControlError> {
+        match self.vm.exit_status() {
+            Some(exit) => Err(ControlError::Exited(exit.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// The VM's state and configuration.
+    pub fn info(&self) -> VmInfo {
+        let running = lock(&self.jobs)
+            .table
+            .values()
+            .find(|j| lock(&j.end).is_none())
+            .map(|j| j.id());
+        let paused = self.vm.is_paused();
+        let s = self.vm.summary();
+        VmInfo {
+            state: if paused {
+                VmState::Paused
+            } else {
+                VmState::Running
+            },
+            paused_by: match (paused, &running) {
+                (false, _) => None,
+                (true, Some(_)) => Some(PausedBy::Checkpoint),
+                (true, None) => Some(PausedBy::Api),
+            },
+            config: VmConfigInfo {
+                mem_size: s.mem_size,
+                vcpus: s.vcpus,
+                kernel: s.kernel.as_ref().map(|k| k.display().to_string()),
+                cmdline: s.cmdline.clone(),
+            },
+            checkpoint_in_progress: running,
+            uptime_ms: self.uptime_ms(),
+        }
+    }
+
+    /// Milliseconds since the controller (and so the VM) started.
+    pub fn uptime_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Pauses the VM until [`resume`](Self::resume). Blocks until every vCPU is parked.
+    pub fn pause(&self) -> Result<Duration, ControlError> {
+        self.check_alive()?;
+        let mut gate = lock(&self.gate);
+        if let Some(job) = &gate.running {
+            return Err(ControlError::Conflict(format!(
+                "checkpoint {} is in progress; pause after it completes",
+                job.id()
+            )));
+        }
+        if gate.held.is_some() {
+            return Err(ControlError::Conflict("the VM is already paused".into()));
+        }
+        let held = self.vm.pause_held().map_err(ControlError::Pause)?;
+        let took = held.took();
+        gate.held = Some(held);
+        info!(pause_us = took.as_micros() as u64, "VM paused by the API");
+        Ok(took)
+    }
+
+    /// Resumes a VM paused by [`pause`](Self::pause).
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.check_alive()?;
+        let mut gate = lock(&self.gate);
+        match gate.held.take() {
+            Some(held) => {
+                drop(held);
+                info!("VM resumed by the API");
+                Ok(())
+            }
+            None if self.vm.is_paused() => Err(ControlError::Conflict(
+                "the VM is paused by a checkpoint, which resumes it itself".into(),
+            )),
+            None => Err(ControlError::Conflict("the VM is running".into())),
+        }
+    }
+
+    /// Starts a checkpoint on its own thread and returns its job at once.
+    pub fn start_checkpoint(
+        self: &Arc<Self>,
+        body: CheckpointBody,
+        store: StoreSpec,
+    ) -> Result<Arc<Job>, ControlError> {
+        self.check_alive()?;
+        let mut gate = lock(&self.gate);
+        if let Some(job) = &gate.running {
+            return Err(ControlError::Conflict(format!(
+                "checkpoint {} is in progress",
+                job.id()
+            )));
+        }
+        if gate.held.is_some() {
+            return Err(ControlError::Conflict(
+                "the VM is paused; resume it before taking a checkpoint".into(),
+            ));
+        }
+        let options: CheckpointOptions = body.options();
+        let job = {
+            let mut jobs = lock(&self.jobs);
+            let id = jobs.next;
+            jobs.next += 1;
+            let job = Arc::new(Job {
+                id,
+                body,
+                started_unix_ms: unix_ms(),
+                started: Instant::now(),
+                progress: Progress::default(),
+                end: Mutex::new(None),
+                done: watch::Sender::new(false),
+            });
+            jobs.table.insert(id, job.clone());
+            job
+        };
+        let request = CheckpointRequest {
+            store,
+            options,
+            pause_probe: None,
+        };
+        let this = self.clone();
+        let worker = job.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("checkpoint-{}", job.id))
+            .spawn(move || {
+                let result = this.vm.checkpoint(&request, &worker.progress);
+                this.finish(&worker, result);
+            });
+        if let Err(e) = spawned {
+            lock(&self.jobs).table.remove(&job.id);
+            return Err(ControlError::Spawn(e));
+        }
+        gate.running = Some(job.clone());
+        Ok(job)
+    }
+
+    /// Records the end of a job and lets the next checkpoint or pause in.
+    fn finish(&self, job: &Arc<Job>, result: Result<Manifest, CheckpointError>) {
+        let mut gate = lock(&self.gate);
+        let took = job.started.elapsed();
+        let outcome = match result {
+            Ok(manifest) => {
+                info!(id = job.id, out = %job.body.out, total_us = manifest.metrics.total_us, "checkpoint complete");
+                Outcome::Complete(Box::new(manifest))
+            }
+            Err(e) => {
+                let message = chain(&e);
+                warn!(id = job.id, out = %job.body.out, "checkpoint failed: {message}");
+                Outcome::Failed {
+                    refused_by_store: store_refusal(&e),
+                    message,
+                }
+            }
+        };
+        {
+            let mut jobs = lock(&self.jobs);
+            match &outcome {
+                Outcome::Complete(m) => {
+                    let c = &mut jobs.counters;
+                    c.complete += 1;
+                    c.bytes_written += m.metrics.bytes_written;
+                    c.max_pause_us = c.max_pause_us.max(m.metrics.pause_us);
+                    c.last = Some(m.metrics.clone());
+                }
+                // A store that refused before anything began is a bad request, not a failure.
+                Outcome::Failed {
+                    refused_by_store: None,
+                    ..
+                } => jobs.counters.failed += 1,
+                Outcome::Failed { .. } => {}
+            }
+            let finished: Vec<u64> = jobs
+                .table
+                .iter()
+                .filter(|(id, j)| **id != job.id && lock(&j.end).is_some())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in finished.iter().take(finished.len().saturating_sub(KEPT_JOBS)) {
+                jobs.table.remove(id);
+            }
+        }
+        *lock(&job.end) = Some((outcome, took));
+        if gate.running.as_ref().is_some_and(|j| j.id == job.id) {
+            gate.running = None;
+        }
+        drop(gate);
+        job.done.send_replace(true);
+    }
+
+    /// Forgets a job that never got going (the store refused it), so that its id is not
+    /// listed for a request that was answered with an error.
+    pub fn forget(&self, job: &Job) {
+        lock(&self.jobs).table.remove(&job.id);
+    }
+
+    /// A job by its id.
+    pub fn job(&self, id: &str) -> Option<Arc<Job>> {
+        let id: u64 = id.parse().ok()?;
+        lock(&self.jobs).table.get(&id).cloned()
+    }
+
+    /// Every job kept, oldest first.
+    pub fn jobs(&self) -> Vec<Arc<Job>> {
+        lock(&self.jobs).table.values().cloned().collect()
+    }
+
+    /// Checkpoint counters.
+    pub fn counters(&self) -> CheckpointCounters {
+        lock(&self.jobs).counters.clone()
+    }
+
+    /// The running job, if any.
+    pub fn running(&self) -> Option<Arc<Job>> {
+        lock(&self.gate).running.clone()
+    }
+
+    /// Drops a client's pause (when the VM ends, so that the vCPU threads can be joined).
+    pub fn release_pause(&self) {
+        lock(&self.gate).held = None;
+    }
+}
+
+impl ControlError {
+    /// Turns a failed job's outcome into the error a synchronous request reports.
+    pub fn from_outcome(refused_by_store: Option<bool>, message: String) -> ControlError {
+        match refused_by_store {
+            Some(true) => ControlError::StoreConflict(message),
+            Some(false) => ControlError::BadStore(message),
+            None => ControlError::Checkpoint(message),
+        }
+    }
+}

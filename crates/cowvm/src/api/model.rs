@@ -1,0 +1,269 @@
+//! The API's request and response bodies. Requests refuse unknown fields, so a misspelt option
+//! is an error instead of a silent default.
+
+use ckpt_format::{CheckpointOptions, DiskPolicy, IoPolicy, Metrics, Strategy};
+use serde::{Deserialize, Serialize};
+
+/// Whether the vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// The vCPUs run.
+    Running,
+    /// The vCPUs are parked.
+    Paused,
+}
+
+/// Who holds a pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PausedBy {
+    /// A client, with `PATCH /vm`.
+    Api,
+    /// A checkpoint in its pause phase.
+    Checkpoint,
+}
+
+/// `PATCH /vm`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmPatch {
+    /// The state wanted.
+    pub state: VmState,
+}
+
+/// `GET /vm`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Running or paused.
+    pub state: VmState,
+    /// Who holds the pause, when paused.
+    pub paused_by: Option<PausedBy>,
+    /// What the VM was built from.
+    pub config: VmConfigInfo,
+    /// The checkpoint being taken, if any.
+    pub checkpoint_in_progress: Option<String>,
+    /// Milliseconds since the VM started.
+    pub uptime_ms: u64,
+}
+
+/// The VM's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmConfigInfo {
+    /// Guest memory in bytes.
+    pub mem_size: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Kernel image.
+    pub kernel: Option<String>,
+    /// Kernel command line.
+    pub cmdline: Option<String>,
+}
+
+/// Memory COW mechanism of a checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyArg {
+    /// userfaultfd write protection.
+    #[default]
+    Uffd,
+    /// A forked child writes its frozen view.
+    Fork,
+    /// Stop-and-copy baseline.
+    Stop,
+}
+
+/// Disk I/O in flight at the checkpoint instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoArg {
+    /// Resume at once; in-flight requests are recorded.
+    #[default]
+    Live,
+    /// Resume after pending requests complete.
+    Drain,
+}
+
+/// What happens to the parent disk image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskArg {
+    /// The parent becomes the checkpoint's disk.
+    #[default]
+    Keep,
+    /// The parent is copied for the checkpoint and the overlay committed back.
+    CopyCommit,
+}
+
+/// `PUT /checkpoints`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointBody {
+    /// The store: an absolute directory path, or `raw:` and the absolute path of a file or
+    /// block device.
+    pub out: String,
+    /// Memory COW mechanism.
+    #[serde(default)]
+    pub strategy: StrategyArg,
+    /// Disk I/O policy.
+    #[serde(default)]
+    pub io: IoArg,
+    /// Disk retention.
+    #[serde(default)]
+    pub disk: DiskArg,
+}
+
+impl CheckpointBody {
+    /// The options in the checkpoint format's terms.
+    pub fn options(&self) -> CheckpointOptions {
+        CheckpointOptions {
+            strategy: match self.strategy {
+                StrategyArg::Uffd => Strategy::Uffd,
+                StrategyArg::Fork => Strategy::Fork,
+                StrategyArg::Stop => Strategy::Stop,
+            },
+            io: match self.io {
+                IoArg::Live => IoPolicy::Live,
+                IoArg::Drain => IoPolicy::Drain,
+            },
+            disk: match self.disk {
+                DiskArg::Keep => DiskPolicy::Keep,
+                DiskArg::CopyCommit => DiskPolicy::CopyCommit,
+            },
+        }
+    }
+}
+
+/// `?wait=true`: answer when the operation is over instead of at once.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    /// Wait for completion.
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// Where a checkpoint job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Being taken.
+    Running,
+    /// Complete: the store holds it with its completion marker.
+    Complete,
+    /// Failed: the store holds no complete checkpoint.
+    Failed,
+}
+
+/// The phase of a running checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobPhase {
+    /// Not started.
+    Pending,
+    /// Opening the store, arming write protection.
+    Preparing,
+    /// The VM is paused.
+    Paused,
+    /// Writing memory while the VM runs.
+    Writing,
+    /// Over (complete or failed).
+    Done,
+}
+
+/// Pages and bytes saved so far.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct JobProgress {
+    /// Pages saved.
+    pub pages_done: u64,
+    /// Pages in all.
+    pub pages_total: u64,
+    /// Bytes of guest memory saved.
+    pub bytes_done: u64,
+    /// Bytes of guest memory in all.
+    pub bytes_total: u64,
+}
+
+/// `GET /checkpoints/{id}` (and an element of `GET /checkpoints`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointJob {
+    /// The job's id.
+    pub id: String,
+    /// Running, complete or failed.
+    pub status: JobStatus,
+    /// Phase within the checkpoint protocol.
+    pub phase: JobPhase,
+    /// The store, as requested.
+    pub out: String,
+    /// Memory COW mechanism.
+    pub strategy: StrategyArg,
+    /// Disk I/O policy.
+    pub io: IoArg,
+    /// Disk retention.
+    pub disk: DiskArg,
+    /// When the job started, milliseconds since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// Milliseconds since the start (until the end, once over).
+    pub elapsed_ms: u64,
+    /// Memory saved so far.
+    pub progress: JobProgress,
+    /// The checkpoint's metrics, once complete.
+    pub metrics: Option<Metrics>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// `GET /version`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// `cowvm`.
+    pub name: String,
+    /// The cowvm version.
+    pub version: String,
+    /// The checkpoint format version this build writes.
+    pub checkpoint_format: u32,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` while the VM runs or is paused.
+    pub status: String,
+    /// Running or paused.
+    pub vm: VmState,
+}
+
+/// `GET /metrics`: counters of this VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmMetrics {
+    /// Milliseconds since the VM started.
+    pub uptime_ms: u64,
+    /// Checkpoint counters and the latest checkpoint's metrics.
+    pub checkpoints: CheckpointCounters,
+}
+
+/// Checkpoint counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CheckpointCounters {
+    /// Checkpoints completed.
+    pub complete: u64,
+    /// Checkpoints failed.
+    pub failed: u64,
+    /// Bytes written by completed checkpoints.
+    pub bytes_written: u64,
+    /// The longest pause of a completed checkpoint, in microseconds.
+    pub max_pause_us: u64,
+    /// Metrics of the latest completed checkpoint.
+    pub last: Option<Metrics>,
+}
+
+/// The body of every 4xx and 5xx answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A short code: `invalid_json`, `invalid_field`, `conflict`, `not_found`, ...
+    pub error: String,
+    /// What went wrong, for people.
+    pub message: String,
+    /// The request field at fault, when one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}

@@ -1,0 +1,349 @@
+//! `cowvm disk create | commit`, the `--disk` option of `cowvm run`, and `cowvm bench disk`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use vmm::devices::virtio::block::DiskConfig;
+use vmm::{Console, MemSize, Vm, VmConfig, VmExit};
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCommand {
+    /// Create a qcow2 image, optionally as a copy-on-write overlay over a backing file.
+    Create {
+        /// Virtual size such as 1G (default with --backing: the backing file's size).
+        #[arg(long)]
+        size: Option<String>,
+        /// Backing file (raw or qcow2, probed), stored as given.
+        #[arg(long)]
+        backing: Option<PathBuf>,
+        /// The new image.
+        out: PathBuf,
+    },
+    /// Write an overlay's clusters into its backing file (the overlay is kept).
+    Commit {
+        /// The overlay to commit.
+        top: PathBuf,
+    },
+}
+
+/// Parses `PATH[,readonly][,delay_ms=N]`.
+pub fn parse_disk(arg: &str) -> anyhow::Result<DiskConfig> {
+    let mut parts = arg.split(',');
+    let path = parts.next().filter(|p| !p.is_empty());
+    let Some(path) = path else {
+        bail!("--disk {arg:?}: expected PATH[,readonly][,delay_ms=N]");
+    };
+    let mut config = DiskConfig {
+        path: PathBuf::from(path),
+        ..DiskConfig::default()
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "readonly" => config.readonly = true,
+            Some(("delay_ms", n)) => {
+                config.delay_ms = n
+                    .parse()
+                    .with_context(|| format!("--disk {arg:?}: bad delay_ms {n:?}"))?
+            }
+            _ => bail!("--disk {arg:?}: unknown option {opt:?} (readonly, delay_ms=N)"),
+        }
+    }
+    Ok(config)
+}
+
+pub fn run(cmd: DiskCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DiskCommand::Create { size, backing, out } => create(size.as_deref(), backing, &out),
+        DiskCommand::Commit { top } => commit(&top),
+    }
+}
+
+fn create(size: Option<&str>, backing: Option<PathBuf>, out: &Path) -> anyhow::Result<ExitCode> {
+    let size = size
+        .map(|s| s.parse::<MemSize>().with_context(|| format!("--size {s}")))
+        .transpose()?
+        .map(|m| m.0);
+    if size.is_none() && backing.is_none() {
+        bail!("--size is required without --backing");
+    }
+    let backing = match &backing {
+        Some(b) => {
+            // Relative names are relative to the new image's directory, as in QEMU.
+            let resolved = match out.parent() {
+                Some(dir) if b.is_relative() => dir.join(b),
+                _ => b.clone(),
+            };
+            let format = disk::probe_format(&resolved)
+                .with_context(|| format!("backing file {}", resolved.display()))?;
+            Some((b.as_path(), format))
+        }
+        None => None,
+    };
+    disk::create_qcow2(
+        out,
+        &disk::CreateOptions {
+            size,
+            backing,
+            ..disk::CreateOptions::default()
+        },
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn commit(top: &Path) -> anyhow::Result<ExitCode> {
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .context("progress bar template")?
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("commit {}", top.display()));
+        Some(bar)
+    } else {
+        None
+    };
+    let stats = disk::commit(top, &mut |done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    eprintln!(
+        "committed {} clusters ({} bytes) of {} into {}",
+        stats.clusters,
+        stats.bytes,
+        top.display(),
+        stats.base.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---- cowvm bench disk ----
+
+#[derive(clap::Args, Debug)]
+pub struct DiskBenchArgs {
+    /// The test guest kernel (its `disk` workload drives the disk).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Disk area the guest touches, in 4 KiB blocks.
+    #[arg(long, default_value_t = 16384)]
+    blocks: u32,
+    /// Rounds of the workload (each writes, flushes and reads back every block).
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 32)]
+    qd: u32,
+    /// Where the images go (a temporary directory under it).
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct DiskBenchRow {
+    format: String,
+    pattern: String,
+    /// 4 KiB block I/Os (writes + reads) the guest completed.
+    ios: u64,
+    seconds: f64,
+    iops: f64,
+    mib_per_s: f64,
+    /// Host-side pread/pwrite loop on the same file with the same pattern.
+    host_iops: f64,
+    /// Guest IOPS over host IOPS.
+    ratio: f64,
+}
+
+pub fn bench(args: DiskBenchArgs) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("{}", args.dir.display()))?;
+    let tmp = TempDir::new(&args.dir)?;
+    let area = u64::from(args.blocks) * 4096;
+    let size = area.max(64 << 20);
+    let mut rows = Vec::new();
+    for format in ["raw", "qcow2"] {
+        for (pattern, seed) in [("random", 1u32), ("sequential", 0)] {
+            let path = tmp.0.join(format!("bench-{pattern}.{format}"));
+            if format == "raw" {
+                disk::create_raw(&path, size, true)?;
+            } else {
+                disk::create_qcow2(
+                    &path,
+                    &disk::CreateOptions {
+                        size: Some(size),
+                        overwrite: true,
+                        ..disk::CreateOptions::default()
+                    },
+                )?;
+            }
+            let (ios, secs) = guest_run(&args, &path, seed)?;
+            let host = host_iops(&path, format, args.blocks, args.rounds, seed == 0)?;
+            let iops = ios as f64 / secs;
+            rows.push(DiskBenchRow {
+                format: format.into(),
+                pattern: pattern.into(),
+                ios,
+                seconds: secs,
+                iops,
+                mib_per_s: iops * 4096.0 / (1 << 20) as f64,
+                host_iops: host,
+                ratio: iops / host,
+            });
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<6} {:<10} {:>9} {:>8} {:>10} {:>9} {:>11} {:>6}",
+            "format", "pattern", "4K I/Os", "seconds", "IOPS", "MiB/s", "host IOPS", "ratio"
+        );
+        for r in &rows {
+            println!(
+                "{:<6} {:<10} {:>9} {:>8.3} {:>10.0} {:>9.1} {:>11.0} {:>6.2}",
+                r.format, r.pattern, r.ios, r.seconds, r.iops, r.mib_per_s, r.host_iops, r.ratio
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(under: &Path) -> anyhow::Result<TempDir> {
+        let dir = under.join(format!("disk-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the guest's `disk` workload and times its rounds from the console stamps: from the
+/// `disk id=` line (device set up) to the last `disk round=` line. `seed=0` is not special
+/// to the guest; sequential order comes from `blocks` equal to the area and one block per
+/// request in permutation order, so the guest run is the same for both patterns and the
+/// host loop differs. Returns (4 KiB I/Os, seconds).
+fn guest_run(args: &DiskBenchArgs, image: &Path, seed: u32) -> anyhow::Result<(u64, f64)> {
+    let console = Stamps::default();
+    let cmdline = format!(
+        "disk blocks={} rounds={} qd={} seed={} mem=4K",
+        args.blocks,
+        args.rounds,
+        args.qd,
+        seed.max(1)
+    );
+    let vm = Vm::boot(VmConfig {
+        mem_size: 256 << 20,
+        vcpus: 1,
+        hugepages: vmm::HugePages::None,
+        kernel: args.kernel.clone(),
+        initrd: None,
+        cmdline,
+        console: Console::Writer(Box::new(console.clone())),
+        disks: vec![DiskConfig {
+            path: image.to_owned(),
+            ..DiskConfig::default()
+        }],
+    })?;
+    let exit = vm.wait_timeout(Duration::from_secs(600));
+    drop(vm);
+    match exit {
+        Some(VmExit::Guest(0)) => {}
+        other => bail!("disk workload failed ({other:?}): {}", console.text()),
+    }
+    let (start, end) = console.span("disk id=", "disk round=");
+    let (Some(start), Some(end)) = (start, end) else {
+        bail!("disk workload printed no rounds: {}", console.text());
+    };
+    // Each round writes every block once and reads it back once.
+    let ios = u64::from(args.blocks) * u64::from(args.rounds) * 2;
+    Ok((ios, (end - start).as_secs_f64()))
+}
+
+/// Console lines with the time they arrived.
+#[derive(Clone, Default)]
+struct Stamps(std::sync::Arc<std::sync::Mutex<(Vec<u8>, Vec<(Instant, String)>)>>);
+
+impl Stamps {
+    fn text(&self) -> String {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+            + &String::from_utf8_lossy(&g.0)
+    }
+
+    /// Arrival of the first line starting with `first` and of the last starting with `last`.
+    fn span(&self, first: &str, last: &str) -> (Option<Instant>, Option<Instant>) {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let a = g.1.iter().find(|(_, l)| l.starts_with(first)).map(|(t, _)| *t);
+        let b = g.1.iter().rev().find(|(_, l)| l.starts_with(last)).map(|(t, _)| *t);
+        (a, b)
+    }
+}
+
+impl std::io::Write for Stamps {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let now = Instant::now();
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.extend_from_slice(buf);
+        while let Some(i) = g.0.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = g.0.drain(..=i).collect();
+            g.1.push((now, String::from_utf8_lossy(&line).trim_end().to_owned()));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The same block pattern as the guest (write every block, flush, read every block, per
+/// round) with plain pread/pwrite on the host, through the disk image layer for qcow2 (so
+/// allocation is included, as for the guest).
+fn host_iops(path: &Path, format: &str, blocks: u32, rounds: u32, sequential: bool) -> anyhow::Result<f64> {
+    let mut image = disk::Image::open(path)?;
+    let _ = format;
+    let n = u64::from(blocks);
+    let order: Vec<u64> = if sequential {
+        (0..n).collect()
+    } else {
+        // A fixed odd multiplier modulo a power of two is a permutation when n is one.
+        let mask = n.next_power_of_two() - 1;
+        (0..=mask)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) & mask)
+            .filter(|&b| b < n)
+            .collect()
+    };
+    let mut buf = vec![0x5au8; 4096];
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for &b in &order {
+            image.write_at(b * 4096, &buf)?;
+        }
+        image.flush()?;
+        for &b in &order {
+            image.read_at(b * 4096, &mut buf)?;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok((n * u64::from(rounds) * 2) as f64 / secs)
+}

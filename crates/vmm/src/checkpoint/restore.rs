@@ -1,0 +1,230 @@
+//! Restoring a checkpoint into a new VM (SPEC §5): verify before use, map memory lazily (or read
+//! it eagerly), load vCPU, VM and device state, and run.
+//!
+//! Lazy restore maps the page-aligned memory image `MAP_PRIVATE`: the VM runs within
+//! milliseconds whatever its size, clones share unmodified pages through the page cache, and the
+//! checkpoint file is never written. Every page is still checked against the page index: a
+//! verifier thread reads the image from the store while the guest runs and stops the VM with a
+//! precise error at the first corrupt page. `--eager` restores read and verify every page before
+//! the first guest instruction.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use ckpt_format::{Checkpoint, MemorySource, PAGE_SIZE};
+use thiserror::Error;
+use tracing::{info, info_span, warn};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use super::state::VmSnapshot;
+use super::StoreSpec;
+use crate::devices::serial::{SerialConsole, SerialError};
+use crate::exit::{ExitNotifier, VmExit};
+use crate::kvm::state::{restore_vcpu, restore_vm};
+use crate::kvm::KvmError;
+use crate::memory::{self, HugePages, MemoryError};
+use crate::vm::{console_writer, Console, Vm, VmError, VmParts, VmSummary, MAX_VCPUS};
+
+/// Errors of restoring a checkpoint. Nothing is started when one is returned.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    /// The checkpoint is missing, incomplete, truncated, corrupt or of a newer format.
+    #[error("cannot restore checkpoint {store}")]
+    Open {
+        /// The store.
+        store: String,
+        /// What is wrong with it.
+        #[source]
+        source: ckpt_format::Error,
+    },
+    /// The checkpoint asks for a VM this host or this VMM cannot provide.
+    #[error("checkpoint {store} cannot be restored here: {reason}")]
+    Config {
+        /// The store.
+        store: String,
+        /// Why.
+        reason: String,
+    },
+    /// The state section does not decode.
+    #[error("checkpoint state section does not decode")]
+    State(#[source] ckpt_format::Error),
+    /// A memory page does not match its hash (eager restore).
+    #[error("checkpoint memory is corrupt")]
+    Memory(#[source] ckpt_format::Error),
+    /// Mapping the memory image failed.
+    #[error("cannot map the checkpoint memory image")]
+    Map(#[source] std::io::Error),
+    /// Guest memory.
+    #[error(transparent)]
+    GuestMemory(#[from] MemoryError),
+    /// Building the VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Loading KVM state.
+    #[error("cannot load the saved vCPU or VM state")]
+    Kvm(#[from] KvmError),
+    /// Loading device state.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+}
+
+/// How to restore.
+#[derive(Debug)]
+pub struct RestoreOptions {
+    /// Where the restored VM's console goes.
+    pub console: Console,
+    /// Read and verify all memory before running, into anonymous memory.
+    pub eager: bool,
+}
+
+fn mapped_memory(file: File, offset: u64, mem_size: u64) -> Result<GuestMemoryMmap, RestoreError> {
+    let file = Arc::new(file);
+    let mut image_offset = 0;
+    let mut regions = Vec::new();
+    for (gpa, len) in memory::ram_ranges(mem_size) {
+        let mapping = MmapRegion::build(
+            Some(FileOffset::from_arc(file.clone(), offset + image_offset)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| RestoreError::Map(std::io::Error::other(e.to_string())))?;
+        regions.push(
+            GuestRegionMmap::new(mapping, gpa)
+                .ok_or_else(|| RestoreError::Map(std::io::Error::other("region overflows")))?,
+        );
+        image_offset += len as u64;
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| RestoreError::Map(std::io::Error::other(e.to_string())))
+}
+
+fn eager_memory(ckpt: &Checkpoint, mem_size: u64) -> Result<GuestMemoryMmap, RestoreError> {
+    const CHUNK_PAGES: u64 = 256;
+    let mem = memory::create_guest_memory(mem_size, HugePages::None)?;
+    let mut buf = vec![0u8; (CHUNK_PAGES as usize) * PAGE_SIZE];
+    let mut image_offset = 0u64;
+    for (gpa, len) in memory::ram_ranges(mem_size) {
+        let mut done = 0u64;
+        while done < len as u64 {
+            let n = CHUNK_PAGES.min((len as u64 - done) / PAGE_SIZE as u64);
+            let bytes = &mut buf[..(n as usize) * PAGE_SIZE];
+            let first = (image_offset + done) / PAGE_SIZE as u64;
+            ckpt.read_pages(first, bytes)
+                .map_err(RestoreError::Memory)?;
+            for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+                ckpt.verify_page(first + i as u64, page)
+                    .map_err(RestoreError::Memory)?;
+            }
+            mem.write_slice(bytes, GuestAddress(gpa.0 + done))
+                .map_err(|_| RestoreError::Map(std::io::Error::other("guest memory write")))?;
+            done += n * PAGE_SIZE as u64;
+        }
+        image_offset += len as u64;
+    }
+    Ok(mem)
+}
+
+/// Checks the parts of the configuration this host must provide.
+fn check_config(ckpt: &Checkpoint, store: &str) -> Result<(u64, u8), RestoreError> {
+    let config = &ckpt.manifest().vm;
+    let bad = |reason: String| RestoreError::Config {
+        store: store.to_string(),
+        reason,
+    };
+    memory::validate_size(config.mem_size).map_err(|e| bad(e.to_string()))?;
+    if config.mem_size != ckpt.manifest().memory.mem_size {
+        return Err(bad(format!(
+            "the VM configuration says {} bytes of memory but the image holds {}",
+            config.mem_size,
+            ckpt.manifest().memory.mem_size
+        )));
+    }
+    let vcpus = u8::try_from(config.vcpus)
+        .ok()
+        .filter(|v| (1..=MAX_VCPUS).contains(v))
+        .ok_or_else(|| {
+            bad(format!(
+                "{} vCPUs (1 to {MAX_VCPUS} supported)",
+                config.vcpus
+            ))
+        })?;
+    if let Some(d) = config.devices.iter().find(|d| d.kind != "serial") {
+        return Err(bad(format!("unknown device kind {:?} ({})", d.kind, d.id)));
+    }
+    if let Some(disk) = config.disks.first() {
+        return Err(bad(format!("disk {} needs disk support", disk.id)));
+    }
+    Ok((config.mem_size, vcpus))
+}
+
+/// Reads the whole memory image in the background and stops the VM at the first corrupt page.
+fn spawn_verifier(ckpt: Checkpoint, exit: Arc<ExitNotifier>) {
+    let spawned = std::thread::Builder::new()
+        .name("ckpt-verify".into())
+        .spawn(move || match ckpt.verify_memory(1, &|_| {}) {
+            Ok(report) => info!(pages = report.pages_verified, "checkpoint memory verified"),
+            Err(e) => exit.notify(VmExit::Fatal(format!(
+                "restored VM stopped: checkpoint memory is corrupt: {e}"
+            ))),
+        });
+    if let Err(e) = spawned {
+        warn!("cannot start the memory verifier: {e}");
+    }
+}
+
+impl Vm {
+    /// Restores the checkpoint in `store` into a new running VM.
+    pub fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Vm, RestoreError> {
+        let name = store.describe();
+        let span = info_span!("restore", store = %name, eager = options.eager);
+        let _enter = span.enter();
+        let open_err = |source| RestoreError::Open {
+            store: name.clone(),
+            source,
+        };
+        let ckpt = Checkpoint::open(store.store().as_ref()).map_err(open_err)?;
+        let (mem_size, vcpus) = check_config(&ckpt, &name)?;
+        let snapshot: VmSnapshot = ckpt.decode_state().map_err(RestoreError::State)?;
+        if snapshot.vcpus.len() != usize::from(vcpus) {
+            return Err(RestoreError::Config {
+                store: name,
+                reason: format!("{} vCPU states for {vcpus} vCPUs", snapshot.vcpus.len()),
+            });
+        }
+
+        let (memory, verify_later) = match ckpt.memory_source().map_err(open_err)? {
+            MemorySource::File {
+                file,
+                offset,
+                holes_read_as_zero: true,
+                ..
+            } if !options.eager => (mapped_memory(file, offset, mem_size)?, true),
+            _ => (eager_memory(&ckpt, mem_size)?, false),
+        };
+        let parts = VmParts::new(memory)?;
+        restore_vm(&parts.fd, &snapshot.vm)?;
+        let out = console_writer(options.console)?;
+        let (serial, pio, mmio) = parts.devices(|irq| {
+            SerialConsole::restore(&snapshot.serial, irq, out)
+                .map_err(|e| VmError::Device(e.to_string()))
+        })?;
+        let (vcpu_list, msrs) = parts.vcpus(vcpus, Arc::new(pio), Arc::new(mmio), |id, fd| {
+            Ok(restore_vcpu(fd, &snapshot.vcpus[usize::from(id)])?)
+        })?;
+        let config = &ckpt.manifest().vm;
+        let summary = VmSummary {
+            mem_size,
+            vcpus,
+            kernel: config.kernel.clone(),
+            cmdline: config.cmdline.clone(),
+        };
+        let exit = parts.exit.clone();
+        let vm = parts.start(summary, serial, vcpu_list, msrs)?;
+        if verify_later {
+            spawn_verifier(ckpt, exit);
+        }
+        info!("VM restored");
+        Ok(vm)
+    }
+}
