@@ -16,6 +16,8 @@ use crate::VmArgs;
 pub enum BenchCommand {
     /// Pause/resume latency of a running guest: the floor of every checkpoint pause.
     Pause(PauseArgs),
+    /// Live checkpoints of a guest dirtying memory at full speed, per size and strategy.
+    Checkpoint(crate::bench_checkpoint::CheckpointBenchArgs),
     /// Guest disk IOPS through virtio-blk on raw and qcow2, next to the host (issue 4).
     Disk(crate::disk_cmd::DiskBenchArgs),
 }
@@ -48,6 +50,7 @@ pub struct PauseArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Pause(args) => pause(args),
+        BenchCommand::Checkpoint(args) => crate::bench_checkpoint::run(args),
         BenchCommand::Disk(args) => crate::disk_cmd::bench(args),
     }
 }

@@ -1,8 +1,14 @@
 //! The `cowvm` command: boots VMs and (later) checkpoints, restores and clones them.
 
+mod api;
 mod bench;
+mod bench_checkpoint;
+mod cli;
+mod client;
 mod disk_cmd;
+mod periodic;
 mod plot;
+mod supervise;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +51,16 @@ pub enum HugePagesArg {
 enum Command {
     /// Boot a kernel and run it until the guest exits; the exit status is the guest's.
     Run(RunArgs),
+    /// Take a checkpoint of a running VM (through its API socket), wait, print its metrics.
+    Checkpoint(cli::CheckpointArgs),
+    /// Pause a running VM.
+    Pause(cli::VmCommandArgs),
+    /// Resume a VM paused with `cowvm pause`.
+    Resume(cli::VmCommandArgs),
+    /// The state of a running VM and its checkpoints.
+    Status(cli::VmCommandArgs),
+    /// Show a checkpoint's manifest and metrics (reads the store; no VM needed).
+    Inspect(cli::InspectArgs),
     /// Disk images: create overlays, commit them.
     #[command(subcommand)]
     Disk(disk_cmd::DiskCommand),
@@ -86,6 +102,8 @@ struct RunArgs {
     /// Write the serial console to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
+    #[command(flatten)]
+    control: supervise::ControlArgs,
 }
 
 impl VmArgs {
@@ -133,7 +151,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => Console::Stdout,
     };
     let vm = Vm::boot(args.vm.config(console)?)?;
-    let exit = vm.wait();
+    let exit = if args.control.wanted() {
+        supervise::run(vm, &args.control)?
+    } else {
+        vm.wait()
+    };
     match &exit {
         VmExit::Guest(_) | VmExit::Stopped => {}
         other => eprintln!("cowvm: {other}"),
@@ -145,6 +167,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = init_logging(&cli.log_level, cli.log_format).and_then(|()| match cli.command {
         Command::Run(args) => run(args),
+        Command::Checkpoint(args) => cli::checkpoint(args),
+        Command::Pause(args) => cli::pause(args),
+        Command::Resume(args) => cli::resume(args),
+        Command::Status(args) => cli::status(args),
+        Command::Inspect(args) => cli::inspect(args),
         Command::Disk(cmd) => disk_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     });

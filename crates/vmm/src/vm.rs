@@ -17,7 +17,7 @@ use crate::boot::{self, BootError, BootSpec};
 use crate::checkpoint::CheckpointLock;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_PORT, COM1_SIZE};
-use crate::devices::virtio::block::{BlockError, BlockHandle, DiskConfig, DiskSet}; // issue 4
+use crate::devices::virtio::block::{Block, BlockError, BlockHandle, DiskConfig, DiskSet};
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::kvm::cpu::{configure_vcpu, set_boot_registers, supported_cpuid, vcpu_cpuid};
@@ -312,10 +312,20 @@ impl Vm {
             cmdline: Some(config.cmdline.clone()),
         };
         let mut vm = parts.start(summary, serial, vcpus, msrs)?;
-        vm.disks = DiskSet::start(blocks, &vm.memory, mmio)
-            .map_err(|source| VmError::Disk { index: 0, source })?;
+        vm.start_disks(blocks, mmio)?;
         info!(kernel = %config.kernel.display(), disks = config.disks.len(), "VM started");
         Ok(vm)
+    }
+
+    /// Starts the device thread of the disks (once the vCPUs exist).
+    pub(crate) fn start_disks(
+        &mut self,
+        blocks: Vec<Block>,
+        mmio: Arc<Bus>,
+    ) -> Result<(), VmError> {
+        self.disks = DiskSet::start(blocks, &self.memory, mmio)
+            .map_err(|source| VmError::Disk { index: 0, source })?;
+        Ok(())
     }
 
     /// What the VM was built from.

@@ -50,6 +50,7 @@ fn restore(dir: &Path, eager: bool) -> Result<Vm, String> {
         RestoreOptions {
             console: Capture::default().console(),
             eager,
+            disk_dir: None,
         },
     )
     .map_err(|e| chain(&e))

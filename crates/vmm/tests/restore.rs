@@ -1,29 +1,67 @@
 //! Restoring checkpoints on /dev/kvm, and the proof that nothing diverges: a deterministic guest
-//! checkpointed at a random instant and restored prints exactly what the uninterrupted run
-//! prints, byte for byte, for every strategy and I/O policy; so does the original VM.
+//! that uses memory and a disk heavily, checkpointed at a random instant and restored, prints
+//! exactly what the uninterrupted run prints and leaves exactly the same disk content, byte for
+//! byte, for every strategy and I/O policy; so does the original VM. The disk holds every
+//! request back a millisecond, so requests are in flight at most checkpoint instants.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, IoPolicy, Strategy};
+use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, DiskPolicy, IoPolicy, Strategy};
 use common::*;
 use vmm::checkpoint::restore::RestoreOptions;
 use vmm::checkpoint::state::VmSnapshot;
 use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
+use vmm::devices::virtio::block::DiskConfig;
 use vmm::{Vm, VmExit};
 
-/// A deterministic workload that takes about half a second and prints as it goes.
-const WORKLOAD: &str = "compute mem=24M rounds=8 seed=11";
+/// A deterministic workload of disk writes, flushes, reads and memory mixing that takes about
+/// half a second and prints as it goes.
+const WORKLOAD: &str = "disk blocks=256 rounds=4 qd=8 mem=8M seed=11";
 const MEM: u64 = 96 << 20;
+const DISK_SIZE: u64 = 32 << 20;
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
+/// Checkpoint-restore cycles per strategy and I/O policy (`COWVM_DIVERGENCE_ITERS` for a soak).
 fn iterations() -> usize {
     std::env::var("COWVM_DIVERGENCE_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
+        .unwrap_or(20)
+}
+
+/// A fresh zeroed raw disk in `dir`.
+fn new_disk(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(DISK_SIZE))
+        .unwrap();
+    path
+}
+
+fn boot_with_disk(disk: &Path) -> (Vm, Capture) {
+    let capture = Capture::default();
+    let mut cfg = config(guest(), WORKLOAD, MEM, 1, capture.console());
+    cfg.disks = vec![DiskConfig {
+        path: disk.to_path_buf(),
+        readonly: false,
+        delay_ms: 1,
+    }];
+    (Vm::boot(cfg).expect("boot"), capture)
+}
+
+/// The whole guest-visible content of the disk the VM uses now (its top image and chain).
+fn disk_path(vm: &Vm) -> PathBuf {
+    vm.disks()[0].image_info().unwrap().path
+}
+
+fn disk_content(top: &Path) -> Vec<u8> {
+    let mut image = disk::Image::open_read_only(top).unwrap();
+    let mut out = vec![0; image.size() as usize];
+    image.read_at(0, &mut out).unwrap();
+    out
 }
 
 /// A small deterministic PRNG for the checkpoint instants (no dependency needed).
@@ -38,28 +76,37 @@ impl Rng {
     }
 }
 
-fn run_to_end(vm: Vm, console: &Capture) -> String {
+/// Runs the VM to its end; returns its console and the final content of its disk.
+fn run_to_end(vm: Vm, console: &Capture) -> (String, Vec<u8>) {
     let exit = vm.wait_timeout(RUN_LIMIT).expect("the guest must finish");
     assert_eq!(exit, VmExit::Guest(0), "console: {}", console.text());
+    let top = disk_path(&vm);
     drop(vm);
-    console.text()
+    (console.text(), disk_content(&top))
 }
 
-fn uninterrupted() -> (String, Duration) {
+/// The reference: output and disk content of an uninterrupted run, and how long it took.
+fn uninterrupted(dir: &Path) -> (String, Vec<u8>, Duration) {
     let start = Instant::now();
-    let (vm, console) = boot_guest(WORKLOAD, MEM, 1);
-    let out = run_to_end(vm, &console);
-    (out, start.elapsed())
+    let (vm, console) = boot_with_disk(&new_disk(dir, "reference.raw"));
+    let (out, disk) = run_to_end(vm, &console);
+    (out, disk, start.elapsed())
 }
 
 fn checkpoint(vm: &Vm, dir: &Path, strategy: Strategy, io: IoPolicy) -> ckpt_format::Manifest {
+    checkpoint_with(vm, dir, strategy, io, DiskPolicy::Keep)
+}
+
+fn checkpoint_with(
+    vm: &Vm,
+    dir: &Path,
+    strategy: Strategy,
+    io: IoPolicy,
+    disk: DiskPolicy,
+) -> ckpt_format::Manifest {
     let request = CheckpointRequest {
         store: StoreSpec::Dir(dir.to_path_buf()),
-        options: CheckpointOptions {
-            strategy,
-            io,
-            ..Default::default()
-        },
+        options: CheckpointOptions { strategy, io, disk },
         pause_probe: None,
     };
     vm.checkpoint(&request, &Progress::default())
@@ -74,11 +121,14 @@ fn bytes_emitted_at_checkpoint(dir: &Path) -> usize {
 
 fn restore(dir: &Path, eager: bool) -> (Vm, Capture) {
     let console = Capture::default();
+    let disk_dir = dir.with_extension("disks");
+    std::fs::create_dir_all(&disk_dir).unwrap();
     let vm = Vm::restore(
         &StoreSpec::Dir(dir.to_path_buf()),
         RestoreOptions {
             console: console.console(),
             eager,
+            disk_dir: Some(disk_dir),
         },
     )
     .expect("restore");
@@ -86,28 +136,38 @@ fn restore(dir: &Path, eager: bool) -> (Vm, Capture) {
 }
 
 fn divergence(strategy: Strategy, io: IoPolicy, seed: u64) {
-    let (expected, took) = uninterrupted();
-    let mut rng = Rng(seed);
     let work = tempfile::tempdir().unwrap();
+    let (expected, expected_disk, took) = uninterrupted(work.path());
+    let mut rng = Rng(seed);
     for i in 0..iterations() {
         let dir = work.path().join(format!("ckpt{i}"));
-        let (vm, console) = boot_guest(WORKLOAD, MEM, 1);
+        let (vm, console) = boot_with_disk(&new_disk(work.path(), &format!("disk{i}.raw")));
         std::thread::sleep(Duration::from_millis(
             rng.below(took.as_millis() as u64 * 3 / 4),
         ));
-        checkpoint(&vm, &dir, strategy, io);
+        let m = checkpoint(&vm, &dir, strategy, io);
+        eprintln!("iteration {i}: checkpoint {:?}", m.metrics.phases_us);
+        let (out, disk) = run_to_end(vm, &console);
         assert_eq!(
-            run_to_end(vm, &console),
-            expected,
+            out, expected,
             "{strategy:?}/{io:?}: checkpointing changed what the running VM computed"
+        );
+        assert!(
+            disk == expected_disk,
+            "{strategy:?}/{io:?}: the running VM's disk differs"
         );
         let at = bytes_emitted_at_checkpoint(&dir);
         let (restored, restored_console) = restore(&dir, i % 2 == 1);
-        let rest = run_to_end(restored, &restored_console);
+        eprintln!("iteration {i}: restoring");
+        let (rest, disk) = run_to_end(restored, &restored_console);
         assert_eq!(
             format!("{}{rest}", &expected[..at]),
             expected,
             "{strategy:?}/{io:?} iteration {i}: the restored VM diverged (checkpoint after {at} bytes)"
+        );
+        assert!(
+            disk == expected_disk,
+            "{strategy:?}/{io:?} iteration {i}: the restored VM's disk differs"
         );
     }
 }
@@ -144,12 +204,12 @@ fn stop_drain_restores_without_divergence() {
 
 #[test]
 fn a_chain_of_five_restores_stays_identical() {
-    let (expected, took) = uninterrupted();
     let work = tempfile::tempdir().unwrap();
+    let (expected, expected_disk, took) = uninterrupted(work.path());
     let step = took / 7;
-    let (mut vm, mut console) = boot_guest(WORKLOAD, MEM, 1);
-    // What the chain printed before the last checkpoint instant; `emitted` is its length, the
-    // serial byte count that each restored VM continues from.
+    let (mut vm, mut console) = boot_with_disk(&new_disk(work.path(), "chain.raw"));
+    // What the chain printed before the last checkpoint instant; its length is the serial byte
+    // count that each restored VM continues from.
     let mut prefix = String::new();
     let strategies = [
         Strategy::Uffd,
@@ -168,10 +228,58 @@ fn a_chain_of_five_restores_stays_identical() {
         prefix.push_str(&console.text()[..at - prefix.len()]);
         (vm, console) = restore(&dir, depth % 2 == 0);
     }
-    let rest = run_to_end(vm, &console);
+    let (rest, disk) = run_to_end(vm, &console);
     assert_eq!(
         format!("{prefix}{rest}"),
         expected,
         "the chain of restores diverged"
     );
+    assert!(
+        disk == expected_disk,
+        "the chain of restores left a different disk"
+    );
+}
+
+#[test]
+fn copy_commit_keeps_a_private_disk_copy_and_a_short_chain() {
+    let work = tempfile::tempdir().unwrap();
+    let (expected, expected_disk, took) = uninterrupted(work.path());
+    let base = new_disk(work.path(), "base.raw");
+    let (vm, console) = boot_with_disk(&base);
+    std::thread::sleep(took / 3);
+    let dir = work.path().join("ckpt");
+    let manifest = checkpoint_with(
+        &vm,
+        &dir,
+        Strategy::Uffd,
+        IoPolicy::Live,
+        DiskPolicy::CopyCommit,
+    );
+    let copy = &manifest.vm.disks[0].path;
+    assert!(
+        copy.starts_with(std::fs::canonicalize(&dir).unwrap()),
+        "{copy:?}"
+    );
+    let copy_at_checkpoint = std::fs::read(copy).unwrap();
+    // The VM now runs on one overlay directly over the committed base: no chain growth.
+    let chain = vm.disks()[0].image_info().unwrap().chain;
+    assert_eq!(chain.len(), 2, "{chain:?}");
+    assert_eq!(chain[1].path, base);
+    let (out, disk) = run_to_end(vm, &console);
+    assert_eq!(out, expected);
+    assert!(
+        disk == expected_disk,
+        "the running VM's disk differs after the commit"
+    );
+    assert_eq!(
+        std::fs::read(copy).unwrap(),
+        copy_at_checkpoint,
+        "the checkpoint's copy changed"
+    );
+
+    let at = bytes_emitted_at_checkpoint(&dir);
+    let (restored, restored_console) = restore(&dir, false);
+    let (rest, disk) = run_to_end(restored, &restored_console);
+    assert_eq!(format!("{}{rest}", &expected[..at]), expected);
+    assert!(disk == expected_disk, "the restored VM's disk differs");
 }

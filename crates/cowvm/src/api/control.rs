@@ -36,7 +36,7 @@ pub enum ControlError {
     #[error("the VM has exited: {0}")]
     Exited(String),
     /// The store refused the checkpoint before it began.
-    #[error("checkpoint store refused: {0}")]
+    #[error("{0}")]
     StoreConflict(String),
     /// The store cannot be used (missing, not writable, too small).
     #[error("{0}")]
@@ -179,18 +179,16 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Classifies a checkpoint failure: did the store refuse before anything was written
-/// (`Some(true)`: an existing checkpoint; `Some(false)`: an unusable path), or did the
-/// checkpoint itself fail (`None`)?
+/// Classifies a checkpoint failure for a request still waiting for the store to accept it:
+/// `Some(true)` the store holds a checkpoint already, `Some(false)` the store path is unusable
+/// (missing, not a directory, not writable, too small), `None` a failure of the VMM or the
+/// host (including a full disk).
 fn store_refusal(e: &CheckpointError) -> Option<bool> {
     match e {
         CheckpointError::Store { source, .. } => match source {
             ckpt_format::Error::CheckpointExists { .. } => Some(true),
-            ckpt_format::Error::NotFound { .. }
-            | ckpt_format::Error::PermissionDenied { .. }
-            | ckpt_format::Error::StoreTooSmall { .. }
-            | ckpt_format::Error::Corrupt { .. } => Some(false),
-            _ => None,
+            ckpt_format::Error::StoreFull { .. } => None,
+            _ => Some(false),
         },
         _ => None,
     }
@@ -355,6 +353,9 @@ impl Controller {
             .spawn(move || {
                 let result = this.vm.checkpoint(&request, &worker.progress);
                 this.finish(&worker, result);
+                // Whoever waits for the job may then drop the VM: release it first.
+                drop(this);
+                worker.done.send_replace(true);
             });
         if let Err(e) = spawned {
             lock(&self.jobs).table.remove(&job.id);
@@ -405,7 +406,10 @@ impl Controller {
                 .filter(|(id, j)| **id != job.id && lock(&j.end).is_some())
                 .map(|(id, _)| *id)
                 .collect();
-            for id in finished.iter().take(finished.len().saturating_sub(KEPT_JOBS)) {
+            for id in finished
+                .iter()
+                .take(finished.len().saturating_sub(KEPT_JOBS))
+            {
                 jobs.table.remove(id);
             }
         }
@@ -413,8 +417,6 @@ impl Controller {
         if gate.running.as_ref().is_some_and(|j| j.id == job.id) {
             gate.running = None;
         }
-        drop(gate);
-        job.done.send_replace(true);
     }
 
     /// Forgets a job that never got going (the store refused it), so that its id is not

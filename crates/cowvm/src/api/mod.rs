@@ -21,7 +21,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
-use ckpt_format::store::StoreReader;
 use ckpt_format::{DirStore, RawStore, Store};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
@@ -121,7 +120,11 @@ impl From<ControlError> for ApiError {
             ControlError::Pause(ref source) => match source {
                 vmm::VmError::Vcpu(
                     vmm::kvm::vcpu::VcpuError::AlreadyPaused | vmm::kvm::vcpu::VcpuError::Exiting,
-                ) => ApiError::new(StatusCode::CONFLICT, "conflict", format!("{message}: {source}")),
+                ) => ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!("{message}: {source}"),
+                ),
                 _ => ApiError::internal(format!("{message}: {source}")),
             },
             ControlError::Spawn(_) | ControlError::Checkpoint(_) => ApiError::internal(message),
@@ -176,14 +179,15 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = inner.to_string();
-        if !inner.is_data() {
+        // Within a field, a value of the wrong kind can read as a syntax error to serde_json
+        // (an integer where an enum's string is expected): name the field all the same.
+        if !inner.is_data() && path == "." {
             return ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", message);
         }
-        // serde names an unknown or missing field in its message, at the path of the
+        // A missing field is named only in serde's message; the path is then that of the
         // enclosing object.
-        let named = ["unknown field `", "missing field `"]
-            .iter()
-            .find_map(|p| message.strip_prefix(p))
+        let named = message
+            .strip_prefix("missing field `")
             .and_then(|rest| rest.split('`').next())
             .map(|name| {
                 if path == "." {
@@ -246,19 +250,21 @@ pub fn parse_store(out: &str) -> Result<StoreSpec, ApiError> {
 /// after the job has started; this answers before).
 fn check_store_free(store: &StoreSpec) -> Result<(), ApiError> {
     let exists = match store {
-        StoreSpec::Dir(p) => DirStore::new(p).is_complete(),
+        StoreSpec::Dir(p) => DirStore::new(p).is_complete().then_some(p),
         StoreSpec::Raw(p) => RawStore::new(p)
             .open()
             .and_then(|r| r.read_commit())
-            .is_ok_and(|c| c.is_some()),
-        StoreSpec::Mem(_) => false,
+            .is_ok_and(|c| c.is_some())
+            .then_some(p),
+        StoreSpec::Mem(_) => None,
     };
-    if exists {
-        return Err(ApiError::from(ControlError::StoreConflict(
-            "it already holds a complete checkpoint".into(),
-        )));
+    match exists {
+        Some(path) => Err(ApiError::from(ControlError::StoreConflict(format!(
+            "{} already holds a complete checkpoint",
+            path.display()
+        )))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(
@@ -424,7 +430,11 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Ctl>)> {
         ("GET", "/vm", on(MethodFilter::GET, get_vm)),
         ("PATCH", "/vm", on(MethodFilter::PATCH, patch_vm)),
         ("GET", "/metrics", on(MethodFilter::GET, get_metrics)),
-        ("GET", "/checkpoints", on(MethodFilter::GET, list_checkpoints)),
+        (
+            "GET",
+            "/checkpoints",
+            on(MethodFilter::GET, list_checkpoints),
+        ),
         ("PUT", "/checkpoints", on(MethodFilter::PUT, put_checkpoint)),
         (
             "GET",
@@ -590,14 +600,16 @@ mod tests {
         let e = parse_json::<CheckpointBody>(br#"{"out":"/x","strategy":"teleport"}"#)
             .expect_err("unknown variant");
         assert_eq!(e.body.field.as_deref(), Some("strategy"));
-        let e = parse_json::<CheckpointBody>(br#"{"out":"/x","colour":1}"#)
-            .expect_err("unknown field");
+        let e =
+            parse_json::<CheckpointBody>(br#"{"out":"/x","colour":1}"#).expect_err("unknown field");
         assert_eq!(e.body.field.as_deref(), Some("colour"));
         let e = parse_json::<CheckpointBody>(br#"{"strategy":"fork"}"#).expect_err("missing");
         assert_eq!(e.body.field.as_deref(), Some("out"));
         let e = parse_json::<CheckpointBody>(br#"{"out":7}"#).expect_err("wrong type");
         assert_eq!(e.body.field.as_deref(), Some("out"));
-        let e = parse_json::<VmPatch>(br#"{"state":"Paused""#).expect_err("truncated");
+        let e = parse_json::<VmPatch>(br#"{"state":1}"#).expect_err("wrong type");
+        assert_eq!(e.body.field.as_deref(), Some("state"));
+        let e = parse_json::<VmPatch>(br#"{"state""#).expect_err("truncated");
         assert_eq!(e.body.error, "invalid_json");
         let e = parse_json::<VmPatch>(br#"{"state":"Paused"} {}"#).expect_err("trailing");
         assert_eq!(e.body.error, "invalid_json");

@@ -15,6 +15,7 @@
 //! checkpoint's memory, or in neither. vCPU state is read in the pause, after the vCPUs are
 //! parked, so no instruction retires between the register read and the memory freeze.
 
+mod disk_cow;
 pub mod memory_cow;
 pub mod restore;
 pub mod state;
@@ -71,6 +72,33 @@ pub enum CheckpointError {
     /// The memory COW mechanism failed.
     #[error("memory copy-on-write failed")]
     Memory(#[from] CowError),
+    /// A disk device refused or failed.
+    #[error("disk {index}")]
+    Disk {
+        /// Device index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: crate::devices::virtio::block::BlockError,
+    },
+    /// A disk image could not be created or read.
+    #[error("disk {index} image")]
+    DiskImage {
+        /// Device index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: disk::Error,
+    },
+    /// Copying a disk for the checkpoint failed.
+    #[error("cannot copy the checkpoint disk to {path}")]
+    Copy {
+        /// Destination.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Where a checkpoint goes.
@@ -273,6 +301,13 @@ fn take_checkpoint(
     progress.pages_total.store(pages, Ordering::Relaxed);
     progress.set_phase(Phase::Preparing);
 
+    let tag = format!(
+        "ckpt-{}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros())
+    );
+    let mut disks = timeline.time("prepare_disks", || disk_cow::prepare_disks(vm, &tag))?;
     let (mut writer, mut cow) = timeline.time("prepare", || prepare(vm, request, &regions))?;
     let options = CheckpointOptions {
         strategy: cow.strategy(),
@@ -281,16 +316,20 @@ fn take_checkpoint(
 
     progress.set_phase(Phase::Paused);
     let pause_start = Instant::now();
-    let guard = timeline.time("quiesce", || quiesce(vm))?;
+    let (guard, frozen) = timeline.time("quiesce", || quiesce(vm, options.io))?;
     let counters = SaveCounters::default();
     timeline.time("mark_memory_cow", || {
-        mark_memory_cow(&mut cow, &regions, &mut writer, &counters)
+        mark_memory_cow(vm, &mut cow, &regions, &mut writer, &counters)
     })?;
     let snapshot = timeline.time("save_state", || save_state(vm, &guard))?;
     if let Some(probe) = &request.pause_probe {
         probe(vm.memory());
     }
-    timeline.time("resume", || guard.resume());
+    timeline.time("switch_disks", || disk_cow::switch_disks(vm, &mut disks))?;
+    timeline.time("resume", || {
+        drop(frozen);
+        guard.resume()
+    });
     let pause_us = pause_start.elapsed().as_micros() as u64;
     progress.set_phase(Phase::Writing);
     info!(pause_us, "VM resumed");
@@ -300,10 +339,17 @@ fn take_checkpoint(
         .write_state(&state)
         .map_err(store_err(&request.store))?;
     let (by_fault, in_background) = timeline.time("write_out", || {
-        write_out(cow, &mut writer, &counters, progress)
+        write_out(vm, cow, &mut writer, &counters, progress)
+    })?;
+    let store_dir = match &request.store {
+        StoreSpec::Dir(d) => Some(d.as_path()),
+        _ => None,
+    };
+    let disk_configs = timeline.time("finish_disks", || {
+        disk_cow::finish_disks(vm, &disks, &snapshot.disks, options.disk, store_dir, &tag)
     })?;
 
-    writer.set_vm_config(vm_config(vm));
+    writer.set_vm_config(vm_config(vm, disk_configs));
     writer.set_options(options);
     writer.set_created_unix_ms(
         SystemTime::now()
@@ -378,13 +424,19 @@ impl MemoryCow {
     }
 }
 
-/// Phase 2: stop every vCPU.
-fn quiesce(vm: &Vm) -> Result<PauseGuard<'_>, CheckpointError> {
-    vm.pause().map_err(CheckpointError::Pause)
+/// Phase 2: stop every vCPU, then (after waiting for disk I/O under `drain`) freeze the disks.
+fn quiesce(
+    vm: &Vm,
+    io: IoPolicy,
+) -> Result<(PauseGuard<'_>, disk_cow::FrozenDisks<'_>), CheckpointError> {
+    let guard = vm.pause().map_err(CheckpointError::Pause)?;
+    let frozen = disk_cow::freeze_disks(vm, io)?;
+    Ok((guard, frozen))
 }
 
 /// Phase 3, in the pause: make memory copy-on-write (or, for `stop`, copy it now).
 fn mark_memory_cow(
+    vm: &Vm,
     cow: &mut MemoryCow,
     regions: &[RamRegion],
     writer: &mut CheckpointWriter,
@@ -393,6 +445,11 @@ fn mark_memory_cow(
     match cow {
         MemoryCow::Uffd(u) => {
             u.seal(writer.memory().clone())?;
+            // New disk reads must not overwrite originals: they are saved first (M11).
+            for (i, h) in vm.disks().iter().enumerate() {
+                h.set_dma_observer(Some(u.observer()))
+                    .map_err(|source| CheckpointError::Disk { index: i, source })?;
+            }
         }
         MemoryCow::Fork(child) => *child = Some(fork_writer(regions, writer)?),
         MemoryCow::Stop => stop::copy_while_paused(regions, writer.memory(), counters)?,
@@ -412,11 +469,13 @@ fn save_state(vm: &Vm, guard: &PauseGuard<'_>) -> Result<VmSnapshot, CheckpointE
         vm: save_vm(vm.fd())?,
         vcpus,
         serial,
+        disks: disk_cow::save_disks(vm)?,
     })
 }
 
 /// Phase 6, while the VM runs: memory to the store. Returns (pages by fault, in background).
 fn write_out(
+    vm: &Vm,
     cow: MemoryCow,
     writer: &mut CheckpointWriter,
     counters: &SaveCounters,
@@ -435,7 +494,15 @@ fn write_out(
                         std::thread::sleep(PROGRESS_INTERVAL);
                     }
                 });
-                let counts = u.finish();
+                let counts = u.wait_background().and_then(|()| {
+                    // The observers hold the store writer's queue open.
+                    for h in vm.disks() {
+                        if let Err(e) = h.set_dma_observer(None) {
+                            warn!("cannot remove a disk's DMA observer: {e}");
+                        }
+                    }
+                    u.finish()
+                });
                 done.store(true, Ordering::Release);
                 counts
             })?;
@@ -454,18 +521,36 @@ fn write_out(
     }
 }
 
-fn vm_config(vm: &Vm) -> ckpt_format::VmConfig {
+fn vm_config(vm: &Vm, disks: Vec<ckpt_format::DiskConfig>) -> ckpt_format::VmConfig {
     let s = vm.summary();
     ckpt_format::VmConfig {
         mem_size: s.mem_size,
         vcpus: u32::from(s.vcpus),
         kernel: s.kernel.clone(),
         cmdline: s.cmdline.clone(),
-        disks: Vec::new(),
-        devices: vec![DeviceConfig {
+        devices: std::iter::once(DeviceConfig {
             id: "serial0".into(),
             kind: "serial".into(),
             params: [("port".to_string(), "0x3f8".to_string())].into(),
-        }],
+        })
+        .chain(disks.iter().enumerate().map(|(i, d)| {
+            DeviceConfig {
+                id: d.id.clone(),
+                kind: "virtio-blk".into(),
+                params: [
+                    (
+                        "mmio".to_string(),
+                        format!("{:#x}", crate::devices::virtio::mmio_base(i)),
+                    ),
+                    (
+                        "irq".to_string(),
+                        crate::devices::virtio::irq(i).to_string(),
+                    ),
+                ]
+                .into(),
+            }
+        }))
+        .collect(),
+        disks,
     }
 }

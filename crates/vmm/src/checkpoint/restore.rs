@@ -9,16 +9,21 @@
 //! the first guest instruction.
 
 use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ckpt_format::{Checkpoint, MemorySource, PAGE_SIZE};
+use ckpt_format::{Checkpoint, DiskFormat, MemorySource, PAGE_SIZE};
+use disk::Format;
 use thiserror::Error;
 use tracing::{info, info_span, warn};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+use super::disk_cow::overlay_path;
 use super::state::VmSnapshot;
 use super::StoreSpec;
 use crate::devices::serial::{SerialConsole, SerialError};
+use crate::devices::virtio::block::{Block, BlockError, DiskConfig, DiskSet};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::kvm::state::{restore_vcpu, restore_vm};
 use crate::kvm::KvmError;
@@ -66,6 +71,26 @@ pub enum RestoreError {
     /// Loading device state.
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// A disk's fresh COW file over the checkpoint's disk cannot be made.
+    #[error("disk {index}: cannot create a COW file over the checkpoint's disk {path}")]
+    DiskOverlay {
+        /// Device index.
+        index: usize,
+        /// The checkpoint's disk.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: disk::Error,
+    },
+    /// A disk device cannot be rebuilt from its saved state.
+    #[error("disk {index}")]
+    Disk {
+        /// Device index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: BlockError,
+    },
 }
 
 /// How to restore.
@@ -75,6 +100,8 @@ pub struct RestoreOptions {
     pub console: Console,
     /// Read and verify all memory before running, into anonymous memory.
     pub eager: bool,
+    /// Where the disks' fresh COW files go (default: next to each checkpoint disk).
+    pub disk_dir: Option<PathBuf>,
 }
 
 fn mapped_memory(file: File, offset: u64, mem_size: u64) -> Result<GuestMemoryMmap, RestoreError> {
@@ -149,11 +176,22 @@ fn check_config(ckpt: &Checkpoint, store: &str) -> Result<(u64, u8), RestoreErro
                 config.vcpus
             ))
         })?;
-    if let Some(d) = config.devices.iter().find(|d| d.kind != "serial") {
+    if let Some(d) = config
+        .devices
+        .iter()
+        .find(|d| d.kind != "serial" && d.kind != "virtio-blk")
+    {
         return Err(bad(format!("unknown device kind {:?} ({})", d.kind, d.id)));
     }
-    if let Some(disk) = config.disks.first() {
-        return Err(bad(format!("disk {} needs disk support", disk.id)));
+    if let Some(d) = config
+        .disks
+        .iter()
+        .find(|d| d.format == DiskFormat::Unknown)
+    {
+        return Err(bad(format!(
+            "disk {} has an image format this VMM does not know",
+            d.id
+        )));
     }
     Ok((config.mem_size, vcpus))
 }
@@ -172,6 +210,70 @@ fn spawn_verifier(ckpt: Checkpoint, exit: Arc<ExitNotifier>) {
         warn!("cannot start the memory verifier: {e}");
     }
 }
+
+/// Gives each checkpoint disk a fresh COW file, so the checkpoint stays immutable, and rebuilds
+/// the devices from their saved state; their in-flight requests are re-submitted when the
+/// device thread starts.
+fn restore_disks(
+    ckpt: &Checkpoint,
+    snapshot: &VmSnapshot,
+    disk_dir: Option<&Path>,
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<Block>, RestoreError> {
+    let disks = &ckpt.manifest().vm.disks;
+    if disks.len() != snapshot.disks.len() {
+        return Err(RestoreError::Config {
+            store: "checkpoint".into(),
+            reason: format!(
+                "{} disks in the configuration but {} disk states",
+                disks.len(),
+                snapshot.disks.len()
+            ),
+        });
+    }
+    let tag = format!(
+        "restore-{}-{}",
+        std::process::id(),
+        RESTORES.fetch_add(1, Ordering::Relaxed)
+    );
+    disks
+        .iter()
+        .zip(&snapshot.disks)
+        .enumerate()
+        .map(|(index, (d, state))| {
+            let mut overlay = overlay_path(&d.path, &tag);
+            if let Some(dir) = disk_dir {
+                overlay = dir.join(overlay.file_name().expect("overlay paths have a file name"));
+            }
+            let format = match d.format {
+                DiskFormat::Qcow2 => Format::Qcow2,
+                _ => Format::Raw,
+            };
+            disk::create_qcow2(
+                &overlay,
+                &disk::CreateOptions {
+                    backing: Some((&d.path, format)),
+                    ..disk::CreateOptions::default()
+                },
+            )
+            .map_err(|source| RestoreError::DiskOverlay {
+                index,
+                path: d.path.clone(),
+                source,
+            })?;
+            let config = DiskConfig {
+                path: overlay,
+                readonly: d.readonly,
+                delay_ms: state.disk.delay_ms,
+            };
+            Block::restore(index, &config, state, mem)
+                .map_err(|source| RestoreError::Disk { index, source })
+        })
+        .collect()
+}
+
+/// Distinguishes the COW files of several restores in one process (clones).
+static RESTORES: AtomicU64 = AtomicU64::new(0);
 
 impl Vm {
     /// Restores the checkpoint in `store` into a new running VM.
@@ -204,12 +306,16 @@ impl Vm {
         };
         let parts = VmParts::new(memory)?;
         restore_vm(&parts.fd, &snapshot.vm)?;
+        let blocks = restore_disks(&ckpt, &snapshot, options.disk_dir.as_deref(), &parts.memory)?;
         let out = console_writer(options.console)?;
-        let (serial, pio, mmio) = parts.devices(|irq| {
+        let (serial, pio, mut mmio) = parts.devices(|irq| {
             SerialConsole::restore(&snapshot.serial, irq, out)
                 .map_err(|e| VmError::Device(e.to_string()))
         })?;
-        let (vcpu_list, msrs) = parts.vcpus(vcpus, Arc::new(pio), Arc::new(mmio), |id, fd| {
+        DiskSet::attach(&blocks, &parts.fd, &mut mmio)
+            .map_err(|source| RestoreError::Disk { index: 0, source })?;
+        let mmio = Arc::new(mmio);
+        let (vcpu_list, msrs) = parts.vcpus(vcpus, Arc::new(pio), mmio.clone(), |id, fd| {
             Ok(restore_vcpu(fd, &snapshot.vcpus[usize::from(id)])?)
         })?;
         let config = &ckpt.manifest().vm;
@@ -220,7 +326,8 @@ impl Vm {
             cmdline: config.cmdline.clone(),
         };
         let exit = parts.exit.clone();
-        let vm = parts.start(summary, serial, vcpu_list, msrs)?;
+        let mut vm = parts.start(summary, serial, vcpu_list, msrs)?;
+        vm.start_disks(blocks, mmio)?;
         if verify_later {
             spawn_verifier(ckpt, exit);
         }

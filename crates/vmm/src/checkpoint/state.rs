@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::devices::serial::SerialSnapshot;
+use crate::devices::virtio::block::BlockState;
 use crate::kvm::state::{VcpuState, VmState};
 
 /// Everything but memory and disks, captured in the pause.
@@ -15,4 +16,7 @@ pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     /// COM1.
     pub serial: SerialSnapshot,
+    /// The virtio-blk devices, in device order, with the requests in flight at the instant.
+    #[serde(default)]
+    pub disks: Vec<BlockState>,
 }

@@ -13,12 +13,17 @@
 //! few. The arming handler and the final re-protection are serialised by a lock, so no page can
 //! be unprotected between the last re-protection and the switch to saving.
 //!
-//! Faults are served a block at a time ([`FAULT_BLOCK_PAGES`]): a guest writing memory
-//! sequentially takes one fault per block instead of one per page, since a fault round trip
-//! costs tens of microseconds here.
+//! Faults are served a block at a time ([`BLOCK_PAGES`]): a guest writing memory sequentially
+//! takes one fault per block instead of one per page, since a fault round trip costs tens of
+//! microseconds here. And originals are *copied aside*: whoever claims a run copies it into a
+//! buffer and lifts the protection at once; hashing and writing to the store happen afterwards,
+//! off the faulting vCPU's path (a store writer thread for faults, bounded so the guest is slowed
+//! to store speed rather than memory growing without limit). The background writer walks memory
+//! from the top down, away from a guest that writes upwards.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -27,11 +32,21 @@ use ckpt_format::MemoryWriter;
 use tracing::{debug, error};
 
 use super::uffd_sys::{Uffd, WpFault, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED};
-use super::{page_bytes, CowError, SaveCounters, RUN_PAGES};
+use super::{page_bytes, CowError, SaveCounters};
+use crate::devices::virtio::DmaObserver;
 use crate::memory::{RamRegion, PAGE_SIZE};
 
-/// Pages saved and unprotected per write fault (256 KiB).
-pub const FAULT_BLOCK_PAGES: u64 = 64;
+/// Pages copied aside per claim: per write fault, and per background step (2 MiB). A fault
+/// round trip costs tens of microseconds and copying 2 MiB about a hundred and fifty, so a guest
+/// that writes everything still moves at several GB/s while the checkpoint runs.
+pub const BLOCK_PAGES: u64 = 512;
+/// Copied-aside blocks that may wait for the store writer (512 MiB, or half of guest memory if
+/// that is less): the guest runs at memory-copy speed until the queue is full, then at store
+/// speed.
+const MAX_QUEUED_BLOCKS: u64 = 256;
+/// Copy-aside buffers allocated and touched while arming, so the first faults after the pause
+/// do not also pay for fresh memory (64 MiB).
+const PREFAULTED_BUFFERS: usize = 32;
 /// Re-protection rounds while the VM runs before the pause.
 const ARMING_ROUNDS: usize = 3;
 
@@ -57,6 +72,15 @@ struct Shared {
     counters: SaveCounters,
     stop: AtomicBool,
     failed: Mutex<Option<CowError>>,
+    /// Recycled copy-aside buffers of `BLOCK_PAGES` pages.
+    pool: Mutex<Vec<Vec<u8>>>,
+}
+
+/// A run of pages copied aside: its first image page and the bytes.
+struct Copied {
+    first: u64,
+    pages: u64,
+    buf: Vec<u8>,
 }
 
 /// Owns the write protection of guest memory for one checkpoint, the fault handler thread and
@@ -66,6 +90,10 @@ pub struct UffdCow {
     shared: Arc<Shared>,
     handler: Option<JoinHandle<()>>,
     background: Option<JoinHandle<()>>,
+    store_writer: Option<JoinHandle<()>>,
+    from_faults: Option<Receiver<Copied>>,
+    /// Kept to hand to DMA observers; dropped before waiting for the store writer.
+    to_store: Option<SyncSender<Copied>>,
 }
 
 impl std::fmt::Debug for UffdCow {
@@ -141,11 +169,10 @@ impl Shared {
         Ok(count)
     }
 
-    /// Saves the unsaved pages among `first..first + count` (all in one region) and unprotects
-    /// them. Returns the number saved here.
-    fn save_block(&self, writer: &MemoryWriter, first: u64, count: u64) -> Result<u64, CowError> {
+    /// Claims the unsaved pages among `first..first + count` (all in one region, at most
+    /// `BLOCK_PAGES`), copies each claimed run aside, marks it saved and lifts its protection.
+    fn capture(&self, first: u64, count: u64, out: &mut Vec<Copied>) -> Result<(), CowError> {
         let region = *self.region_of(first);
-        let mut saved = 0;
         let mut page = first;
         while page < first + count {
             if self.state[page as usize]
@@ -163,22 +190,48 @@ impl Shared {
             {
                 end += 1;
             }
+            let mut buf = self.take_buffer();
+            let len = ((end - page) * PAGE_SIZE) as usize;
             // SAFETY: these pages are claimed by this thread and still write-protected: any
             // writer blocks until `protect_pages(.., false)` below.
-            let bytes = unsafe { page_bytes(&region, page, end - page) };
-            writer.write_pages(page, bytes).map_err(CowError::Store)?;
+            buf[..len].copy_from_slice(unsafe { page_bytes(&region, page, end - page) });
             for p in page..end {
                 self.state[p as usize].store(SAVED, Ordering::Release);
             }
             self.protect_pages(page, end - page, false)
                 .map_err(uffd_op("unprotect"))?;
-            saved += end - page;
+            out.push(Copied {
+                first: page,
+                pages: end - page,
+                buf,
+            });
             page = end;
         }
-        Ok(saved)
+        Ok(())
     }
 
-    fn handle_fault(&self, fault: WpFault) -> Result<(), CowError> {
+    fn take_buffer(&self) -> Vec<u8> {
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_else(|| vec![0; (BLOCK_PAGES * PAGE_SIZE) as usize])
+    }
+
+    /// Writes a copied run to the store and recycles its buffer.
+    fn store(&self, writer: &MemoryWriter, copied: Copied) -> Result<(), CowError> {
+        let len = (copied.pages * PAGE_SIZE) as usize;
+        let result = writer
+            .write_pages(copied.first, &copied.buf[..len])
+            .map_err(CowError::Store);
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(copied.buf);
+        result
+    }
+
+    fn handle_fault(&self, fault: WpFault, to_store: &SyncSender<Copied>) -> Result<(), CowError> {
         let Some(page) = self.page_of_host(fault.address as usize) else {
             return Ok(());
         };
@@ -191,30 +244,32 @@ impl Shared {
                 return Ok(());
             }
         }
-        let writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .expect("the writer is set before the phase becomes Saving");
         let region = *self.region_of(page);
-        let block_start = (page - region.first_page()) / FAULT_BLOCK_PAGES * FAULT_BLOCK_PAGES
-            + region.first_page();
-        let block_end = (block_start + FAULT_BLOCK_PAGES).min(region.first_page() + region.pages());
-        let saved = self.save_block(&writer, block_start, block_end - block_start)?;
+        let block_start =
+            (page - region.first_page()) / BLOCK_PAGES * BLOCK_PAGES + region.first_page();
+        let block_end = (block_start + BLOCK_PAGES).min(region.first_page() + region.pages());
+        let mut copied = Vec::new();
+        self.capture(block_start, block_end - block_start, &mut copied)?;
+        let saved: u64 = copied.iter().map(|c| c.pages).sum();
         self.counters.by_fault.fetch_add(saved, Ordering::Relaxed);
         if self.state[page as usize].load(Ordering::Acquire) == SAVED {
             // Saved earlier (or just now) by someone else whose unprotect may have come before
             // this thread blocked: wake it explicitly. A page still CLAIMED is woken by its
-            // saver's unprotect.
+            // claimer's unprotect.
             self.uffd
                 .wake(region.host_of_page(page), PAGE_SIZE as usize)
                 .map_err(uffd_op("wake"))?;
         }
+        for c in copied {
+            // Blocks when the store writer is behind: the guest then runs at store speed.
+            if to_store.send(c).is_err() {
+                return Err(CowError::Panicked("store writer"));
+            }
+        }
         Ok(())
     }
 
-    fn handler_loop(&self) {
+    fn handler_loop(&self, to_store: SyncSender<Copied>) {
         let mut faults = Vec::with_capacity(32);
         while !self.stop.load(Ordering::Acquire) {
             let mut pfd = libc::pollfd {
@@ -236,7 +291,7 @@ impl Shared {
                 return;
             }
             for &fault in &faults {
-                if let Err(e) = self.handle_fault(fault) {
+                if let Err(e) = self.handle_fault(fault, &to_store) {
                     self.fail(e);
                     // Never leave a vCPU blocked: lift all protection and stop.
                     self.unprotect_all();
@@ -247,22 +302,39 @@ impl Shared {
     }
 
     fn background_loop(&self, writer: &MemoryWriter) -> Result<(), CowError> {
-        for region in &self.regions {
-            let end = region.first_page() + region.pages();
-            let mut page = region.first_page();
-            while page < end {
+        let mut copied = Vec::new();
+        for region in self.regions.iter().rev() {
+            let mut end = region.first_page() + region.pages();
+            while end > region.first_page() {
                 if self.stop.load(Ordering::Acquire) {
                     return Ok(());
                 }
-                let count = RUN_PAGES.min(end - page);
-                let saved = self.save_block(writer, page, count)?;
-                self.counters
-                    .in_background
-                    .fetch_add(saved, Ordering::Relaxed);
-                page += count;
+                let start = end.saturating_sub(BLOCK_PAGES).max(region.first_page());
+                self.capture(start, end - start, &mut copied)?;
+                for c in copied.drain(..) {
+                    self.counters
+                        .in_background
+                        .fetch_add(c.pages, Ordering::Relaxed);
+                    self.store(writer, c)?;
+                }
+                end = start;
             }
         }
         Ok(())
+    }
+
+    fn store_loop(&self, from_faults: Receiver<Copied>) {
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for copied in from_faults {
+            let Some(writer) = &writer else { continue };
+            if let Err(e) = self.store(writer, copied) {
+                self.fail(e);
+            }
+        }
     }
 
     fn unprotect_all(&self) {
@@ -296,16 +368,29 @@ impl UffdCow {
             counters: SaveCounters::default(),
             stop: AtomicBool::new(false),
             failed: Mutex::new(None),
+            pool: Mutex::new(
+                (0..PREFAULTED_BUFFERS.min(pages.div_ceil(BLOCK_PAGES) as usize))
+                    .map(|_| vec![0xa5; (BLOCK_PAGES * PAGE_SIZE) as usize])
+                    .collect(),
+            ),
         });
+        let queued = MAX_QUEUED_BLOCKS.min(pages / BLOCK_PAGES / 2).max(1) as usize;
+        let (to_store, from_faults) = sync_channel(queued);
         let handler_shared = shared.clone();
         let handler = std::thread::Builder::new()
             .name("uffd-faults".into())
-            .spawn(move || handler_shared.handler_loop())
+            .spawn({
+                let to_store = to_store.clone();
+                move || handler_shared.handler_loop(to_store)
+            })
             .map_err(|e| CowError::Thread("userfaultfd handler", e))?;
         let mut cow = UffdCow {
             shared,
             handler: Some(handler),
             background: None,
+            store_writer: None,
+            from_faults: Some(from_faults),
+            to_store: Some(to_store),
         };
         for r in regions {
             cow.shared
@@ -355,8 +440,17 @@ impl UffdCow {
         Ok(n)
     }
 
-    /// After the resume: starts the background writer.
+    /// After the resume: starts the store writer (for pages copied aside by faults) and the
+    /// background writer.
     pub fn start_background(&mut self) -> Result<(), CowError> {
+        if let Some(from_faults) = self.from_faults.take() {
+            let shared = self.shared.clone();
+            let handle = std::thread::Builder::new()
+                .name("ckpt-store".into())
+                .spawn(move || shared.store_loop(from_faults))
+                .map_err(|e| CowError::Thread("store writer", e))?;
+            self.store_writer = Some(handle);
+        }
         let shared = self.shared.clone();
         let writer = shared
             .writer
@@ -377,14 +471,35 @@ impl UffdCow {
         Ok(())
     }
 
-    /// Waits until every page is saved, then stops the handler and lifts the registration.
-    /// Returns the pages saved (by fault, in background).
-    pub fn finish(mut self) -> Result<(u64, u64), CowError> {
+    /// An observer that saves the pages a device is about to write (for disk reads issued
+    /// after the instant, SPEC M11). Every observer must be dropped before [`Self::finish`].
+    pub fn observer(&self) -> Arc<dyn DmaObserver> {
+        Arc::new(DmaSaver {
+            shared: self.shared.clone(),
+            to_store: self
+                .to_store
+                .clone()
+                .expect("observers are made before finish"),
+        })
+    }
+
+    /// Waits until the background writer has gone through all of memory: from then on every
+    /// page is saved (some perhaps still queued for the store).
+    pub fn wait_background(&mut self) -> Result<(), CowError> {
         if let Some(bg) = self.background.take() {
             bg.join()
                 .map_err(|_| CowError::Panicked("background writer"))?;
         }
+        self.check_failed()
+    }
+
+    /// Waits until every page is saved and written, then stops the handler and lifts the
+    /// registration. Returns the pages saved (by fault, in background).
+    pub fn finish(mut self) -> Result<(u64, u64), CowError> {
+        self.wait_background()?;
+        self.to_store = None;
         self.stop_handler()?;
+        self.join_store_writer()?;
         // Drop the handler's clone of the writer so the checkpoint can finish its memory.
         self.shared
             .writer
@@ -393,6 +508,15 @@ impl UffdCow {
             .take();
         self.check_failed()?;
         Ok(self.shared.counters.get())
+    }
+
+    /// Waits for the store writer to drain what faults copied aside (it ends once the handler,
+    /// the only sender, is gone).
+    fn join_store_writer(&mut self) -> Result<(), CowError> {
+        if let Some(h) = self.store_writer.take() {
+            h.join().map_err(|_| CowError::Panicked("store writer"))?;
+        }
+        Ok(())
     }
 
     fn stop_handler(&mut self) -> Result<(), CowError> {
@@ -415,13 +539,61 @@ impl Drop for UffdCow {
         }
         // Lift protection first so no vCPU stays blocked once the handler is gone.
         self.shared.unprotect_all();
-        if let Err(e) = self.stop_handler() {
+        self.to_store = None;
+        if let Err(e) = self.stop_handler().and_then(|()| self.join_store_writer()) {
             error!("{e}");
         }
         for r in &self.shared.regions {
             if let Err(e) = self.shared.uffd.unregister(r.host, r.len as usize) {
                 error!("cannot unregister guest memory from userfaultfd: {e}");
             }
+        }
+    }
+}
+
+/// Saves the pages a device is about to write, before it writes them.
+struct DmaSaver {
+    shared: Arc<Shared>,
+    to_store: SyncSender<Copied>,
+}
+
+impl DmaSaver {
+    fn save_range(&self, gpa: u64, len: u64) -> Result<(), CowError> {
+        let end = gpa.saturating_add(len);
+        let mut copied = Vec::new();
+        for region in &self.shared.regions {
+            let (lo, hi) = (gpa.max(region.gpa), end.min(region.gpa + region.len));
+            if lo >= hi {
+                continue;
+            }
+            let first = region.first_page() + (lo - region.gpa) / PAGE_SIZE;
+            let last = region.first_page() + (hi - 1 - region.gpa) / PAGE_SIZE;
+            let mut block = first / BLOCK_PAGES * BLOCK_PAGES;
+            while block <= last {
+                let start = block.max(region.first_page());
+                let stop = (block + BLOCK_PAGES).min(region.first_page() + region.pages());
+                self.shared.capture(start, stop - start, &mut copied)?;
+                block += BLOCK_PAGES;
+            }
+        }
+        for c in copied {
+            self.shared
+                .counters
+                .by_fault
+                .fetch_add(c.pages, Ordering::Relaxed);
+            self.to_store
+                .send(c)
+                .map_err(|_| CowError::Panicked("store writer"))?;
+        }
+        Ok(())
+    }
+}
+
+impl DmaObserver for DmaSaver {
+    fn before_device_write(&self, gpa: u64, len: u64) {
+        if let Err(e) = self.save_range(gpa, len) {
+            self.shared.fail(e);
+            self.shared.unprotect_all();
         }
     }
 }

@@ -170,10 +170,7 @@ impl BlockHandle {
             },
         )
         .map_err(BlockError::Image)?;
-        let image = Image::open(new_top).map_err(|source| BlockError::Open {
-            path: new_top.to_owned(),
-            source,
-        })?;
+        let image = Image::open(new_top).map_err(BlockError::Open)?;
         self.switch_image(image)?;
         self.wait_older_images(Duration::from_secs(60))?;
         let start = Instant::now();

@@ -103,12 +103,9 @@ pub struct BlockState {
 /// Errors of the block device.
 #[derive(Debug, Error)]
 pub enum BlockError {
-    #[error("cannot open disk image {path}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: disk::Error,
-    },
+    /// The image (or its backing chain) cannot be opened; the message names the file.
+    #[error(transparent)]
+    Open(disk::Error),
     #[error("disk image {path} has size {size}, not a multiple of 512 bytes")]
     OddSize { path: PathBuf, size: u64 },
     #[error("disk image operation failed")]
@@ -186,10 +183,7 @@ fn open_image(config: &DiskConfig) -> Result<disk::Image, BlockError> {
         read_only: config.readonly,
         ..disk::OpenOptions::default()
     };
-    let image = disk::Image::open_with(&config.path, &opts).map_err(|source| BlockError::Open {
-        path: config.path.clone(),
-        source,
-    })?;
+    let image = disk::Image::open_with(&config.path, &opts).map_err(BlockError::Open)?;
     if image.size() % SECTOR_SIZE != 0 {
         return Err(BlockError::OddSize {
             path: config.path.clone(),

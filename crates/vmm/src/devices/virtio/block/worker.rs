@@ -223,6 +223,10 @@ pub fn start_worker(
         .spawn(move || {
             for (d, reqs) in restored.into_iter().enumerate() {
                 worker.resubmit(d, reqs);
+                // A restored guest may have posted requests before the checkpoint that the
+                // device had not taken yet; their notification is gone with the old process,
+                // so look at the queue once now.
+                worker.pop(d);
             }
             worker.run();
         })
@@ -890,10 +894,7 @@ fn reopen(image: &Image) -> Result<Image, BlockError> {
         format: Some(image.format()),
         ..disk::OpenOptions::default()
     };
-    Image::open_with(image.path(), &opts).map_err(|source| BlockError::Open {
-        path: image.path().to_owned(),
-        source,
-    })
+    Image::open_with(image.path(), &opts).map_err(BlockError::Open)
 }
 
 /// An image of generation `g` allocated clusters after newer overlays were opened over it:
@@ -914,12 +915,14 @@ fn refresh_newer(disk: &mut DiskState, g: u64) {
 
 /// Pairs the guest segments of a request with the host extents of its sectors: one transfer
 /// per piece that is contiguous in both; zero extents are filled at once.
-#[allow(clippy::type_complexity)]
+/// One transfer: file, guest address, length, file offset.
+type Piece = (Arc<File>, u64, u32, u64);
+
 fn pair(
     mem: &GuestMemoryMmap,
     segments: &[(u64, u32)],
     extents: &[Extent],
-) -> Result<Vec<(Arc<File>, u64, u32, u64)>, ()> {
+) -> Result<Vec<Piece>, ()> {
     let mut out = Vec::new();
     let mut seg = segments.iter().copied().filter(|s| s.1 > 0);
     let mut cur = seg.next();

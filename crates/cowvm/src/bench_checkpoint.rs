@@ -1,0 +1,388 @@
+//! `cowvm bench checkpoint`: live checkpoints of a guest that dirties its memory at full speed,
+//! for each memory size and strategy, side by side in one run: pause (VMM-reported and as the
+//! guest saw it), guest progress during the checkpoint, total time against `dd` writing the same
+//! bytes to the same filesystem, bytes written, pages saved by fault and in the background.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ckpt_format::{CheckpointOptions, Strategy};
+use serde::Serialize;
+use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
+use vmm::{Console, MemSize, Vm};
+
+use crate::plot::{line_chart, Chart, Series};
+use crate::VmArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct CheckpointBenchArgs {
+    /// The test guest kernel.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest memory sizes.
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
+    sizes: Vec<String>,
+    /// Strategies to compare.
+    #[arg(long, value_delimiter = ',', default_value = "uffd,fork,stop")]
+    strategies: Vec<String>,
+    /// Share of guest memory the workload dirties, in percent.
+    #[arg(long, default_value_t = 100)]
+    dirty_percent: u64,
+    /// Only 256 MiB.
+    #[arg(long)]
+    quick: bool,
+    /// Transparent huge pages for guest memory.
+    #[arg(long, value_enum, default_value_t = crate::HugePagesArg::None)]
+    hugepages: crate::HugePagesArg,
+    /// Directory for the checkpoints and the `dd` file (removed after each run).
+    #[arg(long, default_value = "target/bench/checkpoints")]
+    store_dir: PathBuf,
+    /// Directory for the plots.
+    #[arg(long, default_value = "target/bench")]
+    plot_dir: PathBuf,
+    /// Print JSON rows instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One measured checkpoint.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    /// Always `cowvm` here (the QEMU comparison adds `qemu` rows).
+    pub system: String,
+    /// Strategy.
+    pub method: String,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Workload description.
+    pub workload: String,
+    /// VMM-reported pause.
+    pub pause_us: u64,
+    /// Longest stall of the guest's progress stamps during the checkpoint, beyond a normal pass.
+    pub guest_pause_us: u64,
+    /// Guest progress during the checkpoint as a fraction of its undisturbed progress.
+    pub guest_progress: f64,
+    /// From the checkpoint request to its completion marker.
+    pub total_us: u64,
+    /// Bytes written to the store.
+    pub bytes_written: u64,
+    /// `dd` writing the same bytes with fsync to the same filesystem.
+    pub dd_us: u64,
+    /// `total_us / dd_us`.
+    pub total_vs_dd: f64,
+    /// Pages saved by the write-fault path.
+    pub pages_saved_by_fault: u64,
+    /// Pages saved by the background writer.
+    pub pages_saved_in_background: u64,
+    /// Restore to a running guest: not measured by this benchmark.
+    pub restore_us: Option<u64>,
+    /// Guest progress relative to undisturbed, over time around the checkpoint (ms, fraction).
+    #[serde(skip)]
+    pub timeline: Vec<(f64, f64)>,
+}
+
+/// The console so far: a partial line, and the `dirty pass=` stamps with their arrival time.
+#[derive(Default)]
+struct StampLog {
+    partial: Vec<u8>,
+    passes: Vec<(Instant, u64)>,
+}
+
+/// Console sink that records progress stamps.
+#[derive(Clone, Default)]
+struct Stamps(Arc<Mutex<StampLog>>);
+
+impl Write for Stamps {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let now = Instant::now();
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        inner.partial.extend_from_slice(buf);
+        while let Some(nl) = inner.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = inner.partial.drain(..=nl).collect();
+            let text = String::from_utf8_lossy(&line);
+            if let Some(pass) = text
+                .strip_prefix("dirty pass=")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
+            {
+                inner.passes.push((now, pass));
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stamps {
+    fn snapshot(&self) -> Vec<(Instant, u64)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .passes
+            .clone()
+    }
+}
+
+/// Passes completed by `t`: the last stamp printed at or before it.
+fn passes_at(stamps: &[(Instant, u64)], t: Instant) -> f64 {
+    let i = stamps.partition_point(|(at, _)| *at <= t);
+    i.checked_sub(1).map_or(0.0, |j| stamps[j].1 as f64)
+}
+
+fn parse_strategy(s: &str) -> anyhow::Result<Strategy> {
+    Ok(match s {
+        "uffd" => Strategy::Uffd,
+        "fork" => Strategy::Fork,
+        "stop" => Strategy::Stop,
+        other => bail!("unknown strategy {other:?} (uffd, fork or stop)"),
+    })
+}
+
+fn dd(dir: &Path, bytes: u64) -> anyhow::Result<Duration> {
+    let file = dir.join("dd.bin");
+    let start = Instant::now();
+    let status = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", file.display()))
+        .args(["bs=1M", "conv=fsync", "status=none"])
+        .arg(format!("count={}", bytes.div_ceil(1 << 20)))
+        .status()
+        .context("run dd")?;
+    let took = start.elapsed();
+    std::fs::remove_file(&file).ok();
+    if !status.success() {
+        bail!("dd failed: {status}");
+    }
+    Ok(took)
+}
+
+/// Working set of the `dirty` guest: `percent` of memory, within low RAM (below 3 GiB), minus
+/// room for the guest image.
+fn working_set(mem: u64, percent: u64) -> u64 {
+    let usable = mem.min(3 << 30) - (32 << 20);
+    (usable * percent / 100) & !((2 << 20) - 1)
+}
+
+fn measure(args: &CheckpointBenchArgs, mem: u64, strategy: Strategy) -> anyhow::Result<Row> {
+    let ws = working_set(mem, args.dirty_percent);
+    let stamps = Stamps::default();
+    let vm_args = VmArgs {
+        kernel: args.kernel.clone(),
+        initrd: None,
+        cmdline: format!("dirty mem={}K fill=1 every=1", ws >> 10),
+        mem: MemSize(mem).to_string(),
+        vcpus: 1,
+        hugepages: args.hugepages,
+        disks: Vec::new(),
+    };
+    let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(stamps.clone())))?)?;
+    // Warm up: the first passes populate memory; then measure the undisturbed rate.
+    let warm = Instant::now();
+    while stamps.snapshot().len() < 3 {
+        if warm.elapsed() > Duration::from_secs(60) {
+            bail!("the guest printed no progress within a minute");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let base_start = Instant::now();
+    std::thread::sleep(Duration::from_millis(600));
+    let dir = args
+        .store_dir
+        .join(format!("ckpt-{}-{:?}", mem >> 20, strategy).to_lowercase());
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    let request = CheckpointRequest {
+        store: StoreSpec::Dir(dir.clone()),
+        options: CheckpointOptions {
+            strategy,
+            ..Default::default()
+        },
+        pause_probe: None,
+    };
+    let t0 = Instant::now();
+    let manifest = vm.checkpoint(&request, &Progress::default())?;
+    let t1 = Instant::now();
+    std::thread::sleep(Duration::from_millis(600));
+    if let Some(exit) = vm.exit_status() {
+        bail!("the guest stopped during the benchmark: {exit}");
+    }
+    vm.stop();
+    drop(vm);
+    let stamps = stamps.snapshot();
+
+    let base_rate =
+        (passes_at(&stamps, t0) - passes_at(&stamps, base_start)) / (t0 - base_start).as_secs_f64();
+    if base_rate <= 0.0 {
+        bail!("the guest made no progress before the checkpoint");
+    }
+    let during = passes_at(&stamps, t1) - passes_at(&stamps, t0);
+    let guest_progress = (during / (base_rate * (t1 - t0).as_secs_f64())).min(1.0);
+    let normal_gap = 1.0 / base_rate;
+    let max_gap = stamps
+        .windows(2)
+        .filter(|w| w[1].0 >= t0 && w[0].0 <= t1)
+        .map(|w| (w[1].0 - w[0].0).as_secs_f64())
+        .fold(0.0, f64::max);
+    let guest_pause_us = ((max_gap - normal_gap).max(0.0) * 1e6) as u64;
+    let timeline = stamps
+        .windows(2)
+        .filter(|w| {
+            w[0].0 + Duration::from_millis(300) >= t0 && w[1].0 <= t1 + Duration::from_millis(300)
+        })
+        .map(|w| {
+            let mid = w[0].0 + (w[1].0 - w[0].0) / 2;
+            let rate = (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0).as_secs_f64();
+            let x = mid.checked_duration_since(t0).map_or_else(
+                || -(t0 - mid).as_secs_f64() * 1e3,
+                |d| d.as_secs_f64() * 1e3,
+            );
+            (x, (rate / base_rate).min(1.5))
+        })
+        .collect();
+
+    let m = &manifest.metrics;
+    let dd_took = dd(&args.store_dir, m.bytes_written)?;
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(Row {
+        system: "cowvm".into(),
+        method: format!("{strategy:?}").to_lowercase(),
+        mem_mib: mem >> 20,
+        workload: format!("dirty {}% fill", args.dirty_percent),
+        pause_us: m.pause_us,
+        guest_pause_us,
+        guest_progress,
+        total_us: m.total_us,
+        bytes_written: m.bytes_written,
+        dd_us: dd_took.as_micros() as u64,
+        total_vs_dd: m.total_us as f64 / dd_took.as_micros().max(1) as f64,
+        pages_saved_by_fault: m.pages_saved_by_fault,
+        pages_saved_in_background: m.pages_saved_in_background,
+        restore_us: None,
+        timeline,
+    })
+}
+
+pub fn run(args: CheckpointBenchArgs) -> anyhow::Result<ExitCode> {
+    let sizes: Vec<u64> = if args.quick {
+        vec![256 << 20]
+    } else {
+        args.sizes
+            .iter()
+            .map(|s| {
+                s.parse::<MemSize>()
+                    .map(|m| m.0)
+                    .with_context(|| format!("--sizes {s}"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    if !(1..=100).contains(&args.dirty_percent) {
+        bail!("--dirty-percent must be between 1 and 100");
+    }
+    let strategies = args
+        .strategies
+        .iter()
+        .map(|s| parse_strategy(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::fs::create_dir_all(&args.store_dir)
+        .with_context(|| format!("create {}", args.store_dir.display()))?;
+    let mut rows = Vec::new();
+    for &mem in &sizes {
+        for &strategy in &strategies {
+            eprintln!("measuring {strategy:?} at {}...", MemSize(mem));
+            rows.push(measure(&args, mem, strategy)?);
+        }
+    }
+    print_rows(&rows, args.json)?;
+    plot(&args.plot_dir, &rows, &strategies)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_rows(rows: &[Row], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:>6} {:>6} {:>10} {:>12} {:>8} {:>10} {:>10} {:>7} {:>9} {:>9}",
+        "method",
+        "MiB",
+        "pause µs",
+        "guest µs",
+        "progress",
+        "total ms",
+        "MB written",
+        "vs dd",
+        "by fault",
+        "in bg"
+    );
+    for r in rows {
+        println!(
+            "{:>6} {:>6} {:>10} {:>12} {:>7.0}% {:>10.1} {:>10.1} {:>6.2}x {:>9} {:>9}",
+            r.method,
+            r.mem_mib,
+            r.pause_us,
+            r.guest_pause_us,
+            r.guest_progress * 100.0,
+            r.total_us as f64 / 1e3,
+            r.bytes_written as f64 / 1e6,
+            r.total_vs_dd,
+            r.pages_saved_by_fault,
+            r.pages_saved_in_background
+        );
+    }
+    Ok(())
+}
+
+fn plot(dir: &Path, rows: &[Row], strategies: &[Strategy]) -> anyhow::Result<()> {
+    let name = |s: &Strategy| format!("{s:?}").to_lowercase();
+    let pause: Vec<Series> = strategies
+        .iter()
+        .map(|s| Series {
+            label: format!("cowvm {}", name(s)),
+            points: rows
+                .iter()
+                .filter(|r| r.method == name(s))
+                .map(|r| (r.mem_mib as f64, r.pause_us as f64 / 1e3))
+                .collect(),
+        })
+        .collect();
+    line_chart(
+        &dir.join("checkpoint-pause.svg"),
+        &Chart {
+            title: "VM pause of a live checkpoint vs guest memory",
+            x_label: "guest memory (MiB, log scale)",
+            y_label: "pause (ms)",
+            log_x: true,
+        },
+        &pause,
+    )?;
+    let largest = rows.iter().map(|r| r.mem_mib).max().unwrap_or(0);
+    let progress: Vec<Series> = rows
+        .iter()
+        .filter(|r| r.mem_mib == largest)
+        .map(|r| Series {
+            label: format!("cowvm {}", r.method),
+            points: r.timeline.clone(),
+        })
+        .collect();
+    line_chart(
+        &dir.join("checkpoint-progress.svg"),
+        &Chart {
+            title: "guest progress around a checkpoint (largest size)",
+            x_label: "time since the checkpoint request (ms)",
+            y_label: "progress / undisturbed progress",
+            log_x: false,
+        },
+        &progress,
+    )?;
+    eprintln!("plots written to {}", dir.display());
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! `cowvm checkpoint --api-sock SOCK --out DIR [--strategy] [--io] [--disk] [--json]`: takes a
+//! checkpoint of a running VM, shows its progress, waits until it is complete and prints its
+//! metrics.
+
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ckpt_format::Metrics;
+use hyper::Method;
+use serde::Serialize;
+
+use super::output::{byte_bar, metric_rows, table};
+use super::{block_on, ApiArgs};
+use crate::api::model::{CheckpointBody, CheckpointJob, DiskArg, IoArg, JobStatus, StrategyArg};
+
+/// How often progress is polled.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Arguments of `cowvm checkpoint`.
+#[derive(clap::Args, Debug)]
+pub struct CheckpointArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The store: a directory, or raw:PATH for a file or block device.
+    #[arg(long, value_name = "DIR")]
+    out: String,
+    /// Memory copy-on-write mechanism.
+    #[arg(long, value_enum, default_value_t)]
+    strategy: StrategyArg,
+    /// Disk I/O in flight at the checkpoint instant.
+    #[arg(long, value_enum, default_value_t)]
+    io: IoArg,
+    /// What happens to the parent disk image.
+    #[arg(long, value_enum, default_value_t)]
+    disk: DiskArg,
+}
+
+/// What `--json` prints: the job, its options, and its metrics at top level.
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    id: &'a str,
+    out: &'a str,
+    strategy: StrategyArg,
+    io: IoArg,
+    disk: DiskArg,
+    #[serde(flatten)]
+    metrics: &'a Metrics,
+}
+
+/// `path` made absolute and free of `.` and `..` (resolved lexically, as a shell user means
+/// them), since the server takes only absolute, normal paths.
+fn absolute(path: &str) -> anyhow::Result<String> {
+    let (prefix, path) = match path.strip_prefix("raw:") {
+        Some(p) => ("raw:", p),
+        None => ("", path),
+    };
+    let abs = std::path::absolute(Path::new(path)).with_context(|| format!("--out {path}"))?;
+    let mut normal = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                normal.pop();
+            }
+            Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    Ok(format!("{prefix}{}", normal.display()))
+}
+
+/// Runs `cowvm checkpoint`.
+pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
+    let client = args.api.client();
+    let body = CheckpointBody {
+        out: absolute(&args.out)?,
+        strategy: args.strategy,
+        io: args.io,
+        disk: args.disk,
+    };
+    let job = block_on(async {
+        let mut job: CheckpointJob = client
+            .call(Method::PUT, "/checkpoints", Some(&body))
+            .await
+            .context("cannot start the checkpoint")?;
+        let bar = byte_bar(job.progress.bytes_total, "preparing");
+        let path = format!("/checkpoints/{}", job.id);
+        while job.status == JobStatus::Running {
+            bar.set_length(job.progress.bytes_total);
+            bar.set_position(job.progress.bytes_done);
+            bar.set_message(match job.phase {
+                crate::api::model::JobPhase::Paused => "paused",
+                crate::api::model::JobPhase::Writing => "writing",
+                _ => "preparing",
+            });
+            tokio::time::sleep(POLL).await;
+            job = client.get(&path).await.context("polling the checkpoint")?;
+        }
+        bar.finish_and_clear();
+        Ok(job)
+    })?;
+    let metrics = match (&job.status, &job.metrics) {
+        (JobStatus::Complete, Some(m)) => m,
+        _ => bail!(
+            "checkpoint {} failed: {}",
+            job.id,
+            job.error.as_deref().unwrap_or("no reason given")
+        ),
+    };
+    if args.api.json {
+        let report = Report {
+            id: &job.id,
+            out: &job.out,
+            strategy: job.strategy,
+            io: job.io,
+            disk: job.disk,
+            metrics,
+        };
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        let mut rows = vec![
+            ("checkpoint", format!("{} complete", job.id)),
+            ("out", job.out.clone()),
+            (
+                "options",
+                format!(
+                    "strategy {}, io {}, disk {}",
+                    name(&job.strategy),
+                    name(&job.io),
+                    name(&job.disk)
+                ),
+            ),
+        ];
+        rows.extend(metric_rows(metrics));
+        table(&rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The kebab-case name of an option, as the API and the command line spell it.
+pub fn name(v: &impl Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_is_made_absolute_and_normal() {
+        let cwd = std::env::current_dir().unwrap();
+        let parent = cwd.parent().unwrap_or(&cwd).display().to_string();
+        assert_eq!(absolute("/a/./b/../c").unwrap(), "/a/c");
+        assert_eq!(absolute("raw:/dev/sdb").unwrap(), "raw:/dev/sdb");
+        assert_eq!(absolute("x").unwrap(), cwd.join("x").display().to_string());
+        assert_eq!(
+            absolute("../y").unwrap(),
+            format!("{parent}/y").replace("//", "/")
+        );
+        assert!(absolute("raw:img").unwrap().starts_with("raw:/"));
+    }
+}

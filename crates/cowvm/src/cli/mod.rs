@@ -1,0 +1,53 @@
+//! The client commands: `checkpoint`, `pause`, `resume` and `status` talk to a running VM
+//! through its API socket; `inspect` reads a checkpoint directly.
+
+mod checkpoint;
+mod inspect;
+mod output;
+mod vm;
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+pub use self::checkpoint::CheckpointArgs;
+pub use self::inspect::InspectArgs;
+use crate::client::ApiClient;
+
+/// How to reach a running VM.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// The API socket of the VM (`cowvm run --api-sock`).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ApiArgs {
+    fn client(&self) -> ApiClient {
+        ApiClient::new(&self.api_sock)
+    }
+}
+
+/// `cowvm pause | resume | status`.
+#[derive(clap::Args, Debug)]
+pub struct VmCommandArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// Runs an async client call to completion on a small runtime.
+fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
+}
+
+pub use self::checkpoint::checkpoint;
+pub use self::inspect::inspect;
+pub use self::vm::{pause, resume, status};

@@ -1,0 +1,202 @@
+//! `cowvm run --checkpoint-every DURATION --checkpoint-dir DIR [--keep K]`: a checkpoint every
+//! DURATION into `DIR/ckpt-<unix ms>`, keeping the newest K complete ones.
+//!
+//! Safety of the pruning: only complete checkpoints are deleted, only after the checkpoint
+//! just taken is complete, and only those older than the newest K. A checkpoint that fails is
+//! removed by the trigger that started it (nobody else writes there); any other incomplete
+//! directory is left alone, since it may be one another client is writing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ckpt_format::DirStore;
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, info, warn};
+use vmm::checkpoint::StoreSpec;
+
+use crate::api::control::{ControlError, Controller, Outcome};
+use crate::api::model::CheckpointBody;
+
+/// Prefix of the checkpoint directories the trigger makes.
+const PREFIX: &str = "ckpt-";
+
+/// The periodic trigger's settings.
+#[derive(Debug, Clone)]
+pub struct Periodic {
+    /// Time between the starts of two checkpoints.
+    pub every: Duration,
+    /// Where the checkpoints go.
+    pub dir: PathBuf,
+    /// How many complete checkpoints to keep (all if none).
+    pub keep: Option<usize>,
+    /// Strategy and policies.
+    pub template: CheckpointBody,
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h 30m`: a positive duration.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if d.is_zero() {
+        return Err("the interval must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+/// The sequence number (creation time) of a checkpoint directory name the trigger made.
+fn sequence(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Deletes all but the newest `keep` complete checkpoints the trigger made in `dir`. Returns
+/// the directories deleted.
+pub fn prune(dir: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
+    let mut complete: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let seq = sequence(e.file_name().to_str()?)?;
+            let path = e.path();
+            DirStore::new(&path).is_complete().then_some((seq, path))
+        })
+        .collect();
+    complete.sort();
+    let excess = complete.len().saturating_sub(keep);
+    let mut deleted = Vec::new();
+    for (_, path) in complete.into_iter().take(excess) {
+        std::fs::remove_dir_all(&path)?;
+        deleted.push(path);
+    }
+    Ok(deleted)
+}
+
+fn next_dir(dir: &Path) -> PathBuf {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    // Zero-padded so that names sort like numbers.
+    dir.join(format!("{PREFIX}{ms:016}"))
+}
+
+/// Takes one checkpoint and prunes. Errors are logged: the VM goes on, and so does the trigger.
+async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
+    let out = next_dir(&cfg.dir);
+    let body = CheckpointBody {
+        out: out.display().to_string(),
+        ..cfg.template.clone()
+    };
+    let ctl = controller.clone();
+    let store = StoreSpec::Dir(out.clone());
+    let started = tokio::task::spawn_blocking(move || ctl.start_checkpoint(body, store)).await;
+    let job = match started {
+        Ok(Ok(job)) => job,
+        // The VM is ending: the trigger is about to be stopped.
+        Ok(Err(ControlError::Exited(_))) => return,
+        Ok(Err(e)) => {
+            warn!("periodic checkpoint skipped: {e}");
+            return;
+        }
+        Err(e) => {
+            debug!("periodic checkpoint not started: {e}");
+            return;
+        }
+    };
+    job.finished().await;
+    match job.outcome() {
+        Some(Outcome::Complete(m)) => {
+            info!(out = %out.display(), pause_us = m.metrics.pause_us, "periodic checkpoint complete");
+            if let Some(keep) = cfg.keep {
+                match prune(&cfg.dir, keep) {
+                    Ok(deleted) => {
+                        for d in deleted {
+                            info!(dir = %d.display(), "old checkpoint deleted");
+                        }
+                    }
+                    Err(e) => warn!("pruning {} failed: {e}", cfg.dir.display()),
+                }
+            }
+        }
+        Some(Outcome::Failed { message, .. }) => {
+            warn!(out = %out.display(), "periodic checkpoint failed: {message}");
+            // Ours, and no longer being written.
+            if out.exists() {
+                if let Err(e) = std::fs::remove_dir_all(&out) {
+                    warn!("cannot remove {}: {e}", out.display());
+                }
+            }
+        }
+        None => warn!("periodic checkpoint ended without an outcome"),
+    }
+}
+
+/// Runs the trigger until the task is dropped.
+pub async fn run(controller: Arc<Controller>, cfg: Periodic) {
+    let mut interval = tokio::time::interval(cfg.every);
+    // The first tick is immediate: wait one period first.
+    interval.tick().await;
+    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        tick(&controller, &cfg).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(
+            sequence("ckpt-0000001700000000123"),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(sequence("ckpt-"), None);
+        assert_eq!(sequence("ckpt-12a"), None);
+        assert_eq!(sequence("other-12"), None);
+    }
+
+    fn fake(dir: &Path, seq: u64, complete: bool) -> PathBuf {
+        let p = dir.join(format!("{PREFIX}{seq:016}"));
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("manifest.json"), b"{}").unwrap();
+        if complete {
+            std::fs::write(p.join("COMPLETE"), b"x").unwrap();
+        }
+        p
+    }
+
+    #[test]
+    fn prune_keeps_newest_complete_and_every_incomplete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = fake(tmp.path(), 1, true);
+        let b = fake(tmp.path(), 2, false);
+        let c = fake(tmp.path(), 3, true);
+        let d = fake(tmp.path(), 4, true);
+        let e = fake(tmp.path(), 5, false);
+        let other = tmp.path().join("mine");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("COMPLETE"), b"x").unwrap();
+        let deleted = prune(tmp.path(), 2).unwrap();
+        assert_eq!(deleted, vec![a.clone()]);
+        assert!(!a.exists());
+        for kept in [&b, &c, &d, &e, &other] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
+        assert_eq!(prune(tmp.path(), 1).unwrap(), vec![c]);
+        assert!(d.exists() && b.exists() && e.exists());
+    }
+}

@@ -1,0 +1,128 @@
+//! `cowvm run` with a control plane: the API server (`--api-sock`) and the periodic checkpoint
+//! trigger (`--checkpoint-every`) run on a tokio runtime beside the VM, until the VM ends.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+use vmm::{Vm, VmExit};
+
+use crate::api::control::Controller;
+use crate::api::model::CheckpointBody;
+use crate::api::ApiServer;
+use crate::periodic::{self, Periodic};
+
+/// The control options of `cowvm run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControlArgs {
+    /// Serve the control API (HTTP/1.1, JSON) on this Unix socket, created owner-only.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Take a checkpoint at this interval (500ms, 10s, 2m, ...).
+    #[arg(long, value_name = "DURATION", value_parser = periodic::parse_duration, requires = "checkpoint_dir")]
+    pub checkpoint_every: Option<Duration>,
+    /// Where periodic checkpoints go, each in DIR/ckpt-<unix ms>.
+    #[arg(long, value_name = "DIR", requires = "checkpoint_every")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Keep only the newest K complete periodic checkpoints.
+    #[arg(long, value_name = "K", requires = "checkpoint_every", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: Option<u32>,
+}
+
+impl ControlArgs {
+    /// Whether the VM needs a control plane.
+    pub fn wanted(&self) -> bool {
+        self.api_sock.is_some() || self.checkpoint_every.is_some()
+    }
+}
+
+/// Waits for the VM to end, stopping it on SIGINT or SIGTERM.
+async fn wait_for_exit(vm: Arc<Vm>) -> anyhow::Result<VmExit> {
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let waiter = vm.clone();
+    let mut exit = tokio::task::spawn_blocking(move || loop {
+        if let Some(exit) = waiter.wait_timeout(Duration::from_secs(1)) {
+            return exit;
+        }
+    });
+    loop {
+        tokio::select! {
+            exit = &mut exit => return exit.context("waiting for the VM"),
+            _ = int.recv() => { info!("SIGINT: stopping the VM"); vm.stop(); }
+            _ = term.recv() => { info!("SIGTERM: stopping the VM"); vm.stop(); }
+        }
+    }
+}
+
+/// Runs `vm` with its control plane until it ends; returns how it ended.
+pub fn run(vm: Vm, args: &ControlArgs) -> anyhow::Result<VmExit> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("cowvm-api")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let vm = Arc::new(vm);
+    let controller = Arc::new(Controller::new(vm.clone()));
+    let exit = runtime.block_on(async {
+        let server = match &args.api_sock {
+            Some(path) => Some(
+                ApiServer::start(path, controller.clone())
+                    .with_context(|| format!("--api-sock {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let trigger = match (args.checkpoint_every, &args.checkpoint_dir) {
+            (Some(every), Some(dir)) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("--checkpoint-dir {}", dir.display()))?;
+                let dir = std::path::absolute(dir)
+                    .with_context(|| format!("--checkpoint-dir {}", dir.display()))?;
+                Some(tokio::spawn(periodic::run(
+                    controller.clone(),
+                    Periodic {
+                        every,
+                        dir,
+                        keep: args.keep.map(|k| k as usize),
+                        template: CheckpointBody {
+                            out: String::new(),
+                            strategy: Default::default(),
+                            io: Default::default(),
+                            disk: Default::default(),
+                        },
+                    },
+                )))
+            }
+            _ => None,
+        };
+        let exit = wait_for_exit(vm.clone()).await;
+        if let Some(server) = server {
+            server.shutdown().await;
+        }
+        if let Some(trigger) = trigger {
+            trigger.abort();
+        }
+        // A checkpoint in progress finishes (its write-out does not need running vCPUs), so
+        // that it is not left incomplete for no reason.
+        if let Some(job) = controller.running() {
+            info!(id = %job.id(), "waiting for the checkpoint in progress");
+            job.finished().await;
+        }
+        controller.release_pause();
+        exit
+    });
+    drop(controller);
+    drop(runtime);
+    // The last reference: dropping the VM joins the vCPU threads and flushes the console.
+    if let Err(vm) = Arc::try_unwrap(vm) {
+        tracing::debug!(
+            references = Arc::strong_count(&vm),
+            "the VM is still referenced"
+        );
+    }
+    exit
+}

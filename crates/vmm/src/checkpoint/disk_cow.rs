@@ -1,0 +1,224 @@
+//! The disk side of a live checkpoint (SPEC §2 steps 1, 5 and 8; M1, M5–M7, M12, M15).
+//!
+//! - While the VM runs, each disk gets a new qcow2 COW file over the image it uses now
+//!   ([`prepare_disks`]).
+//! - In the pause the devices are frozen (they complete nothing to the guest, so the saved
+//!   in-flight list and guest memory agree), drained first under the `drain` policy, and each
+//!   disk is switched to its COW file ([`switch_disks`]). Writes already in flight finish into
+//!   the parent: they were issued before the checkpoint instant, so they belong to the
+//!   checkpoint's disk (and restore re-issues them anyway); new writes go to the COW file only.
+//! - After the resume ([`finish_disks`]) the checkpoint waits until those writes have landed,
+//!   so its disk no longer changes. With `keep`, the parent is the checkpoint's disk and the VM
+//!   stays on the COW file. With `copy-commit`, the parent is copied for the checkpoint, then
+//!   the COW file is committed back into the parent while the VM runs on a further COW file,
+//!   so chains do not grow with every checkpoint.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ckpt_format::{DiskConfig, DiskFormat, DiskPolicy, IoPolicy};
+use disk::{Format, Image};
+use tracing::info;
+
+use super::CheckpointError;
+use crate::devices::virtio::block::{BlockHandle, BlockState};
+use crate::vm::Vm;
+
+/// How long the pause may wait for disk I/O under the `drain` policy, and the write-out for
+/// writes still in flight against a parent.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One disk's new COW file, ready to be switched to.
+pub(super) struct DiskPrep {
+    /// The image the VM used up to the checkpoint: the checkpoint's disk (`keep`).
+    parent: PathBuf,
+    parent_format: Format,
+    /// The COW file and its open image (taken by the switch).
+    overlay: PathBuf,
+    image: Option<Image>,
+}
+
+fn disk_err(index: usize) -> impl Fn(crate::devices::virtio::block::BlockError) -> CheckpointError {
+    move |source| CheckpointError::Disk { index, source }
+}
+
+fn image_err(index: usize) -> impl Fn(disk::Error) -> CheckpointError {
+    move |source| CheckpointError::DiskImage { index, source }
+}
+
+/// A new file name next to `top`: `<stem>.<tag>.qcow2`.
+pub(crate) fn overlay_path(top: &Path, tag: &str) -> PathBuf {
+    let stem = top
+        .file_stem()
+        .map_or_else(|| "disk".into(), |s| s.to_string_lossy().into_owned());
+    top.with_file_name(format!("{stem}.{tag}.qcow2"))
+}
+
+/// Step 1, while the VM runs: a COW file over each disk's current image.
+pub(super) fn prepare_disks(vm: &Vm, tag: &str) -> Result<Vec<DiskPrep>, CheckpointError> {
+    let mut preps = Vec::new();
+    for (i, handle) in vm.disks().iter().enumerate() {
+        let info = handle.image_info().map_err(disk_err(i))?;
+        let top = info
+            .chain
+            .first()
+            .cloned()
+            .ok_or(CheckpointError::Unsupported("a disk without an image"))?;
+        let overlay = overlay_path(&info.path, tag);
+        disk::create_qcow2(
+            &overlay,
+            &disk::CreateOptions {
+                backing: Some((&info.path, top.format)),
+                ..disk::CreateOptions::default()
+            },
+        )
+        .map_err(image_err(i))?;
+        let image = Image::open(&overlay).map_err(image_err(i))?;
+        preps.push(DiskPrep {
+            parent: info.path,
+            parent_format: top.format,
+            overlay,
+            image: Some(image),
+        });
+    }
+    Ok(preps)
+}
+
+/// Disks that complete nothing to the guest until dropped.
+pub(super) struct FrozenDisks<'a> {
+    handles: &'a [BlockHandle],
+}
+
+impl Drop for FrozenDisks<'_> {
+    fn drop(&mut self) {
+        for (i, h) in self.handles.iter().enumerate() {
+            if let Err(e) = h.freeze(false) {
+                tracing::error!("cannot unfreeze disk {i}: {e}");
+            }
+        }
+    }
+}
+
+/// In the pause: with `drain`, wait until no disk request is in flight (M12); then freeze.
+pub(super) fn freeze_disks(vm: &Vm, io: IoPolicy) -> Result<FrozenDisks<'_>, CheckpointError> {
+    let handles = vm.disks();
+    if io == IoPolicy::Drain {
+        for (i, h) in handles.iter().enumerate() {
+            h.drain(IO_TIMEOUT).map_err(disk_err(i))?;
+        }
+    }
+    for (i, h) in handles.iter().enumerate() {
+        if let Err(e) = h.freeze(true) {
+            // Thaw the ones already frozen.
+            drop(FrozenDisks {
+                handles: &handles[..i],
+            });
+            return Err(disk_err(i)(e));
+        }
+    }
+    Ok(FrozenDisks { handles })
+}
+
+/// In the pause, after memory is marked: each disk's state, in-flight requests included.
+pub(super) fn save_disks(vm: &Vm) -> Result<Vec<BlockState>, CheckpointError> {
+    vm.disks()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| h.save().map_err(disk_err(i)))
+        .collect()
+}
+
+/// Step 5, in the pause: new requests go to the COW files from now on.
+pub(super) fn switch_disks(vm: &Vm, preps: &mut [DiskPrep]) -> Result<(), CheckpointError> {
+    for (i, (h, prep)) in vm.disks().iter().zip(preps.iter_mut()).enumerate() {
+        let image = prep.image.take().expect("switched once");
+        h.switch_image(image).map_err(disk_err(i))?;
+    }
+    Ok(())
+}
+
+fn format_of(format: Format) -> DiskFormat {
+    match format {
+        Format::Raw => DiskFormat::Raw,
+        Format::Qcow2 => DiskFormat::Qcow2,
+    }
+}
+
+/// Copies the whole content of the chain at `source` into a sparse raw file `dest`.
+fn copy_flat(source: &Path, dest: &Path, index: usize) -> Result<(), CheckpointError> {
+    const CHUNK: usize = 1 << 20;
+    let mut image = Image::open_read_only(source).map_err(image_err(index))?;
+    let out = File::create(dest).map_err(|source| CheckpointError::Copy {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    let size = image.size();
+    out.set_len(size).map_err(|source| CheckpointError::Copy {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0;
+    while off < size {
+        let n = CHUNK.min((size - off) as usize);
+        image
+            .read_at(off, &mut buf[..n])
+            .map_err(image_err(index))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            out.write_all_at(&buf[..n], off)
+                .map_err(|source| CheckpointError::Copy {
+                    path: dest.to_path_buf(),
+                    source,
+                })?;
+        }
+        off += n as u64;
+    }
+    out.sync_all().map_err(|source| CheckpointError::Copy {
+        path: dest.to_path_buf(),
+        source,
+    })
+}
+
+/// Step 8, while the VM runs: make each checkpoint disk final and return what the manifest
+/// records for it (the file that holds the checkpoint's disk, M7).
+pub(super) fn finish_disks(
+    vm: &Vm,
+    preps: &[DiskPrep],
+    states: &[BlockState],
+    policy: DiskPolicy,
+    store_dir: Option<&Path>,
+    tag: &str,
+) -> Result<Vec<DiskConfig>, CheckpointError> {
+    let mut disks = Vec::new();
+    for (i, ((h, prep), state)) in vm.disks().iter().zip(preps).zip(states).enumerate() {
+        // Writes issued before the instant land in the parent (M15); after this the parent
+        // no longer changes.
+        h.wait_older_images(IO_TIMEOUT).map_err(disk_err(i))?;
+        let (path, format) = match policy {
+            DiskPolicy::CopyCommit => {
+                let dir = store_dir.ok_or(CheckpointError::Unsupported(
+                    "copy-commit needs a directory store to hold the disk copy",
+                ))?;
+                let copy = dir.join(format!("disk{i}.raw"));
+                copy_flat(&prep.parent, &copy, i)?;
+                let next = overlay_path(&prep.parent, &format!("{tag}-next"));
+                let report = h
+                    .commit_and_rebase(&next, &mut |_, _| {})
+                    .map_err(disk_err(i))?;
+                info!(disk = i, copy = %copy.display(), base = %report.base.display(), "checkpoint disk copied and COW file committed");
+                (copy, DiskFormat::Raw)
+            }
+            _ => (prep.parent.clone(), format_of(prep.parent_format)),
+        };
+        disks.push(DiskConfig {
+            id: format!("disk{i}"),
+            path: std::fs::canonicalize(&path).unwrap_or(path),
+            format,
+            readonly: state.disk.readonly,
+        });
+        info!(disk = i, overlay = %prep.overlay.display(), "VM continues on its COW file");
+    }
+    Ok(disks)
+}
