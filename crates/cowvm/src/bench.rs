@@ -16,8 +16,12 @@ use crate::VmArgs;
 pub enum BenchCommand {
     /// Pause/resume latency of a running guest: the floor of every checkpoint pause.
     Pause(PauseArgs),
+    /// Restore latency (lazy vs eager) and clone density.
+    Restore(crate::bench_restore::RestoreBenchArgs),
     /// Live checkpoints of a guest dirtying memory at full speed, per size and strategy.
     Checkpoint(crate::bench_checkpoint::CheckpointBenchArgs),
+    /// cowvm's checkpoints side by side with QEMU's on the same guest (issue 7).
+    Compare(crate::bench_compare::CompareArgs),
     /// Guest disk IOPS through virtio-blk on raw and qcow2, next to the host (issue 4).
     Disk(crate::disk_cmd::DiskBenchArgs),
 }
@@ -51,6 +55,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Pause(args) => pause(args),
         BenchCommand::Checkpoint(args) => crate::bench_checkpoint::run(args),
+        BenchCommand::Compare(args) => crate::bench_compare::run(args),
+        BenchCommand::Restore(args) => crate::bench_restore::run(args),
         BenchCommand::Disk(args) => crate::disk_cmd::bench(args),
     }
 }

@@ -51,8 +51,8 @@ pub struct CheckpointBenchArgs {
 
 /// One measured checkpoint.
 #[derive(Debug, Serialize)]
-pub struct Row {
-    /// Always `cowvm` here (the QEMU comparison adds `qemu` rows).
+pub(crate) struct Row {
+    /// `cowvm` or `qemu`.
     pub system: String,
     /// Strategy.
     pub method: String,
@@ -66,7 +66,7 @@ pub struct Row {
     pub guest_pause_us: u64,
     /// Guest progress during the checkpoint as a fraction of its undisturbed progress.
     pub guest_progress: f64,
-    /// From the checkpoint request to its completion marker.
+    /// From the checkpoint request to its completion.
     pub total_us: u64,
     /// Bytes written to the store.
     pub bytes_written: u64,
@@ -74,27 +74,50 @@ pub struct Row {
     pub dd_us: u64,
     /// `total_us / dd_us`.
     pub total_vs_dd: f64,
-    /// Pages saved by the write-fault path.
-    pub pages_saved_by_fault: u64,
-    /// Pages saved by the background writer.
-    pub pages_saved_in_background: u64,
-    /// Restore to a running guest: not measured by this benchmark.
+    /// Pages saved by the write-fault path (cowvm only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_saved_by_fault: Option<u64>,
+    /// Pages saved by the background writer (cowvm only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_saved_in_background: Option<u64>,
+    /// Restore to the guest's next progress line (when measured).
     pub restore_us: Option<u64>,
     /// Guest progress relative to undisturbed, over time around the checkpoint (ms, fraction).
     #[serde(skip)]
     pub timeline: Vec<(f64, f64)>,
 }
 
-/// The console so far: a partial line, and the `dirty pass=` stamps with their arrival time.
+/// One `dirty pass=<n> tsc=<t>` line and when it reached the host.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stamp {
+    /// Arrival on the host.
+    pub at: Instant,
+    /// Pass number.
+    pub pass: u64,
+    /// The guest's TSC when it printed the line.
+    pub tsc: u64,
+}
+
+/// The console so far: a partial line, and the progress stamps.
 #[derive(Default)]
 struct StampLog {
     partial: Vec<u8>,
-    passes: Vec<(Instant, u64)>,
+    stamps: Vec<Stamp>,
 }
 
-/// Console sink that records progress stamps.
+/// Console sink that records progress stamps with their arrival time (the same for every
+/// system: cowvm writes the console into it, the QEMU runner copies QEMU's serial output in).
 #[derive(Clone, Default)]
-struct Stamps(Arc<Mutex<StampLog>>);
+pub(crate) struct Stamps(Arc<Mutex<StampLog>>);
+
+fn parse_stamp(line: &str) -> Option<(u64, u64)> {
+    // Firmware output may precede the first stamp on its line.
+    let rest = &line[line.find("dirty pass=")? + "dirty pass=".len()..];
+    let mut words = rest.split_whitespace();
+    let pass = words.next()?.parse().ok()?;
+    let tsc = words.next()?.strip_prefix("tsc=")?.parse().ok()?;
+    Some((pass, tsc))
+}
 
 impl Write for Stamps {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -103,13 +126,8 @@ impl Write for Stamps {
         inner.partial.extend_from_slice(buf);
         while let Some(nl) = inner.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = inner.partial.drain(..=nl).collect();
-            let text = String::from_utf8_lossy(&line);
-            if let Some(pass) = text
-                .strip_prefix("dirty pass=")
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|p| p.parse().ok())
-            {
-                inner.passes.push((now, pass));
+            if let Some((pass, tsc)) = parse_stamp(&String::from_utf8_lossy(&line)) {
+                inner.stamps.push(Stamp { at: now, pass, tsc });
             }
         }
         Ok(buf.len())
@@ -121,22 +139,115 @@ impl Write for Stamps {
 }
 
 impl Stamps {
-    fn snapshot(&self) -> Vec<(Instant, u64)> {
+    pub(crate) fn snapshot(&self) -> Vec<Stamp> {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .passes
+            .stamps
             .clone()
+    }
+
+    /// Waits until `n` stamps have arrived; false after `timeout`.
+    pub(crate) fn wait_for(&self, n: usize, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while self.snapshot().len() < n {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 }
 
-/// Passes completed by `t`: the last stamp printed at or before it.
-fn passes_at(stamps: &[(Instant, u64)], t: Instant) -> f64 {
-    let i = stamps.partition_point(|(at, _)| *at <= t);
-    i.checked_sub(1).map_or(0.0, |j| stamps[j].1 as f64)
+/// Passes completed by `t`, interpolated linearly between the stamps around it.
+fn passes_at(stamps: &[Stamp], t: Instant) -> f64 {
+    let i = stamps.partition_point(|s| s.at <= t);
+    match (i.checked_sub(1).map(|j| &stamps[j]), stamps.get(i)) {
+        (Some(a), Some(b)) => {
+            let f = (t - a.at).as_secs_f64() / (b.at - a.at).as_secs_f64().max(1e-9);
+            a.pass as f64 + f * (b.pass - a.pass) as f64
+        }
+        (Some(a), None) => a.pass as f64,
+        (None, _) => 0.0,
+    }
 }
 
-fn parse_strategy(s: &str) -> anyhow::Result<Strategy> {
+/// The instants of a measurement: undisturbed from `base_start` to `t0`, checkpoint from `t0`
+/// (the request) to `t1` (complete, the VM running).
+pub(crate) struct Window {
+    pub base_start: Instant,
+    pub t0: Instant,
+    pub t1: Instant,
+}
+
+/// What the progress stamps say about a checkpoint.
+pub(crate) struct GuestView {
+    pub guest_progress: f64,
+    pub guest_pause_us: u64,
+    pub timeline: Vec<(f64, f64)>,
+}
+
+/// Guest progress and the guest-visible pause from the stamps around `w`. The longest gap
+/// between consecutive stamps is measured with the guest's own TSC (calibrated against the
+/// host clock over the undisturbed interval), or with arrival times where those are longer
+/// (a hypervisor may hold the guest TSC still while the VM is stopped).
+pub(crate) fn guest_view(stamps: &[Stamp], w: &Window) -> anyhow::Result<GuestView> {
+    let (t0, t1) = (w.t0, w.t1);
+    let base_rate = (passes_at(stamps, t0) - passes_at(stamps, w.base_start))
+        / (t0 - w.base_start).as_secs_f64();
+    if base_rate <= 0.0 {
+        bail!("the guest made no progress before the checkpoint");
+    }
+    // Progress is the work the guest did not lose: the shortfall against the undisturbed rate
+    // from the request to the last stamp (the guest runs at full speed again after the
+    // checkpoint), so that stamp granularity does not decide short checkpoints.
+    let end = stamps.last().map_or(t1, |s| s.at.max(t1));
+    let done = passes_at(stamps, end) - passes_at(stamps, t0);
+    let lost = (base_rate * (end - t0).as_secs_f64() - done).max(0.0);
+    let guest_progress = (1.0 - lost / (base_rate * (t1 - t0).as_secs_f64())).clamp(0.0, 1.0);
+    let base: Vec<&Stamp> = stamps
+        .iter()
+        .filter(|s| s.at >= w.base_start && s.at <= t0)
+        .collect();
+    let tsc_hz = match (base.first(), base.last()) {
+        (Some(a), Some(b)) if b.at > a.at && b.tsc > a.tsc => {
+            (b.tsc - a.tsc) as f64 / (b.at - a.at).as_secs_f64()
+        }
+        _ => bail!("too few progress stamps before the checkpoint"),
+    };
+    let normal_gap = 1.0 / base_rate;
+    let max_gap = stamps
+        .windows(2)
+        .filter(|p| p[1].at >= t0 && p[0].at <= t1)
+        .map(|p| {
+            let by_tsc = p[1].tsc.saturating_sub(p[0].tsc) as f64 / tsc_hz;
+            by_tsc.max((p[1].at - p[0].at).as_secs_f64())
+        })
+        .fold(0.0, f64::max);
+    let guest_pause_us = ((max_gap - normal_gap).max(0.0) * 1e6) as u64;
+    let margin = Duration::from_millis(300);
+    let timeline = stamps
+        .windows(2)
+        .filter(|p| p[0].at + margin >= t0 && p[1].at <= t1 + margin)
+        .map(|p| {
+            let mid = p[0].at + (p[1].at - p[0].at) / 2;
+            let rate = (p[1].pass - p[0].pass) as f64 / (p[1].at - p[0].at).as_secs_f64();
+            let x = mid.checked_duration_since(t0).map_or_else(
+                || -(t0 - mid).as_secs_f64() * 1e3,
+                |d| d.as_secs_f64() * 1e3,
+            );
+            (x, (rate / base_rate).min(1.5))
+        })
+        .collect();
+    Ok(GuestView {
+        guest_progress,
+        guest_pause_us,
+        timeline,
+    })
+}
+
+pub(crate) fn parse_strategy(s: &str) -> anyhow::Result<Strategy> {
     Ok(match s {
         "uffd" => Strategy::Uffd,
         "fork" => Strategy::Fork,
@@ -145,7 +256,8 @@ fn parse_strategy(s: &str) -> anyhow::Result<Strategy> {
     })
 }
 
-fn dd(dir: &Path, bytes: u64) -> anyhow::Result<Duration> {
+/// Time for `dd` to write `bytes` with fsync into `dir`.
+pub(crate) fn dd(dir: &Path, bytes: u64) -> anyhow::Result<Duration> {
     let file = dir.join("dd.bin");
     let start = Instant::now();
     let status = Command::new("dd")
@@ -165,7 +277,7 @@ fn dd(dir: &Path, bytes: u64) -> anyhow::Result<Duration> {
 
 /// Working set of the `dirty` guest: `percent` of memory, within low RAM (below 3 GiB), minus
 /// room for the guest image.
-fn working_set(mem: u64, percent: u64) -> u64 {
+pub(crate) fn working_set(mem: u64, percent: u64) -> u64 {
     let usable = mem.min(3 << 30) - (32 << 20);
     (usable * percent / 100) & !((2 << 20) - 1)
 }
@@ -184,12 +296,8 @@ fn measure(args: &CheckpointBenchArgs, mem: u64, strategy: Strategy) -> anyhow::
     };
     let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(stamps.clone())))?)?;
     // Warm up: the first passes populate memory; then measure the undisturbed rate.
-    let warm = Instant::now();
-    while stamps.snapshot().len() < 3 {
-        if warm.elapsed() > Duration::from_secs(60) {
-            bail!("the guest printed no progress within a minute");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if !stamps.wait_for(3, Duration::from_secs(60)) {
+        bail!("the guest printed no progress within a minute");
     }
     let base_start = Instant::now();
     std::thread::sleep(Duration::from_millis(600));
@@ -216,37 +324,7 @@ fn measure(args: &CheckpointBenchArgs, mem: u64, strategy: Strategy) -> anyhow::
     }
     vm.stop();
     drop(vm);
-    let stamps = stamps.snapshot();
-
-    let base_rate =
-        (passes_at(&stamps, t0) - passes_at(&stamps, base_start)) / (t0 - base_start).as_secs_f64();
-    if base_rate <= 0.0 {
-        bail!("the guest made no progress before the checkpoint");
-    }
-    let during = passes_at(&stamps, t1) - passes_at(&stamps, t0);
-    let guest_progress = (during / (base_rate * (t1 - t0).as_secs_f64())).min(1.0);
-    let normal_gap = 1.0 / base_rate;
-    let max_gap = stamps
-        .windows(2)
-        .filter(|w| w[1].0 >= t0 && w[0].0 <= t1)
-        .map(|w| (w[1].0 - w[0].0).as_secs_f64())
-        .fold(0.0, f64::max);
-    let guest_pause_us = ((max_gap - normal_gap).max(0.0) * 1e6) as u64;
-    let timeline = stamps
-        .windows(2)
-        .filter(|w| {
-            w[0].0 + Duration::from_millis(300) >= t0 && w[1].0 <= t1 + Duration::from_millis(300)
-        })
-        .map(|w| {
-            let mid = w[0].0 + (w[1].0 - w[0].0) / 2;
-            let rate = (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0).as_secs_f64();
-            let x = mid.checked_duration_since(t0).map_or_else(
-                || -(t0 - mid).as_secs_f64() * 1e3,
-                |d| d.as_secs_f64() * 1e3,
-            );
-            (x, (rate / base_rate).min(1.5))
-        })
-        .collect();
+    let view = guest_view(&stamps.snapshot(), &Window { base_start, t0, t1 })?;
 
     let m = &manifest.metrics;
     let dd_took = dd(&args.store_dir, m.bytes_written)?;
@@ -257,16 +335,16 @@ fn measure(args: &CheckpointBenchArgs, mem: u64, strategy: Strategy) -> anyhow::
         mem_mib: mem >> 20,
         workload: format!("dirty {}% fill", args.dirty_percent),
         pause_us: m.pause_us,
-        guest_pause_us,
-        guest_progress,
+        guest_pause_us: view.guest_pause_us,
+        guest_progress: view.guest_progress,
         total_us: m.total_us,
         bytes_written: m.bytes_written,
         dd_us: dd_took.as_micros() as u64,
         total_vs_dd: m.total_us as f64 / dd_took.as_micros().max(1) as f64,
-        pages_saved_by_fault: m.pages_saved_by_fault,
-        pages_saved_in_background: m.pages_saved_in_background,
+        pages_saved_by_fault: Some(m.pages_saved_by_fault),
+        pages_saved_in_background: Some(m.pages_saved_in_background),
         restore_us: None,
-        timeline,
+        timeline: view.timeline,
     })
 }
 
@@ -334,8 +412,8 @@ fn print_rows(rows: &[Row], json: bool) -> anyhow::Result<()> {
             r.total_us as f64 / 1e3,
             r.bytes_written as f64 / 1e6,
             r.total_vs_dd,
-            r.pages_saved_by_fault,
-            r.pages_saved_in_background
+            r.pages_saved_by_fault.unwrap_or(0),
+            r.pages_saved_in_background.unwrap_or(0)
         );
     }
     Ok(())
@@ -385,4 +463,51 @@ fn plot(dir: &Path, rows: &[Row], strategies: &[Strategy]) -> anyhow::Result<()>
     )?;
     eprintln!("plots written to {}", dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_parse_with_firmware_noise_and_tsc() {
+        assert_eq!(parse_stamp("dirty pass=3 tsc=99\n"), Some((3, 99)));
+        assert_eq!(
+            parse_stamp("Booting from ROM..dirty pass=1 tsc=7"),
+            Some((1, 7))
+        );
+        assert_eq!(parse_stamp("dirty pass=3\n"), None);
+        assert_eq!(parse_stamp("dirty done passes=3 checksum=00"), None);
+    }
+
+    #[test]
+    fn stalled_guest_shows_a_pause_and_no_progress() {
+        // 1 pass per 10 ms (TSC 1 MHz), then a 500 ms stop starting at 300 ms, then 10 ms again.
+        let origin = Instant::now();
+        let at = |ms: u64| origin + Duration::from_millis(ms);
+        let mut stamps = Vec::new();
+        let mut pass = 0;
+        let mut t = 0;
+        while t <= 1400 {
+            pass += 1;
+            stamps.push(Stamp {
+                at: at(t),
+                pass,
+                tsc: t * 1000,
+            });
+            t += if t == 300 { 510 } else { 10 };
+        }
+        let w = Window {
+            base_start: at(0),
+            t0: at(300),
+            t1: at(800),
+        };
+        let view = guest_view(&stamps, &w).unwrap();
+        assert!(
+            (490_000..=510_000).contains(&view.guest_pause_us),
+            "{}",
+            view.guest_pause_us
+        );
+        assert!(view.guest_progress < 0.05, "{}", view.guest_progress);
+    }
 }

@@ -1,19 +1,23 @@
-//! The `cowvm` command: boots VMs and (later) checkpoints, restores and clones them.
+//! The `cowvm` command: boots, checkpoints, restores, clones and rolls back VMs.
 
 mod api;
 mod bench;
 mod bench_checkpoint;
+mod bench_compare;
+mod bench_restore;
 mod cli;
 mod client;
 mod disk_cmd;
 mod periodic;
 mod plot;
+mod restore;
 mod supervise;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use api::control::RollbackSettings;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use vmm::{Console, HugePages, MemSize, Vm, VmConfig, VmExit};
@@ -61,6 +65,12 @@ enum Command {
     Status(cli::VmCommandArgs),
     /// Show a checkpoint's manifest and metrics (reads the store; no VM needed).
     Inspect(cli::InspectArgs),
+    /// Run a VM restored from a checkpoint until the guest exits; the exit status is the guest's.
+    Restore(restore::RestoreArgs),
+    /// Start N VMs from one checkpoint in this process, wait for all, report each.
+    Clone(restore::CloneArgs),
+    /// Return a running VM to an earlier checkpoint of its own, in the same process.
+    Rollback(cli::RollbackArgs),
     /// Disk images: create overlays, commit them.
     #[command(subcommand)]
     Disk(disk_cmd::DiskCommand),
@@ -146,21 +156,34 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let console = match args.console {
-        Some(path) => Console::File(path),
+    let console = match &args.console {
+        Some(path) => Console::File(path.clone()),
         None => Console::Stdout,
     };
     let vm = Vm::boot(args.vm.config(console)?)?;
     let exit = if args.control.wanted() {
-        supervise::run(vm, &args.control)?
+        let origin = supervise::Origin {
+            restored_from: None,
+            rollback: RollbackSettings {
+                console: args.console.clone(),
+                disk_dir: None,
+            },
+        };
+        supervise::run(vm, &args.control, origin)?
     } else {
         vm.wait()
     };
-    match &exit {
+    Ok(exit_code(&exit))
+}
+
+/// The process status for how the VM ended (the guest's own status, or 125 for a VMM-side
+/// failure, which is reported on standard error).
+pub fn exit_code(exit: &VmExit) -> ExitCode {
+    match exit {
         VmExit::Guest(_) | VmExit::Stopped => {}
         other => eprintln!("cowvm: {other}"),
     }
-    Ok(ExitCode::from(exit.status() as u8))
+    ExitCode::from(exit.status() as u8)
 }
 
 fn main() -> ExitCode {
@@ -172,6 +195,9 @@ fn main() -> ExitCode {
         Command::Resume(args) => cli::resume(args),
         Command::Status(args) => cli::status(args),
         Command::Inspect(args) => cli::inspect(args),
+        Command::Restore(args) => restore::restore(args),
+        Command::Clone(args) => restore::clone(args),
+        Command::Rollback(args) => cli::rollback(args),
         Command::Disk(cmd) => disk_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     });

@@ -39,6 +39,20 @@ fn bounds(series: &[Series], pick: impl Fn(&(f64, f64)) -> f64) -> (f64, f64) {
 
 /// Draws `series` as lines with markers into an SVG file at `path`.
 pub fn line_chart(path: &Path, chart: &Chart<'_>, series: &[Series]) -> anyhow::Result<()> {
+    draw_chart(path, chart, series, false)
+}
+
+/// As [`line_chart`], with a logarithmic Y axis (for values spanning several decades).
+pub fn line_chart_log_y(path: &Path, chart: &Chart<'_>, series: &[Series]) -> anyhow::Result<()> {
+    draw_chart(path, chart, series, true)
+}
+
+fn draw_chart(
+    path: &Path,
+    chart: &Chart<'_>,
+    series: &[Series],
+    log_y: bool,
+) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
@@ -46,7 +60,7 @@ pub fn line_chart(path: &Path, chart: &Chart<'_>, series: &[Series]) -> anyhow::
     let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let (x0, x1) = bounds(series, |p| p.0);
-    let (_, y1) = bounds(series, |p| p.1);
+    let (y0, y1) = bounds(series, |p| p.1);
     let mut builder = ChartBuilder::on(&root);
     builder
         .caption(chart.title, ("sans-serif", 22))
@@ -83,9 +97,18 @@ pub fn line_chart(path: &Path, chart: &Chart<'_>, series: &[Series]) -> anyhow::
                 .map_err(|e| err(&e))?;
         }};
     }
-    if chart.log_x {
+    let y_log = (y0.max(1e-9) / 2.0)..(y1 * 2.0);
+    if chart.log_x && log_y {
+        draw!(builder
+            .build_cartesian_2d((x0.max(1e-9)..x1).log_scale(), y_log.log_scale())
+            .map_err(|e| err(&e))?);
+    } else if chart.log_x {
         draw!(builder
             .build_cartesian_2d((x0.max(1e-9)..x1).log_scale(), 0.0..y1 * 1.1)
+            .map_err(|e| err(&e))?);
+    } else if log_y {
+        draw!(builder
+            .build_cartesian_2d(x0..x1, y_log.log_scale())
             .map_err(|e| err(&e))?);
     } else {
         draw!(builder

@@ -1,5 +1,7 @@
-//! `cowvm run` with a control plane: the API server (`--api-sock`) and the periodic checkpoint
-//! trigger (`--checkpoint-every`) run on a tokio runtime beside the VM, until the VM ends.
+//! `cowvm run` and `cowvm restore` with a control plane: the API server (`--api-sock`) and the
+//! periodic checkpoint trigger (`--checkpoint-every`) run on a tokio runtime beside the VM,
+//! until the VM ends. A rollback replaces the VM in this process; the process then follows the
+//! new one and ends when the current VM does.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,12 +12,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 use vmm::{Vm, VmExit};
 
-use crate::api::control::Controller;
+use crate::api::control::{Controller, RollbackSettings};
 use crate::api::model::CheckpointBody;
 use crate::api::ApiServer;
 use crate::periodic::{self, Periodic};
 
-/// The control options of `cowvm run`.
+/// The control options of `cowvm run` and `cowvm restore`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControlArgs {
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket, created owner-only.
@@ -39,35 +41,54 @@ impl ControlArgs {
     }
 }
 
-/// Waits for the VM to end, stopping it on SIGINT or SIGTERM.
-async fn wait_for_exit(vm: Arc<Vm>) -> anyhow::Result<VmExit> {
+/// Waits for the current VM to end, stopping it on SIGINT or SIGTERM. The exit of a VM that a
+/// rollback has replaced (it is no longer current when it stops) does not count.
+async fn wait_for_exit(controller: Arc<Controller>) -> anyhow::Result<VmExit> {
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let waiter = vm.clone();
+    let waiter = controller.clone();
     let mut exit = tokio::task::spawn_blocking(move || loop {
-        if let Some(exit) = waiter.wait_timeout(Duration::from_secs(1)) {
-            return exit;
+        let vm = waiter.vm();
+        if let Some(exit) = vm.wait_timeout(Duration::from_secs(1)) {
+            // A rollback makes the new VM current before it stops the old one.
+            if Arc::ptr_eq(&vm, &waiter.vm()) {
+                return exit;
+            }
+            info!("the VM was rolled back: following the restored VM");
         }
     });
     loop {
         tokio::select! {
             exit = &mut exit => return exit.context("waiting for the VM"),
-            _ = int.recv() => { info!("SIGINT: stopping the VM"); vm.stop(); }
-            _ = term.recv() => { info!("SIGTERM: stopping the VM"); vm.stop(); }
+            _ = int.recv() => { info!("SIGINT: stopping the VM"); controller.stop(); }
+            _ = term.recv() => { info!("SIGTERM: stopping the VM"); controller.stop(); }
         }
     }
 }
 
-/// Runs `vm` with its control plane until it ends; returns how it ended.
-pub fn run(vm: Vm, args: &ControlArgs) -> anyhow::Result<VmExit> {
+/// What the process's VM was made from, for the API and for rollbacks.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// The checkpoint it was restored from (`cowvm restore`), if any.
+    pub restored_from: Option<String>,
+    /// How a rollback sets up the VM that replaces it.
+    pub rollback: RollbackSettings,
+}
+
+/// Runs `vm` with its control plane until the current VM (`vm`, or the VM of the latest
+/// rollback) ends; returns how it ended.
+pub fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<VmExit> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("cowvm-api")
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let vm = Arc::new(vm);
-    let controller = Arc::new(Controller::new(vm.clone()));
+    let controller = Arc::new(Controller::new(
+        Arc::new(vm),
+        origin.restored_from,
+        origin.rollback,
+    ));
     let exit = runtime.block_on(async {
         let server = match &args.api_sock {
             Some(path) => Some(
@@ -99,7 +120,7 @@ pub fn run(vm: Vm, args: &ControlArgs) -> anyhow::Result<VmExit> {
             }
             _ => None,
         };
-        let exit = wait_for_exit(vm.clone()).await;
+        let exit = wait_for_exit(controller.clone()).await;
         if let Some(server) = server {
             server.shutdown().await;
         }
@@ -115,6 +136,7 @@ pub fn run(vm: Vm, args: &ControlArgs) -> anyhow::Result<VmExit> {
         controller.release_pause();
         exit
     });
+    let vm = controller.vm();
     drop(controller);
     drop(runtime);
     // The last reference: dropping the VM joins the vCPU threads and flushes the console.

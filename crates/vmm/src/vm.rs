@@ -35,6 +35,9 @@ pub enum Console {
     Stdout,
     /// A file, created or truncated.
     File(PathBuf),
+    /// A file, created or appended to: a VM rolled back in the same process continues the
+    /// console of the VM it replaces.
+    Append(PathBuf),
     /// Any writer (tests capture the console this way).
     Writer(Box<dyn Write + Send>),
 }
@@ -44,6 +47,7 @@ impl std::fmt::Debug for Console {
         match self {
             Console::Stdout => write!(f, "Stdout"),
             Console::File(p) => write!(f, "File({})", p.display()),
+            Console::Append(p) => write!(f, "Append({})", p.display()),
             Console::Writer(_) => write!(f, "Writer"),
         }
     }
@@ -163,6 +167,13 @@ pub(crate) fn console_writer(console: Console) -> Result<Box<dyn Write + Send>, 
                 .create(true)
                 .write(true)
                 .truncate(true)
+                .open(&path)
+                .map_err(|source| VmError::Console { path, source })?,
+        ),
+        Console::Append(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
                 .open(&path)
                 .map_err(|source| VmError::Console { path, source })?,
         ),
@@ -405,9 +416,27 @@ impl Vm {
         self.exit.wait()
     }
 
-    /// Stops the VM from the VMM side.
+    /// Stops the VM from the VMM side. The vCPUs run on until the VM is dropped (a checkpoint
+    /// in progress can still pause them).
     pub fn stop(&self) {
         self.exit.notify(VmExit::Stopped);
+    }
+
+    /// Stops the VM and makes every vCPU thread leave its run loop now, even one parked by a
+    /// pause: a VM replaced by a rollback is paused, then retired, and must not run again when
+    /// that pause is dropped, whoever still holds a reference to it.
+    pub fn retire(&self) {
+        self.stop();
+        self.control.request_exit();
+    }
+
+    /// Writes the console's partial line, if any, to its output (so that the console of a VM
+    /// that replaces this one continues after it).
+    pub fn flush_console(&self) -> std::io::Result<()> {
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush()
     }
 }
 
@@ -417,12 +446,7 @@ impl Drop for Vm {
         self.control.request_exit();
         self.control.join();
         self.disks.stop();
-        if let Err(e) = self
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .flush()
-        {
+        if let Err(e) = self.flush_console() {
             tracing::warn!("console flush failed: {e}");
         }
     }

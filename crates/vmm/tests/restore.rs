@@ -22,7 +22,7 @@ use vmm::{Vm, VmExit};
 const WORKLOAD: &str = "disk blocks=256 rounds=4 qd=8 mem=8M seed=11";
 const MEM: u64 = 96 << 20;
 const DISK_SIZE: u64 = 32 << 20;
-const RUN_LIMIT: Duration = Duration::from_secs(60);
+const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 /// Checkpoint-restore cycles per strategy and I/O policy (`COWVM_DIVERGENCE_ITERS` for a soak).
 fn iterations() -> usize {

@@ -1,22 +1,29 @@
-//! The controller of one running VM: who holds a pause, which checkpoint is being taken, and
-//! the table of checkpoint jobs. The API server and the periodic checkpoint trigger both go
-//! through it, so their requests cannot conflict behind each other's back.
+//! The controller of one running VM: who holds a pause, which checkpoint is being taken, the
+//! table of checkpoint jobs, and which VM is current (a rollback replaces it). The API server
+//! and the periodic checkpoint trigger both go through it, so their requests cannot conflict
+//! behind each other's back.
 //!
-//! Locks: `gate` (pause and checkpoint decisions) is taken before `jobs` (the table), never
-//! the other way round, and neither is held across an `await`. Operations that block (a pause
-//! waits for every vCPU to park; a checkpoint runs for seconds) run off the async workers.
+//! Locks: `gate` (pause, checkpoint and rollback decisions) is taken before `current` and
+//! `jobs`, never the other way round, and none is held across an `await`. Operations that
+//! block (a pause waits for every vCPU to park; a checkpoint runs for seconds; a rollback
+//! restores a VM) run off the async workers. A request works on the VM that was current when
+//! it began ([`Controller::vm`] hands out an `Arc`), so a rollback never pulls a VM from under
+//! it.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ckpt_format::{CheckpointOptions, Manifest, PAGE_SIZE};
 use thiserror::Error;
 use tokio::sync::watch;
 use tracing::{info, warn};
+use vmm::checkpoint::restore::{RestoreError, RestoreOptions};
 use vmm::checkpoint::{CheckpointError, CheckpointRequest, Phase, Progress, StoreSpec};
 use vmm::kvm::vcpu::HeldPause;
-use vmm::{Vm, VmError};
+use vmm::{Console, Vm, VmError};
 
 use super::model::{
     CheckpointBody, CheckpointCounters, CheckpointJob, JobPhase, JobProgress, JobStatus, PausedBy,
@@ -50,6 +57,9 @@ pub enum ControlError {
     /// The checkpoint failed in the VMM.
     #[error("{0}")]
     Checkpoint(String),
+    /// The checkpoint to roll back to cannot be restored; the VM runs on.
+    #[error("cannot roll back")]
+    Restore(#[source] RestoreError),
 }
 
 /// Who holds the VM now.
@@ -59,6 +69,36 @@ struct Gate {
     held: Option<HeldPause>,
     /// The job whose checkpoint is running.
     running: Option<Arc<Job>>,
+    /// The process is stopping the VM (a signal): no rollback may start another.
+    stopping: bool,
+}
+
+/// How the VM of a rollback is set up, as the process's own VM was: where its console
+/// continues and where its disks' fresh COW files go.
+#[derive(Debug, Clone, Default)]
+pub struct RollbackSettings {
+    /// The console file, appended to; standard output if none.
+    pub console: Option<PathBuf>,
+    /// Directory of the disks' COW files; next to the checkpoint's disks if none.
+    pub disk_dir: Option<PathBuf>,
+}
+
+/// The VM the controller drives now.
+#[derive(Clone)]
+struct Current {
+    vm: Arc<Vm>,
+    started: Instant,
+    /// The checkpoint it was restored from, as the client named it.
+    restored_from: Option<String>,
+}
+
+/// What a rollback took.
+#[derive(Debug, Clone, Copy)]
+pub struct RolledBack {
+    /// `Vm::restore` alone.
+    pub restore: Duration,
+    /// From the pause of the old VM until the new one runs.
+    pub downtime: Duration,
 }
 
 /// How a job ended.
@@ -161,11 +201,15 @@ struct Jobs {
     counters: CheckpointCounters,
 }
 
-/// The controller of one VM.
+/// The controller of one VM (the current one, after rollbacks).
 pub struct Controller {
-    vm: Arc<Vm>,
-    started: Instant,
+    current: RwLock<Current>,
+    settings: RollbackSettings,
     gate: Mutex<Gate>,
+    /// A rollback is replacing the VM. Set and cleared with the gate held (decisions read it
+    /// there), an atomic so that [`Controller::info`] need not wait for the gate (a pause holds
+    /// it while the vCPUs park).
+    rolling_back: AtomicBool,
     jobs: Mutex<Jobs>,
 }
 
@@ -195,7 +239,7 @@ fn store_refusal(e: &CheckpointError) -> Option<bool> {
 }
 
 /// The whole chain of an error, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -207,12 +251,22 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Controller {
-    /// A controller for `vm`.
-    pub fn new(vm: Arc<Vm>) -> Controller {
+    /// A controller for `vm` (restored from the checkpoint `restored_from`, if it was); a
+    /// rollback sets its VM up with `settings`.
+    pub fn new(
+        vm: Arc<Vm>,
+        restored_from: Option<String>,
+        settings: RollbackSettings,
+    ) -> Controller {
         Controller {
-            vm,
-            started: Instant::now(),
+            current: RwLock::new(Current {
+                vm,
+                started: Instant::now(),
+                restored_from,
+            }),
+            settings,
             gate: Mutex::new(Gate::default()),
+            rolling_back: AtomicBool::new(false),
             jobs: Mutex::new(Jobs {
                 next: 1,
                 ..Jobs::default()
@@ -220,13 +274,20 @@ impl Controller {
         }
     }
 
-    /// The VM.
-    pub fn vm(&self) -> &Arc<Vm> {
-        &self.vm
+    fn current(&self) -> Current {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The current VM.
+    pub fn vm(&self) -> Arc<Vm> {
+        self.current().vm
     }
 
     fn check_alive(&self) -> Result<(), ControlError> {
-        match self.vm.exit_status() {
+        match self.vm().exit_status() {
             Some(exit) => Err(ControlError::Exited(exit.to_string())),
             None => Ok(()),
         }
@@ -239,8 +300,9 @@ impl Controller {
             .values()
             .find(|j| lock(&j.end).is_none())
             .map(|j| j.id());
-        let paused = self.vm.is_paused();
-        let s = self.vm.summary();
+        let current = self.current();
+        let paused = current.vm.is_paused();
+        let s = current.vm.summary();
         VmInfo {
             state: if paused {
                 VmState::Paused
@@ -250,6 +312,9 @@ impl Controller {
             paused_by: match (paused, &running) {
                 (false, _) => None,
                 (true, Some(_)) => Some(PausedBy::Checkpoint),
+                (true, None) if self.rolling_back.load(Ordering::Acquire) => {
+                    Some(PausedBy::Rollback)
+                }
                 (true, None) => Some(PausedBy::Api),
             },
             config: VmConfigInfo {
@@ -259,13 +324,14 @@ impl Controller {
                 cmdline: s.cmdline.clone(),
             },
             checkpoint_in_progress: running,
-            uptime_ms: self.uptime_ms(),
+            restored_from: current.restored_from,
+            uptime_ms: current.started.elapsed().as_millis() as u64,
         }
     }
 
-    /// Milliseconds since the controller (and so the VM) started.
+    /// Milliseconds since the current VM started.
     pub fn uptime_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.current().started.elapsed().as_millis() as u64
     }
 
     /// Pauses the VM until [`resume`](Self::resume). Blocks until every vCPU is parked.
@@ -278,10 +344,13 @@ impl Controller {
                 job.id()
             )));
         }
+        if self.rolling_back.load(Ordering::Acquire) {
+            return Err(ControlError::Conflict("a rollback is in progress".into()));
+        }
         if gate.held.is_some() {
             return Err(ControlError::Conflict("the VM is already paused".into()));
         }
-        let held = self.vm.pause_held().map_err(ControlError::Pause)?;
+        let held = self.vm().pause_held().map_err(ControlError::Pause)?;
         let took = held.took();
         gate.held = Some(held);
         info!(pause_us = took.as_micros() as u64, "VM paused by the API");
@@ -298,7 +367,10 @@ impl Controller {
                 info!("VM resumed by the API");
                 Ok(())
             }
-            None if self.vm.is_paused() => Err(ControlError::Conflict(
+            None if self.rolling_back.load(Ordering::Acquire) => Err(ControlError::Conflict(
+                "the VM is paused by a rollback, which replaces it".into(),
+            )),
+            None if self.vm().is_paused() => Err(ControlError::Conflict(
                 "the VM is paused by a checkpoint, which resumes it itself".into(),
             )),
             None => Err(ControlError::Conflict("the VM is running".into())),
@@ -318,6 +390,9 @@ impl Controller {
                 "checkpoint {} is in progress",
                 job.id()
             )));
+        }
+        if self.rolling_back.load(Ordering::Acquire) {
+            return Err(ControlError::Conflict("a rollback is in progress".into()));
         }
         if gate.held.is_some() {
             return Err(ControlError::Conflict(
@@ -347,13 +422,15 @@ impl Controller {
             pause_probe: None,
         };
         let this = self.clone();
+        let vm = self.vm();
         let worker = job.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("checkpoint-{}", job.id))
             .spawn(move || {
-                let result = this.vm.checkpoint(&request, &worker.progress);
+                let result = vm.checkpoint(&request, &worker.progress);
                 this.finish(&worker, result);
                 // Whoever waits for the job may then drop the VM: release it first.
+                drop(vm);
                 drop(this);
                 worker.done.send_replace(true);
             });
@@ -449,6 +526,111 @@ impl Controller {
     /// Drops a client's pause (when the VM ends, so that the vCPU threads can be joined).
     pub fn release_pause(&self) {
         lock(&self.gate).held = None;
+    }
+
+    /// Stops the current VM for good (a signal): a rollback in progress stops the VM it
+    /// restores, and no other may start.
+    pub fn stop(&self) {
+        let mut gate = lock(&self.gate);
+        gate.stopping = true;
+        self.vm().stop();
+    }
+
+    /// Returns the running VM to the checkpoint in `store` (named `from` by the client) without
+    /// a new process: the checkpoint is restored into a new VM, which becomes current, and the
+    /// old VM is stopped. Refused while a checkpoint runs or a client holds a pause. If the
+    /// checkpoint is incomplete or corrupt, `Vm::restore` refuses it and the old VM resumes as
+    /// it was.
+    pub fn rollback(
+        &self,
+        store: &StoreSpec,
+        from: &str,
+        eager: bool,
+    ) -> Result<RolledBack, ControlError> {
+        self.check_alive()?;
+        let old = {
+            let gate = lock(&self.gate);
+            if gate.stopping {
+                return Err(ControlError::Conflict("the VM is stopping".into()));
+            }
+            if self.rolling_back.load(Ordering::Acquire) {
+                return Err(ControlError::Conflict("a rollback is in progress".into()));
+            }
+            if let Some(job) = &gate.running {
+                return Err(ControlError::Conflict(format!(
+                    "checkpoint {} is in progress; roll back after it completes",
+                    job.id()
+                )));
+            }
+            if gate.held.is_some() {
+                return Err(ControlError::Conflict(
+                    "the VM is paused; resume it before rolling back".into(),
+                ));
+            }
+            self.rolling_back.store(true, Ordering::Release);
+            self.vm()
+        };
+        let result = self.replace(&old, store, from, eager);
+        let _gate = lock(&self.gate);
+        self.rolling_back.store(false, Ordering::Release);
+        result
+    }
+
+    fn replace(
+        &self,
+        old: &Arc<Vm>,
+        store: &StoreSpec,
+        from: &str,
+        eager: bool,
+    ) -> Result<RolledBack, ControlError> {
+        let start = Instant::now();
+        // The restored VM runs as soon as it exists, so the old one is paused first: the two
+        // never run together, and the old one's last partial line reaches the console before
+        // the new one writes. If the restore fails, dropping the pause resumes it untouched.
+        let pause = old.pause_held().map_err(ControlError::Pause)?;
+        if let Err(e) = old.flush_console() {
+            warn!("cannot flush the console of the VM rolled back: {e}");
+        }
+        let options = RestoreOptions {
+            console: match &self.settings.console {
+                Some(path) => Console::Append(path.clone()),
+                None => Console::Stdout,
+            },
+            eager,
+            disk_dir: self.settings.disk_dir.clone(),
+        };
+        let restore_start = Instant::now();
+        let new = Arc::new(Vm::restore(store, options).map_err(ControlError::Restore)?);
+        let restore = restore_start.elapsed();
+        let stopping = {
+            let gate = lock(&self.gate);
+            // The process waits for the current VM: it moves to the new one here, before the
+            // old one stops, so the old VM's end does not end the process.
+            *self.current.write().unwrap_or_else(|p| p.into_inner()) = Current {
+                vm: new.clone(),
+                started: Instant::now(),
+                restored_from: Some(from.to_string()),
+            };
+            gate.stopping
+        };
+        // `retire` makes the old vCPU threads exit, so dropping the pause does not resume them.
+        old.retire();
+        drop(pause);
+        if stopping {
+            new.stop();
+        }
+        let took = RolledBack {
+            restore,
+            downtime: start.elapsed(),
+        };
+        info!(
+            from,
+            eager,
+            restore_us = took.restore.as_micros() as u64,
+            downtime_us = took.downtime.as_micros() as u64,
+            "VM rolled back"
+        );
+        Ok(took)
     }
 }
 

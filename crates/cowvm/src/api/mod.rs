@@ -27,12 +27,13 @@ use thiserror::Error;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
+use vmm::checkpoint::restore::RestoreError;
 use vmm::checkpoint::StoreSpec;
 
 use self::control::{ControlError, Controller, Outcome};
 use self::model::{
-    CheckpointBody, CheckpointJob, ErrorBody, Health, VersionInfo, VmInfo, VmMetrics, VmPatch,
-    VmState, WaitQuery,
+    CheckpointBody, CheckpointJob, ErrorBody, Health, RollbackBody, RollbackDone, VersionInfo,
+    VmInfo, VmMetrics, VmPatch, VmState, WaitQuery,
 };
 
 /// The OpenAPI document of this API.
@@ -127,9 +128,31 @@ impl From<ControlError> for ApiError {
                 ),
                 _ => ApiError::internal(format!("{message}: {source}")),
             },
+            ControlError::Restore(ref source) => {
+                let message = format!("{message}: {}", control::chain(source));
+                if unusable_checkpoint(source) {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_checkpoint", message)
+                        .field("from")
+                } else {
+                    ApiError::internal(message)
+                }
+            }
             ControlError::Spawn(_) | ControlError::Checkpoint(_) => ApiError::internal(message),
         }
     }
+}
+
+/// Whether a restore failed because of the checkpoint (missing, incomplete, corrupt, not for
+/// this VMM) rather than the host.
+fn unusable_checkpoint(e: &RestoreError) -> bool {
+    matches!(
+        e,
+        RestoreError::Open { .. }
+            | RestoreError::Config { .. }
+            | RestoreError::State(_)
+            | RestoreError::Memory(_)
+            | RestoreError::Serial(_)
+    )
 }
 
 /// A JSON request body: `Content-Type: application/json`, at most [`MAX_BODY`] bytes, one
@@ -215,29 +238,30 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     })
 }
 
-/// Turns the `out` of a checkpoint request into a store, refusing anything but an absolute,
-/// normal path: no `..`, no NUL, no relative path (the server's working directory is nobody's
-/// business), and only the `raw:` prefix.
-pub fn parse_store(out: &str) -> Result<StoreSpec, ApiError> {
-    let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", m).field("out");
-    if out.contains('\0') {
-        return Err(bad("out contains a NUL byte"));
+/// Turns a store path of a request (the `out` of a checkpoint, the `from` of a rollback, named
+/// by `field`) into a store, refusing anything but an absolute, normal path: no `..`, no NUL,
+/// no relative path (the server's working directory is nobody's business), and only the
+/// `raw:` prefix.
+pub fn parse_store(value: &str, field: &str) -> Result<StoreSpec, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", m).field(field);
+    if value.contains('\0') {
+        return Err(bad(format!("{field} contains a NUL byte")));
     }
-    let (raw, path) = match out.strip_prefix("raw:") {
+    let (raw, path) = match value.strip_prefix("raw:") {
         Some(p) => (true, p),
-        None => (false, out),
+        None => (false, value),
     };
     if !path.starts_with('/') {
-        return Err(bad(
-            "out must be an absolute directory path or raw:/absolute/path of a file or device",
-        ));
+        return Err(bad(format!(
+            "{field} must be an absolute directory path or raw:/absolute/path of a file or device"
+        )));
     }
     let path = Path::new(path);
     if path.components().any(|c| c == Component::ParentDir) {
-        return Err(bad("out must not contain '..' components"));
+        return Err(bad(format!("{field} must not contain '..' components")));
     }
     if path.parent().is_none() {
-        return Err(bad("out must not be the root directory"));
+        return Err(bad(format!("{field} must not be the root directory")));
     }
     Ok(if raw {
         StoreSpec::Raw(path.to_path_buf())
@@ -332,7 +356,7 @@ async fn put_checkpoint(
     JsonBody(body): JsonBody<CheckpointBody>,
 ) -> Result<Response, ApiError> {
     let wait = query(wait)?.wait;
-    let store = parse_store(&body.out)?;
+    let store = parse_store(&body.out, "out")?;
     check_store_free(&store)?;
     let ctl = c.clone();
     let job = blocking(move || ctl.start_checkpoint(body, store)).await?;
@@ -361,6 +385,22 @@ async fn put_checkpoint(
     };
     let location = format!("/checkpoints/{}", view.id);
     Ok((status, [(header::LOCATION, location)], Json(view)).into_response())
+}
+
+async fn put_rollback(
+    State(c): State<Ctl>,
+    JsonBody(body): JsonBody<RollbackBody>,
+) -> Result<Json<RollbackDone>, ApiError> {
+    let store = parse_store(&body.from, "from")?;
+    let ctl = c.clone();
+    let from = body.from.clone();
+    let took = blocking(move || ctl.rollback(&store, &from, body.eager)).await?;
+    Ok(Json(RollbackDone {
+        from: body.from,
+        eager: body.eager,
+        restore_us: took.restore.as_micros() as u64,
+        downtime_us: took.downtime.as_micros() as u64,
+    }))
 }
 
 async fn get_checkpoint(
@@ -441,6 +481,7 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Ctl>)> {
             "/checkpoints/{id}",
             on(MethodFilter::GET, get_checkpoint),
         ),
+        ("PUT", "/rollback", on(MethodFilter::PUT, put_rollback)),
     ]
 }
 
@@ -572,9 +613,11 @@ mod tests {
 
     #[test]
     fn store_paths() {
-        assert!(matches!(parse_store("/a/b"), Ok(StoreSpec::Dir(p)) if p == Path::new("/a/b")));
         assert!(
-            matches!(parse_store("raw:/dev/sdb"), Ok(StoreSpec::Raw(p)) if p == Path::new("/dev/sdb"))
+            matches!(parse_store("/a/b", "out"), Ok(StoreSpec::Dir(p)) if p == Path::new("/a/b"))
+        );
+        assert!(
+            matches!(parse_store("raw:/dev/sdb", "from"), Ok(StoreSpec::Raw(p)) if p == Path::new("/dev/sdb"))
         );
         for bad in [
             "",
@@ -589,9 +632,16 @@ mod tests {
             "/a\0b",
             "/",
         ] {
-            let e = parse_store(bad).expect_err(bad);
+            let e = parse_store(bad, "out").expect_err(bad);
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
             assert_eq!(e.body.field.as_deref(), Some("out"), "{bad}");
+            let e = parse_store(bad, "from").expect_err(bad);
+            assert_eq!(e.body.field.as_deref(), Some("from"), "{bad}");
+            assert!(
+                e.body.message.starts_with("from "),
+                "{bad}: {}",
+                e.body.message
+            );
         }
     }
 

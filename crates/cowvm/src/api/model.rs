@@ -21,6 +21,8 @@ pub enum PausedBy {
     Api,
     /// A checkpoint in its pause phase.
     Checkpoint,
+    /// A rollback, while it restores the VM that replaces this one.
+    Rollback,
 }
 
 /// `PATCH /vm`.
@@ -42,7 +44,9 @@ pub struct VmInfo {
     pub config: VmConfigInfo,
     /// The checkpoint being taken, if any.
     pub checkpoint_in_progress: Option<String>,
-    /// Milliseconds since the VM started.
+    /// The checkpoint the VM was restored from (by `cowvm restore` or a rollback), if any.
+    pub restored_from: Option<String>,
+    /// Milliseconds since the VM started (since its restore, for a restored VM).
     pub uptime_ms: u64,
 }
 
@@ -131,6 +135,30 @@ impl CheckpointBody {
             },
         }
     }
+}
+
+/// `PUT /rollback`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    /// The checkpoint: an absolute directory path, or `raw:` and an absolute path.
+    pub from: String,
+    /// Read and verify all memory before the restored VM runs.
+    #[serde(default)]
+    pub eager: bool,
+}
+
+/// The answer to `PUT /rollback`, once the restored VM runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackDone {
+    /// The checkpoint, as requested.
+    pub from: String,
+    /// Whether memory was read eagerly.
+    pub eager: bool,
+    /// Microseconds spent restoring the checkpoint.
+    pub restore_us: u64,
+    /// Microseconds from the pause of the old VM until the restored one runs.
+    pub downtime_us: u64,
 }
 
 /// `?wait=true`: answer when the operation is over instead of at once.

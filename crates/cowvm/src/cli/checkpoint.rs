@@ -49,14 +49,14 @@ struct Report<'a> {
     metrics: &'a Metrics,
 }
 
-/// `path` made absolute and free of `.` and `..` (resolved lexically, as a shell user means
-/// them), since the server takes only absolute, normal paths.
-fn absolute(path: &str) -> anyhow::Result<String> {
+/// `path` (the store argument `what`) made absolute and free of `.` and `..` (resolved
+/// lexically, as a shell user means them), since the server takes only absolute, normal paths.
+pub fn absolute(path: &str, what: &str) -> anyhow::Result<String> {
     let (prefix, path) = match path.strip_prefix("raw:") {
         Some(p) => ("raw:", p),
         None => ("", path),
     };
-    let abs = std::path::absolute(Path::new(path)).with_context(|| format!("--out {path}"))?;
+    let abs = std::path::absolute(Path::new(path)).with_context(|| format!("{what} {path}"))?;
     let mut normal = PathBuf::new();
     for c in abs.components() {
         match c {
@@ -74,7 +74,7 @@ fn absolute(path: &str) -> anyhow::Result<String> {
 pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
     let client = args.api.client();
     let body = CheckpointBody {
-        out: absolute(&args.out)?,
+        out: absolute(&args.out, "--out")?,
         strategy: args.strategy,
         io: args.io,
         disk: args.disk,
@@ -154,13 +154,16 @@ mod tests {
     fn out_is_made_absolute_and_normal() {
         let cwd = std::env::current_dir().unwrap();
         let parent = cwd.parent().unwrap_or(&cwd).display().to_string();
-        assert_eq!(absolute("/a/./b/../c").unwrap(), "/a/c");
-        assert_eq!(absolute("raw:/dev/sdb").unwrap(), "raw:/dev/sdb");
-        assert_eq!(absolute("x").unwrap(), cwd.join("x").display().to_string());
+        assert_eq!(absolute("/a/./b/../c", "--out").unwrap(), "/a/c");
+        assert_eq!(absolute("raw:/dev/sdb", "--out").unwrap(), "raw:/dev/sdb");
         assert_eq!(
-            absolute("../y").unwrap(),
+            absolute("x", "--out").unwrap(),
+            cwd.join("x").display().to_string()
+        );
+        assert_eq!(
+            absolute("../y", "--out").unwrap(),
             format!("{parent}/y").replace("//", "/")
         );
-        assert!(absolute("raw:img").unwrap().starts_with("raw:/"));
+        assert!(absolute("raw:img", "--out").unwrap().starts_with("raw:/"));
     }
 }

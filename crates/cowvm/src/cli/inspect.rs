@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, Manifest, Metrics, RawStore, Store};
 use serde::Serialize;
+use vmm::checkpoint::state::VmSnapshot;
 
 use super::checkpoint::name;
 use super::output::{byte_bar, bytes, metric_rows, table};
@@ -42,6 +43,9 @@ struct Report<'a> {
     #[serde(flatten)]
     metrics: &'a Metrics,
     manifest_checksum: String,
+    /// Bytes the guest had written to its console at the checkpoint instant: a restored VM's
+    /// console continues the original's after this many bytes.
+    console_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     verified: Option<Verified>,
     manifest: &'a Manifest,
@@ -71,12 +75,17 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let checksum = format!("{:016x}", ckpt.manifest_checksum());
+    let state: VmSnapshot = ckpt
+        .decode_state()
+        .with_context(|| format!("{}: state section", args.dir))?;
+    let console_bytes = state.serial.bytes_emitted;
     if args.json {
         let report = Report {
             out: &args.dir,
             options: m.options,
             metrics: &m.metrics,
             manifest_checksum: checksum,
+            console_bytes,
             verified,
             manifest: m,
         };
@@ -109,6 +118,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default(),
         ),
         ("cmdline", m.vm.cmdline.clone().unwrap_or_default()),
+        ("console bytes", console_bytes.to_string()),
         (
             "disks",
             if m.vm.disks.is_empty() {

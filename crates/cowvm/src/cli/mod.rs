@@ -1,9 +1,10 @@
-//! The client commands: `checkpoint`, `pause`, `resume` and `status` talk to a running VM
-//! through its API socket; `inspect` reads a checkpoint directly.
+//! The client commands: `checkpoint`, `pause`, `resume`, `status` and `rollback` talk to a
+//! running VM through its API socket; `inspect` reads a checkpoint directly.
 
 mod checkpoint;
 mod inspect;
 mod output;
+mod rollback;
 mod vm;
 
 use std::future::Future;
@@ -13,6 +14,8 @@ use anyhow::Context;
 
 pub use self::checkpoint::CheckpointArgs;
 pub use self::inspect::InspectArgs;
+pub use self::output::ms;
+pub use self::rollback::{rollback, RollbackArgs};
 use crate::client::ApiClient;
 
 /// How to reach a running VM.

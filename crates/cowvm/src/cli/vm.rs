@@ -17,7 +17,7 @@ fn vm_rows(vm: &VmInfo) -> Vec<(&'static str, String)> {
         (VmState::Paused, Some(by)) => format!("paused (by {})", name(&by)),
         (VmState::Paused, None) => "paused".to_string(),
     };
-    vec![
+    let mut rows = vec![
         ("state", state),
         ("memory", bytes(vm.config.mem_size)),
         ("vcpus", vm.config.vcpus.to_string()),
@@ -30,7 +30,11 @@ fn vm_rows(vm: &VmInfo) -> Vec<(&'static str, String)> {
                 .as_ref()
                 .map_or("none in progress".into(), |id| format!("{id} in progress")),
         ),
-    ]
+    ];
+    if let Some(from) = &vm.restored_from {
+        rows.push(("restored from", from.clone()));
+    }
+    rows
 }
 
 fn set_state(args: &VmCommandArgs, state: VmState) -> anyhow::Result<ExitCode> {

@@ -5,6 +5,7 @@ mod dirty;
 mod disk;
 mod fault;
 mod hello;
+mod scan;
 mod virtio;
 
 use crate::cmdline::{Cmdline, CmdlineError};
@@ -32,6 +33,7 @@ pub fn run<'a>(
         "dirty" => dirty::run(console, ram, options),
         "compute" => compute::run(console, ram, options),
         "fault" => fault::run(console, options),
+        "scan" => scan::run(console, ram, options),
         "disk" => disk::run(console, ram, options, &virtio_mmio),
         _ => Err(CmdlineError::UnknownWorkload(workload)),
     }

@@ -65,9 +65,40 @@ const MAX_QUEUE_SIZE: u32 = 256;
 /// Bytes of the GET_ID answer (VIRTIO_BLK_ID_BYTES).
 pub const ID_BYTES: usize = 20;
 
-/// No request (nor the reset) may take longer than this many TSC ticks: ~10 s at 3 GHz, ~15 s
-/// at 2 GHz.
+/// No request (nor the reset) may take longer than this many TSC ticks of running time: ~10 s
+/// at 3 GHz, ~15 s at 2 GHz.
 const TIMEOUT_TSC: u64 = 30_000_000_000;
+/// A jump of the TSC this large between two polls of a spinning loop means the VM was not
+/// running (paused, checkpointed and restored later, or descheduled by the host — on a PVM
+/// host the guest reads the host's TSC, which a restore cannot wind back): it does not count
+/// towards a timeout.
+const STALL_TSC: u64 = 1_000_000_000;
+
+/// Running time spent waiting, in TSC ticks, with stalls of the whole VM left out.
+struct Waited {
+    last: u64,
+    total: u64,
+}
+
+impl Waited {
+    fn start() -> Waited {
+        Waited {
+            last: rdtsc(),
+            total: 0,
+        }
+    }
+
+    /// Whether the wait has run out of time.
+    fn expired(&mut self) -> bool {
+        let now = rdtsc();
+        let step = now.wrapping_sub(self.last);
+        self.last = now;
+        if step < STALL_TSC {
+            self.total += step;
+        }
+        self.total > TIMEOUT_TSC
+    }
+}
 
 // Layout of the DMA region, page by page: descriptor table, avail ring, used ring, request
 // headers (16 bytes per slot) with the status bytes and the GET_ID buffer, then one 4 KiB data
@@ -197,9 +228,9 @@ impl BlockDevice {
         }
 
         mmio.write(REG_STATUS, 0);
-        let start = rdtsc();
+        let mut waited = Waited::start();
         while mmio.read(REG_STATUS) != 0 {
-            if rdtsc().wrapping_sub(start) > TIMEOUT_TSC {
+            if waited.expired() {
                 fail(
                     console,
                     format_args!("timeout waiting for the device reset"),
@@ -395,13 +426,13 @@ impl BlockDevice {
             self.mmio.write(REG_QUEUE_NOTIFY, 0);
             self.notify_pending = false;
         }
-        let start = rdtsc();
+        let mut waited = Waited::start();
         loop {
             let used_idx = self.read16(USED_OFFSET + 2);
             if used_idx != self.used_idx {
                 break;
             }
-            if rdtsc().wrapping_sub(start) > TIMEOUT_TSC {
+            if waited.expired() {
                 let _ = writeln!(console, "disk: timeout waiting for request");
                 fail(
                     console,

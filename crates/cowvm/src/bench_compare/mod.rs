@@ -1,0 +1,567 @@
+//! `cowvm bench compare`: cowvm's checkpoints side by side with QEMU's on the same guest binary,
+//! memory size and host, in one run. For each size and workload (`dirty` writing all of its
+//! working set, or 10% of memory, at full speed) and each method — cowvm `uffd`, `fork`,
+//! `stop`; QEMU `background-snapshot` (userfaultfd write-protect) and stop-and-copy — it
+//! measures the VMM-reported and guest-visible pause, guest progress during the checkpoint,
+//! total time and bytes against `dd`, and restore to the guest's next progress line.
+
+mod qemu;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ckpt_format::CheckpointOptions;
+use vmm::checkpoint::restore::RestoreOptions;
+use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
+use vmm::{Console, MemSize, Vm};
+
+use self::qemu::{Qemu, QemuConfig};
+use crate::bench_checkpoint::{dd, guest_view, parse_strategy, working_set, Row, Stamps, Window};
+use crate::plot::{line_chart, line_chart_log_y, Chart, Series};
+use crate::VmArgs;
+
+/// Undisturbed running before the checkpoint, and observed running after it.
+const SETTLE: Duration = Duration::from_millis(600);
+/// Boot (QEMU runs SeaBIOS first) and the first passes that populate memory.
+const BOOT_WAIT: Duration = Duration::from_secs(120);
+
+#[derive(clap::Args, Debug)]
+pub struct CompareArgs {
+    /// The test guest kernel (the same binary boots on both systems).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest memory sizes.
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
+    sizes: Vec<String>,
+    /// Only 256 MiB.
+    #[arg(long)]
+    quick: bool,
+    /// Print the rows as a JSON array instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Where results.json, results.md and the plots go.
+    #[arg(long, default_value = "target/bench/compare")]
+    out_dir: PathBuf,
+    /// Directory for checkpoints, snapshot files and `dd` (each removed after its measurement).
+    #[arg(long, default_value = "target/bench/compare-store")]
+    store_dir: PathBuf,
+}
+
+/// The checkpoint methods compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Cowvm(&'static str),
+    QemuBackground,
+    QemuStopCopy,
+}
+
+const METHODS: [Method; 5] = [
+    Method::Cowvm("uffd"),
+    Method::Cowvm("fork"),
+    Method::Cowvm("stop"),
+    Method::QemuBackground,
+    Method::QemuStopCopy,
+];
+
+impl Method {
+    fn system(self) -> &'static str {
+        match self {
+            Method::Cowvm(_) => "cowvm",
+            _ => "qemu",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Method::Cowvm(s) => s,
+            Method::QemuBackground => "background-snapshot",
+            Method::QemuStopCopy => "stop-and-copy",
+        }
+    }
+
+    /// The QEMU method a cowvm method is compared with.
+    fn counterpart(self) -> Option<Method> {
+        match self {
+            Method::Cowvm("stop") => Some(Method::QemuStopCopy),
+            Method::Cowvm(_) => Some(Method::QemuBackground),
+            _ => None,
+        }
+    }
+}
+
+/// A workload: the share of memory the `dirty` guest writes at full speed.
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    percent: u64,
+}
+
+const WORKLOADS: [Workload; 2] = [Workload { percent: 100 }, Workload { percent: 10 }];
+
+impl Workload {
+    fn name(self) -> String {
+        format!("dirty {}%", self.percent)
+    }
+
+    fn cmdline(self, mem: u64) -> String {
+        format!(
+            "dirty mem={}K fill=1 every=1",
+            working_set(mem, self.percent) >> 10
+        )
+    }
+}
+
+/// What a checkpoint of either system yields before the guest view is computed.
+struct Taken {
+    window: Window,
+    pause_us: u64,
+    total_us: u64,
+    bytes: u64,
+    pages: Option<(u64, u64)>,
+}
+
+fn measure_cowvm(
+    kernel: &Path,
+    store: &Path,
+    mem: u64,
+    work: Workload,
+    strategy: &str,
+) -> anyhow::Result<(Taken, Stamps, u64)> {
+    let stamps = Stamps::default();
+    let vm_args = VmArgs {
+        kernel: kernel.to_path_buf(),
+        initrd: None,
+        cmdline: work.cmdline(mem),
+        mem: MemSize(mem).to_string(),
+        vcpus: 1,
+        hugepages: crate::HugePagesArg::None,
+        disks: Vec::new(),
+    };
+    let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(stamps.clone())))?)?;
+    if !stamps.wait_for(3, BOOT_WAIT) {
+        bail!("the guest printed no progress in {BOOT_WAIT:?}");
+    }
+    let base_start = Instant::now();
+    std::thread::sleep(SETTLE);
+    let dir = store.join(format!("cowvm-{}-{strategy}", mem >> 20));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    let request = CheckpointRequest {
+        store: StoreSpec::Dir(dir.clone()),
+        options: CheckpointOptions {
+            strategy: parse_strategy(strategy)?,
+            ..Default::default()
+        },
+        pause_probe: None,
+    };
+    let t0 = Instant::now();
+    let manifest = vm.checkpoint(&request, &Progress::default())?;
+    let t1 = Instant::now();
+    std::thread::sleep(SETTLE);
+    if let Some(exit) = vm.exit_status() {
+        bail!("the guest stopped during the benchmark: {exit}");
+    }
+    vm.stop();
+    drop(vm);
+
+    // Restore from the checkpoint just taken, timed to the guest's next progress line.
+    let restored = Stamps::default();
+    let start = Instant::now();
+    let vm = Vm::restore(
+        &StoreSpec::Dir(dir.clone()),
+        RestoreOptions {
+            console: Console::Writer(Box::new(restored.clone())),
+            eager: false,
+            disk_dir: None,
+        },
+    )?;
+    let ran = restored.wait_for(1, BOOT_WAIT);
+    vm.stop();
+    drop(vm);
+    std::fs::remove_dir_all(&dir).ok();
+    let restore_us = match restored.snapshot().first() {
+        Some(s) if ran => (s.at - start).as_micros() as u64,
+        _ => bail!("the restored guest printed no progress in {BOOT_WAIT:?}"),
+    };
+    let m = &manifest.metrics;
+    Ok((
+        Taken {
+            window: Window { base_start, t0, t1 },
+            pause_us: m.pause_us,
+            total_us: m.total_us,
+            bytes: m.bytes_written,
+            pages: Some((m.pages_saved_by_fault, m.pages_saved_in_background)),
+        },
+        stamps,
+        restore_us,
+    ))
+}
+
+fn measure_qemu(
+    kernel: &Path,
+    store: &Path,
+    mem: u64,
+    work: Workload,
+    method: Method,
+) -> anyhow::Result<(Taken, Stamps, u64)> {
+    let cmdline = work.cmdline(mem);
+    let config = QemuConfig {
+        kernel,
+        mem,
+        cmdline: &cmdline,
+        dir: store,
+        incoming: None,
+    };
+    let mut vm = Qemu::start(&config)?;
+    if !vm.stamps.wait_for(3, BOOT_WAIT) {
+        bail!("the guest under QEMU printed no progress in {BOOT_WAIT:?}");
+    }
+    if method == Method::QemuBackground {
+        vm.enable_background_snapshot()?;
+    }
+    let base_start = Instant::now();
+    std::thread::sleep(SETTLE);
+    let file = store.join(format!("qemu-{}-{}.mig", mem >> 20, method.name()));
+    let t0 = Instant::now();
+    let (pause_us, t1) = if method == Method::QemuStopCopy {
+        vm.stop()?;
+        vm.migrate_to_file(&file)?;
+        vm.cont()?;
+        let t1 = Instant::now();
+        ((t1 - t0).as_micros() as u64, t1)
+    } else {
+        let report = vm.migrate_to_file(&file)?;
+        (report.downtime_us.unwrap_or(0), Instant::now())
+    };
+    std::thread::sleep(SETTLE);
+    if !vm.running() {
+        bail!("QEMU exited during the benchmark");
+    }
+    let stamps = vm.stamps.clone();
+    drop(vm);
+    let bytes = std::fs::metadata(&file)
+        .with_context(|| format!("{}", file.display()))?
+        .len();
+
+    let start = Instant::now();
+    let mut restored = Qemu::start(&QemuConfig {
+        incoming: Some(&file),
+        ..config
+    })?;
+    restored.finish_incoming()?;
+    let ran = restored.stamps.wait_for(1, BOOT_WAIT);
+    let first = restored.stamps.snapshot().first().map(|s| s.at);
+    drop(restored);
+    std::fs::remove_file(&file).ok();
+    let restore_us = match first {
+        Some(at) if ran => (at - start).as_micros() as u64,
+        _ => bail!("the guest restored by QEMU printed no progress in {BOOT_WAIT:?}"),
+    };
+    Ok((
+        Taken {
+            window: Window { base_start, t0, t1 },
+            pause_us,
+            total_us: (t1 - t0).as_micros() as u64,
+            bytes,
+            pages: None,
+        },
+        stamps,
+        restore_us,
+    ))
+}
+
+fn measure(args: &CompareArgs, mem: u64, work: Workload, method: Method) -> anyhow::Result<Row> {
+    let (taken, stamps, restore_us) = match method {
+        Method::Cowvm(strategy) => {
+            measure_cowvm(&args.kernel, &args.store_dir, mem, work, strategy)?
+        }
+        _ => measure_qemu(&args.kernel, &args.store_dir, mem, work, method)?,
+    };
+    let view = guest_view(&stamps.snapshot(), &taken.window)?;
+    let dd_took = dd(&args.store_dir, taken.bytes)?;
+    Ok(Row {
+        system: method.system().into(),
+        method: method.name().into(),
+        mem_mib: mem >> 20,
+        workload: work.name(),
+        pause_us: taken.pause_us,
+        guest_pause_us: view.guest_pause_us,
+        guest_progress: view.guest_progress,
+        total_us: taken.total_us,
+        bytes_written: taken.bytes,
+        dd_us: dd_took.as_micros() as u64,
+        total_vs_dd: taken.total_us as f64 / dd_took.as_micros().max(1) as f64,
+        pages_saved_by_fault: taken.pages.map(|p| p.0),
+        pages_saved_in_background: taken.pages.map(|p| p.1),
+        restore_us: Some(restore_us),
+        timeline: view.timeline,
+    })
+}
+
+pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
+    qemu::check_installed()?;
+    let sizes: Vec<u64> = if args.quick {
+        vec![256 << 20]
+    } else {
+        args.sizes
+            .iter()
+            .map(|s| {
+                s.parse::<MemSize>()
+                    .map(|m| m.0)
+                    .with_context(|| format!("--sizes {s}"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    std::fs::create_dir_all(&args.store_dir)
+        .with_context(|| format!("create {}", args.store_dir.display()))?;
+    let load_before = load_average();
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    for &mem in &sizes {
+        for work in WORKLOADS {
+            for method in METHODS {
+                eprintln!(
+                    "measuring {} {} at {}, {}...",
+                    method.system(),
+                    method.name(),
+                    MemSize(mem),
+                    work.name()
+                );
+                rows.push(
+                    measure(&args, mem, work, method)
+                        .with_context(|| format!("{} {}", method.system(), method.name()))?,
+                );
+            }
+        }
+    }
+    let took = started.elapsed();
+    let report = Report {
+        rows: &rows,
+        took,
+        load: format!("{load_before} at the start, {} at the end", load_average()),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", report.tables());
+    }
+    write_outputs(&args.out_dir, &report)?;
+    eprintln!(
+        "results and plots written to {} in {:.0} s",
+        args.out_dir.display(),
+        took.as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `/proc/loadavg`'s three averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+struct Report<'a> {
+    rows: &'a [Row],
+    took: Duration,
+    load: String,
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1e3
+}
+
+/// `a / b` as a ratio text; `-` when `b` is zero.
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+impl Report<'_> {
+    /// The rows as Markdown tables: every measurement, then cowvm against QEMU.
+    fn tables(&self) -> String {
+        let mut t = String::new();
+        t.push_str("| system | method | MiB | workload | pause ms | guest pause ms | guest progress | total ms | MB written | total / dd | restore ms |\n");
+        t.push_str("|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|\n");
+        for r in self.rows {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {} | {:.3} | {:.1} | {:.0}% | {:.0} | {:.0} | {:.2} | {:.1} |",
+                r.system,
+                r.method,
+                r.mem_mib,
+                r.workload,
+                ms(r.pause_us),
+                ms(r.guest_pause_us),
+                r.guest_progress * 100.0,
+                ms(r.total_us),
+                r.bytes_written as f64 / 1e6,
+                r.total_vs_dd,
+                ms(r.restore_us.unwrap_or(0)),
+            );
+        }
+        t.push_str("\nRatios, QEMU ÷ cowvm for times (above 1: cowvm faster), cowvm ÷ QEMU for guest progress (above 1: the guest keeps more speed under cowvm):\n\n");
+        t.push_str("| MiB | workload | cowvm | vs QEMU | pause | guest pause | guest progress | total | restore |\n");
+        t.push_str("|--:|---|---|---|--:|--:|--:|--:|--:|\n");
+        for r in self.rows.iter().filter(|r| r.system == "cowvm") {
+            let Some(q) = METHODS
+                .iter()
+                .find(|m| m.name() == r.method)
+                .and_then(|m| m.counterpart())
+                .and_then(|m| {
+                    self.rows.iter().find(|q| {
+                        q.system == "qemu"
+                            && q.method == m.name()
+                            && q.mem_mib == r.mem_mib
+                            && q.workload == r.workload
+                    })
+                })
+            else {
+                continue;
+            };
+            let us = |v: u64| v as f64;
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.mem_mib,
+                r.workload,
+                r.method,
+                q.method,
+                ratio(us(q.pause_us), us(r.pause_us)),
+                ratio(us(q.guest_pause_us), us(r.guest_pause_us)),
+                ratio(r.guest_progress, q.guest_progress),
+                ratio(us(q.total_us), us(r.total_us)),
+                ratio(us(q.restore_us.unwrap_or(0)), us(r.restore_us.unwrap_or(0))),
+            );
+        }
+        t
+    }
+
+    fn markdown(&self) -> String {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let mem_total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_string))
+            .unwrap_or_default();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let command: Vec<String> = std::env::args().collect();
+        let mut md = String::new();
+        let _ = writeln!(md, "- command: `{}`", command.join(" "));
+        let _ = writeln!(md, "- CPU: {cpu}, {cores} cores");
+        let _ = writeln!(
+            md,
+            "- memory: {}",
+            mem_total
+                .split_whitespace()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let _ = writeln!(md, "- host kernel: {}", kernel.trim());
+        let _ = writeln!(md, "- QEMU: {}", qemu::version());
+        let _ = writeln!(md, "- load average: {}", self.load);
+        let _ = writeln!(md, "- run time: {:.0} s\n", self.took.as_secs_f64());
+        md.push_str(&self.tables());
+        md
+    }
+}
+
+fn write_outputs(dir: &Path, report: &Report<'_>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let json = dir.join("results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(report.rows)?)
+        .with_context(|| format!("write {}", json.display()))?;
+    let md = dir.join("results.md");
+    std::fs::write(&md, report.markdown()).with_context(|| format!("write {}", md.display()))?;
+    plot(dir, report.rows)
+}
+
+/// One series per system and method for the full-speed workload: `y(row)` against memory size.
+fn per_size(rows: &[Row], y: impl Fn(&Row) -> f64) -> Vec<Series> {
+    let full = Workload { percent: 100 }.name();
+    METHODS
+        .iter()
+        .map(|m| Series {
+            label: format!("{} {}", m.system(), m.name()),
+            points: rows
+                .iter()
+                .filter(|r| r.system == m.system() && r.method == m.name() && r.workload == full)
+                .map(|r| (r.mem_mib as f64, y(r)))
+                .collect(),
+        })
+        .collect()
+}
+
+fn plot(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
+    // Log scales cannot show zero: pauses below 10 µs are drawn at 10 µs.
+    line_chart_log_y(
+        &dir.join("pause-vs-memory.svg"),
+        &Chart {
+            title: "guest-visible pause vs memory (dirty 100%; floor 0.01 ms)",
+            x_label: "guest memory (MiB, log scale)",
+            y_label: "longest stall of the guest (ms, log scale)",
+            log_x: true,
+        },
+        &per_size(rows, |r| ms(r.guest_pause_us.max(10))),
+    )?;
+    line_chart_log_y(
+        &dir.join("total-vs-memory.svg"),
+        &Chart {
+            title: "checkpoint total time vs memory (dirty 100%)",
+            x_label: "guest memory (MiB, log scale)",
+            y_label: "total (ms, log scale)",
+            log_x: true,
+        },
+        &per_size(rows, |r| ms(r.total_us.max(10))),
+    )?;
+    line_chart_log_y(
+        &dir.join("restore-vs-memory.svg"),
+        &Chart {
+            title: "restore to the guest's next progress line vs memory (dirty 100%)",
+            x_label: "guest memory (MiB, log scale)",
+            y_label: "restore (ms, log scale)",
+            log_x: true,
+        },
+        &per_size(rows, |r| ms(r.restore_us.unwrap_or(0).max(10))),
+    )?;
+    // The progress picture at 1 GiB, or the size nearest below it.
+    let full = Workload { percent: 100 }.name();
+    let size = rows
+        .iter()
+        .map(|r| r.mem_mib)
+        .filter(|&m| m <= 1024)
+        .max()
+        .unwrap_or(0);
+    let progress: Vec<Series> = rows
+        .iter()
+        .filter(|r| r.mem_mib == size && r.workload == full)
+        .map(|r| Series {
+            label: format!("{} {}", r.system, r.method),
+            points: r.timeline.clone(),
+        })
+        .collect();
+    line_chart(
+        &dir.join("progress-across-checkpoint.svg"),
+        &Chart {
+            title: &format!("guest progress across a checkpoint ({size} MiB, dirty 100%)"),
+            x_label: "time since the checkpoint request (ms)",
+            y_label: "progress / undisturbed progress",
+            log_x: false,
+        },
+        &progress,
+    )
+}

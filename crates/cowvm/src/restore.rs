@@ -1,0 +1,250 @@
+//! `cowvm restore` and `cowvm clone`: new VMs in this process from a checkpoint (SPEC §5).
+//!
+//! `restore` runs one restored VM as `cowvm run` runs a booted one (console, exit status, API
+//! socket, periodic checkpoints). `clone` starts N VMs from one checkpoint side by side; lazily
+//! restored clones map the same memory image `MAP_PRIVATE`, so the pages none of them has
+//! written are shared through the page cache, and each has its own COW files over the
+//! checkpoint's disks.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use tracing::info;
+use vmm::checkpoint::restore::RestoreOptions;
+use vmm::checkpoint::StoreSpec;
+use vmm::{Console, Vm};
+
+use crate::api::control::RollbackSettings;
+use crate::supervise::{self, ControlArgs, Origin};
+
+/// Arguments of `cowvm restore`.
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    /// The checkpoint: a directory, or raw:PATH for a file or block device.
+    #[arg(value_name = "DIR")]
+    from: String,
+    /// Write the serial console to this file instead of standard output.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Read and verify all memory before the VM runs, instead of mapping it lazily.
+    #[arg(long)]
+    eager: bool,
+    /// Where the disks' fresh COW files go (default: next to the checkpoint's disks).
+    #[arg(long, value_name = "DIR")]
+    disk_dir: Option<PathBuf>,
+    #[command(flatten)]
+    control: ControlArgs,
+}
+
+/// Arguments of `cowvm clone`.
+#[derive(clap::Args, Debug)]
+pub struct CloneArgs {
+    /// The checkpoint: a directory, or raw:PATH for a file or block device.
+    #[arg(value_name = "DIR")]
+    from: String,
+    /// How many VMs to start.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    count: u32,
+    /// Where the consoles go, one file per clone: DIR/clone-<i>.log (i from 0).
+    #[arg(long, value_name = "DIR", default_value = "clones")]
+    console_dir: PathBuf,
+    /// Where the disks' fresh COW files go (default: next to the checkpoint's disks).
+    #[arg(long, value_name = "DIR")]
+    disk_dir: Option<PathBuf>,
+    /// Read and verify all memory before each VM runs, into its own anonymous memory (no
+    /// sharing).
+    #[arg(long)]
+    eager: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The store a command-line checkpoint argument names: `raw:PATH` or a directory.
+pub fn store_spec(arg: &str) -> StoreSpec {
+    match arg.strip_prefix("raw:") {
+        Some(path) => StoreSpec::Raw(PathBuf::from(path)),
+        None => StoreSpec::Dir(PathBuf::from(arg)),
+    }
+}
+
+/// Creates `dir` (and its parents) for files a command writes there.
+fn make_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{flag} {}", dir.display()))
+}
+
+/// Runs `cowvm restore`.
+pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = &args.disk_dir {
+        make_dir(dir, "--disk-dir")?;
+    }
+    let console = match &args.console {
+        Some(path) => Console::File(path.clone()),
+        None => Console::Stdout,
+    };
+    let start = Instant::now();
+    let vm = Vm::restore(
+        &store_spec(&args.from),
+        RestoreOptions {
+            console,
+            eager: args.eager,
+            disk_dir: args.disk_dir.clone(),
+        },
+    )?;
+    info!(
+        from = %args.from,
+        restore_us = start.elapsed().as_micros() as u64,
+        "restored VM runs"
+    );
+    let exit = if args.control.wanted() {
+        supervise::run(
+            vm,
+            &args.control,
+            Origin {
+                restored_from: Some(args.from.clone()),
+                rollback: RollbackSettings {
+                    console: args.console.clone(),
+                    disk_dir: args.disk_dir.clone(),
+                },
+            },
+        )?
+    } else {
+        vm.wait()
+    };
+    Ok(crate::exit_code(&exit))
+}
+
+/// One clone's line of the report.
+#[derive(Debug, Serialize)]
+struct CloneReport {
+    clone: u32,
+    /// The process status the clone's exit maps to (as `cowvm run` would exit).
+    status: i32,
+    exit: String,
+    console: PathBuf,
+    /// `Vm::restore` of this clone.
+    start_us: u64,
+    /// The clone's own disk images (COW files over the checkpoint's disks).
+    disks: Vec<PathBuf>,
+}
+
+/// What `--json` prints.
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    from: &'a str,
+    eager: bool,
+    /// From the first restore until every clone runs.
+    start_all_us: u64,
+    clones: Vec<CloneReport>,
+}
+
+/// Runs `cowvm clone`.
+pub fn clone(args: CloneArgs) -> anyhow::Result<ExitCode> {
+    make_dir(&args.console_dir, "--console-dir")?;
+    if let Some(dir) = &args.disk_dir {
+        make_dir(dir, "--disk-dir")?;
+    }
+    let store = store_spec(&args.from);
+    let all = Instant::now();
+    // If a restore fails, the clones already started are dropped (stopped) on the way out.
+    let mut clones: Vec<(Vm, PathBuf, Duration)> = Vec::new();
+    for i in 0..args.count {
+        let console = args.console_dir.join(format!("clone-{i}.log"));
+        let start = Instant::now();
+        let vm = Vm::restore(
+            &store,
+            RestoreOptions {
+                console: Console::File(console.clone()),
+                eager: args.eager,
+                disk_dir: args.disk_dir.clone(),
+            },
+        )
+        .with_context(|| format!("clone {i}"))?;
+        clones.push((vm, console, start.elapsed()));
+    }
+    let start_all = all.elapsed();
+    info!(
+        count = args.count,
+        start_all_us = start_all.as_micros() as u64,
+        "every clone runs"
+    );
+    let reports: Vec<CloneReport> = clones
+        .into_iter()
+        .zip(0..)
+        .map(|((vm, console, took), clone)| {
+            let disks = vm
+                .disks()
+                .iter()
+                .filter_map(|d| d.image_info().ok().map(|info| info.path))
+                .collect();
+            // The clones run side by side; waiting for each in turn waits for the slowest.
+            let exit = vm.wait();
+            CloneReport {
+                clone,
+                status: exit.status(),
+                exit: exit.to_string(),
+                console,
+                start_us: took.as_micros() as u64,
+                disks,
+            }
+        })
+        .collect();
+    let code = reports
+        .iter()
+        .map(|r| r.status)
+        .find(|s| *s != 0)
+        .unwrap_or(0);
+    if args.json {
+        let report = Report {
+            from: &args.from,
+            eager: args.eager,
+            start_all_us: start_all.as_micros() as u64,
+            clones: reports,
+        };
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        let width = reports
+            .iter()
+            .map(|r| r.console.display().to_string().len())
+            .max()
+            .unwrap_or(0)
+            .max("CONSOLE".len());
+        println!(
+            "{:>5}  {:>6}  {:>10}  {:<width$}  EXIT",
+            "CLONE", "STATUS", "START", "CONSOLE"
+        );
+        for r in &reports {
+            println!(
+                "{:>5}  {:>6}  {:>10}  {:<width$}  {}",
+                r.clone,
+                r.status,
+                crate::cli::ms(r.start_us),
+                r.console.display().to_string(),
+                r.exit
+            );
+        }
+        println!(
+            "{} clones of {} started in {}",
+            reports.len(),
+            args.from,
+            crate::cli::ms(start_all.as_micros() as u64)
+        );
+    }
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_arguments() {
+        assert!(
+            matches!(store_spec("raw:/dev/sdb"), StoreSpec::Raw(p) if p == Path::new("/dev/sdb"))
+        );
+        assert!(matches!(store_spec("ckpt"), StoreSpec::Dir(p) if p == Path::new("ckpt")));
+    }
+}

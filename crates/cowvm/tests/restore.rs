@@ -1,0 +1,468 @@
+//! `cowvm restore`, `cowvm clone` and `cowvm rollback` end to end: the real binary runs the
+//! deterministic test guest, is checkpointed through its API socket mid-run, and the restored,
+//! cloned or rolled-back VMs must print exactly what the uninterrupted run printed after the
+//! checkpoint instant (`cowvm inspect --json` gives the console bytes at that instant).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const COWVM: &str = env!("CARGO_BIN_EXE_cowvm");
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A `cowvm` process; killed (by its own pid) if a test fails.
+struct Process(Option<Child>);
+
+impl Process {
+    fn spawn(cmd: &mut Command) -> Process {
+        Process(Some(cmd.stdin(Stdio::null()).spawn().expect("spawn cowvm")))
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let child = self.0.as_mut().expect("running");
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.0 = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "cowvm did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn cowvm(args: &[&str]) -> Output {
+    Command::new(COWVM).args(args).output().expect("run cowvm")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[track_caller]
+fn cowvm_ok(args: &[&str]) -> String {
+    let out = cowvm(args);
+    assert!(
+        out.status.success(),
+        "cowvm {args:?}: {}\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// `cowvm run` of the test guest with an API socket and a console file.
+fn run_guest(dir: &Path, cmdline: &str, extra: &[&str]) -> (Process, PathBuf, PathBuf) {
+    let sock = dir.join("api.sock");
+    let console = dir.join("console.txt");
+    let process = Process::spawn(
+        Command::new(COWVM)
+            .args(["run", "--kernel"])
+            .arg(guests::pvh_guest())
+            .args(["--cmdline", cmdline, "--mem", "64M", "--console"])
+            .arg(&console)
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(extra)
+            .current_dir(dir),
+    );
+    wait_for_socket(&sock);
+    (process, sock, console)
+}
+
+fn wait_for_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(sock).is_err() {
+        assert!(Instant::now() < deadline, "the API socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Waits until the console holds `n` lines containing `what`.
+fn wait_for_lines(console: &Path, what: &str, n: usize) {
+    let deadline = Instant::now() + LIMIT;
+    while read(console).matches(what).count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "never saw {n} {what:?}: {}",
+            read(console)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One HTTP/1.1 request over the socket: (status, JSON body).
+fn request(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut conn = UnixStream::connect(sock).expect("connect");
+    conn.set_read_timeout(Some(LIMIT)).expect("timeout");
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).expect("write");
+    conn.write_all(body.as_bytes()).expect("write");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).expect("read");
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let json = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+/// Bytes the guest had written to its console at the checkpoint instant.
+fn console_bytes(ckpt: &Path) -> usize {
+    let out = cowvm_ok(&["inspect", s(ckpt), "--json"]);
+    let report: Value = serde_json::from_str(&out).expect("inspect --json");
+    report["console_bytes"].as_u64().expect("console_bytes") as usize
+}
+
+/// Runs `cmdline` to its end with a checkpoint taken through the CLI once the console holds
+/// `after` lines containing `what`. Returns the whole output and the checkpoint.
+fn checkpointed_run(dir: &Path, cmdline: &str, (what, after): (&str, usize)) -> (String, PathBuf) {
+    let (mut vm, sock, console) = run_guest(dir, cmdline, &[]);
+    wait_for_lines(&console, what, after);
+    let ckpt = dir.join("ckpt");
+    cowvm_ok(&["checkpoint", "--api-sock", s(&sock), "--out", s(&ckpt)]);
+    assert!(vm.wait().success());
+    (read(&console), ckpt)
+}
+
+fn last_line(output: &str) -> &str {
+    output.lines().last().unwrap_or("")
+}
+
+#[test]
+fn restore_and_clones_continue_exactly_after_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (full, ckpt) = checkpointed_run(
+        dir.path(),
+        "compute mem=8M rounds=100 seed=3",
+        ("round=", 3),
+    );
+    assert!(last_line(&full).starts_with("compute checksum="), "{full}");
+    let at = console_bytes(&ckpt);
+    assert!(at > 0 && at < full.len(), "{at} of {}", full.len());
+    let suffix = &full[at..];
+
+    // Restore, with the API: it serves the restored VM, and the process ends with the guest.
+    let restored = dir.path().join("restored.txt");
+    let sock = dir.path().join("restored.sock");
+    let mut process = Process::spawn(
+        Command::new(COWVM)
+            .arg("restore")
+            .arg(&ckpt)
+            .arg("--console")
+            .arg(&restored)
+            .arg("--api-sock")
+            .arg(&sock),
+    );
+    wait_for_socket(&sock);
+    let (status, vm) = request(&sock, "GET", "/vm", None);
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["restored_from"], s(&ckpt), "{vm}");
+    assert_eq!(vm["config"]["cmdline"], "compute mem=8M rounds=100 seed=3");
+    assert_eq!(process.wait().code(), Some(0));
+    assert_eq!(read(&restored), suffix, "restored output");
+
+    // Three clones in one process: each prints the same continuation into its own console.
+    let consoles = dir.path().join("consoles");
+    let out = cowvm_ok(&[
+        "clone",
+        s(&ckpt),
+        "--count",
+        "3",
+        "--console-dir",
+        s(&consoles),
+        "--json",
+    ]);
+    let report: Value = serde_json::from_str(&out).expect("clone --json");
+    let clones = report["clones"].as_array().expect("clones");
+    assert_eq!(clones.len(), 3, "{report}");
+    for (i, clone) in clones.iter().enumerate() {
+        assert_eq!(clone["clone"], i, "{report}");
+        assert_eq!(clone["status"], 0, "{report}");
+        let console = consoles.join(format!("clone-{i}.log"));
+        assert_eq!(clone["console"], s(&console), "{report}");
+        assert!(clone["start_us"].as_u64().is_some(), "{report}");
+        assert_eq!(read(&console), suffix, "clone {i}");
+    }
+
+    // The table says the same.
+    let table = cowvm_ok(&[
+        "clone",
+        s(&ckpt),
+        "--count",
+        "1",
+        "--console-dir",
+        s(&consoles),
+    ]);
+    assert!(table.starts_with("CLONE"), "{table}");
+    assert!(table.contains("clone-0.log"), "{table}");
+
+    // Nothing is restored from a checkpoint without its completion marker.
+    std::fs::remove_file(ckpt.join("COMPLETE")).unwrap();
+    for command in ["restore", "clone"] {
+        let mut args = vec![command, s(&ckpt)];
+        if command == "clone" {
+            args.extend(["--count", "2", "--console-dir", s(&consoles)]);
+        }
+        let out = cowvm(&args);
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains("incomplete"), "{command}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{command}: one line: {stderr}");
+    }
+}
+
+#[test]
+fn restored_disks_get_their_own_cow_files() {
+    const CMDLINE: &str = "disk blocks=256 rounds=6 qd=8 mem=8M";
+    let dir = tempfile::tempdir().unwrap();
+    let zeroed = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(32 << 20))
+            .unwrap();
+        format!("{},delay_ms=5", s(&path))
+    };
+    // The uninterrupted output (deterministic on a zeroed disk), for comparison.
+    let reference = dir.path().join("reference.txt");
+    let mut uninterrupted = Process::spawn(
+        Command::new(COWVM)
+            .args(["run", "--kernel"])
+            .arg(guests::pvh_guest())
+            .args(["--cmdline", CMDLINE, "--mem", "64M", "--disk"])
+            .arg(zeroed("reference.raw"))
+            .arg("--console")
+            .arg(&reference),
+    );
+    let disk = dir.path().join("disk.raw");
+    let (mut vm, sock, console) = run_guest(dir.path(), CMDLINE, &["--disk", &zeroed("disk.raw")]);
+    wait_for_lines(&console, "disk round=", 1);
+    let ckpt = dir.path().join("ckpt");
+    cowvm_ok(&["checkpoint", "--api-sock", s(&sock), "--out", s(&ckpt)]);
+
+    // Restored at once, while the original runs on: the guest times its disk requests with
+    // the TSC, which on this host moves on by the time the checkpoint spent on disk.
+    let cow = dir.path().join("cow");
+    let consoles = dir.path().join("consoles");
+    let restored = dir.path().join("restored.txt");
+    let mut eager = Process::spawn(
+        Command::new(COWVM)
+            .arg("restore")
+            .arg(&ckpt)
+            .arg("--console")
+            .arg(&restored)
+            .arg("--disk-dir")
+            .arg(&cow)
+            .arg("--eager"),
+    );
+    let clones = Command::new(COWVM)
+        .arg("clone")
+        .arg(&ckpt)
+        .args(["--count", "2", "--json", "--console-dir"])
+        .arg(&consoles)
+        .arg("--disk-dir")
+        .arg(&cow)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn cowvm clone");
+
+    assert!(vm.wait().success());
+    let checkpoint_disk = std::fs::read(&disk).unwrap();
+    let out = clones.wait_with_output().expect("cowvm clone");
+    assert!(out.status.success(), "clone: {}", out.status);
+    assert_eq!(eager.wait().code(), Some(0), "{}", read(&restored));
+    assert!(uninterrupted.wait().success());
+    let full = read(&reference);
+    assert_eq!(last_line(&full), "disk done", "{full}");
+    let suffix = &full[console_bytes(&ckpt)..];
+    assert_eq!(read(&console), full, "the original VM");
+    assert_eq!(read(&restored), suffix, "eagerly restored output");
+
+    let report: Value = serde_json::from_str(&text(&out.stdout)).expect("clone --json");
+    let mut images = Vec::new();
+    for (i, clone) in report["clones"]
+        .as_array()
+        .expect("clones")
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(clone["status"], 0, "{report}");
+        assert_eq!(read(&consoles.join(format!("clone-{i}.log"))), suffix);
+        let image = clone["disks"][0].as_str().expect("a disk").to_string();
+        assert!(Path::new(&image).starts_with(&cow), "{image}");
+        images.push(image);
+    }
+    images.dedup();
+    assert_eq!(images.len(), 2, "each clone has its own COW file");
+    // 1 restore + 2 clones, each with its own file in --disk-dir.
+    assert_eq!(std::fs::read_dir(&cow).unwrap().count(), 3);
+    assert!(
+        std::fs::read(&disk).unwrap() == checkpoint_disk,
+        "the checkpoint's disk is left as it was"
+    );
+}
+
+#[test]
+fn rollback_returns_the_running_vm_to_its_checkpoint() {
+    const CMDLINE: &str = "compute mem=8M rounds=150 seed=3";
+    let dir = tempfile::tempdir().unwrap();
+    // The uninterrupted output, for comparison.
+    let reference = dir.path().join("reference.txt");
+    let mut uninterrupted = Process::spawn(
+        Command::new(COWVM)
+            .args(["run", "--kernel"])
+            .arg(guests::pvh_guest())
+            .args(["--cmdline", CMDLINE, "--mem", "64M", "--console"])
+            .arg(&reference),
+    );
+
+    let (mut vm, sock, console) = run_guest(dir.path(), CMDLINE, &[]);
+    wait_for_lines(&console, "round=", 3);
+    let ckpt = dir.path().join("ckpt");
+    cowvm_ok(&["checkpoint", "--api-sock", s(&sock), "--out", s(&ckpt)]);
+    let at = console_bytes(&ckpt);
+
+    // Refusals leave the VM running untouched: a corrupt checkpoint, an incomplete one, bad
+    // paths, unknown fields, a rollback during a checkpoint or a client's pause.
+    let corrupt = dir.path().join("corrupt");
+    let incomplete = dir.path().join("incomplete");
+    for copy in [&corrupt, &incomplete] {
+        std::fs::create_dir(copy).unwrap();
+        for entry in std::fs::read_dir(&ckpt).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+    }
+    let mut state = std::fs::read(corrupt.join("state.bin")).unwrap();
+    let middle = state.len() / 2;
+    state[middle] ^= 0x40;
+    std::fs::write(corrupt.join("state.bin"), state).unwrap();
+    std::fs::remove_file(incomplete.join("COMPLETE")).unwrap();
+    for (body, status, field) in [
+        (json!({ "from": s(&corrupt) }), 400, "from"),
+        (json!({ "from": s(&incomplete) }), 400, "from"),
+        (
+            json!({ "from": s(&dir.path().join("missing")) }),
+            400,
+            "from",
+        ),
+        (json!({ "from": "ckpt" }), 400, "from"),
+        (
+            json!({ "from": format!("{}/../ckpt", s(dir.path())) }),
+            400,
+            "from",
+        ),
+        (json!({ "from": s(&ckpt), "colour": 1 }), 400, "colour"),
+    ] {
+        let (got, answer) = request(&sock, "PUT", "/rollback", Some(&body));
+        assert_eq!(got, status, "{body}: {answer}");
+        assert_eq!(answer["field"], field, "{body}: {answer}");
+        assert!(answer["message"].is_string(), "{answer}");
+    }
+    let out = cowvm(&["rollback", "--api-sock", s(&sock), s(&incomplete)]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("incomplete"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let (_, job) = request(
+        &sock,
+        "PUT",
+        "/checkpoints",
+        Some(&json!({ "out": s(&dir.path().join("busy")) })),
+    );
+    let (got, answer) = request(
+        &sock,
+        "PUT",
+        "/rollback",
+        Some(&json!({ "from": s(&ckpt) })),
+    );
+    assert_eq!(got, 409, "rollback during checkpoint {job}: {answer}");
+    let (_, job) = request(
+        &sock,
+        "GET",
+        &format!("/checkpoints/{}?wait=true", job["id"].as_str().expect("id")),
+        None,
+    );
+    assert_eq!(job["status"], "complete", "{job}");
+    cowvm_ok(&["pause", "--api-sock", s(&sock)]);
+    let (got, answer) = request(
+        &sock,
+        "PUT",
+        "/rollback",
+        Some(&json!({ "from": s(&ckpt) })),
+    );
+    assert_eq!(got, 409, "rollback while paused: {answer}");
+    cowvm_ok(&["resume", "--api-sock", s(&sock)]);
+    let (_, info) = request(&sock, "GET", "/vm", None);
+    assert_eq!(info["state"], "Running", "{info}");
+    assert_eq!(info["restored_from"], Value::Null, "{info}");
+
+    // The VM runs on past the checkpoint, then goes back to it.
+    let rounds = read(&console).matches("round=").count();
+    wait_for_lines(&console, "round=", rounds + 3);
+    let out = cowvm_ok(&["rollback", "--api-sock", s(&sock), s(&ckpt), "--json"]);
+    let done: Value = serde_json::from_str(&out).expect("rollback --json");
+    assert_eq!(done["from"], s(&ckpt), "{done}");
+    assert!(done["restore_us"].as_u64().is_some(), "{done}");
+    let (_, info) = request(&sock, "GET", "/vm", None);
+    assert_eq!(info["restored_from"], s(&ckpt), "{info}");
+    assert_eq!(info["state"], "Running", "{info}");
+    assert_eq!(request(&sock, "GET", "/health", None).0, 200);
+
+    // The process follows the restored VM and exits with its status, at its end.
+    assert_eq!(vm.wait().code(), Some(0));
+    assert!(uninterrupted.wait().success());
+    let full = read(&reference);
+    let suffix = &full[at..];
+    let output = read(&console);
+    assert!(
+        output.ends_with(suffix),
+        "the rolled-back VM goes on from the checkpoint"
+    );
+    let before = output.len() - suffix.len();
+    assert!(
+        before > at,
+        "the VM ran on past the checkpoint before the rollback"
+    );
+    assert_eq!(
+        &output[..before],
+        &full[..before],
+        "the output before the rollback"
+    );
+    assert!(
+        last_line(&output).starts_with("compute checksum="),
+        "{output}"
+    );
+}
