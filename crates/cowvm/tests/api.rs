@@ -303,6 +303,9 @@ fn boot_pause_resume_checkpoint_poll_inspect() {
         .any(|j| j["id"] == id.as_str()));
     let (_, metrics) = get(&sock, "/metrics");
     assert_eq!(metrics["checkpoints"]["complete"], 1, "{metrics}");
+    // The guest writes its console through port I/O, so the VM has taken I/O exits.
+    assert!(metrics["exits"]["io"].as_u64().unwrap() > 0, "{metrics}");
+    assert!(metrics["disks"].is_array(), "{metrics}");
 
     // Awaiting instead of polling.
     let (status, waited) = send_json(

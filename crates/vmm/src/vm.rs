@@ -22,7 +22,9 @@ use crate::devices::{Bus, BusError};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::kvm::cpu::{configure_vcpu, set_boot_registers, supported_cpuid, vcpu_cpuid};
 use crate::kvm::state::savable_msrs;
-use crate::kvm::vcpu::{start_vcpus, HeldPause, PauseGuard, Vcpu, VcpuControl, VcpuError};
+use crate::kvm::vcpu::{
+    start_vcpus, ExitCounts, HeldPause, PauseGuard, Vcpu, VcpuControl, VcpuError,
+};
 use crate::kvm::{self, KvmError};
 use crate::memory::{self, HugePages, MemoryError};
 
@@ -394,6 +396,11 @@ impl Vm {
     /// Whether the VM is paused.
     pub fn is_paused(&self) -> bool {
         self.control.is_paused()
+    }
+
+    /// Exits of the vCPUs to the VMM so far, by reason.
+    pub fn exit_counts(&self) -> ExitCounts {
+        self.control.exits()
     }
 
     /// Number of vCPUs.

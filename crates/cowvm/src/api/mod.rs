@@ -32,8 +32,8 @@ use vmm::checkpoint::StoreSpec;
 
 use self::control::{ControlError, Controller, Outcome};
 use self::model::{
-    CheckpointBody, CheckpointJob, ErrorBody, Health, RollbackBody, RollbackDone, VersionInfo,
-    VmInfo, VmMetrics, VmPatch, VmState, WaitQuery,
+    CheckpointBody, CheckpointJob, DiskMetrics, ErrorBody, Health, RollbackBody, RollbackDone,
+    VersionInfo, VmInfo, VmMetrics, VmPatch, VmState, WaitQuery,
 };
 
 /// The OpenAPI document of this API.
@@ -344,8 +344,29 @@ async fn patch_vm(
 }
 
 async fn get_metrics(State(c): State<Ctl>) -> Json<VmMetrics> {
+    let vm = c.vm();
+    // The disk counters come from the device thread: ask it off the async runtime.
+    let disks = tokio::task::spawn_blocking(move || {
+        vm.disks()
+            .iter()
+            .filter_map(|h| {
+                let info = h.image_info().ok()?;
+                Some(DiskMetrics {
+                    path: info.path,
+                    generation: info.generation,
+                    clusters_allocated: info.stats.clusters_allocated,
+                    copy_ups: info.stats.copy_ups,
+                    inflight: h.inflight().map_or(0, |r| r.len()),
+                })
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
     Json(VmMetrics {
         uptime_ms: c.uptime_ms(),
+        exits: c.vm().exit_counts(),
+        disks,
         checkpoints: c.counters(),
     })
 }

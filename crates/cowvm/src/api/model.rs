@@ -265,8 +265,27 @@ pub struct Health {
 pub struct VmMetrics {
     /// Milliseconds since the VM started.
     pub uptime_ms: u64,
+    /// vCPU exits to the VMM by reason.
+    pub exits: vmm::kvm::vcpu::ExitCounts,
+    /// Per disk: the image in use and its counters.
+    pub disks: Vec<DiskMetrics>,
     /// Checkpoint counters and the latest checkpoint's metrics.
     pub checkpoints: CheckpointCounters,
+}
+
+/// One disk's counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskMetrics {
+    /// The image the guest writes now.
+    pub path: std::path::PathBuf,
+    /// Images switched to so far (one per checkpoint).
+    pub generation: u64,
+    /// Clusters allocated in that image.
+    pub clusters_allocated: u64,
+    /// Disk COW faults (clusters copied up from the backing chain) in that image.
+    pub copy_ups: u64,
+    /// Requests in flight.
+    pub inflight: usize,
 }
 
 /// Checkpoint counters.

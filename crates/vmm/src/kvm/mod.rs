@@ -95,7 +95,15 @@ pub fn open_kvm() -> Result<Kvm, KvmError> {
 
 /// Creates the VM: TSS and identity-map addresses, in-kernel irqchip and PIT.
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
-    let vm = kvm.create_vm().map_err(KvmError::ioctl("create VM"))?;
+    // KVM_CREATE_VM may be interrupted by a signal (seen on PVM hosts while other VMs of the
+    // same process are kicked or children exit): it then has created nothing and is retried.
+    let mut attempts = 0;
+    let vm = loop {
+        match kvm.create_vm() {
+            Err(e) if e.errno() == libc::EINTR && attempts < 100 => attempts += 1,
+            other => break other.map_err(KvmError::ioctl("create VM"))?,
+        }
+    };
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(KvmError::ioctl("set TSS address"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)

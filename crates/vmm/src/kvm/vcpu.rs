@@ -8,6 +8,7 @@
 //! condition variable, and the pausing thread waits until all are parked.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -55,7 +56,47 @@ struct ControlState {
 }
 
 /// State shared by the VMM and its vCPU threads.
+/// Exits of all vCPUs to the VMM, by reason.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    /// Port I/O.
+    pub io: AtomicU64,
+    /// MMIO not handled in the kernel.
+    pub mmio: AtomicU64,
+    /// `KVM_RUN` interrupted by a kick (pause, stop).
+    pub kicked: AtomicU64,
+    /// Anything else that let the vCPU continue (halt, interrupt window).
+    pub other: AtomicU64,
+}
+
+/// A snapshot of [`ExitCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExitCounts {
+    /// Port I/O exits.
+    pub io: u64,
+    /// MMIO exits.
+    pub mmio: u64,
+    /// Kicks out of `KVM_RUN`.
+    pub kicked: u64,
+    /// Other exits.
+    pub other: u64,
+}
+
+impl ExitCounters {
+    /// The counts now.
+    pub fn get(&self) -> ExitCounts {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ExitCounts {
+            io: load(&self.io),
+            mmio: load(&self.mmio),
+            kicked: load(&self.kicked),
+            other: load(&self.other),
+        }
+    }
+}
+
 pub struct VcpuControl {
+    exits: ExitCounters,
     state: Mutex<ControlState>,
     changed: Condvar,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -160,6 +201,11 @@ impl VcpuControl {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Exits to the VMM so far, by reason.
+    pub fn exits(&self) -> ExitCounts {
+        self.exits.get()
+    }
+
     /// Number of vCPUs.
     pub fn count(&self) -> usize {
         self.fds.len()
@@ -259,8 +305,16 @@ impl VcpuControl {
     }
 
     /// Blocks the calling vCPU thread while the VM is paused. Returns false if it must exit.
-    fn wait_while_paused(&self) -> bool {
+    ///
+    /// Before parking, `settle` runs (without the lock) to bring the vCPU to a state that can
+    /// be saved.
+    fn wait_while_paused(&self, settle: impl FnOnce()) -> bool {
         let mut st = self.lock();
+        if st.target == Target::Pause {
+            drop(st);
+            settle();
+            st = self.lock();
+        }
         if st.target == Target::Pause {
             st.parked += 1;
             self.changed.notify_all();
@@ -293,25 +347,35 @@ enum Next {
 }
 
 impl Vcpu {
-    fn run_once(&self, fd: &mut VcpuFd) -> Next {
+    fn run_once(&self, fd: &mut VcpuFd, exits: &ExitCounters) -> Next {
+        let count = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
         match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
+                count(&exits.io);
                 self.pio.write(u64::from(port), data);
                 Next::Continue
             }
             Ok(VcpuExit::IoIn(port, data)) => {
+                count(&exits.io);
                 self.pio.read(u64::from(port), data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                count(&exits.mmio);
                 self.mmio.write(addr, data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                count(&exits.mmio);
                 self.mmio.read(addr, data);
                 Next::Continue
             }
-            Ok(VcpuExit::Intr) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) => Next::Continue,
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) => {
+                count(&exits.other);
+                Next::Continue
+            }
             Ok(VcpuExit::Shutdown) => Next::Stop(VmExit::TripleFault {
                 vcpu: self.id,
                 registers: crate::exit::describe_registers(fd),
@@ -331,6 +395,7 @@ impl Vcpu {
                 self.id
             ))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                count(&exits.kicked);
                 fd.set_kvm_immediate_exit(0);
                 Next::Continue
             }
@@ -341,8 +406,8 @@ impl Vcpu {
     fn run_loop(self, control: Arc<VcpuControl>, exit: Arc<ExitNotifier>) {
         let flag: *mut u8 = &mut self.lock_fd().get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|c| c.set(flag));
-        while control.wait_while_paused() {
-            let next = self.run_once(&mut self.lock_fd());
+        while control.wait_while_paused(|| self.settle()) {
+            let next = self.run_once(&mut self.lock_fd(), &control.exits);
             if let Next::Stop(reason) = next {
                 warn_if_fatal(&reason);
                 exit.notify(reason);
@@ -356,6 +421,25 @@ impl Vcpu {
 }
 
 impl Vcpu {
+    /// Completes the I/O of the last exit inside KVM. The kernel finishes a port I/O or MMIO
+    /// instruction (loads the value read, advances RIP, continues a string operation) only when
+    /// `KVM_RUN` is next entered; state read before that is not consistent (KVM API docs,
+    /// `KVM_EXIT_IO`). `KVM_RUN` with `immediate_exit` set completes it and returns `EINTR`
+    /// without running guest code.
+    fn settle(&self) {
+        let mut fd = self.lock_fd();
+        fd.set_kvm_immediate_exit(1);
+        match fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => warn!(
+                vcpu = self.id,
+                "settling the vCPU before a pause failed: {e}"
+            ),
+            Ok(exit) => warn!(vcpu = self.id, "unexpected exit while settling: {exit:?}"),
+        }
+        fd.set_kvm_immediate_exit(0);
+    }
+
     fn lock_fd(&self) -> MutexGuard<'_, VcpuFd> {
         self.fd.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -374,6 +458,7 @@ pub fn start_vcpus(
 ) -> Result<Arc<VcpuControl>, VcpuError> {
     register_kick_handler()?;
     let control = Arc::new(VcpuControl {
+        exits: ExitCounters::default(),
         state: Mutex::new(ControlState {
             target: Target::Run,
             parked: 0,
