@@ -51,6 +51,21 @@ pub struct PauseArgs {
     plot: PathBuf,
 }
 
+/// The guest memory sizes a benchmark measures: `--sizes`, or only 256 MiB with `--quick`.
+pub fn memory_sizes(quick: bool, sizes: &[String]) -> anyhow::Result<Vec<u64>> {
+    if quick {
+        return Ok(vec![256 << 20]);
+    }
+    sizes
+        .iter()
+        .map(|s| {
+            s.parse::<vmm::MemSize>()
+                .map(|m| m.0)
+                .with_context(|| format!("--sizes {s}"))
+        })
+        .collect()
+}
+
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Pause(args) => pause(args),

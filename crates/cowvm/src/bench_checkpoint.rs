@@ -349,18 +349,7 @@ fn measure(args: &CheckpointBenchArgs, mem: u64, strategy: Strategy) -> anyhow::
 }
 
 pub fn run(args: CheckpointBenchArgs) -> anyhow::Result<ExitCode> {
-    let sizes: Vec<u64> = if args.quick {
-        vec![256 << 20]
-    } else {
-        args.sizes
-            .iter()
-            .map(|s| {
-                s.parse::<MemSize>()
-                    .map(|m| m.0)
-                    .with_context(|| format!("--sizes {s}"))
-            })
-            .collect::<anyhow::Result<_>>()?
-    };
+    let sizes = crate::bench::memory_sizes(args.quick, &args.sizes)?;
     if !(1..=100).contains(&args.dirty_percent) {
         bail!("--dirty-percent must be between 1 and 100");
     }

@@ -259,18 +259,7 @@ fn density(args: &RestoreBenchArgs, counts: &[usize]) -> anyhow::Result<(f64, Ve
 }
 
 pub fn run(args: RestoreBenchArgs) -> anyhow::Result<ExitCode> {
-    let sizes: Vec<u64> = if args.quick {
-        vec![256 << 20]
-    } else {
-        args.sizes
-            .iter()
-            .map(|s| {
-                s.parse::<MemSize>()
-                    .map(|m| m.0)
-                    .with_context(|| format!("--sizes {s}"))
-            })
-            .collect::<anyhow::Result<_>>()?
-    };
+    let sizes = crate::bench::memory_sizes(args.quick, &args.sizes)?;
     let counts: Vec<usize> = if args.quick {
         vec![1, 10]
     } else {

@@ -303,18 +303,7 @@ fn measure(args: &CompareArgs, mem: u64, work: Workload, method: Method) -> anyh
 
 pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
     qemu::check_installed()?;
-    let sizes: Vec<u64> = if args.quick {
-        vec![256 << 20]
-    } else {
-        args.sizes
-            .iter()
-            .map(|s| {
-                s.parse::<MemSize>()
-                    .map(|m| m.0)
-                    .with_context(|| format!("--sizes {s}"))
-            })
-            .collect::<anyhow::Result<_>>()?
-    };
+    let sizes = crate::bench::memory_sizes(args.quick, &args.sizes)?;
     std::fs::create_dir_all(&args.store_dir)
         .with_context(|| format!("create {}", args.store_dir.display()))?;
     let load_before = load_average();
