@@ -102,3 +102,106 @@ fn fork_checkpoint_holds_the_pause_instant() {
 fn stop_checkpoint_holds_the_pause_instant() {
     checkpoint_while_dirtying(Strategy::Stop);
 }
+
+/// A VM whose guest has ended has no instant left to capture: the checkpoint is refused with
+/// the guest's exit, and the COW file it had prepared next to the disk is removed.
+#[test]
+fn a_vm_that_has_ended_is_not_checkpointed() {
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.raw");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(8 << 20))
+        .unwrap();
+    let capture = Capture::default();
+    let mut cfg = config(guest(), "hello", 64 << 20, 1, capture.console());
+    cfg.disks = vec![vmm::devices::virtio::block::DiskConfig {
+        path: disk.clone(),
+        readonly: false,
+        delay_ms: 0,
+    }];
+    let vm = vmm::Vm::boot(cfg).expect("boot");
+    assert_eq!(
+        vm.wait_timeout(Duration::from_secs(30)),
+        Some(vmm::VmExit::Guest(0))
+    );
+    for strategy in [Strategy::Uffd, Strategy::Fork, Strategy::Stop] {
+        let store = work.path().join(format!("ckpt-{strategy:?}"));
+        let request = CheckpointRequest {
+            store: StoreSpec::Dir(store.clone()),
+            options: CheckpointOptions {
+                strategy,
+                ..Default::default()
+            },
+            pause_probe: None,
+        };
+        match vm.checkpoint(&request, &Progress::default()) {
+            Err(vmm::checkpoint::CheckpointError::Exited(exit)) => {
+                assert_eq!(exit, vmm::VmExit::Guest(0))
+            }
+            other => panic!("{strategy:?}: expected a refusal, got {other:?}"),
+        }
+        assert!(
+            Checkpoint::open(&DirStore::new(store)).is_err(),
+            "{strategy:?}: no checkpoint may exist"
+        );
+    }
+    let mut files: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("disk"))
+        .collect();
+    files.sort();
+    assert_eq!(files, ["disk.raw"], "a failed checkpoint left files behind");
+}
+
+/// A checkpoint the store refuses (it holds a checkpoint already) leaves the running VM and its
+/// disk chain as they were: the COW file prepared for it is removed.
+#[test]
+fn a_refused_checkpoint_leaves_no_cow_file() {
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.raw");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(8 << 20))
+        .unwrap();
+    let capture = Capture::default();
+    let mut cfg = config(guest(), "dirty mem=8M", 64 << 20, 1, capture.console());
+    cfg.disks = vec![vmm::devices::virtio::block::DiskConfig {
+        path: disk.clone(),
+        readonly: false,
+        delay_ms: 0,
+    }];
+    let vm = vmm::Vm::boot(cfg).expect("boot");
+    let request = CheckpointRequest {
+        store: StoreSpec::Dir(work.path().join("ckpt")),
+        options: CheckpointOptions::default(),
+        pause_probe: None,
+    };
+    vm.checkpoint(&request, &Progress::default())
+        .expect("first checkpoint");
+    let disk_files = || {
+        let mut files: Vec<_> = std::fs::read_dir(work.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("disk"))
+            .collect();
+        files.sort();
+        files
+    };
+    let before = disk_files();
+    assert_eq!(
+        before.len(),
+        2,
+        "the disk and the VM's COW file: {before:?}"
+    );
+    match vm.checkpoint(&request, &Progress::default()) {
+        Err(vmm::checkpoint::CheckpointError::Store { .. }) => {}
+        other => panic!("expected the store to refuse, got {other:?}"),
+    }
+    assert_eq!(
+        disk_files(),
+        before,
+        "the refused checkpoint left a COW file"
+    );
+    assert!(vm.exit_status().is_none());
+    assert_eq!(vm.disks()[0].image_info().unwrap().chain.len(), 2);
+}

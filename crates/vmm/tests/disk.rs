@@ -14,7 +14,7 @@ use common::Capture;
 use vmm::devices::virtio::block::DiskConfig;
 use vmm::{Vm, VmExit};
 
-const WORKLOAD: &str = "disk blocks=256 rounds=6 qd=8 seed=7";
+const WORKLOAD: &str = "disk blocks=256 rounds=10 qd=8 seed=7";
 const SIZE: u64 = 16 << 20;
 
 fn boot(cmdline: &str, disks: Vec<DiskConfig>) -> (Vm, Capture) {
@@ -155,11 +155,22 @@ fn live_switches_to_new_cow_files_with_requests_in_flight() {
         let next = dir.path().join(format!("t{k}.qcow2"));
         qcow2(&next, Some((&current, disk::Format::Qcow2)), None);
         let image = disk::Image::open(&next).unwrap();
-        // M2: switched in the pause.
-        let pause = vm.pause().unwrap();
-        if !h.inflight().unwrap().is_empty() {
-            with_inflight += 1;
-        }
+        // M2: switched in the pause, preferably one that catches requests in flight (the
+        // guest may be between rounds right after it prints one).
+        let mut tries = 0;
+        let pause = loop {
+            let pause = vm.pause().unwrap();
+            tries += 1;
+            if !h.inflight().unwrap().is_empty() {
+                with_inflight += 1;
+                break pause;
+            }
+            if tries == 100 {
+                break pause;
+            }
+            drop(pause);
+            std::thread::sleep(Duration::from_millis(1));
+        };
         h.switch_image(image).unwrap();
         drop(pause);
         // M15: writes in flight at the switch still land in the parent; then it is frozen.

@@ -13,7 +13,7 @@ use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, DiskPolicy, IoPolicy,
 use common::*;
 use vmm::checkpoint::restore::RestoreOptions;
 use vmm::checkpoint::state::VmSnapshot;
-use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
+use vmm::checkpoint::{CheckpointError, CheckpointRequest, Progress, StoreSpec};
 use vmm::devices::virtio::block::DiskConfig;
 use vmm::{Vm, VmExit};
 
@@ -23,6 +23,8 @@ const WORKLOAD: &str = "disk blocks=256 rounds=4 qd=8 mem=8M seed=11";
 const MEM: u64 = 96 << 20;
 const DISK_SIZE: u64 = 32 << 20;
 const RUN_LIMIT: Duration = Duration::from_secs(120);
+/// The workload's lines before its last round: the device, its id and rounds 1 to 3.
+const PROGRESS_LINES: u64 = 5;
 
 /// Checkpoint-restore cycles per strategy and I/O policy (`COWVM_DIVERGENCE_ITERS` for a soak).
 fn iterations() -> usize {
@@ -78,7 +80,7 @@ impl Rng {
 
 /// Runs the VM to its end; returns its console and the final content of its disk.
 fn run_to_end(vm: Vm, console: &Capture) -> (String, Vec<u8>) {
-    let exit = vm.wait_timeout(RUN_LIMIT).expect("the guest must finish");
+    let exit = wait_or_explain(&vm, console, RUN_LIMIT);
     assert_eq!(exit, VmExit::Guest(0), "console: {}", console.text());
     let top = disk_path(&vm);
     drop(vm);
@@ -139,13 +141,43 @@ fn divergence(strategy: Strategy, io: IoPolicy, seed: u64) {
     let work = tempfile::tempdir().unwrap();
     let (expected, expected_disk, took) = uninterrupted(work.path());
     let mut rng = Rng(seed);
+    let mut ended_first = 0;
     for i in 0..iterations() {
         let dir = work.path().join(format!("ckpt{i}"));
         let (vm, console) = boot_with_disk(&new_disk(work.path(), &format!("disk{i}.raw")));
+        // The instant: after a random number of the workload's lines (it prints one per
+        // round), then a random part of a round; tied to the guest's progress, not to the
+        // reference run's speed, so a slow or fast host still puts it inside the run.
+        let lines = rng.below(PROGRESS_LINES + 1) as usize;
+        console.wait_for("\n", lines, RUN_LIMIT);
         std::thread::sleep(Duration::from_millis(
-            rng.below(took.as_millis() as u64 * 3 / 4),
+            rng.below(took.as_millis() as u64 / 8),
         ));
-        let m = checkpoint(&vm, &dir, strategy, io);
+        let request = CheckpointRequest {
+            store: StoreSpec::Dir(dir.clone()),
+            options: CheckpointOptions {
+                strategy,
+                io,
+                disk: DiskPolicy::Keep,
+            },
+            pause_probe: None,
+        };
+        let m = match vm.checkpoint(&request, &Progress::default()) {
+            Ok(m) => m,
+            // A descheduled test thread can still miss the last round: the guest ended
+            // before the instant, which the checkpoint must refuse.
+            Err(CheckpointError::Exited(exit)) => {
+                assert_eq!(exit, VmExit::Guest(0), "console: {}", console.text());
+                ended_first += 1;
+                eprintln!("iteration {i}: the guest ended before the checkpoint instant");
+                assert!(
+                    ended_first <= iterations() / 4,
+                    "{strategy:?}/{io:?}: too many guests ended before their checkpoint instant"
+                );
+                continue;
+            }
+            Err(e) => panic!("{strategy:?}/{io:?} iteration {i}: checkpoint: {e:?}"),
+        };
         eprintln!("iteration {i}: checkpoint {:?}", m.metrics.phases_us);
         let (out, disk) = run_to_end(vm, &console);
         assert_eq!(
@@ -206,7 +238,6 @@ fn stop_drain_restores_without_divergence() {
 fn a_chain_of_five_restores_stays_identical() {
     let work = tempfile::tempdir().unwrap();
     let (expected, expected_disk, took) = uninterrupted(work.path());
-    let step = took / 7;
     let (mut vm, mut console) = boot_with_disk(&new_disk(work.path(), "chain.raw"));
     // What the chain printed before the last checkpoint instant; its length is the serial byte
     // count that each restored VM continues from.
@@ -219,7 +250,14 @@ fn a_chain_of_five_restores_stays_identical() {
         Strategy::Fork,
     ];
     for (depth, strategy) in strategies.into_iter().enumerate() {
-        std::thread::sleep(step);
+        // Depth d is taken inside the d-th line of output (not after a wall-clock delay, so
+        // that every instant falls inside the run however slow the host is).
+        console.wait_for(
+            "\n",
+            (depth + 1).saturating_sub(prefix.matches('\n').count()),
+            RUN_LIMIT,
+        );
+        std::thread::sleep(took / 40);
         let dir: PathBuf = work.path().join(format!("depth{depth}"));
         checkpoint(&vm, &dir, strategy, IoPolicy::Live);
         vm.stop();
@@ -246,7 +284,8 @@ fn copy_commit_keeps_a_private_disk_copy_and_a_short_chain() {
     let (expected, expected_disk, took) = uninterrupted(work.path());
     let base = new_disk(work.path(), "base.raw");
     let (vm, console) = boot_with_disk(&base);
-    std::thread::sleep(took / 3);
+    console.wait_for("disk round=", 1, RUN_LIMIT);
+    std::thread::sleep(took / 20);
     let dir = work.path().join("ckpt");
     let manifest = checkpoint_with(
         &vm,

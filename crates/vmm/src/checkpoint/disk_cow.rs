@@ -86,6 +86,18 @@ pub(super) fn prepare_disks(vm: &Vm, tag: &str) -> Result<Vec<DiskPrep>, Checkpo
     Ok(preps)
 }
 
+/// A COW file that was never switched to (the checkpoint failed before its pause ended) is
+/// removed, so a failed checkpoint leaves no file behind next to the disk.
+impl Drop for DiskPrep {
+    fn drop(&mut self) {
+        if self.image.take().is_some() {
+            if let Err(e) = std::fs::remove_file(&self.overlay) {
+                tracing::warn!(path = %self.overlay.display(), "cannot remove an unused COW file: {e}");
+            }
+        }
+    }
+}
+
 /// Disks that complete nothing to the guest until dropped.
 pub(super) struct FrozenDisks<'a> {
     handles: &'a [BlockHandle],

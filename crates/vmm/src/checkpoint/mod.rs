@@ -38,6 +38,7 @@ use self::memory_cow::fork::{fork_writer, ForkedWriter};
 use self::memory_cow::uffd::UffdCow;
 use self::memory_cow::{stop, CowError, SaveCounters};
 use self::state::VmSnapshot;
+use crate::exit::VmExit;
 use crate::kvm::state::{save_vcpu, save_vm};
 use crate::kvm::vcpu::PauseGuard;
 use crate::kvm::KvmError;
@@ -66,6 +67,10 @@ pub enum CheckpointError {
     /// Pausing the VM failed (or it is exiting).
     #[error("cannot pause the VM")]
     Pause(#[source] VmError),
+    /// The guest has ended (before the checkpoint or while it was being prepared): there is
+    /// nothing left to capture, and a restore of its last instant would only spin.
+    #[error("the VM has already ended: {0}")]
+    Exited(VmExit),
     /// Reading KVM state failed.
     #[error("cannot save vCPU or VM state")]
     Kvm(#[from] KvmError),
@@ -294,6 +299,9 @@ fn take_checkpoint(
             "unknown strategy or I/O policy",
         ));
     }
+    if let Some(exit) = vm.exit_status() {
+        return Err(CheckpointError::Exited(exit));
+    }
     let started = Instant::now();
     let mut timeline = Timeline::default();
     let regions = ram_regions(vm.memory());
@@ -430,6 +438,10 @@ fn quiesce(
     io: IoPolicy,
 ) -> Result<(PauseGuard<'_>, disk_cow::FrozenDisks<'_>), CheckpointError> {
     let guard = vm.pause().map_err(CheckpointError::Pause)?;
+    // Parked vCPUs have reported every exit they made, so this answer holds for the pause.
+    if let Some(exit) = vm.exit_status() {
+        return Err(CheckpointError::Exited(exit));
+    }
     let frozen = disk_cow::freeze_disks(vm, io)?;
     Ok((guard, frozen))
 }

@@ -181,3 +181,42 @@ pub const TRIPLE_FAULT_CODE: &[u8] = &[
     0x0f, 0x01, 0x1d, 0x00, 0x01, 0x20, 0x00, // lidt 0x200100 (limit 0, base 0)
     0x0f, 0x0b, // ud2
 ];
+
+/// Waits for the guest to end; a guest still running after `limit` fails the test with what
+/// tells a hang from a slow machine: the console's tail, whether the vCPUs still exit to the
+/// VMM, where they are, and the disks' in-flight requests.
+pub fn wait_or_explain(vm: &Vm, console: &Capture, limit: Duration) -> vmm::VmExit {
+    if let Some(exit) = vm.wait_timeout(limit) {
+        return exit;
+    }
+    let before = vm.exit_counts();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = vm.exit_counts();
+    let mut report = format!(
+        "the guest did not finish within {limit:?}\nexits: {before:?} then, a second later, {after:?}\n"
+    );
+    match vm.pause() {
+        Ok(pause) => {
+            for (i, vcpu) in pause.vcpus().enumerate() {
+                match (vcpu.get_regs(), vcpu.get_sregs()) {
+                    (Ok(r), Ok(s)) => report.push_str(&format!(
+                        "vCPU {i}: rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} cs={:#x} cr2={:#x}\n",
+                        r.rip, r.rsp, r.rflags, r.rax, s.cs.selector, s.cr2
+                    )),
+                    (r, s) => report.push_str(&format!("vCPU {i}: {r:?} {s:?}\n")),
+                }
+            }
+        }
+        Err(e) => report.push_str(&format!("cannot pause: {e}\n")),
+    }
+    for disk in vm.disks() {
+        report.push_str(&format!(
+            "disk {}: in flight {:?}\n",
+            disk.index(),
+            disk.inflight()
+        ));
+    }
+    let text = console.text();
+    let tail = text.get(text.len().saturating_sub(2000)..).unwrap_or(&text);
+    panic!("{report}console tail:\n{tail}");
+}
