@@ -1,7 +1,7 @@
 //! Opening, reading and verifying a checkpoint.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use serde::de::DeserializeOwned;
 
@@ -25,15 +25,17 @@ pub struct VerifyReport {
     pub zero_pages: u64,
 }
 
-/// An open, complete checkpoint whose manifest, state and page index have been verified.
-/// Memory pages are verified on demand.
+/// An open, complete checkpoint whose manifest and state have been verified, and its page
+/// index too unless it was opened with [`Checkpoint::open_deferred`]. Memory pages are
+/// verified on demand.
 #[derive(Debug)]
 pub struct Checkpoint {
     store: Box<dyn StoreReader>,
     manifest: Manifest,
     manifest_checksum: u64,
     state: Vec<u8>,
-    page_index: PageIndex,
+    index_entry: SectionEntry,
+    page_index: OnceLock<PageIndex>,
     memory: SectionEntry,
 }
 
@@ -70,6 +72,15 @@ impl Checkpoint {
     /// [`Error::Incomplete`]), the manifest's length and checksum, its magic and version, the
     /// bounds of every section, the checksums of `state` and `page-index`.
     pub fn open(store: &dyn Store) -> Result<Checkpoint> {
+        let ckpt = Checkpoint::open_deferred(store)?;
+        ckpt.page_index()?;
+        Ok(ckpt)
+    }
+
+    /// Opens the checkpoint like [`open`](Self::open) but leaves reading and verifying the page
+    /// index (8 bytes per guest page: 8 MiB at 4 GiB) to [`page_index`](Self::page_index) or
+    /// the first use that needs it, so that a restore can do it alongside other work.
+    pub fn open_deferred(store: &dyn Store) -> Result<Checkpoint> {
         let store = store.open()?;
         let manifest_entry = store.read_commit()?.ok_or_else(|| Error::Incomplete {
             store: store.describe(),
@@ -90,14 +101,13 @@ impl Checkpoint {
         }
         store.check_memory(&memory)?;
         let state = read_checked(store.as_ref(), &state_entry)?;
-        let index_bytes = read_checked(store.as_ref(), &index_entry)?;
-        let page_index = PageIndex::decode(&index_bytes, manifest.memory.pages)?;
         Ok(Checkpoint {
             store,
             manifest,
             manifest_checksum: manifest_entry.checksum.map_or(0, |c| c.0),
             state,
-            page_index,
+            index_entry,
+            page_index: OnceLock::new(),
             memory,
         })
     }
@@ -123,14 +133,19 @@ impl Checkpoint {
         decode_state(&self.state)
     }
 
-    /// The page index (verified).
-    pub fn page_index(&self) -> &PageIndex {
-        &self.page_index
+    /// The page index, read and verified on first use.
+    pub fn page_index(&self) -> Result<&PageIndex> {
+        if let Some(index) = self.page_index.get() {
+            return Ok(index);
+        }
+        let bytes = read_checked(self.store.as_ref(), &self.index_entry)?;
+        let index = PageIndex::decode(&bytes, self.manifest.memory.pages)?;
+        Ok(self.page_index.get_or_init(|| index))
     }
 
     /// Number of guest pages.
     pub fn pages(&self) -> u64 {
-        self.page_index.pages()
+        self.manifest.memory.pages
     }
 
     /// How to map guest memory for a restore.
@@ -166,8 +181,9 @@ impl Checkpoint {
         }
         let count = (buf.len() / PAGE_SIZE) as u64;
         self.check_range(first, count)?;
+        let index = self.page_index()?;
         let zero = |i: u64| {
-            self.page_index
+            index
                 .entry(first + i)
                 .is_some_and(|e| e.state == PageState::Zero)
         };
@@ -193,10 +209,13 @@ impl Checkpoint {
                 len: bytes.len() as u64,
             });
         }
-        let entry = self.page_index.entry(page).ok_or(Error::PageOutOfRange {
-            page,
-            pages: self.pages(),
-        })?;
+        let entry = self
+            .page_index()?
+            .entry(page)
+            .ok_or(Error::PageOutOfRange {
+                page,
+                pages: self.pages(),
+            })?;
         match entry.state {
             PageState::Zero if page_is_zero(bytes) => Ok(()),
             PageState::Zero => Err(Error::ZeroPageMismatch { page }),
@@ -223,6 +242,7 @@ impl Checkpoint {
         threads: usize,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<VerifyReport> {
+        let index = self.page_index()?;
         let pages = self.pages();
         let chunks = pages.div_ceil(VERIFY_CHUNK);
         let next = AtomicU64::new(0);
@@ -248,7 +268,7 @@ impl Checkpoint {
                 let count = VERIFY_CHUNK.min(pages - first);
                 let buf = &mut buf[..(count * PAGE) as usize];
                 let any_present = (first..first + count).any(|p| {
-                    self.page_index
+                    index
                         .entry(p)
                         .is_some_and(|e| e.state == PageState::Present)
                 });
@@ -262,8 +282,7 @@ impl Checkpoint {
                 for (i, bytes) in buf.chunks_exact(PAGE_SIZE).enumerate() {
                     let page = first + i as u64;
                     // Zero pages are not in the image: whatever bytes are there are not theirs.
-                    if self
-                        .page_index
+                    if index
                         .entry(page)
                         .is_some_and(|e| e.state == PageState::Zero)
                     {
@@ -290,7 +309,7 @@ impl Checkpoint {
         }
         Ok(VerifyReport {
             pages_verified: verified.into_inner(),
-            zero_pages: self.page_index.zero_pages(),
+            zero_pages: index.zero_pages(),
         })
     }
 }

@@ -34,7 +34,11 @@ fn rewrite(from: &Checkpoint, store: &dyn Store) -> Manifest {
 fn sections(c: &Checkpoint) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let mut mem = vec![0u8; (c.pages() as usize) * PAGE_SIZE];
     c.read_pages(0, &mut mem).unwrap();
-    (c.state_bytes().to_vec(), c.page_index().encode(), mem)
+    (
+        c.state_bytes().to_vec(),
+        c.page_index().unwrap().encode(),
+        mem,
+    )
 }
 
 /// A page is zero, or filled from a seed with a pattern.
@@ -87,7 +91,7 @@ proptest! {
         prop_assert_eq!(&second, &first);
         prop_assert_eq!(cb.manifest_checksum(), ca.manifest_checksum());
         prop_assert_eq!(sections(&cb), sections(&ca));
-        prop_assert_eq!(ca.page_index().zero_pages(), pages.iter().filter(|p| p.is_none()).count() as u64);
+        prop_assert_eq!(ca.page_index().unwrap().zero_pages(), pages.iter().filter(|p| p.is_none()).count() as u64);
         cb.verify_memory(2, &|_| {}).unwrap();
     }
 }

@@ -56,7 +56,7 @@ fn check_round_trip(store: &dyn Store, seed: u64) {
         file.read_exact_at(&mut mapped, offset + i * PAGE_SIZE as u64)
             .unwrap();
         assert_eq!(mapped, want, "page {i} at the mappable offset");
-        let entry = ckpt.page_index().entry(i).unwrap();
+        let entry = ckpt.page_index().unwrap().entry(i).unwrap();
         assert_eq!(entry.hash, checksum(&want), "page {i} hash");
         let zero = i % 4 == 0 || i == 1;
         assert_eq!(entry.state == PageState::Zero, zero, "page {i} state");

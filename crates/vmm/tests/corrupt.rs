@@ -63,6 +63,17 @@ fn refused(dir: &Path) -> String {
     }
 }
 
+/// Damage outside the memory image is refused before the first instruction by lazy restores
+/// too, with the same message.
+fn refused_lazy_too(dir: &Path) -> String {
+    let eager = refused(dir);
+    match restore(dir, false) {
+        Ok(_) => panic!("a lazy restore of a damaged checkpoint must fail: {eager}"),
+        Err(lazy) => assert_eq!(lazy, eager),
+    }
+    eager
+}
+
 fn flip(path: &Path, offset: u64) {
     let mut bytes = fs::read(path).unwrap();
     let i = (offset as usize).min(bytes.len() - 1);
@@ -143,7 +154,7 @@ fn every_kind_of_damage_is_refused_with_its_own_message() {
     fs::remove_file(d.join("COMPLETE")).unwrap();
     check(
         "no marker",
-        refused(&d),
+        refused_lazy_too(&d),
         &["incomplete", "completion marker"],
     );
 
@@ -152,25 +163,29 @@ fn every_kind_of_damage_is_refused_with_its_own_message() {
         flip(&d.join(file), 100);
         check(
             &format!("flipped {file}"),
-            refused(&d),
+            refused_lazy_too(&d),
             &[section, "checksum"],
         );
         let d = fx.copy();
         truncate(&d.join(file));
         check(
             &format!("truncated {file}"),
-            refused(&d),
+            refused_lazy_too(&d),
             &[section, "truncated"],
         );
     }
 
     let d = fx.copy();
     flip(&d.join("manifest.json"), 40);
-    check("flipped manifest", refused(&d), &["manifest"]);
+    check("flipped manifest", refused_lazy_too(&d), &["manifest"]);
 
     let d = fx.copy();
     truncate(&d.join("memory.img"));
-    check("truncated memory", refused(&d), &["memory", "truncated"]);
+    check(
+        "truncated memory",
+        refused_lazy_too(&d),
+        &["memory", "truncated"],
+    );
 
     let d = fx.copy();
     let at = first_data_byte(&d);

@@ -196,15 +196,31 @@ fn check_config(ckpt: &Checkpoint, store: &str) -> Result<(u64, u8), RestoreErro
     Ok((config.mem_size, vcpus))
 }
 
+/// Makes the calling thread yield the CPU to the vCPUs and the VMM's own threads: the
+/// verifier is background work, and on a small host it would otherwise delay the guest.
+fn lower_priority() {
+    // SAFETY: setpriority has no memory effects; `who` 0 with PRIO_PROCESS names the calling
+    // thread on Linux (its nice value is per thread).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) } != 0 {
+        warn!(
+            "cannot lower the verifier's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Reads the whole memory image in the background and stops the VM at the first corrupt page.
 fn spawn_verifier(ckpt: Checkpoint, exit: Arc<ExitNotifier>) {
     let spawned = std::thread::Builder::new()
         .name("ckpt-verify".into())
-        .spawn(move || match ckpt.verify_memory(1, &|_| {}) {
-            Ok(report) => info!(pages = report.pages_verified, "checkpoint memory verified"),
-            Err(e) => exit.notify(VmExit::Fatal(format!(
-                "restored VM stopped: checkpoint memory is corrupt: {e}"
-            ))),
+        .spawn(move || {
+            lower_priority();
+            match ckpt.verify_memory(1, &|_| {}) {
+                Ok(report) => info!(pages = report.pages_verified, "checkpoint memory verified"),
+                Err(e) => exit.notify(VmExit::Fatal(format!(
+                    "restored VM stopped: checkpoint memory is corrupt: {e}"
+                ))),
+            }
         });
     if let Err(e) = spawned {
         warn!("cannot start the memory verifier: {e}");
@@ -285,7 +301,7 @@ impl Vm {
             store: name.clone(),
             source,
         };
-        let ckpt = Checkpoint::open(store.store().as_ref()).map_err(open_err)?;
+        let ckpt = Checkpoint::open_deferred(store.store().as_ref()).map_err(open_err)?;
         let (mem_size, vcpus) = check_config(&ckpt, &name)?;
         let snapshot: VmSnapshot = ckpt.decode_state().map_err(RestoreError::State)?;
         if snapshot.vcpus.len() != usize::from(vcpus) {
@@ -302,9 +318,23 @@ impl Vm {
                 holes_read_as_zero: true,
                 ..
             } if !options.eager => (mapped_memory(file, offset, mem_size)?, true),
-            _ => (eager_memory(&ckpt, mem_size)?, false),
+            _ => {
+                ckpt.page_index().map_err(open_err)?;
+                (eager_memory(&ckpt, mem_size)?, false)
+            }
         };
-        let parts = VmParts::new(memory)?;
+        // The page index is read and verified (a few milliseconds at 4 GiB) while KVM
+        // registers the memory (as long again for a file mapping); a bad index is refused
+        // before the first guest instruction.
+        let parts = std::thread::scope(|s| {
+            let index = s.spawn(|| ckpt.page_index().map(|_| ()));
+            let parts = VmParts::new(memory);
+            index
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                .map_err(open_err)?;
+            parts.map_err(RestoreError::from)
+        })?;
         restore_vm(&parts.fd, &snapshot.vm)?;
         let blocks = restore_disks(&ckpt, &snapshot, options.disk_dir.as_deref(), &parts.memory)?;
         let out = console_writer(options.console)?;

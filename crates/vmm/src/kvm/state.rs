@@ -4,6 +4,8 @@
 //! The state is plain data (`serde`), so a checkpoint can carry it; restored state is untrusted
 //! input and each `KVM_SET_*` ioctl validates it again.
 
+use std::sync::OnceLock;
+
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
@@ -79,8 +81,19 @@ const SKIPPED_MSRS: &[u32] = &[
 ];
 
 /// The MSRs of `vcpu` that KVM can both read and write, found by reading each listed MSR once.
-/// Done at VM creation, not in the pause.
+/// Done at the creation of the first VM of the process, not in the pause: the answer depends
+/// on the host's KVM and on the CPUID features, which are the same for every VM of this VMM
+/// (probing costs about a millisecond, which a restore would otherwise pay each time).
 pub fn savable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, KvmError> {
+    static SAVABLE: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(found) = SAVABLE.get() {
+        return Ok(found.clone());
+    }
+    let found = probe_savable_msrs(kvm, vcpu)?;
+    Ok(SAVABLE.get_or_init(|| found).clone())
+}
+
+fn probe_savable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, KvmError> {
     let list = kvm
         .get_msr_index_list()
         .map_err(KvmError::ioctl("get MSR index list"))?;
