@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use serde::Serialize;
 use tracing::info;
 use vmm::checkpoint::restore::RestoreOptions;
@@ -63,12 +63,19 @@ pub struct CloneArgs {
     json: bool,
 }
 
-/// The store a command-line checkpoint argument names: `raw:PATH` or a directory.
-pub fn store_spec(arg: &str) -> StoreSpec {
-    match arg.strip_prefix("raw:") {
+/// The store a command-line checkpoint argument names: `raw:PATH` or a directory. A RAM store
+/// (`mem:NAME`) exists only inside the process that took it, which alone can use it.
+pub fn store_spec(arg: &str) -> anyhow::Result<StoreSpec> {
+    if arg.starts_with("mem:") {
+        bail!(
+            "{arg} is a RAM checkpoint: it exists only inside the cowvm process that took it \
+             (roll back to it with `cowvm rollback --api-sock SOCKET {arg}`)"
+        );
+    }
+    Ok(match arg.strip_prefix("raw:") {
         Some(path) => StoreSpec::Raw(PathBuf::from(path)),
         None => StoreSpec::Dir(PathBuf::from(arg)),
-    }
+    })
 }
 
 /// Creates `dir` (and its parents) for files a command writes there.
@@ -87,7 +94,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     };
     let start = Instant::now();
     let vm = Vm::restore(
-        &store_spec(&args.from),
+        &store_spec(&args.from)?,
         RestoreOptions {
             console,
             eager: args.eager,
@@ -147,7 +154,7 @@ pub fn clone(args: CloneArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.disk_dir {
         make_dir(dir, "--disk-dir")?;
     }
-    let store = store_spec(&args.from);
+    let store = store_spec(&args.from)?;
     let all = Instant::now();
     // If a restore fails, the clones already started are dropped (stopped) on the way out.
     let mut clones: Vec<(Vm, PathBuf, Duration)> = Vec::new();
@@ -243,8 +250,13 @@ mod tests {
     #[test]
     fn store_arguments() {
         assert!(
-            matches!(store_spec("raw:/dev/sdb"), StoreSpec::Raw(p) if p == Path::new("/dev/sdb"))
+            matches!(store_spec("raw:/dev/sdb"), Ok(StoreSpec::Raw(p)) if p == Path::new("/dev/sdb"))
         );
-        assert!(matches!(store_spec("ckpt"), StoreSpec::Dir(p) if p == Path::new("ckpt")));
+        assert!(matches!(store_spec("ckpt"), Ok(StoreSpec::Dir(p)) if p == Path::new("ckpt")));
+        let e = store_spec("mem:a").unwrap_err().to_string();
+        assert!(
+            e.contains("RAM checkpoint") && e.contains("rollback"),
+            "{e}"
+        );
     }
 }

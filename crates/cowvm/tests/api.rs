@@ -440,7 +440,8 @@ fn hostile_requests_get_4xx_and_the_vm_survives() {
         "raw:relative.img",
         "raw:/tmp/../etc/passwd",
         "/tmp/a\u{0}b",
-        "mem:fast",
+        "mem:bad/name",
+        "mem:",
         "s3://bucket/key",
     ] {
         assert_refused(

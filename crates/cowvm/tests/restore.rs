@@ -470,3 +470,104 @@ fn rollback_returns_the_running_vm_to_its_checkpoint() {
         "{output}"
     );
 }
+
+/// A checkpoint into RAM (`mem:NAME`) inside the VM's process, and a rollback to it: the
+/// guest's rounds go back to the checkpoint and on to the same end as an uninterrupted run.
+#[test]
+fn rollback_to_a_ram_checkpoint() {
+    const CMDLINE: &str = "compute mem=8M rounds=1500 seed=3";
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("reference.txt");
+    let mut uninterrupted = Process::spawn(
+        Command::new(COWVM)
+            .args(["run", "--kernel"])
+            .arg(guests::pvh_guest())
+            .args(["--cmdline", CMDLINE, "--mem", "64M", "--console"])
+            .arg(&reference),
+    );
+    let (mut vm, sock, console) = run_guest(dir.path(), CMDLINE, &[]);
+    wait_for_lines(&console, "round=", 3);
+    cowvm_ok(&["checkpoint", "--api-sock", s(&sock), "--out", "mem:first"]);
+
+    // Refusals: a bad name, an unknown RAM checkpoint, a name already holding a checkpoint,
+    // and commands of other processes, which cannot see this process's RAM.
+    for (method, path, body, status, field) in [
+        (
+            "PUT",
+            "/checkpoints",
+            json!({ "out": "mem:a/b" }),
+            400,
+            "out",
+        ),
+        ("PUT", "/checkpoints", json!({ "out": "mem:" }), 400, "out"),
+        (
+            "PUT",
+            "/checkpoints",
+            json!({ "out": "mem:first" }),
+            409,
+            "out",
+        ),
+        (
+            "PUT",
+            "/checkpoints",
+            json!({ "out": "mem:copy", "disk": "copy-commit" }),
+            400,
+            "disk",
+        ),
+        (
+            "PUT",
+            "/rollback",
+            json!({ "from": "mem:other" }),
+            400,
+            "from",
+        ),
+    ] {
+        let (got, answer) = request(&sock, method, path, Some(&body));
+        assert_eq!(got, status, "{body}: {answer}");
+        assert_eq!(answer["field"], field, "{body}: {answer}");
+    }
+    for command in [&["inspect", "mem:first"][..], &["restore", "mem:first"]] {
+        let out = cowvm(command);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("RAM checkpoint"),
+            "{command:?}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    let rounds = read(&console).matches("round=").count();
+    wait_for_lines(&console, "round=", rounds + 3);
+    let out = cowvm_ok(&["rollback", "--api-sock", s(&sock), "mem:first", "--json"]);
+    let done: Value = serde_json::from_str(&out).expect("rollback --json");
+    assert_eq!(done["from"], "mem:first", "{done}");
+    let (_, info) = request(&sock, "GET", "/vm", None);
+    assert_eq!(info["restored_from"], "mem:first", "{info}");
+
+    assert_eq!(vm.wait().code(), Some(0));
+    assert!(uninterrupted.wait().success());
+    // Every line is the reference's line of its round; the rounds go back once (the rollback)
+    // and end where the reference ends.
+    let full = read(&reference);
+    let output = read(&console);
+    let round = |line: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("round="))
+            .and_then(|n| n.parse().ok())
+    };
+    let expected: std::collections::HashMap<u64, &str> =
+        full.lines().filter_map(|l| Some((round(l)?, l))).collect();
+    let mut last = 0;
+    let mut went_back = 0;
+    for line in output.lines() {
+        if let Some(r) = round(line) {
+            assert_eq!(Some(&line), expected.get(&r), "round {r}");
+            if r <= last {
+                went_back += 1;
+            }
+            last = r;
+        }
+    }
+    assert_eq!(went_back, 1, "one rollback:\n{output}");
+    assert_eq!(last_line(&output), last_line(&full));
+}

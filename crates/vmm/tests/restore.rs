@@ -322,3 +322,58 @@ fn copy_commit_keeps_a_private_disk_copy_and_a_short_chain() {
     assert_eq!(format!("{}{rest}", &expected[..at]), expected);
     assert!(disk == expected_disk, "the restored VM's disk differs");
 }
+
+/// The RAM store (a memfd): a checkpoint taken into it restores, lazily (mapping the memfd)
+/// and eagerly, into VMs that continue exactly as the uninterrupted run.
+#[test]
+fn a_memory_store_restores_like_a_directory() {
+    let work = tempfile::tempdir().unwrap();
+    let (expected, expected_disk, took) = uninterrupted(work.path());
+    let (vm, console) = boot_with_disk(&new_disk(work.path(), "mem.raw"));
+    console.wait_for("disk round=", 2, RUN_LIMIT);
+    std::thread::sleep(took / 20);
+    let store = StoreSpec::Mem(std::sync::Arc::new(ckpt_format::MemStore::new().unwrap()));
+    let request = CheckpointRequest {
+        store: store.clone(),
+        options: CheckpointOptions {
+            strategy: Strategy::Uffd,
+            io: IoPolicy::Live,
+            disk: DiskPolicy::Keep,
+        },
+        pause_probe: None,
+    };
+    vm.checkpoint(&request, &Progress::default())
+        .expect("checkpoint into RAM");
+    let (out, _) = run_to_end(vm, &console);
+    assert_eq!(out, expected);
+    let StoreSpec::Mem(mem) = &store else {
+        unreachable!()
+    };
+    let ckpt = Checkpoint::open(mem.as_ref()).unwrap();
+    let snapshot: VmSnapshot = ckpt.decode_state().unwrap();
+    let at = snapshot.serial.bytes_emitted as usize;
+    for eager in [false, true] {
+        let restored_console = Capture::default();
+        let disk_dir = work.path().join(format!("disks-{eager}"));
+        std::fs::create_dir_all(&disk_dir).unwrap();
+        let restored = Vm::restore(
+            &store,
+            RestoreOptions {
+                console: restored_console.console(),
+                eager,
+                disk_dir: Some(disk_dir),
+            },
+        )
+        .expect("restore from RAM");
+        let (rest, disk) = run_to_end(restored, &restored_console);
+        assert_eq!(
+            format!("{}{rest}", &expected[..at]),
+            expected,
+            "eager={eager}: the VM restored from RAM diverged"
+        );
+        assert!(
+            disk == expected_disk,
+            "eager={eager}: the VM restored from RAM left a different disk"
+        );
+    }
+}

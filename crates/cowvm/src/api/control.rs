@@ -10,13 +10,13 @@
 //! it began ([`Controller::vm`] hands out an `Arc`), so a rollback never pulls a VM from under
 //! it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ckpt_format::{CheckpointOptions, Manifest, PAGE_SIZE};
+use ckpt_format::{CheckpointOptions, Manifest, MemStore, Store, PAGE_SIZE};
 use thiserror::Error;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -211,6 +211,8 @@ pub struct Controller {
     /// it while the vCPUs park).
     rolling_back: AtomicBool,
     jobs: Mutex<Jobs>,
+    /// RAM stores (`mem:NAME`) by name: they live as long as this process.
+    mem_stores: Mutex<HashMap<String, Arc<MemStore>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -271,7 +273,35 @@ impl Controller {
                 next: 1,
                 ..Jobs::default()
             }),
+            mem_stores: Mutex::default(),
         }
+    }
+
+    /// The RAM store `name` for a new checkpoint: a fresh one, unless `name` holds a complete
+    /// checkpoint already (an incomplete one, from a failed checkpoint, is replaced).
+    pub fn mem_store_for_checkpoint(&self, name: &str) -> Result<StoreSpec, ControlError> {
+        let mut stores = lock(&self.mem_stores);
+        if let Some(store) = stores.get(name) {
+            let complete = store
+                .open()
+                .and_then(|r| r.read_commit())
+                .is_ok_and(|c| c.is_some());
+            if complete {
+                return Err(ControlError::StoreConflict(format!(
+                    "mem:{name} already holds a complete checkpoint"
+                )));
+            }
+        }
+        let store = Arc::new(MemStore::new().map_err(|e| ControlError::BadStore(e.to_string()))?);
+        stores.insert(name.to_string(), store.clone());
+        Ok(StoreSpec::Mem(store))
+    }
+
+    /// The RAM store `name`, for a rollback.
+    pub fn mem_store(&self, name: &str) -> Option<StoreSpec> {
+        lock(&self.mem_stores)
+            .get(name)
+            .map(|s| StoreSpec::Mem(s.clone()))
     }
 
     fn current(&self) -> Current {

@@ -270,6 +270,27 @@ pub fn parse_store(value: &str, field: &str) -> Result<StoreSpec, ApiError> {
     })
 }
 
+/// The name of a RAM store (`mem:NAME`), if `value` names one: 1 to 64 ASCII letters, digits,
+/// `-`, `_` or `.`.
+fn mem_store_name<'a>(value: &'a str, field: &str) -> Result<Option<&'a str>, ApiError> {
+    let Some(name) = value.strip_prefix("mem:") else {
+        return Ok(None);
+    };
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !valid {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            format!("{field}: a RAM store is mem:NAME, NAME of 1 to 64 letters, digits, '-', '_' or '.'"),
+        )
+        .field(field));
+    }
+    Ok(Some(name))
+}
+
 /// Refuses early a store that already holds a complete checkpoint (the store refuses too, but
 /// after the job has started; this answers before).
 fn check_store_free(store: &StoreSpec) -> Result<(), ApiError> {
@@ -377,7 +398,20 @@ async fn put_checkpoint(
     JsonBody(body): JsonBody<CheckpointBody>,
 ) -> Result<Response, ApiError> {
     let wait = query(wait)?.wait;
-    let store = parse_store(&body.out, "out")?;
+    if body.disk == model::DiskArg::CopyCommit
+        && (body.out.starts_with("mem:") || body.out.starts_with("raw:"))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "disk copy-commit needs a directory store (out) to hold the disk copy".to_string(),
+        )
+        .field("disk"));
+    }
+    let store = match mem_store_name(&body.out, "out")? {
+        Some(name) => c.mem_store_for_checkpoint(name)?,
+        None => parse_store(&body.out, "out")?,
+    };
     check_store_free(&store)?;
     let ctl = c.clone();
     let job = blocking(move || ctl.start_checkpoint(body, store)).await?;
@@ -412,7 +446,17 @@ async fn put_rollback(
     State(c): State<Ctl>,
     JsonBody(body): JsonBody<RollbackBody>,
 ) -> Result<Json<RollbackDone>, ApiError> {
-    let store = parse_store(&body.from, "from")?;
+    let store = match mem_store_name(&body.from, "from")? {
+        Some(name) => c.mem_store(name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                format!("no RAM checkpoint mem:{name} in this process"),
+            )
+            .field("from")
+        })?,
+        None => parse_store(&body.from, "from")?,
+    };
     let ctl = c.clone();
     let from = body.from.clone();
     let took = blocking(move || ctl.rollback(&store, &from, body.eager)).await?;

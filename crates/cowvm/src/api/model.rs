@@ -102,8 +102,8 @@ pub enum DiskArg {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointBody {
-    /// The store: an absolute directory path, or `raw:` and the absolute path of a file or
-    /// block device.
+    /// The store: an absolute directory path, `raw:` and the absolute path of a file or block
+    /// device, or `mem:NAME` for RAM inside the server's process.
     pub out: String,
     /// Memory COW mechanism.
     #[serde(default)]
@@ -141,7 +141,7 @@ impl CheckpointBody {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackBody {
-    /// The checkpoint: an absolute directory path, or `raw:` and an absolute path.
+    /// The checkpoint: an absolute directory path, `raw:` and an absolute path, or `mem:NAME`.
     pub from: String,
     /// Read and verify all memory before the restored VM runs.
     #[serde(default)]

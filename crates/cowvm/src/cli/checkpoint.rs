@@ -23,7 +23,8 @@ const POLL: Duration = Duration::from_millis(100);
 pub struct CheckpointArgs {
     #[command(flatten)]
     api: ApiArgs,
-    /// The store: a directory, or raw:PATH for a file or block device.
+    /// The store: a directory, raw:PATH for a file or block device, or mem:NAME for RAM inside
+    /// the VM's process (for the fastest rollback; it lives as long as that process).
     #[arg(long, value_name = "DIR")]
     out: String,
     /// Memory copy-on-write mechanism.
@@ -51,7 +52,11 @@ struct Report<'a> {
 
 /// `path` (the store argument `what`) made absolute and free of `.` and `..` (resolved
 /// lexically, as a shell user means them), since the server takes only absolute, normal paths.
+/// A RAM store (`mem:NAME`) names no file and is passed on as it is.
 pub fn absolute(path: &str, what: &str) -> anyhow::Result<String> {
+    if path.starts_with("mem:") {
+        return Ok(path.to_string());
+    }
     let (prefix, path) = match path.strip_prefix("raw:") {
         Some(p) => ("raw:", p),
         None => ("", path),
@@ -156,6 +161,7 @@ mod tests {
         let parent = cwd.parent().unwrap_or(&cwd).display().to_string();
         assert_eq!(absolute("/a/./b/../c", "--out").unwrap(), "/a/c");
         assert_eq!(absolute("raw:/dev/sdb", "--out").unwrap(), "raw:/dev/sdb");
+        assert_eq!(absolute("mem:a", "--out").unwrap(), "mem:a");
         assert_eq!(
             absolute("x", "--out").unwrap(),
             cwd.join("x").display().to_string()

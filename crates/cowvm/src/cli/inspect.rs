@@ -8,6 +8,7 @@ use anyhow::Context;
 use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, Manifest, Metrics, RawStore, Store};
 use serde::Serialize;
 use vmm::checkpoint::state::VmSnapshot;
+use vmm::checkpoint::StoreSpec;
 
 use super::checkpoint::name;
 use super::output::{byte_bar, bytes, metric_rows, table};
@@ -53,9 +54,9 @@ struct Report<'a> {
 
 /// Runs `cowvm inspect`.
 pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let store: Box<dyn Store> = match args.dir.strip_prefix("raw:") {
-        Some(path) => Box::new(RawStore::new(path)),
-        None => Box::new(DirStore::new(&args.dir)),
+    let store: Box<dyn Store> = match crate::restore::store_spec(&args.dir)? {
+        StoreSpec::Raw(path) => Box::new(RawStore::new(path)),
+        _ => Box::new(DirStore::new(&args.dir)),
     };
     let ckpt = Checkpoint::open(store.as_ref()).with_context(|| args.dir.clone())?;
     let m = ckpt.manifest();

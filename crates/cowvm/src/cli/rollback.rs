@@ -17,7 +17,8 @@ use crate::api::model::{RollbackBody, RollbackDone};
 pub struct RollbackArgs {
     #[command(flatten)]
     api: ApiArgs,
-    /// The checkpoint: a directory, or raw:PATH for a file or block device.
+    /// The checkpoint: a directory, raw:PATH for a file or block device, or mem:NAME for one
+    /// taken into RAM by this VM's process.
     #[arg(value_name = "DIR")]
     from: String,
     /// Read and verify all memory before the restored VM runs (a corrupt page is then refused

@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ckpt_format::{
-    CheckpointOptions, CheckpointWriter, DeviceConfig, DirStore, IoPolicy, Layout, Manifest,
-    MemStore, Metrics, RawStore, Store, Strategy,
+    CheckpointOptions, CheckpointWriter, DeviceConfig, DirStore, DiskPolicy, IoPolicy, Layout,
+    Manifest, MemStore, Metrics, RawStore, Store, Strategy,
 };
 use thiserror::Error;
 use tracing::{info, info_span, warn};
@@ -301,6 +301,14 @@ fn take_checkpoint(
     }
     if let Some(exit) = vm.exit_status() {
         return Err(CheckpointError::Exited(exit));
+    }
+    if options.disk == DiskPolicy::CopyCommit
+        && !vm.disks().is_empty()
+        && !matches!(request.store, StoreSpec::Dir(_))
+    {
+        return Err(CheckpointError::Unsupported(
+            "copy-commit needs a directory store to hold the disk copy",
+        ));
     }
     let started = Instant::now();
     let mut timeline = Timeline::default();
