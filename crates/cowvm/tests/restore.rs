@@ -526,6 +526,24 @@ fn rollback_to_a_ram_checkpoint() {
         assert_eq!(got, status, "{body}: {answer}");
         assert_eq!(answer["field"], field, "{body}: {answer}");
     }
+    // A second request for a name while its checkpoint is being written does not take the
+    // name from it: afterwards the name holds that complete checkpoint.
+    let second = json!({ "out": "mem:second" });
+    let (got, job) = request(&sock, "PUT", "/checkpoints", Some(&second));
+    assert!(got == 200 || got == 202, "{got}: {job}");
+    let (got, answer) = request(&sock, "PUT", "/checkpoints", Some(&second));
+    assert_eq!(got, 409, "{answer}");
+    let id = job["id"].as_str().expect("id");
+    let (_, job) = request(&sock, "GET", &format!("/checkpoints/{id}?wait=true"), None);
+    assert_eq!(job["status"], "complete", "{job}");
+    let (got, answer) = request(&sock, "PUT", "/checkpoints", Some(&second));
+    assert_eq!(got, 409, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("complete checkpoint")),
+        "{answer}"
+    );
     for command in [&["inspect", "mem:first"][..], &["restore", "mem:first"]] {
         let out = cowvm(command);
         assert!(!out.status.success());

@@ -278,7 +278,8 @@ impl Controller {
     }
 
     /// The RAM store `name` for a new checkpoint: a fresh one, unless `name` holds a complete
-    /// checkpoint already (an incomplete one, from a failed checkpoint, is replaced).
+    /// checkpoint already or one being written (an incomplete one, from a failed checkpoint,
+    /// is replaced).
     pub fn mem_store_for_checkpoint(&self, name: &str) -> Result<StoreSpec, ControlError> {
         let mut stores = lock(&self.mem_stores);
         if let Some(store) = stores.get(name) {
@@ -289,6 +290,12 @@ impl Controller {
             if complete {
                 return Err(ControlError::StoreConflict(format!(
                     "mem:{name} already holds a complete checkpoint"
+                )));
+            }
+            // Another request or a checkpoint in progress holds it.
+            if Arc::strong_count(store) > 1 {
+                return Err(ControlError::StoreConflict(format!(
+                    "mem:{name} is being written by a checkpoint in progress"
                 )));
             }
         }
