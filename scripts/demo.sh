@@ -19,7 +19,8 @@ truncate -s 64M "$work/disk.raw"
   --console "$work/original.log" --api-sock "$work/vm.sock" &
 vm=$!
 for _ in $(seq 100); do [ -S "$work/vm.sock" ] && break; sleep 0.05; done
-sleep 0.5
+# Checkpoint inside the run: once the guest has finished its first round.
+for _ in $(seq 600); do grep -q "disk round=1" "$work/original.log" 2>/dev/null && break; sleep 0.05; done
 
 echo "== live checkpoint while it runs"
 "$cowvm" checkpoint --api-sock "$work/vm.sock" --out "$work/ckpt" --strategy uffd --io live
