@@ -88,6 +88,21 @@ fn run_guest(dir: &Path, cmdline: &str, extra: &[&str]) -> (Process, PathBuf, Pa
     (process, sock, console)
 }
 
+/// Starts the uninterrupted reference run of `cmdline` (with `extra` arguments), whose console
+/// goes to `reference.txt` in `dir`; returns the process and that file.
+fn run_reference(dir: &Path, cmdline: &str, extra: &[&str]) -> (Process, PathBuf) {
+    let reference = dir.join("reference.txt");
+    let process = Process::spawn(
+        Command::new(COWVM)
+            .args(["run", "--kernel"])
+            .arg(guests::pvh_guest())
+            .args(["--cmdline", cmdline, "--mem", "64M", "--console"])
+            .arg(&reference)
+            .args(extra),
+    );
+    (process, reference)
+}
+
 fn wait_for_socket(sock: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while UnixStream::connect(sock).is_err() {
@@ -253,16 +268,8 @@ fn restored_disks_get_their_own_cow_files() {
         format!("{},delay_ms=5", s(&path))
     };
     // The uninterrupted output (deterministic on a zeroed disk), for comparison.
-    let reference = dir.path().join("reference.txt");
-    let mut uninterrupted = Process::spawn(
-        Command::new(COWVM)
-            .args(["run", "--kernel"])
-            .arg(guests::pvh_guest())
-            .args(["--cmdline", CMDLINE, "--mem", "64M", "--disk"])
-            .arg(zeroed("reference.raw"))
-            .arg("--console")
-            .arg(&reference),
-    );
+    let (mut uninterrupted, reference) =
+        run_reference(dir.path(), CMDLINE, &["--disk", &zeroed("reference.raw")]);
     let disk = dir.path().join("disk.raw");
     let (mut vm, sock, console) = run_guest(dir.path(), CMDLINE, &["--disk", &zeroed("disk.raw")]);
     wait_for_lines(&console, "disk round=", 1);
@@ -336,14 +343,7 @@ fn rollback_returns_the_running_vm_to_its_checkpoint() {
     const CMDLINE: &str = "compute mem=8M rounds=1500 seed=3";
     let dir = tempfile::tempdir().unwrap();
     // The uninterrupted output, for comparison.
-    let reference = dir.path().join("reference.txt");
-    let mut uninterrupted = Process::spawn(
-        Command::new(COWVM)
-            .args(["run", "--kernel"])
-            .arg(guests::pvh_guest())
-            .args(["--cmdline", CMDLINE, "--mem", "64M", "--console"])
-            .arg(&reference),
-    );
+    let (mut uninterrupted, reference) = run_reference(dir.path(), CMDLINE, &[]);
 
     let (mut vm, sock, console) = run_guest(dir.path(), CMDLINE, &[]);
     wait_for_lines(&console, "round=", 3);
@@ -477,14 +477,7 @@ fn rollback_returns_the_running_vm_to_its_checkpoint() {
 fn rollback_to_a_ram_checkpoint() {
     const CMDLINE: &str = "compute mem=8M rounds=1500 seed=3";
     let dir = tempfile::tempdir().unwrap();
-    let reference = dir.path().join("reference.txt");
-    let mut uninterrupted = Process::spawn(
-        Command::new(COWVM)
-            .args(["run", "--kernel"])
-            .arg(guests::pvh_guest())
-            .args(["--cmdline", CMDLINE, "--mem", "64M", "--console"])
-            .arg(&reference),
-    );
+    let (mut uninterrupted, reference) = run_reference(dir.path(), CMDLINE, &[]);
     let (mut vm, sock, console) = run_guest(dir.path(), CMDLINE, &[]);
     wait_for_lines(&console, "round=", 3);
     cowvm_ok(&["checkpoint", "--api-sock", s(&sock), "--out", "mem:first"]);

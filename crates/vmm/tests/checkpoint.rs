@@ -103,23 +103,38 @@ fn stop_checkpoint_holds_the_pause_instant() {
     checkpoint_while_dirtying(Strategy::Stop);
 }
 
+/// Boots `cmdline` with an 8 MiB zeroed raw disk `disk.raw` in `dir`.
+fn boot_with_disk(dir: &std::path::Path, cmdline: &str) -> vmm::Vm {
+    let disk = dir.join("disk.raw");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(8 << 20))
+        .unwrap();
+    let mut cfg = config(guest(), cmdline, 64 << 20, 1, Capture::default().console());
+    cfg.disks = vec![vmm::devices::virtio::block::DiskConfig {
+        path: disk,
+        readonly: false,
+        delay_ms: 0,
+    }];
+    vmm::Vm::boot(cfg).expect("boot")
+}
+
+/// The names of the disk image files in `dir` (the disk and any COW files over it), sorted.
+fn disk_files(dir: &std::path::Path) -> Vec<String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("disk"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// A VM whose guest has ended has no instant left to capture: the checkpoint is refused with
 /// the guest's exit, and the COW file it had prepared next to the disk is removed.
 #[test]
 fn a_vm_that_has_ended_is_not_checkpointed() {
     let work = tempfile::tempdir().unwrap();
-    let disk = work.path().join("disk.raw");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(8 << 20))
-        .unwrap();
-    let capture = Capture::default();
-    let mut cfg = config(guest(), "hello", 64 << 20, 1, capture.console());
-    cfg.disks = vec![vmm::devices::virtio::block::DiskConfig {
-        path: disk.clone(),
-        readonly: false,
-        delay_ms: 0,
-    }];
-    let vm = vmm::Vm::boot(cfg).expect("boot");
+    let vm = boot_with_disk(work.path(), "hello");
     assert_eq!(
         vm.wait_timeout(Duration::from_secs(30)),
         Some(vmm::VmExit::Guest(0))
@@ -145,13 +160,11 @@ fn a_vm_that_has_ended_is_not_checkpointed() {
             "{strategy:?}: no checkpoint may exist"
         );
     }
-    let mut files: Vec<_> = std::fs::read_dir(work.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("disk"))
-        .collect();
-    files.sort();
-    assert_eq!(files, ["disk.raw"], "a failed checkpoint left files behind");
+    assert_eq!(
+        disk_files(work.path()),
+        ["disk.raw"],
+        "a failed checkpoint left files behind"
+    );
 }
 
 /// A checkpoint the store refuses (it holds a checkpoint already) leaves the running VM and its
@@ -159,18 +172,7 @@ fn a_vm_that_has_ended_is_not_checkpointed() {
 #[test]
 fn a_refused_checkpoint_leaves_no_cow_file() {
     let work = tempfile::tempdir().unwrap();
-    let disk = work.path().join("disk.raw");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(8 << 20))
-        .unwrap();
-    let capture = Capture::default();
-    let mut cfg = config(guest(), "dirty mem=8M", 64 << 20, 1, capture.console());
-    cfg.disks = vec![vmm::devices::virtio::block::DiskConfig {
-        path: disk.clone(),
-        readonly: false,
-        delay_ms: 0,
-    }];
-    let vm = vmm::Vm::boot(cfg).expect("boot");
+    let vm = boot_with_disk(work.path(), "dirty mem=8M");
     let request = CheckpointRequest {
         store: StoreSpec::Dir(work.path().join("ckpt")),
         options: CheckpointOptions::default(),
@@ -178,16 +180,7 @@ fn a_refused_checkpoint_leaves_no_cow_file() {
     };
     vm.checkpoint(&request, &Progress::default())
         .expect("first checkpoint");
-    let disk_files = || {
-        let mut files: Vec<_> = std::fs::read_dir(work.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|name| name.starts_with("disk"))
-            .collect();
-        files.sort();
-        files
-    };
-    let before = disk_files();
+    let before = disk_files(work.path());
     assert_eq!(
         before.len(),
         2,
@@ -198,7 +191,7 @@ fn a_refused_checkpoint_leaves_no_cow_file() {
         other => panic!("expected the store to refuse, got {other:?}"),
     }
     assert_eq!(
-        disk_files(),
+        disk_files(work.path()),
         before,
         "the refused checkpoint left a COW file"
     );

@@ -106,13 +106,22 @@ fn checkpoint_with(
     io: IoPolicy,
     disk: DiskPolicy,
 ) -> ckpt_format::Manifest {
+    try_checkpoint(vm, StoreSpec::Dir(dir.to_path_buf()), strategy, io, disk).expect("checkpoint")
+}
+
+fn try_checkpoint(
+    vm: &Vm,
+    store: StoreSpec,
+    strategy: Strategy,
+    io: IoPolicy,
+    disk: DiskPolicy,
+) -> Result<ckpt_format::Manifest, CheckpointError> {
     let request = CheckpointRequest {
-        store: StoreSpec::Dir(dir.to_path_buf()),
+        store,
         options: CheckpointOptions { strategy, io, disk },
         pause_probe: None,
     };
     vm.checkpoint(&request, &Progress::default())
-        .expect("checkpoint")
 }
 
 fn bytes_emitted_at_checkpoint(dir: &Path) -> usize {
@@ -153,16 +162,8 @@ fn divergence(strategy: Strategy, io: IoPolicy, seed: u64) {
         std::thread::sleep(Duration::from_millis(
             rng.below(took.as_millis() as u64 / 8),
         ));
-        let request = CheckpointRequest {
-            store: StoreSpec::Dir(dir.clone()),
-            options: CheckpointOptions {
-                strategy,
-                io,
-                disk: DiskPolicy::Keep,
-            },
-            pause_probe: None,
-        };
-        let m = match vm.checkpoint(&request, &Progress::default()) {
+        let store = StoreSpec::Dir(dir.clone());
+        let m = match try_checkpoint(&vm, store, strategy, io, DiskPolicy::Keep) {
             Ok(m) => m,
             // A descheduled test thread can still miss the last round: the guest ended
             // before the instant, which the checkpoint must refuse.
@@ -333,17 +334,14 @@ fn a_memory_store_restores_like_a_directory() {
     console.wait_for("disk round=", 2, RUN_LIMIT);
     std::thread::sleep(took / 20);
     let store = StoreSpec::Mem(std::sync::Arc::new(ckpt_format::MemStore::new().unwrap()));
-    let request = CheckpointRequest {
-        store: store.clone(),
-        options: CheckpointOptions {
-            strategy: Strategy::Uffd,
-            io: IoPolicy::Live,
-            disk: DiskPolicy::Keep,
-        },
-        pause_probe: None,
-    };
-    vm.checkpoint(&request, &Progress::default())
-        .expect("checkpoint into RAM");
+    try_checkpoint(
+        &vm,
+        store.clone(),
+        Strategy::Uffd,
+        IoPolicy::Live,
+        DiskPolicy::Keep,
+    )
+    .expect("checkpoint into RAM");
     let (out, _) = run_to_end(vm, &console);
     assert_eq!(out, expected);
     let StoreSpec::Mem(mem) = &store else {
