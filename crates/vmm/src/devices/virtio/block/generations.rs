@@ -107,16 +107,17 @@ impl Images {
             .map_err(BlockError::Image)
     }
 
-    /// Allocates (copy-up) the clusters of write `w` in the image it was popped against.
+    /// Allocates (copy-up) the clusters of write `w` in the image it was popped against; an
+    /// older image's allocation, even a failed one, makes the newer overlays reopen.
     pub fn prepare_write(&mut self, w: &InflightRequest) -> Result<Vec<Extent>, disk::Error> {
         let extents = match self.images.get_mut(&w.image_generation) {
-            Some(image) => image.prepare_write(w.sector * SECTOR_SIZE, u64::from(w.len))?,
-            None => Vec::new(),
+            Some(image) => image.prepare_write(w.sector * SECTOR_SIZE, u64::from(w.len)),
+            None => Ok(Vec::new()),
         };
         if w.image_generation < self.generation {
             self.refresh_newer(w.image_generation);
         }
-        Ok(extents)
+        extents
     }
 
     /// An image of generation `g` allocated clusters after newer overlays were opened over it:
