@@ -1,4 +1,4 @@
-//! Committing an overlay into its backing file (SPEC §2.8, M5).
+//! Committing an overlay into its backing file (design.md §2.8, M5).
 //!
 //! Every cluster allocated in the top image (data, or explicit zeros) is written into the
 //! backing file, which is opened read-write for the duration, then the backing file is

@@ -1,7 +1,7 @@
 //! Creating images, probing formats and reading sizes.
 //!
 //! Creating an overlay over a backing file that another process is writing (the COW file of a
-//! live checkpoint, SPEC §2.1) only reads the backing file's header or length.
+//! live checkpoint, design.md §2.1) only reads the backing file's header or length.
 
 use std::fs::File;
 use std::path::Path;

@@ -525,7 +525,7 @@ impl Image {
     /// extents of the top image to write into.
     ///
     /// The caller must not let another write to the same clusters ([`Image::clusters_touched`])
-    /// be in flight during this call, or the copy-up could miss it (SPEC §3, M14).
+    /// be in flight during this call, or the copy-up could miss it (design.md §3, M14).
     pub fn prepare_write(&mut self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
         self.ensure_writable()?;

@@ -11,7 +11,7 @@
 //! * [`commit()`] — write an overlay's clusters into its parent (§2.8).
 //!
 //! Design choices: refcounts are kept exact (the dirty bit is never set); allocation appends
-//! to the file; a guest cluster is the copy-up unit (the "block group" of SPEC §2.7).
+//! to the file; a guest cluster is the copy-up unit (the "block group" of design.md §2.7).
 
 #![forbid(unsafe_code)]
 

@@ -150,7 +150,7 @@ fn commit_refuses_images_without_backing() {
     ));
 }
 
-/// The checkpoint sequence of SPEC §2.8: the VM runs on C over P; a checkpoint switches it to
+/// The checkpoint sequence of design.md §2.8: the VM runs on C over P; a checkpoint switches it to
 /// a new COW file C2 over C; C is committed into P while the VM keeps writing C2; C2 is then
 /// rebased onto P, all without the VM seeing a single byte change.
 #[test]

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::Capture;
+use vmm::checkpoint::disk_chain::commit_and_rebase;
 use vmm::devices::virtio::block::DiskConfig;
 use vmm::{Vm, VmExit};
 
@@ -215,9 +216,7 @@ fn commit_while_the_guest_writes() {
     let (vm, console) = boot(WORKLOAD, vec![cfg]);
     console.wait_for("disk round=", 2, Duration::from_secs(60));
     let t2 = dir.path().join("t2.qcow2");
-    let report = vm.disks()[0]
-        .commit_and_rebase(&t2, &mut |_, _| {})
-        .unwrap();
+    let report = commit_and_rebase(&vm.disks()[0], &t2, &mut |_, _| {}).unwrap();
     assert!(report.bytes > 0);
     assert!(!t1.exists());
     let info = vm.disks()[0].image_info().unwrap();

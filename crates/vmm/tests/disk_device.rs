@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm::checkpoint::disk_chain::commit_and_rebase;
 use vmm::devices::virtio::block::{Block, BlockState, DiskConfig, DiskSet, RequestKind};
 use vmm::devices::virtio::mmio::{reg, status as dev_status};
 use vmm::devices::virtio::{mmio_base, DmaObserver};
@@ -586,7 +587,7 @@ fn drain_switch_rebase_and_commit() {
     d.fill(1, 0x22, 4096);
     let t2 = dir.path().join("t2.qcow2");
     let mut calls = 0;
-    let report = h.commit_and_rebase(&t2, &mut |_, _| calls += 1).unwrap();
+    let report = commit_and_rebase(&h, &t2, &mut |_, _| calls += 1).unwrap();
     d.request(1, 1, 8, 4096);
     assert!(calls > 0);
     assert_eq!(report.base, p.path);

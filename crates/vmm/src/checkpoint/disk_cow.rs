@@ -22,6 +22,7 @@ use ckpt_format::{DiskConfig, DiskFormat, DiskPolicy, IoPolicy};
 use disk::{Format, Image};
 use tracing::info;
 
+use super::disk_chain::commit_and_rebase;
 use super::CheckpointError;
 use crate::devices::virtio::block::{BlockHandle, BlockState};
 use crate::vm::Vm;
@@ -216,9 +217,7 @@ pub(super) fn finish_disks(
                 let copy = dir.join(format!("disk{i}.raw"));
                 copy_flat(&prep.parent, &copy, i)?;
                 let next = overlay_path(&prep.parent, &format!("{tag}-next"));
-                let report = h
-                    .commit_and_rebase(&next, &mut |_, _| {})
-                    .map_err(disk_err(i))?;
+                let report = commit_and_rebase(h, &next, &mut |_, _| {}).map_err(disk_err(i))?;
                 info!(disk = i, copy = %copy.display(), base = %report.base.display(), "checkpoint disk copied and COW file committed");
                 (copy, DiskFormat::Raw)
             }

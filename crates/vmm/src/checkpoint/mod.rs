@@ -15,6 +15,7 @@
 //! checkpoint's memory, or in neither. vCPU state is read in the pause, after the vCPUs are
 //! parked, so no instruction retires between the register read and the memory freeze.
 
+pub mod disk_chain;
 mod disk_cow;
 pub mod memory_cow;
 pub mod restore;

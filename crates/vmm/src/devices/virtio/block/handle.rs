@@ -2,46 +2,17 @@
 //! is a command to the device thread, answered once the thread has done it, so each takes
 //! effect atomically between two requests.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use disk::{ChainEntry, Format, Image, Stats};
-use tracing::info;
+use disk::{Format, Image};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::Command;
+use super::command::{Command, ImageInfo};
 use super::{BlockError, BlockState, InflightRequest};
 use crate::devices::virtio::DmaObserver;
-
-/// The image a disk is using now.
-#[derive(Debug, Clone)]
-pub struct ImageInfo {
-    /// The top image (the one the guest writes).
-    pub path: PathBuf,
-    /// Bumped by every [`BlockHandle::switch_image`].
-    pub generation: u64,
-    /// Top first.
-    pub chain: Vec<ChainEntry>,
-    /// Counters of the top image.
-    pub stats: Stats,
-}
-
-/// What [`BlockHandle::commit_and_rebase`] did.
-#[derive(Debug, Clone)]
-pub struct CommitReport {
-    /// The image that was committed and deleted.
-    pub committed: PathBuf,
-    /// The parent it was committed into, now the backing file of the new top.
-    pub base: PathBuf,
-    /// The new top the VM runs on.
-    pub top: PathBuf,
-    /// Guest bytes written into the base.
-    pub bytes: u64,
-    /// Time the commit itself took (the VM kept running).
-    pub commit_time: Duration,
-}
 
 /// A cloneable, thread-safe remote control of one disk.
 #[derive(Clone)]
@@ -142,52 +113,5 @@ impl BlockHandle {
     /// The image in use now.
     pub fn image_info(&self) -> Result<ImageInfo, BlockError> {
         self.call(Command::Info, None)
-    }
-
-    /// SPEC §2.8 (M5, M6) on a running disk whose top T1 is a qcow2 overlay over a parent P:
-    /// create `new_top` (T2) over T1, switch the disk to it, wait for the writes still in
-    /// flight against T1, commit T1 into P (on the calling thread while the guest writes T2),
-    /// rebase T2 onto P on the device thread, and delete T1.
-    pub fn commit_and_rebase(
-        &self,
-        new_top: &Path,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<CommitReport, BlockError> {
-        let info = self.image_info()?;
-        let t1 = info.path.clone();
-        let (Some(top), Some(parent)) = (info.chain.first(), info.chain.get(1)) else {
-            return Err(BlockError::NotCommittable(t1));
-        };
-        if top.format != Format::Qcow2 {
-            return Err(BlockError::NotCommittable(t1));
-        }
-        let parent = parent.clone();
-        disk::create_qcow2(
-            new_top,
-            &disk::CreateOptions {
-                backing: Some((&t1, Format::Qcow2)),
-                ..disk::CreateOptions::default()
-            },
-        )
-        .map_err(BlockError::Image)?;
-        let image = Image::open(new_top).map_err(BlockError::Open)?;
-        self.switch_image(image)?;
-        self.wait_older_images(Duration::from_secs(60))?;
-        let start = Instant::now();
-        let stats = disk::commit(&t1, progress).map_err(BlockError::Image)?;
-        let commit_time = start.elapsed();
-        self.rebase(&parent.path, Some(parent.format))?;
-        std::fs::remove_file(&t1).map_err(|source| BlockError::Remove {
-            path: t1.clone(),
-            source,
-        })?;
-        info!(committed = %t1.display(), base = %parent.path.display(), bytes = stats.bytes, "commit and rebase done");
-        Ok(CommitReport {
-            committed: t1,
-            base: parent.path,
-            top: new_top.to_owned(),
-            bytes: stats.bytes,
-            commit_time,
-        })
     }
 }

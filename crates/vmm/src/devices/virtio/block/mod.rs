@@ -9,8 +9,12 @@
 //! its cloneable [`BlockHandle`]: switch to a COW overlay, drain, list or save the requests in
 //! flight, commit and rebase.
 
+mod command;
+mod generations;
 mod handle;
+mod lifecycle;
 mod request;
+mod submit;
 mod worker;
 
 use std::path::PathBuf;
@@ -25,7 +29,8 @@ use super::mmio::{reg, MmioTransport, TransportState, TransportStateError};
 use super::{cmdline_entry, irq, mmio_base, MMIO_SIZE};
 use crate::devices::Bus;
 
-pub use handle::{BlockHandle, CommitReport, ImageInfo};
+pub use command::ImageInfo;
+pub use handle::BlockHandle;
 pub use worker::{start_worker, BlockWorker};
 
 /// virtio device id of a block device.
