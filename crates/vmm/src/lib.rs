@@ -35,14 +35,15 @@ pub use vm::{Vm, VmConfig};
 #[doc(hidden)]
 pub mod testing {
     pub use crate::boot::{
-        elf_notes, linux, load_kernel, pvh, ram_map, BootError, BootSpec, CMDLINE_MAX,
+        elf_notes, linux, load_kernel, pvh, ram_map, BootError, BootSpec, CMDLINE_MAX, E820_RAM,
     };
     pub use crate::devices::virtio::block::{
-        BlockState, DiskArgs, DiskSet, RequestKind,
+        BlockState, DiskArgs, DiskError, DiskSet, RequestKind,
     };
     pub use crate::devices::virtio::mmio::{reg, status};
     pub use crate::devices::virtio::{mmio_base, DmaObserver};
     pub use crate::devices::Bus;
     pub use crate::kvm::cpu::{set_boot_registers, BootEntry};
     pub use crate::memory::{create_guest_memory, MMIO_HOLE_END, MMIO_HOLE_START};
+    pub use crate::persist::Persist;
 }

@@ -11,7 +11,7 @@ use crate::devices::manager::DeviceStates;
 use crate::kvm::state::{VcpuState, VmState};
 
 /// Saving an object's state as plain data and constructing an object from such state.
-pub(crate) trait Persist: Sized {
+pub trait Persist: Sized {
     /// The saved state.
     type State;
     /// What restoring needs besides the state (file descriptors, memory, outputs).

@@ -407,7 +407,9 @@ fn take_checkpoint(
         .write_state(&encoded)
         .map_err(store_err(&request.store))?;
     progress.watch(Some(writer.memory().clone()));
-    let written = timeline.time("write_out", || write_out(disks, cow, &mut writer, &counters));
+    let written = timeline.time("write_out", || {
+        write_out(disks, cow, &mut writer, &counters)
+    });
     progress.watch(None);
     let (by_fault, in_background) = written?;
     let store_dir = match &request.store {
@@ -415,7 +417,14 @@ fn take_checkpoint(
         _ => None,
     };
     let disk_configs = timeline.time("finish_disks", || {
-        disk_cow::finish_disks(disks, &preps, &state.devices.blocks, options.disk, store_dir, &tag)
+        disk_cow::finish_disks(
+            disks,
+            &preps,
+            &state.devices.blocks,
+            options.disk,
+            store_dir,
+            &tag,
+        )
     })?;
 
     writer.set_vm_config(vm_config(&machine.summary, disk_configs));
@@ -583,11 +592,14 @@ fn vm_config(summary: &VmSummary, disks: Vec<ckpt_format::DiskConfig>) -> ckpt_f
     let serial = DeviceConfig::Serial {
         port: crate::devices::serial::COM1_PORT as u16,
     };
-    let blocks = disks.iter().enumerate().map(|(i, d)| DeviceConfig::VirtioBlk {
-        mmio: crate::devices::virtio::mmio_base(i),
-        irq: crate::devices::virtio::irq(i),
-        disk: d.id.clone(),
-    });
+    let blocks = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DeviceConfig::VirtioBlk {
+            mmio: crate::devices::virtio::mmio_base(i),
+            irq: crate::devices::virtio::irq(i),
+            disk: d.id.clone(),
+        });
     ckpt_format::VmConfig {
         mem_size: summary.mem_size,
         vcpus: u32::from(summary.vcpus),

@@ -11,8 +11,12 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
-use super::serial::{SerialArgs, SerialConsole, SerialError, SerialState, COM1_IRQ, COM1_PORT, COM1_SIZE};
-use super::virtio::block::{BlockError, BlockHandle, BlockState, DiskArgs, DiskConfig, DiskError, DiskSet};
+use super::serial::{
+    SerialArgs, SerialConsole, SerialError, SerialState, COM1_IRQ, COM1_PORT, COM1_SIZE,
+};
+use super::virtio::block::{
+    BlockError, BlockHandle, BlockState, DiskArgs, DiskConfig, DiskError, DiskSet,
+};
 use super::{Bus, BusError};
 use crate::exit::ExitNotifier;
 use crate::persist::Persist;
@@ -50,7 +54,7 @@ pub struct DeviceStates {
 }
 
 /// What building the devices needs.
-pub(crate) struct DeviceArgs<'a> {
+pub struct DeviceArgs<'a> {
     /// The KVM VM, for irqfds and ioeventfds.
     pub vm: &'a VmFd,
     /// Guest memory, for the disks' DMA.
@@ -152,7 +156,11 @@ impl Persist for DeviceManager {
     /// Every device's state. For a checkpoint: in the pause, with the disks frozen.
     fn save(&self) -> Result<DeviceStates, DeviceError> {
         Ok(DeviceStates {
-            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).save()?,
+            serial: self
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save()?,
             blocks: self.disks.save()?,
         })
     }
@@ -166,7 +174,10 @@ impl Persist for DeviceManager {
             &state.blocks,
         )?;
         DeviceManager::assemble(args, disks, |irq, out| {
-            Ok(SerialConsole::restore(SerialArgs { irq, out }, &state.serial)?)
+            Ok(SerialConsole::restore(
+                SerialArgs { irq, out },
+                &state.serial,
+            )?)
         })
     }
 }

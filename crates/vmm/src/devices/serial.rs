@@ -111,7 +111,7 @@ impl SerialConsole {
 }
 
 /// What a restored console needs: its interrupt and its output.
-pub(crate) struct SerialArgs {
+pub struct SerialArgs {
     /// The irqfd of COM1's interrupt.
     pub irq: EventFd,
     /// Where the console continues.

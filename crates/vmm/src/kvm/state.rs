@@ -50,7 +50,13 @@ pub struct VcpuState {
 
 impl std::fmt::Debug for VcpuState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "VcpuState {{ id: {}, rip: {:#x}, msrs: {} }}", self.id, self.regs.rip, self.msrs.len())
+        write!(
+            f,
+            "VcpuState {{ id: {}, rip: {:#x}, msrs: {} }}",
+            self.id,
+            self.regs.rip,
+            self.msrs.len()
+        )
     }
 }
 
@@ -71,8 +77,9 @@ impl std::fmt::Debug for VmState {
     }
 }
 
-/// A created and configured vCPU, with the MSRs saved with it.
-pub(crate) struct KvmVcpu {
+/// A created and configured vCPU, with the MSRs saved with it. Dereferences to its KVM file
+/// descriptor.
+pub struct KvmVcpu {
     id: u8,
     fd: VcpuFd,
     msrs: Arc<[u32]>,

@@ -156,7 +156,7 @@ impl PauseGuard<'_> {
     pub fn resume(self) {}
 
     /// The vCPUs, for reading or writing their state while they cannot run.
-    pub(crate) fn vcpus(&self) -> impl Iterator<Item = MutexGuard<'_, KvmVcpu>> {
+    pub fn vcpus(&self) -> impl Iterator<Item = MutexGuard<'_, KvmVcpu>> {
         self.control
             .fds
             .iter()

@@ -259,7 +259,9 @@ impl DiskSet {
         let pending = configs
             .iter()
             .enumerate()
-            .map(|(index, c)| Block::new(index, c, mem).map_err(|source| DiskError { index, source }))
+            .map(|(index, c)| {
+                Block::new(index, c, mem).map_err(|source| DiskError { index, source })
+            })
             .collect::<Result<_, _>>()?;
         Ok(DiskSet {
             pending,
@@ -287,19 +289,32 @@ impl DiskSet {
                 index: b.index,
                 source,
             };
-            vm.register_irqfd(&b.irq, irq(b.index))
-                .map_err(|source| err(BlockError::Kvm {
+            vm.register_irqfd(&b.irq, irq(b.index)).map_err(|source| {
+                err(BlockError::Kvm {
                     op: "register virtio irqfd",
                     source,
-                }))?;
+                })
+            })?;
             let notify = kvm_ioctls::IoEventAddress::Mmio(b.mmio_range().start + reg::QUEUE_NOTIFY);
             vm.register_ioevent(&b.notify, &notify, kvm_ioctls::NoDatamatch)
-                .map_err(|source| err(BlockError::Kvm {
-                    op: "register virtio ioeventfd",
-                    source,
-                }))?;
+                .map_err(|source| {
+                    err(BlockError::Kvm {
+                        op: "register virtio ioeventfd",
+                        source,
+                    })
+                })?;
+        }
+        self.insert_windows(mmio)
+    }
+
+    /// Places each disk's register window on `mmio`.
+    pub fn insert_windows(&self, mmio: &mut Bus) -> Result<(), DiskError> {
+        for b in &self.pending {
             mmio.insert(b.mmio_range(), b.transport())
-                .map_err(|e| err(e.into()))?;
+                .map_err(|e| DiskError {
+                    index: b.index,
+                    source: e.into(),
+                })?;
         }
         Ok(())
     }
