@@ -8,20 +8,21 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
 use crate::boot::{self, BootError, BootSpec};
-use crate::devices::manager::{DeviceArgs, DeviceError, DeviceManager};
+use crate::devices::manager::{DeviceArgs, DeviceError, DeviceManager, DeviceStates};
 use crate::devices::virtio::block::DiskConfig;
 use crate::error::ErrorKind;
 use crate::exit::ExitNotifier;
 use crate::kvm::cpu::{configure_vcpu, set_boot_registers, supported_cpuid, vcpu_cpuid};
-use crate::kvm::state::{savable_msrs, KvmVcpu};
+use crate::kvm::state::{savable_msrs, KvmVcpu, VcpuState, VmState};
 use crate::kvm::vcpu::{start_vcpus, Vcpu, VcpuControl, VcpuError};
 use crate::kvm::{KvmError, KvmVm};
 use crate::memory::MemoryError;
-use crate::persist::{MachineState, Persist};
+use crate::persist::Persist;
 
 /// Most vCPUs a VM may have (the xAPIC id space).
 pub const MAX_VCPUS: u8 = 254;
@@ -104,6 +105,18 @@ pub struct VmSummary {
     pub kernel: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: Option<String>,
+}
+
+/// Everything but memory and disk content, captured in the pause. Encoded as CBOR into the
+/// checkpoint's `state` section.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineState {
+    /// In-kernel irqchip, PIT and KVM clock.
+    pub vm: VmState,
+    /// Each vCPU, in id order.
+    pub vcpus: Vec<VcpuState>,
+    /// The emulated devices.
+    pub devices: DeviceStates,
 }
 
 /// Where the machine's state comes from.

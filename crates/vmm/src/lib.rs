@@ -17,7 +17,7 @@ mod memory;
 mod persist;
 mod vm;
 
-pub use builder::{Console, VmError, VmSummary, MAX_VCPUS};
+pub use builder::{Console, MachineState, VmError, VmSummary, MAX_VCPUS};
 pub use checkpoint::restore::{RestoreError, RestoreOptions};
 pub use checkpoint::{
     CheckpointError, CheckpointRequest, PauseProbe, Phase, Progress, Refusal, StoreSpec,
@@ -27,7 +27,6 @@ pub use error::ErrorKind;
 pub use exit::VmExit;
 pub use kvm::vcpu::{ExitCounts, HeldPause, PauseGuard, VcpuError};
 pub use memory::{HugePages, MemSize};
-pub use persist::MachineState;
 pub use vm::{Vm, VmConfig};
 
 /// Internals the integration tests drive directly (boot protocols, buses, the virtio

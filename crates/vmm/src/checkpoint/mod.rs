@@ -36,7 +36,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use self::memory_cow::fork::{fork_writer, ForkedWriter};
 use self::memory_cow::uffd::UffdCow;
 use self::memory_cow::{stop, CowError, SaveCounters};
-use crate::builder::{Machine, VmError, VmSummary};
+use crate::builder::{Machine, MachineState, VmError, VmSummary};
 use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::virtio::block::BlockHandle;
 use crate::error::ErrorKind;
@@ -44,7 +44,7 @@ use crate::exit::VmExit;
 use crate::kvm::vcpu::{PauseGuard, VcpuControl};
 use crate::kvm::{KvmError, KvmVm};
 use crate::memory::{ram_regions, RamRegion};
-use crate::persist::{MachineState, Persist};
+use crate::persist::Persist;
 
 /// Errors of taking a checkpoint. The VM keeps running after any of them, and the checkpoint
 /// is left incomplete (never reported complete).

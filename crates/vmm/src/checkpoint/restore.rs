@@ -21,12 +21,13 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMma
 
 use super::disk_cow::overlay_path;
 use super::StoreSpec;
-use crate::builder::{self, Console, Machine, Parts, Start, VmError, VmSummary, MAX_VCPUS};
+use crate::builder::{
+    self, Console, Machine, MachineState, Parts, Start, VmError, VmSummary, MAX_VCPUS,
+};
 use crate::devices::virtio::block::DiskConfig;
 use crate::error::ErrorKind;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::memory::{self, HugePages, MemoryError};
-use crate::persist::MachineState;
 
 /// Errors of restoring a checkpoint. Nothing is started when one is returned.
 #[derive(Debug, Error)]
