@@ -26,6 +26,13 @@ pub enum Error {
         found: u32,
         supported: u32,
     },
+    /// Written by an older version of the format that this version no longer reads.
+    #[error("{what} version {found} is older than supported version {supported}")]
+    OutdatedVersion {
+        what: &'static str,
+        found: u32,
+        supported: u32,
+    },
     /// A section is shorter than the manifest says.
     #[error("section {section} is truncated: {expected} bytes expected, {found} found")]
     Truncated {

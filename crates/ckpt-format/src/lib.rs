@@ -1,6 +1,6 @@
 //! The cowvm checkpoint format and its stores.
 //!
-//! A checkpoint (SPEC §1) is a set of sections — `state` (opaque device state from the VMM),
+//! A checkpoint (design.md §1) is a set of sections — `state` (opaque device state from the VMM),
 //! `memory` (the page image, page i at byte i*4096, starting 2 MiB aligned so a restore can
 //! `mmap(MAP_PRIVATE)` it), `page-index` (per page: zero or present, and its xxh3-64 hash) — a
 //! JSON [`Manifest`] describing them with their checksums, and a completion marker written last,
@@ -41,5 +41,6 @@ pub const PAGE_SIZE: usize = 4096;
 pub const MEMORY_ALIGN: u64 = 2 << 20;
 /// The format name, the manifest's magic.
 pub const FORMAT_NAME: &str = "cowvm-checkpoint";
-/// The format (major) version written, and the newest one read.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format (major) version written, and the only one read. Version 2 records devices as
+/// typed entries and options without fallback values; version 1 checkpoints are refused.
+pub const FORMAT_VERSION: u32 = 2;

@@ -7,11 +7,12 @@
 //! refuse a newer one before they try to parse the rest.
 
 use std::collections::BTreeMap;
+use std::fmt::Display;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::checksum::Checksum;
 use crate::error::{Error, Result};
@@ -136,6 +137,13 @@ impl Manifest {
             Some(0) | None => {
                 return Err(Error::corrupt("manifest", "format_version missing or 0"));
             }
+            Some(v) if v < FORMAT_VERSION => {
+                return Err(Error::OutdatedVersion {
+                    what: "checkpoint format",
+                    found: v,
+                    supported: FORMAT_VERSION,
+                })
+            }
             Some(_) => {}
         }
         let manifest: Manifest = serde_json::from_slice(bytes).map_err(Error::ManifestJson)?;
@@ -203,6 +211,7 @@ pub struct VmConfig {
     /// Virtual disks, pointing at the checkpoint's disk images.
     pub disks: Vec<DiskConfig>,
     /// Emulated devices.
+    #[serde(deserialize_with = "devices_field")]
     pub devices: Vec<DeviceConfig>,
 }
 
@@ -216,6 +225,7 @@ pub struct DiskConfig {
     /// or its copy.
     pub path: PathBuf,
     /// Image format.
+    #[serde(deserialize_with = "manifest_field")]
     pub format: DiskFormat,
     /// Read-only disk.
     pub readonly: bool,
@@ -230,21 +240,26 @@ pub enum DiskFormat {
     Raw,
     /// qcow2 image (possibly with a backing chain).
     Qcow2,
-    /// A format this reader does not know (written by a newer version).
-    #[serde(other)]
-    Unknown,
 }
 
-/// One emulated device.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DeviceConfig {
-    /// Device id (matches the id in the state section).
-    pub id: String,
-    /// Device kind: `serial`, `virtio-blk`, ...
-    pub kind: String,
-    /// Free-form parameters (MMIO base, IRQ, ...).
-    pub params: BTreeMap<String, String>,
+/// One emulated device and where it sits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DeviceConfig {
+    /// A 16550 serial console.
+    Serial {
+        /// First I/O port.
+        port: u16,
+    },
+    /// A virtio-blk device on the virtio-mmio transport.
+    VirtioBlk {
+        /// Guest-physical base of its register window.
+        mmio: u64,
+        /// Interrupt line (GSI).
+        irq: u32,
+        /// Id of its disk in [`VmConfig::disks`].
+        disk: String,
+    },
 }
 
 /// How the checkpoint was taken.
@@ -252,14 +267,17 @@ pub struct DeviceConfig {
 #[serde(default)]
 pub struct CheckpointOptions {
     /// Memory COW mechanism.
+    #[serde(deserialize_with = "manifest_field")]
     pub strategy: Strategy,
     /// Policy for disk I/O in flight at T.
+    #[serde(deserialize_with = "manifest_field")]
     pub io: IoPolicy,
     /// What happens to the parent disk image.
+    #[serde(deserialize_with = "manifest_field")]
     pub disk: DiskPolicy,
 }
 
-/// Memory COW mechanism (SPEC §2).
+/// Memory COW mechanism (design.md §2).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
@@ -270,12 +288,9 @@ pub enum Strategy {
     Fork,
     /// stop-and-copy baseline.
     Stop,
-    /// Written by a newer version.
-    #[serde(other)]
-    Unknown,
 }
 
-/// Disk I/O in flight at T (SPEC §3).
+/// Disk I/O in flight at T (design.md §3).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum IoPolicy {
@@ -284,12 +299,9 @@ pub enum IoPolicy {
     Live,
     /// Resume after pending requests complete.
     Drain,
-    /// Written by a newer version.
-    #[serde(other)]
-    Unknown,
 }
 
-/// Parent disk image handling (SPEC §2.8).
+/// Parent disk image handling (design.md §2, step 8).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DiskPolicy {
@@ -298,12 +310,9 @@ pub enum DiskPolicy {
     Keep,
     /// Copy the parent for the checkpoint and commit the COW file back into it.
     CopyCommit,
-    /// Written by a newer version.
-    #[serde(other)]
-    Unknown,
 }
 
-/// Per-checkpoint metrics (SPEC §6).
+/// Per-checkpoint metrics (design.md §6).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Metrics {
@@ -321,6 +330,44 @@ pub struct Metrics {
     pub zero_pages: u64,
     /// Duration of each named phase, in microseconds.
     pub phases_us: BTreeMap<String, u64>,
+}
+
+/// An option the manifest records, named by its field in error messages.
+trait ManifestField: DeserializeOwned {
+    /// The field's path in the manifest.
+    const FIELD: &'static str;
+}
+
+impl ManifestField for Strategy {
+    const FIELD: &'static str = "options.strategy";
+}
+
+impl ManifestField for IoPolicy {
+    const FIELD: &'static str = "options.io";
+}
+
+impl ManifestField for DiskPolicy {
+    const FIELD: &'static str = "options.disk";
+}
+
+impl ManifestField for DiskFormat {
+    const FIELD: &'static str = "vm.disks[].format";
+}
+
+fn in_field<E: serde::de::Error>(field: &str, e: impl Display) -> E {
+    E::custom(format_args!("manifest field {field}: {e}"))
+}
+
+/// Reads an option, so that an unknown value is an error naming the value and the field.
+fn manifest_field<'de, D: Deserializer<'de>, T: ManifestField>(d: D) -> Result<T, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    T::deserialize(value).map_err(|e| in_field(T::FIELD, e))
+}
+
+/// Reads the device list, so that an unknown device kind names the field.
+fn devices_field<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DeviceConfig>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    Vec::deserialize(value).map_err(|e| in_field("vm.devices", e))
 }
 
 /// Encodes device state for the `state` section as CBOR.
@@ -418,10 +465,16 @@ mod tests {
     }
 
     #[test]
-    fn unknown_enum_values_and_fields_are_tolerated() {
-        let opts: CheckpointOptions =
-            serde_json::from_str(r#"{"strategy":"teleport","io":"drain","new":1}"#).unwrap();
-        assert_eq!(opts.strategy, Strategy::Unknown);
+    fn unknown_option_values_are_refused_and_unknown_fields_tolerated() {
+        let e =
+            serde_json::from_str::<CheckpointOptions>(r#"{"strategy":"teleport","io":"drain"}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("options.strategy") && e.contains("teleport"),
+            "{e}"
+        );
+        let opts: CheckpointOptions = serde_json::from_str(r#"{"io":"drain","new":1}"#).unwrap();
         assert_eq!(opts.io, IoPolicy::Drain);
         assert_eq!(opts.disk, DiskPolicy::Keep);
         let opts: CheckpointOptions = serde_json::from_str(r#"{"disk":"copy-commit"}"#).unwrap();

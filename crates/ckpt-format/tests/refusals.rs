@@ -176,7 +176,7 @@ fn stale_bytes_in_a_zero_page_are_never_trusted() {
 fn newer_format_version_is_refused() {
     let (_tmp, store) = dir_checkpoint();
     rewrite_manifest(store.path(), |v| {
-        v["format_version"] = 2.into();
+        v["format_version"] = 3.into();
         v["memory"] = "changed incompatibly".into();
     });
     let e = open_err(&store);
@@ -184,12 +184,52 @@ fn newer_format_version_is_refused() {
         matches!(
             e,
             Error::UnsupportedVersion {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             }
         ),
         "{e}"
+    );
+}
+
+#[test]
+fn older_format_version_is_refused_naming_both_versions() {
+    let (_tmp, store) = dir_checkpoint();
+    rewrite_manifest(store.path(), |v| {
+        v["format_version"] = 1.into();
+        v["vm"]["devices"] = serde_json::json!([
+            {"id": "serial0", "kind": "serial", "params": {"port": "0x3f8"}}
+        ]);
+    });
+    let e = open_err(&store);
+    assert!(
+        matches!(
+            e,
+            Error::OutdatedVersion {
+                found: 1,
+                supported: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let text = e.to_string();
+    assert!(text.contains('1') && text.contains('2'), "{text}");
+}
+
+#[test]
+fn unknown_option_value_in_a_manifest_names_value_and_field() {
+    let (_tmp, store) = dir_checkpoint();
+    rewrite_manifest(store.path(), |v| {
+        v["options"]["disk"] = "teleport".into();
+    });
+    let e = open_err(&store);
+    let cause = std::error::Error::source(&e).map(ToString::to_string);
+    let text = format!("{e}: {}", cause.unwrap_or_default());
+    assert!(
+        text.contains("teleport") && text.contains("options.disk"),
+        "{text}"
     );
 }
 

@@ -17,7 +17,7 @@ fn check_round_trip(store: &dyn Store, seed: u64) {
     assert_eq!(ckpt.manifest(), &written);
     let m = ckpt.manifest();
     assert_eq!(m.format, "cowvm-checkpoint");
-    assert_eq!(m.format_version, 1);
+    assert_eq!(m.format_version, ckpt_format::FORMAT_VERSION);
     assert_eq!(m.memory.pages, PAGES);
     assert_eq!(m.memory.zero_pages, expected_zero_pages(PAGES));
     assert_eq!(m.metrics.zero_pages, expected_zero_pages(PAGES));

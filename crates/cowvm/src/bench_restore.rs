@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ckpt_format::{CheckpointOptions, Strategy};
 use serde::Serialize;
-use vmm::checkpoint::restore::RestoreOptions;
-use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
+use vmm::RestoreOptions;
+use vmm::{CheckpointRequest, Progress, StoreSpec};
 use vmm::{Console, MemSize, Vm};
 
 use crate::plot::{line_chart, Chart, Series};

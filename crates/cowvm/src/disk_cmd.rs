@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use vmm::devices::virtio::block::DiskConfig;
+use vmm::DiskConfig;
 use vmm::{Console, MemSize, Vm, VmConfig, VmExit};
 
 #[derive(Subcommand, Debug)]

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ckpt_format::DirStore;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
-use vmm::checkpoint::StoreSpec;
+use vmm::StoreSpec;
 
 use crate::api::control::{ControlError, Controller, Outcome};
 use crate::api::model::CheckpointBody;

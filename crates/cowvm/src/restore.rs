@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::Serialize;
 use tracing::info;
-use vmm::checkpoint::restore::RestoreOptions;
-use vmm::checkpoint::StoreSpec;
+use vmm::RestoreOptions;
+use vmm::StoreSpec;
 use vmm::{Console, Vm};
 
 use crate::api::control::RollbackSettings;

@@ -214,11 +214,6 @@ pub fn ram_size(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
 
-/// End (exclusive) of the highest RAM range.
-pub fn ram_end(mem: &GuestMemoryMmap) -> u64 {
-    mem.last_addr().unchecked_add(1).raw_value()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +260,6 @@ mod tests {
     fn maps_private_memory() {
         let mem = create_guest_memory(64 << 20, HugePages::Thp).unwrap();
         assert_eq!(ram_size(&mem), 64 << 20);
-        assert_eq!(ram_end(&mem), 64 << 20);
+        assert_eq!(mem.last_addr().unchecked_add(1).raw_value(), 64 << 20);
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, Strategy, PAGE_SIZE};
 use common::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
+use vmm::{CheckpointRequest, Progress, StoreSpec};
 
 /// xxh3 of every page of guest RAM in image order.
 fn page_hashes(mem: &GuestMemoryMmap) -> Vec<u64> {
@@ -110,7 +110,7 @@ fn boot_with_disk(dir: &std::path::Path, cmdline: &str) -> vmm::Vm {
         .and_then(|f| f.set_len(8 << 20))
         .unwrap();
     let mut cfg = config(guest(), cmdline, 64 << 20, 1, Capture::default().console());
-    cfg.disks = vec![vmm::devices::virtio::block::DiskConfig {
+    cfg.disks = vec![vmm::DiskConfig {
         path: disk,
         readonly: false,
         delay_ms: 0,
@@ -150,7 +150,7 @@ fn a_vm_that_has_ended_is_not_checkpointed() {
             pause_probe: None,
         };
         match vm.checkpoint(&request, &Progress::default()) {
-            Err(vmm::checkpoint::CheckpointError::Exited(exit)) => {
+            Err(vmm::CheckpointError::Exited(exit)) => {
                 assert_eq!(exit, vmm::VmExit::Guest(0))
             }
             other => panic!("{strategy:?}: expected a refusal, got {other:?}"),
@@ -187,7 +187,7 @@ fn a_refused_checkpoint_leaves_no_cow_file() {
         "the disk and the VM's COW file: {before:?}"
     );
     match vm.checkpoint(&request, &Progress::default()) {
-        Err(vmm::checkpoint::CheckpointError::Store { .. }) => {}
+        Err(vmm::CheckpointError::Store { .. }) => {}
         other => panic!("expected the store to refuse, got {other:?}"),
     }
     assert_eq!(

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use ckpt_format::{CheckpointOptions, Checksum, Strategy};
 use common::*;
-use vmm::checkpoint::restore::RestoreOptions;
-use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
+use vmm::RestoreOptions;
+use vmm::{CheckpointRequest, Progress, StoreSpec};
 use vmm::{Vm, VmExit};
 
 /// A fresh checkpoint of a running `dirty` guest (most pages are non-zero).

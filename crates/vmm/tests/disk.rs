@@ -11,8 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::Capture;
-use vmm::checkpoint::disk_chain::commit_and_rebase;
-use vmm::devices::virtio::block::DiskConfig;
+use vmm::{commit_and_rebase, DiskConfig};
 use vmm::{Vm, VmExit};
 
 const WORKLOAD: &str = "disk blocks=256 rounds=10 qd=8 seed=7";

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::checkpoint::disk_chain::commit_and_rebase;
-use vmm::devices::virtio::block::{Block, BlockState, DiskConfig, DiskSet, RequestKind};
-use vmm::devices::virtio::mmio::{reg, status as dev_status};
-use vmm::devices::virtio::{mmio_base, DmaObserver};
-use vmm::devices::Bus;
+use vmm::testing::Bus;
+use vmm::testing::{mmio_base, DmaObserver};
+use vmm::testing::{reg, status as dev_status};
+use vmm::testing::{BlockState, DiskArgs, DiskSet, Persist, RequestKind};
+use vmm::{commit_and_rebase, DiskConfig};
 use vmm::{Vm, VmConfig};
 
 const RINGS: u64 = 0x800_0000;
@@ -226,7 +226,7 @@ fn malformed_chains_fail_cleanly_and_the_vmm_survives() {
     };
     let rw = raw_disk(dir.path(), "rw.raw", 1 << 20);
     let vm = idle_vm(vec![rw.clone(), ro.clone()]);
-    let bus = vm.mmio_bus().unwrap();
+    let bus = vm.mmio_bus();
     let mem = vm.memory();
     let mut d = Driver::new(bus, mem, 0);
     let mut n = 0u16;
@@ -373,18 +373,28 @@ fn device(
     config: &DiskConfig,
     state: Option<&BlockState>,
 ) -> (DiskSet, Arc<Bus>) {
-    let block = match state {
-        Some(s) => Block::restore(0, config, s, mem).unwrap(),
-        None => Block::new(0, config, mem).unwrap(),
+    let configs = std::slice::from_ref(config);
+    let mut disks = match state {
+        Some(s) => DiskSet::restore(DiskArgs { configs, mem }, &vec![s.clone()]).unwrap(),
+        None => DiskSet::open(configs, mem).unwrap(),
     };
     let mut bus = Bus::default();
-    bus.insert(block.mmio_range(), block.transport()).unwrap();
-    let bus = Arc::new(bus);
-    (DiskSet::start(vec![block], mem, bus.clone()).unwrap(), bus)
+    disks.insert_windows(&mut bus).unwrap();
+    disks.start(mem).unwrap();
+    (disks, Arc::new(bus))
+}
+
+fn restore_one(
+    config: &DiskConfig,
+    state: &BlockState,
+    mem: &GuestMemoryMmap,
+) -> Result<DiskSet, vmm::testing::DiskError> {
+    let configs = std::slice::from_ref(config);
+    DiskSet::restore(DiskArgs { configs, mem }, &vec![state.clone()])
 }
 
 fn memory() -> GuestMemoryMmap {
-    vmm::memory::create_guest_memory(256 << 20, vmm::HugePages::None).unwrap()
+    vmm::testing::create_guest_memory(256 << 20, vmm::HugePages::None).unwrap()
 }
 
 fn qcow2_over(path: &Path, backing: &Path, format: disk::Format) {
@@ -518,10 +528,10 @@ fn save_restore_resubmits_inflight_requests_exactly_once() {
     // Untrusted state is checked.
     let mut bad = state.clone();
     bad.transport.queues[0].0.size = 3;
-    assert!(Block::restore(0, &cfg, &bad, &mem).is_err());
+    assert!(restore_one(&cfg, &bad, &mem).is_err());
     let mut bad = state.clone();
     bad.transport.driver_features |= 1 << 50;
-    assert!(Block::restore(0, &cfg, &bad, &mem).is_err());
+    assert!(restore_one(&cfg, &bad, &mem).is_err());
     // Restore: every request re-submitted, each completed once.
     let (disks, _bus) = device(&mem, &cfg, Some(&state));
     let h = disks.handles()[0].clone();
@@ -576,7 +586,7 @@ fn drain_switch_rebase_and_commit() {
     let issued = Instant::now();
     d.request(0, 1, 0, 4096);
     match h.drain(Duration::from_millis(10)) {
-        Err(vmm::devices::virtio::block::BlockError::Timeout(_)) => {}
+        Err(vmm::BlockError::Timeout(_)) => {}
         // Only a test thread descheduled for the whole delay may see the request done.
         Ok(()) => assert!(issued.elapsed() >= Duration::from_millis(100)),
         Err(e) => panic!("drain: {e}"),

@@ -10,11 +10,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::boot::elf_notes;
-use vmm::boot::linux::{self, ZERO_PAGE_ADDR};
-use vmm::boot::{load_kernel, pvh, ram_map, BootError, BootSpec, CMDLINE_MAX, E820_RAM};
-use vmm::kvm::cpu::BootEntry;
-use vmm::memory::{create_guest_memory, MMIO_HOLE_END, MMIO_HOLE_START};
+use vmm::testing::elf_notes;
+use vmm::testing::linux::{self, ZERO_PAGE_ADDR};
+use vmm::testing::BootEntry;
+use vmm::testing::{create_guest_memory, MMIO_HOLE_END, MMIO_HOLE_START};
+use vmm::testing::{load_kernel, pvh, ram_map, BootError, BootSpec, CMDLINE_MAX, E820_RAM};
 use vmm::HugePages;
 
 const CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 root=/dev/vda rw quiet";
@@ -42,7 +42,7 @@ const INIT_SIZE: usize = 0x260;
 const E820_TABLE: usize = 0x2d0;
 const E820_ENTRY_SIZE: usize = 20;
 
-/// The selectors `vmm::kvm::cpu::set_boot_registers` loads for `BootEntry::Linux64`, which the
+/// The selectors `vmm::testing::set_boot_registers` loads for `BootEntry::Linux64`, which the
 /// boot protocol fixes as __BOOT_CS and __BOOT_DS.
 const BOOT_CS: u64 = 0x10;
 const BOOT_DS: u64 = 0x18;

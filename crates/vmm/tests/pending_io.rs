@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, IoPolicy, Strategy};
 use common::*;
-use vmm::checkpoint::restore::RestoreOptions;
-use vmm::checkpoint::state::VmSnapshot;
-use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
-use vmm::devices::virtio::block::{DiskConfig, RequestKind};
+use vmm::testing::RequestKind;
+use vmm::DiskConfig;
+use vmm::MachineState;
+use vmm::RestoreOptions;
+use vmm::{CheckpointRequest, Progress, StoreSpec};
 use vmm::{Vm, VmExit};
 
 const WORKLOAD: &str = "disk blocks=128 rounds=6 qd=8 mem=4M seed=5";
@@ -41,7 +42,7 @@ fn checkpoint(
     dir: &Path,
     strategy: Strategy,
     io: IoPolicy,
-) -> (ckpt_format::Manifest, VmSnapshot) {
+) -> (ckpt_format::Manifest, MachineState) {
     let manifest = vm
         .checkpoint(
             &CheckpointRequest {
@@ -88,9 +89,9 @@ fn drain_waits_live_records_and_restore_reissues() {
             IoPolicy::Drain,
         );
         assert!(
-            snap.disks[0].inflight.is_empty(),
+            snap.devices.blocks[0].inflight.is_empty(),
             "{:?}",
-            snap.disks[0].inflight
+            snap.devices.blocks[0].inflight
         );
     }
     // The guest also mixes memory between its disk phases: retry until the instant catches
@@ -101,7 +102,7 @@ fn drain_waits_live_records_and_restore_reissues() {
             let (_, s) = checkpoint(&vm, &d, Strategy::Uffd, IoPolicy::Live);
             (d, s)
         })
-        .find(|(_, s)| !s.disks[0].inflight.is_empty())
+        .find(|(_, s)| !s.devices.blocks[0].inflight.is_empty())
         .map(|(d, _)| d)
         .expect("a delayed disk has requests in flight at some instant");
     let expected = finish(vm, &console);
@@ -138,7 +139,7 @@ fn pending_writes_reach_the_checkpoint_disk_and_new_writes_do_not() {
             (d, m, s)
         })
         .find(|(_, _, s)| {
-            s.disks[0]
+            s.devices.blocks[0]
                 .inflight
                 .iter()
                 .any(|r| r.kind == RequestKind::Write)
@@ -147,7 +148,7 @@ fn pending_writes_reach_the_checkpoint_disk_and_new_writes_do_not() {
     let disk_path = &manifest.vm.disks[0].path;
     let ckpt = Checkpoint::open(&DirStore::new(ckpt_dir)).unwrap();
     let mut image = disk::Image::open_read_only(disk_path).unwrap();
-    for req in snap.disks[0]
+    for req in snap.devices.blocks[0]
         .inflight
         .iter()
         .filter(|r| r.kind == RequestKind::Write)

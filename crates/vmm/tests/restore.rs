@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, DiskPolicy, IoPolicy, Strategy};
 use common::*;
-use vmm::checkpoint::restore::RestoreOptions;
-use vmm::checkpoint::state::VmSnapshot;
-use vmm::checkpoint::{CheckpointError, CheckpointRequest, Progress, StoreSpec};
-use vmm::devices::virtio::block::DiskConfig;
+use vmm::DiskConfig;
+use vmm::MachineState;
+use vmm::RestoreOptions;
+use vmm::{CheckpointError, CheckpointRequest, Progress, StoreSpec};
 use vmm::{Vm, VmExit};
 
 /// A deterministic workload of disk writes, flushes, reads and memory mixing that takes about
@@ -126,8 +126,8 @@ fn try_checkpoint(
 
 fn bytes_emitted_at_checkpoint(dir: &Path) -> usize {
     let ckpt = Checkpoint::open(&DirStore::new(dir.to_path_buf())).unwrap();
-    let snapshot: VmSnapshot = ckpt.decode_state().unwrap();
-    snapshot.serial.bytes_emitted as usize
+    let snapshot: MachineState = ckpt.decode_state().unwrap();
+    snapshot.devices.serial.bytes_emitted as usize
 }
 
 fn restore(dir: &Path, eager: bool) -> (Vm, Capture) {
@@ -348,8 +348,8 @@ fn a_memory_store_restores_like_a_directory() {
         unreachable!()
     };
     let ckpt = Checkpoint::open(mem.as_ref()).unwrap();
-    let snapshot: VmSnapshot = ckpt.decode_state().unwrap();
-    let at = snapshot.serial.bytes_emitted as usize;
+    let snapshot: MachineState = ckpt.decode_state().unwrap();
+    let at = snapshot.devices.serial.bytes_emitted as usize;
     for eager in [false, true] {
         let restored_console = Capture::default();
         let disk_dir = work.path().join(format!("disks-{eager}"));

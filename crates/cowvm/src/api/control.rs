@@ -20,10 +20,10 @@ use ckpt_format::{CheckpointOptions, Manifest, MemStore, Store, PAGE_SIZE};
 use thiserror::Error;
 use tokio::sync::watch;
 use tracing::{info, warn};
-use vmm::checkpoint::restore::{RestoreError, RestoreOptions};
-use vmm::checkpoint::{CheckpointError, CheckpointRequest, Phase, Progress, StoreSpec};
-use vmm::kvm::vcpu::HeldPause;
+use vmm::HeldPause;
+use vmm::{CheckpointError, CheckpointRequest, Phase, Progress, StoreSpec};
 use vmm::{Console, Vm, VmError};
+use vmm::{RestoreError, RestoreOptions};
 
 use super::model::{
     CheckpointBody, CheckpointCounters, CheckpointJob, JobPhase, JobProgress, JobStatus, PausedBy,

@@ -27,8 +27,8 @@ use thiserror::Error;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
-use vmm::checkpoint::restore::RestoreError;
-use vmm::checkpoint::StoreSpec;
+use vmm::RestoreError;
+use vmm::StoreSpec;
 
 use self::control::{ControlError, Controller, Outcome};
 use self::model::{
@@ -119,13 +119,13 @@ impl From<ControlError> for ApiError {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", message).field("out")
             }
             ControlError::Pause(ref source) => match source {
-                vmm::VmError::Vcpu(
-                    vmm::kvm::vcpu::VcpuError::AlreadyPaused | vmm::kvm::vcpu::VcpuError::Exiting,
-                ) => ApiError::new(
-                    StatusCode::CONFLICT,
-                    "conflict",
-                    format!("{message}: {source}"),
-                ),
+                vmm::VmError::Vcpu(vmm::VcpuError::AlreadyPaused | vmm::VcpuError::Exiting) => {
+                    ApiError::new(
+                        StatusCode::CONFLICT,
+                        "conflict",
+                        format!("{message}: {source}"),
+                    )
+                }
                 _ => ApiError::internal(format!("{message}: {source}")),
             },
             ControlError::Restore(ref source) => {
@@ -145,14 +145,7 @@ impl From<ControlError> for ApiError {
 /// Whether a restore failed because of the checkpoint (missing, incomplete, corrupt, not for
 /// this VMM) rather than the host.
 fn unusable_checkpoint(e: &RestoreError) -> bool {
-    matches!(
-        e,
-        RestoreError::Open { .. }
-            | RestoreError::Config { .. }
-            | RestoreError::State(_)
-            | RestoreError::Memory(_)
-            | RestoreError::Serial(_)
-    )
+    e.kind() == vmm::ErrorKind::InvalidInput
 }
 
 /// A JSON request body: `Content-Type: application/json`, at most [`MAX_BODY`] bytes, one

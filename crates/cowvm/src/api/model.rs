@@ -266,7 +266,7 @@ pub struct VmMetrics {
     /// Milliseconds since the VM started.
     pub uptime_ms: u64,
     /// vCPU exits to the VMM by reason.
-    pub exits: vmm::kvm::vcpu::ExitCounts,
+    pub exits: vmm::ExitCounts,
     /// Per disk: the image in use and its counters.
     pub disks: Vec<DiskMetrics>,
     /// Checkpoint counters and the latest checkpoint's metrics.

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ckpt_format::CheckpointOptions;
-use vmm::checkpoint::restore::RestoreOptions;
-use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
+use vmm::RestoreOptions;
+use vmm::{CheckpointRequest, Progress, StoreSpec};
 use vmm::{Console, MemSize, Vm};
 
 use self::qemu::{Qemu, QemuConfig};

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, Manifest, Metrics, RawStore, Store};
 use serde::Serialize;
-use vmm::checkpoint::state::VmSnapshot;
-use vmm::checkpoint::StoreSpec;
+use vmm::MachineState;
+use vmm::StoreSpec;
 
 use super::checkpoint::name;
 use super::output::{byte_bar, bytes, metric_rows, table};
@@ -76,10 +76,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let checksum = format!("{:016x}", ckpt.manifest_checksum());
-    let state: VmSnapshot = ckpt
+    let state: MachineState = ckpt
         .decode_state()
         .with_context(|| format!("{}: state section", args.dir))?;
-    let console_bytes = state.serial.bytes_emitted;
+    let console_bytes = state.devices.serial.bytes_emitted;
     if args.json {
         let report = Report {
             out: &args.dir,

@@ -6,7 +6,6 @@
 //! hits instructions that KVM does not emulate.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::path::Path;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -15,10 +14,10 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::pvh::LoadedElf;
-use super::{ram_map, BootError, CMDLINE_ADDR, CMDLINE_MAX, E820_RAM, HIMEM_START};
+use super::{
+    load_initrd, ram_map, BootError, LoadedElf, CMDLINE_ADDR, CMDLINE_MAX, E820_RAM, HIMEM_START,
+};
 use crate::kvm::cpu::BootEntry;
-use crate::memory::MMIO_HOLE_START;
 
 /// Guest-physical address of the GDT for the 64-bit entry.
 pub const GDT_ADDR: u64 = 0x500;
@@ -49,37 +48,6 @@ const MIN_64BIT_PROTOCOL: u16 = 0x020c;
 const CMDLINE_SIZE_PROTOCOL: u16 = 0x0206;
 /// First boot protocol with `pref_address` and `init_size` (2.10).
 const INIT_SIZE_PROTOCOL: u16 = 0x020a;
-
-/// Copies an initrd into the highest page-aligned place of low RAM that ends below `max_end`
-/// and starts at or above `min_start`: the end of the memory the kernel occupies, so that neither
-/// the kernel's load nor its in-place decompression overwrites the initrd (GRUB places it above
-/// the kernel's `init_size` for the same reason). Returns its address and size.
-pub fn load_initrd(
-    mem: &GuestMemoryMmap,
-    mem_size: u64,
-    mut file: File,
-    path: &Path,
-    min_start: u64,
-    max_end: u64,
-) -> Result<(u64, u64), BootError> {
-    let read_err = |source| BootError::Read {
-        what: "initrd",
-        path: path.to_path_buf(),
-        source,
-    };
-    let size = file.seek(SeekFrom::End(0)).map_err(read_err)?;
-    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
-    let limit = mem_size.min(MMIO_HOLE_START).min(max_end);
-    let addr = limit
-        .checked_sub(size)
-        .map(|a| a & !0xfff)
-        .filter(|&a| a >= min_start.max(HIMEM_START))
-        .ok_or(BootError::InitrdTooBig { size, limit })?;
-    let len = usize::try_from(size).map_err(|_| BootError::InitrdTooBig { size, limit })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
-        .map_err(|_| BootError::GuestMemory("initrd"))?;
-    Ok((addr, size))
-}
 
 /// Loads a bzImage's protected-mode kernel and prepares the 64-bit boot.
 pub fn load_bzimage(

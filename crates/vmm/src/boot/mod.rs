@@ -13,7 +13,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::kvm::cpu::BootEntry;
 use crate::memory::{MMIO_HOLE_END, MMIO_HOLE_START};
@@ -114,6 +114,48 @@ pub fn ram_map(mem_size: u64) -> Vec<RamRange> {
         });
     }
     map
+}
+
+/// An ELF kernel placed in guest memory.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedElf {
+    /// ELF entry point.
+    pub entry: u64,
+    /// End of the highest loaded segment.
+    pub end: u64,
+    /// The PVH 32-bit entry point, if the ELF has one.
+    pub pvh_entry: Option<u64>,
+}
+
+/// Copies an initrd into the highest page-aligned place of low RAM that ends below `max_end`
+/// and starts at or above `min_start`: the end of the memory the kernel occupies, so that neither
+/// the kernel's load nor its in-place decompression overwrites the initrd (GRUB places it above
+/// the kernel's `init_size` for the same reason). Returns its address and size.
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    mut file: File,
+    path: &Path,
+    min_start: u64,
+    max_end: u64,
+) -> Result<(u64, u64), BootError> {
+    let read_err = |source| BootError::Read {
+        what: "initrd",
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = file.seek(SeekFrom::End(0)).map_err(read_err)?;
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    let limit = mem_size.min(MMIO_HOLE_START).min(max_end);
+    let addr = limit
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= min_start.max(HIMEM_START))
+        .ok_or(BootError::InitrdTooBig { size, limit })?;
+    let len = usize::try_from(size).map_err(|_| BootError::InitrdTooBig { size, limit })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .map_err(|_| BootError::GuestMemory("initrd"))?;
+    Ok((addr, size))
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, BootError> {

@@ -14,7 +14,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{ram_map, BootError, CMDLINE_ADDR, E820_RAM, HIMEM_START};
+use super::{load_initrd, ram_map, BootError, LoadedElf, CMDLINE_ADDR, E820_RAM, HIMEM_START};
 use crate::kvm::cpu::BootEntry;
 
 /// `hvm_start_info.magic`.
@@ -25,17 +25,6 @@ pub const START_INFO_ADDR: u64 = 0x6000;
 pub const MODLIST_ADDR: u64 = 0x6040;
 /// Guest-physical address of the memory map.
 pub const MEMMAP_ADDR: u64 = 0x7000;
-
-/// An ELF kernel placed in guest memory.
-#[derive(Debug, Clone, Copy)]
-pub struct LoadedElf {
-    /// ELF entry point.
-    pub entry: u64,
-    /// End of the highest loaded segment.
-    pub end: u64,
-    /// The PVH 32-bit entry point, if the ELF has one.
-    pub pvh_entry: Option<u64>,
-}
 
 /// Loads the PT_LOAD segments of an ELF kernel at their physical addresses.
 pub fn load_elf(
@@ -96,8 +85,7 @@ pub fn configure(
     let mut params = BootParams::new(&start_info, GuestAddress(START_INFO_ADDR));
     params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
     if let Some((path, file)) = initrd {
-        let (addr, size) =
-            super::linux::load_initrd(mem, mem_size, file, path, loaded.end, u64::MAX)?;
+        let (addr, size) = load_initrd(mem, mem_size, file, path, loaded.end, u64::MAX)?;
         let module = hvm_modlist_entry {
             paddr: addr,
             size,

@@ -1,4 +1,4 @@
-//! The disk side of a live checkpoint (SPEC §2 steps 1, 5 and 8; M1, M5–M7, M12, M15).
+//! The disk side of a live checkpoint (design.md §2 steps 1, 5 and 8; M1, M5–M7, M12, M15).
 //!
 //! - While the VM runs, each disk gets a new qcow2 COW file over the image it uses now
 //!   ([`prepare_disks`]).
@@ -23,9 +23,8 @@ use disk::{Format, Image};
 use tracing::info;
 
 use super::disk_chain::commit_and_rebase;
-use super::CheckpointError;
+use super::{CheckpointError, Refusal};
 use crate::devices::virtio::block::{BlockHandle, BlockState};
-use crate::vm::Vm;
 
 /// How long the pause may wait for disk I/O under the `drain` policy, and the write-out for
 /// writes still in flight against a parent.
@@ -58,15 +57,18 @@ pub(crate) fn overlay_path(top: &Path, tag: &str) -> PathBuf {
 }
 
 /// Step 1, while the VM runs: a COW file over each disk's current image.
-pub(super) fn prepare_disks(vm: &Vm, tag: &str) -> Result<Vec<DiskPrep>, CheckpointError> {
+pub(super) fn prepare_disks(
+    disks: &[BlockHandle],
+    tag: &str,
+) -> Result<Vec<DiskPrep>, CheckpointError> {
     let mut preps = Vec::new();
-    for (i, handle) in vm.disks().iter().enumerate() {
+    for (i, handle) in disks.iter().enumerate() {
         let info = handle.image_info().map_err(disk_err(i))?;
         let top = info
             .chain
             .first()
             .cloned()
-            .ok_or(CheckpointError::Unsupported("a disk without an image"))?;
+            .ok_or(CheckpointError::NoImage(i))?;
         let overlay = overlay_path(&info.path, tag);
         disk::create_qcow2(
             &overlay,
@@ -115,8 +117,10 @@ impl Drop for FrozenDisks<'_> {
 }
 
 /// In the pause: with `drain`, wait until no disk request is in flight (M12); then freeze.
-pub(super) fn freeze_disks(vm: &Vm, io: IoPolicy) -> Result<FrozenDisks<'_>, CheckpointError> {
-    let handles = vm.disks();
+pub(super) fn freeze_disks(
+    handles: &[BlockHandle],
+    io: IoPolicy,
+) -> Result<FrozenDisks<'_>, CheckpointError> {
     if io == IoPolicy::Drain {
         for (i, h) in handles.iter().enumerate() {
             h.drain(IO_TIMEOUT).map_err(disk_err(i))?;
@@ -134,18 +138,12 @@ pub(super) fn freeze_disks(vm: &Vm, io: IoPolicy) -> Result<FrozenDisks<'_>, Che
     Ok(FrozenDisks { handles })
 }
 
-/// In the pause, after memory is marked: each disk's state, in-flight requests included.
-pub(super) fn save_disks(vm: &Vm) -> Result<Vec<BlockState>, CheckpointError> {
-    vm.disks()
-        .iter()
-        .enumerate()
-        .map(|(i, h)| h.save().map_err(disk_err(i)))
-        .collect()
-}
-
 /// Step 5, in the pause: new requests go to the COW files from now on.
-pub(super) fn switch_disks(vm: &Vm, preps: &mut [DiskPrep]) -> Result<(), CheckpointError> {
-    for (i, (h, prep)) in vm.disks().iter().zip(preps.iter_mut()).enumerate() {
+pub(super) fn switch_disks(
+    disks: &[BlockHandle],
+    preps: &mut [DiskPrep],
+) -> Result<(), CheckpointError> {
+    for (i, (h, prep)) in disks.iter().zip(preps.iter_mut()).enumerate() {
         let image = prep.image.take().expect("switched once");
         h.switch_image(image).map_err(disk_err(i))?;
     }
@@ -163,15 +161,13 @@ fn format_of(format: Format) -> DiskFormat {
 fn copy_flat(source: &Path, dest: &Path, index: usize) -> Result<(), CheckpointError> {
     const CHUNK: usize = 1 << 20;
     let mut image = Image::open_read_only(source).map_err(image_err(index))?;
-    let out = File::create(dest).map_err(|source| CheckpointError::Copy {
+    let copy_err = |source| CheckpointError::Copy {
         path: dest.to_path_buf(),
         source,
-    })?;
+    };
+    let out = File::create(dest).map_err(copy_err)?;
     let size = image.size();
-    out.set_len(size).map_err(|source| CheckpointError::Copy {
-        path: dest.to_path_buf(),
-        source,
-    })?;
+    out.set_len(size).map_err(copy_err)?;
     let mut buf = vec![0u8; CHUNK];
     let mut off = 0;
     while off < size {
@@ -180,24 +176,17 @@ fn copy_flat(source: &Path, dest: &Path, index: usize) -> Result<(), CheckpointE
             .read_at(off, &mut buf[..n])
             .map_err(image_err(index))?;
         if buf[..n].iter().any(|&b| b != 0) {
-            out.write_all_at(&buf[..n], off)
-                .map_err(|source| CheckpointError::Copy {
-                    path: dest.to_path_buf(),
-                    source,
-                })?;
+            out.write_all_at(&buf[..n], off).map_err(copy_err)?;
         }
         off += n as u64;
     }
-    out.sync_all().map_err(|source| CheckpointError::Copy {
-        path: dest.to_path_buf(),
-        source,
-    })
+    out.sync_all().map_err(copy_err)
 }
 
 /// Step 8, while the VM runs: make each checkpoint disk final and return what the manifest
 /// records for it (the file that holds the checkpoint's disk, M7).
 pub(super) fn finish_disks(
-    vm: &Vm,
+    handles: &[BlockHandle],
     preps: &[DiskPrep],
     states: &[BlockState],
     policy: DiskPolicy,
@@ -205,15 +194,13 @@ pub(super) fn finish_disks(
     tag: &str,
 ) -> Result<Vec<DiskConfig>, CheckpointError> {
     let mut disks = Vec::new();
-    for (i, ((h, prep), state)) in vm.disks().iter().zip(preps).zip(states).enumerate() {
+    for (i, ((h, prep), state)) in handles.iter().zip(preps).zip(states).enumerate() {
         // Writes issued before the instant land in the parent (M15); after this the parent
         // no longer changes.
         h.wait_older_images(IO_TIMEOUT).map_err(disk_err(i))?;
         let (path, format) = match policy {
             DiskPolicy::CopyCommit => {
-                let dir = store_dir.ok_or(CheckpointError::Unsupported(
-                    "copy-commit needs a directory store to hold the disk copy",
-                ))?;
+                let dir = store_dir.ok_or(Refusal::CopyCommitNeedsDirectory)?;
                 let copy = dir.join(format!("disk{i}.raw"));
                 copy_flat(&prep.parent, &copy, i)?;
                 let next = overlay_path(&prep.parent, &format!("{tag}-next"));
@@ -221,7 +208,7 @@ pub(super) fn finish_disks(
                 info!(disk = i, copy = %copy.display(), base = %report.base.display(), "checkpoint disk copied and COW file committed");
                 (copy, DiskFormat::Raw)
             }
-            _ => (prep.parent.clone(), format_of(prep.parent_format)),
+            DiskPolicy::Keep => (prep.parent.clone(), format_of(prep.parent_format)),
         };
         disks.push(DiskConfig {
             id: format!("disk{i}"),

@@ -1,4 +1,4 @@
-//! The live checkpoint (SPEC §2), one function per phase:
+//! The live checkpoint (design.md §2), one function per phase:
 //!
 //! 1. [`prepare`] — while the VM runs: open the store, and for `uffd` write-protect memory
 //!    ahead of the pause (arming);
@@ -17,18 +17,17 @@
 
 pub mod disk_chain;
 mod disk_cow;
-pub mod memory_cow;
-pub mod restore;
-pub mod state;
+pub(crate) mod memory_cow;
+pub(crate) mod restore;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ckpt_format::{
     CheckpointOptions, CheckpointWriter, DeviceConfig, DirStore, DiskPolicy, IoPolicy, Layout,
-    Manifest, MemStore, Metrics, RawStore, Store, Strategy,
+    Manifest, MemStore, MemoryWriter, Metrics, RawStore, Store, Strategy,
 };
 use thiserror::Error;
 use tracing::{info, info_span, warn};
@@ -38,13 +37,15 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use self::memory_cow::fork::{fork_writer, ForkedWriter};
 use self::memory_cow::uffd::UffdCow;
 use self::memory_cow::{stop, CowError, SaveCounters};
-use self::state::VmSnapshot;
+use crate::builder::{Machine, MachineState, VmError, VmSummary};
+use crate::devices::manager::{DeviceError, DeviceManager};
+use crate::devices::virtio::block::BlockHandle;
+use crate::error::ErrorKind;
 use crate::exit::VmExit;
-use crate::kvm::state::{save_vcpu, save_vm};
-use crate::kvm::vcpu::PauseGuard;
-use crate::kvm::KvmError;
+use crate::kvm::vcpu::{PauseGuard, VcpuControl};
+use crate::kvm::{KvmError, KvmVm};
 use crate::memory::{ram_regions, RamRegion};
-use crate::vm::{Vm, VmError};
+use crate::persist::Persist;
 
 /// Errors of taking a checkpoint. The VM keeps running after any of them, and the checkpoint
 /// is left incomplete (never reported complete).
@@ -53,9 +54,9 @@ pub enum CheckpointError {
     /// Another checkpoint of this VM is in progress.
     #[error("a checkpoint of this VM is already in progress")]
     Busy,
-    /// The strategy or policy is not one this VMM implements.
-    #[error("unsupported checkpoint option: {0}")]
-    Unsupported(&'static str),
+    /// The request cannot be carried out as asked.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// The checkpoint store refused or failed.
     #[error("checkpoint store {store}")]
     Store {
@@ -78,6 +79,9 @@ pub enum CheckpointError {
     /// The memory COW mechanism failed.
     #[error("memory copy-on-write failed")]
     Memory(#[from] CowError),
+    /// Saving the device state failed.
+    #[error("cannot save the device state")]
+    Devices(#[source] DeviceError),
     /// A disk device refused or failed.
     #[error("disk {index}")]
     Disk {
@@ -87,6 +91,9 @@ pub enum CheckpointError {
         #[source]
         source: crate::devices::virtio::block::BlockError,
     },
+    /// A disk has no image to put a COW file over.
+    #[error("disk {0} has no image")]
+    NoImage(usize),
     /// A disk image could not be created or read.
     #[error("disk {index} image")]
     DiskImage {
@@ -105,6 +112,32 @@ pub enum CheckpointError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl CheckpointError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CheckpointError::Busy => ErrorKind::Conflict,
+            CheckpointError::Refused(_) => ErrorKind::InvalidInput,
+            CheckpointError::Store { source, .. } => match source {
+                ckpt_format::Error::CheckpointExists { .. } => ErrorKind::AlreadyExists,
+                ckpt_format::Error::StoreFull { .. } => ErrorKind::Internal,
+                _ => ErrorKind::InvalidInput,
+            },
+            CheckpointError::Pause(e) => e.kind(),
+            CheckpointError::Exited(_) => ErrorKind::VmExited,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Why a checkpoint request is refused before anything is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum Refusal {
+    /// `copy-commit` copies the disks into the store, which only a directory store can hold.
+    #[error("disk copy-commit needs a directory store to hold the disk copy")]
+    CopyCommitNeedsDirectory,
 }
 
 /// Where a checkpoint goes.
@@ -167,6 +200,19 @@ pub struct CheckpointRequest {
     pub pause_probe: Option<PauseProbe>,
 }
 
+impl CheckpointRequest {
+    /// Refuses a request that cannot be carried out on a VM with `disks` disks.
+    pub fn validate(&self, disks: usize) -> Result<(), Refusal> {
+        if self.options.disk == DiskPolicy::CopyCommit
+            && disks > 0
+            && !matches!(self.store, StoreSpec::Dir(_))
+        {
+            return Err(Refusal::CopyCommitNeedsDirectory);
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for CheckpointRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CheckpointRequest")
@@ -201,11 +247,31 @@ pub struct Progress {
     phase: AtomicU8,
     pages_total: AtomicU64,
     pages_done: AtomicU64,
+    /// The store writer's memory while pages are written out: its counter is the progress.
+    writing: Mutex<Option<Arc<MemoryWriter>>>,
 }
 
 impl Progress {
     fn set_phase(&self, phase: Phase) {
         self.phase.store(phase as u8, Ordering::Release);
+    }
+
+    /// Reads the progress of the write-out from `memory` (until called with `None`, which
+    /// must happen before the checkpoint is finished: the store writer waits for every
+    /// holder of its memory to let go).
+    fn watch(&self, memory: Option<Arc<MemoryWriter>>) {
+        if let Some(m) = &memory {
+            let done = m.progress().pages_done;
+            self.pages_done.fetch_max(done, Ordering::Relaxed);
+        }
+        let previous = std::mem::replace(
+            &mut *self.writing.lock().unwrap_or_else(|p| p.into_inner()),
+            memory,
+        );
+        if let Some(m) = previous {
+            self.pages_done
+                .fetch_max(m.progress().pages_done, Ordering::Relaxed);
+        }
     }
 
     /// The current phase.
@@ -222,8 +288,14 @@ impl Progress {
 
     /// (pages saved, pages total).
     pub fn pages(&self) -> (u64, u64) {
+        let writing = self
+            .writing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |m| m.progress().pages_done);
         (
-            self.pages_done.load(Ordering::Relaxed),
+            self.pages_done.load(Ordering::Relaxed).max(writing),
             self.pages_total.load(Ordering::Relaxed),
         )
     }
@@ -251,35 +323,22 @@ enum MemoryCow {
     Stop,
 }
 
-/// How often the progress of a write-out is sampled.
-const PROGRESS_INTERVAL: Duration = Duration::from_millis(20);
-
-/// Serialises checkpoints of one VM.
-#[derive(Debug, Default)]
-pub struct CheckpointLock(Mutex<()>);
-
-impl Vm {
-    /// Takes a live checkpoint (SPEC §2) and waits until it is complete.
-    pub fn checkpoint(
-        &self,
-        request: &CheckpointRequest,
-        progress: &Progress,
-    ) -> Result<Manifest, CheckpointError> {
-        let _busy = self
-            .checkpoint_lock()
-            .0
-            .try_lock()
-            .map_err(|_| CheckpointError::Busy)?;
-        let span = info_span!("checkpoint", store = %request.store.describe(), strategy = ?request.options.strategy);
-        let _enter = span.enter();
-        let result = take_checkpoint(self, request, progress);
-        progress.set_phase(if result.is_ok() {
-            Phase::Done
-        } else {
-            Phase::Failed
-        });
-        result
-    }
+/// Takes a live checkpoint of `machine` and waits until it is complete. The caller ensures
+/// only one runs at a time.
+pub(crate) fn checkpoint(
+    machine: &Machine,
+    request: &CheckpointRequest,
+    progress: &Progress,
+) -> Result<Manifest, CheckpointError> {
+    let span = info_span!("checkpoint", store = %request.store.describe(), strategy = ?request.options.strategy);
+    let _enter = span.enter();
+    let result = take_checkpoint(machine, request, progress);
+    progress.set_phase(if result.is_ok() {
+        Phase::Done
+    } else {
+        Phase::Failed
+    });
+    result
 }
 
 fn store_err(store: &StoreSpec) -> impl FnOnce(ckpt_format::Error) -> CheckpointError + '_ {
@@ -290,30 +349,19 @@ fn store_err(store: &StoreSpec) -> impl FnOnce(ckpt_format::Error) -> Checkpoint
 }
 
 fn take_checkpoint(
-    vm: &Vm,
+    machine: &Machine,
     request: &CheckpointRequest,
     progress: &Progress,
 ) -> Result<Manifest, CheckpointError> {
     let options = request.options;
-    if matches!(options.strategy, Strategy::Unknown) || matches!(options.io, IoPolicy::Unknown) {
-        return Err(CheckpointError::Unsupported(
-            "unknown strategy or I/O policy",
-        ));
-    }
-    if let Some(exit) = vm.exit_status() {
+    let disks = machine.devices.disks();
+    if let Some(exit) = machine.exit.get() {
         return Err(CheckpointError::Exited(exit));
     }
-    if options.disk == DiskPolicy::CopyCommit
-        && !vm.disks().is_empty()
-        && !matches!(request.store, StoreSpec::Dir(_))
-    {
-        return Err(CheckpointError::Unsupported(
-            "copy-commit needs a directory store to hold the disk copy",
-        ));
-    }
+    request.validate(disks.len())?;
     let started = Instant::now();
     let mut timeline = Timeline::default();
-    let regions = ram_regions(vm.memory());
+    let regions = ram_regions(&machine.memory);
     let pages: u64 = regions.iter().map(RamRegion::pages).sum();
     progress.pages_total.store(pages, Ordering::Relaxed);
     progress.set_phase(Phase::Preparing);
@@ -324,8 +372,10 @@ fn take_checkpoint(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros())
     );
-    let mut disks = timeline.time("prepare_disks", || disk_cow::prepare_disks(vm, &tag))?;
-    let (mut writer, mut cow) = timeline.time("prepare", || prepare(vm, request, &regions))?;
+    let mut preps = timeline.time("prepare_disks", || disk_cow::prepare_disks(disks, &tag))?;
+    let (mut writer, mut cow) = timeline.time("prepare", || {
+        prepare(&machine.memory, machine.summary.mem_size, request, &regions)
+    })?;
     let options = CheckpointOptions {
         strategy: cow.strategy(),
         ..options
@@ -333,16 +383,18 @@ fn take_checkpoint(
 
     progress.set_phase(Phase::Paused);
     let pause_start = Instant::now();
-    let (guard, frozen) = timeline.time("quiesce", || quiesce(vm, options.io))?;
+    let (guard, frozen) = timeline.time("quiesce", || quiesce(machine, options.io))?;
     let counters = SaveCounters::default();
     timeline.time("mark_memory_cow", || {
-        mark_memory_cow(vm, &mut cow, &regions, &mut writer, &counters)
+        mark_memory_cow(disks, &mut cow, &regions, &mut writer, &counters)
     })?;
-    let snapshot = timeline.time("save_state", || save_state(vm, &guard))?;
+    let state = timeline.time("save_state", || {
+        save_state(&machine.vm, &machine.devices, &guard)
+    })?;
     if let Some(probe) = &request.pause_probe {
-        probe(vm.memory());
+        probe(&machine.memory);
     }
-    timeline.time("switch_disks", || disk_cow::switch_disks(vm, &mut disks))?;
+    timeline.time("switch_disks", || disk_cow::switch_disks(disks, &mut preps))?;
     timeline.time("resume", || {
         drop(frozen);
         guard.resume()
@@ -351,22 +403,32 @@ fn take_checkpoint(
     progress.set_phase(Phase::Writing);
     info!(pause_us, "VM resumed");
 
-    let state = ckpt_format::encode_state(&snapshot).map_err(store_err(&request.store))?;
+    let encoded = ckpt_format::encode_state(&state).map_err(store_err(&request.store))?;
     writer
-        .write_state(&state)
+        .write_state(&encoded)
         .map_err(store_err(&request.store))?;
-    let (by_fault, in_background) = timeline.time("write_out", || {
-        write_out(vm, cow, &mut writer, &counters, progress)
-    })?;
+    progress.watch(Some(writer.memory().clone()));
+    let written = timeline.time("write_out", || {
+        write_out(disks, cow, &mut writer, &counters)
+    });
+    progress.watch(None);
+    let (by_fault, in_background) = written?;
     let store_dir = match &request.store {
         StoreSpec::Dir(d) => Some(d.as_path()),
         _ => None,
     };
     let disk_configs = timeline.time("finish_disks", || {
-        disk_cow::finish_disks(vm, &disks, &snapshot.disks, options.disk, store_dir, &tag)
+        disk_cow::finish_disks(
+            disks,
+            &preps,
+            &state.devices.blocks,
+            options.disk,
+            store_dir,
+            &tag,
+        )
     })?;
 
-    writer.set_vm_config(vm_config(vm, disk_configs));
+    writer.set_vm_config(vm_config(&machine.summary, disk_configs));
     writer.set_options(options);
     writer.set_created_unix_ms(
         SystemTime::now()
@@ -399,35 +461,31 @@ fn take_checkpoint(
 
 /// Phase 1, while the VM runs: open the store and, for `uffd`, protect memory ahead of the pause.
 fn prepare(
-    vm: &Vm,
+    memory: &GuestMemoryMmap,
+    mem_size: u64,
     request: &CheckpointRequest,
     regions: &[RamRegion],
 ) -> Result<(CheckpointWriter, MemoryCow), CheckpointError> {
     let store = request.store.store();
-    let writer = CheckpointWriter::create(
-        store.as_ref(),
-        &Layout {
-            mem_size: vm.summary().mem_size,
-        },
-    )
-    .map_err(store_err(&request.store))?;
+    let writer = CheckpointWriter::create(store.as_ref(), &Layout { mem_size })
+        .map_err(store_err(&request.store))?;
     let cow = match request.options.strategy {
         // userfaultfd cannot write-protect private file mappings, which is what a lazily
         // restored VM runs on; the kernel's own copy-on-write (fork) protects them just as well.
-        Strategy::Uffd if file_backed(vm) => {
+        Strategy::Uffd if file_backed(memory) => {
             warn!("guest memory maps a checkpoint file, which userfaultfd cannot protect: using the fork strategy");
             MemoryCow::Fork(None)
         }
         Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions)?),
         Strategy::Fork => MemoryCow::Fork(None),
-        Strategy::Stop | Strategy::Unknown => MemoryCow::Stop,
+        Strategy::Stop => MemoryCow::Stop,
     };
     Ok((writer, cow))
 }
 
 /// Whether any guest memory is a file mapping (a VM restored lazily from a checkpoint).
-fn file_backed(vm: &Vm) -> bool {
-    vm.memory().iter().any(|r| r.file_offset().is_some())
+fn file_backed(memory: &GuestMemoryMmap) -> bool {
+    memory.iter().any(|r| r.file_offset().is_some())
 }
 
 impl MemoryCow {
@@ -443,21 +501,24 @@ impl MemoryCow {
 
 /// Phase 2: stop every vCPU, then (after waiting for disk I/O under `drain`) freeze the disks.
 fn quiesce(
-    vm: &Vm,
+    machine: &Machine,
     io: IoPolicy,
 ) -> Result<(PauseGuard<'_>, disk_cow::FrozenDisks<'_>), CheckpointError> {
-    let guard = vm.pause().map_err(CheckpointError::Pause)?;
+    let control: &VcpuControl = &machine.control;
+    let guard = control
+        .pause()
+        .map_err(|e| CheckpointError::Pause(e.into()))?;
     // Parked vCPUs have reported every exit they made, so this answer holds for the pause.
-    if let Some(exit) = vm.exit_status() {
+    if let Some(exit) = machine.exit.get() {
         return Err(CheckpointError::Exited(exit));
     }
-    let frozen = disk_cow::freeze_disks(vm, io)?;
+    let frozen = disk_cow::freeze_disks(machine.devices.disks(), io)?;
     Ok((guard, frozen))
 }
 
 /// Phase 3, in the pause: make memory copy-on-write (or, for `stop`, copy it now).
 fn mark_memory_cow(
-    vm: &Vm,
+    disks: &[BlockHandle],
     cow: &mut MemoryCow,
     regions: &[RamRegion],
     writer: &mut CheckpointWriter,
@@ -467,7 +528,7 @@ fn mark_memory_cow(
         MemoryCow::Uffd(u) => {
             u.seal(writer.memory().clone())?;
             // New disk reads must not overwrite originals: they are saved first (M11).
-            for (i, h) in vm.disks().iter().enumerate() {
+            for (i, h) in disks.iter().enumerate() {
                 h.set_dma_observer(Some(u.observer()))
                     .map_err(|source| CheckpointError::Disk { index: i, source })?;
             }
@@ -478,56 +539,42 @@ fn mark_memory_cow(
     Ok(())
 }
 
-/// Phase 4, in the pause: vCPUs, VM-wide KVM state and devices into memory.
-fn save_state(vm: &Vm, guard: &PauseGuard<'_>) -> Result<VmSnapshot, CheckpointError> {
-    let serial = vm.serial().lock().unwrap_or_else(|p| p.into_inner()).save();
+/// Phase 4, in the pause: devices, vCPUs and VM-wide KVM state into memory.
+fn save_state(
+    vm: &KvmVm,
+    devices: &DeviceManager,
+    guard: &PauseGuard<'_>,
+) -> Result<MachineState, CheckpointError> {
+    let devices = devices.save().map_err(CheckpointError::Devices)?;
     let vcpus = guard
         .vcpus()
-        .enumerate()
-        .map(|(id, fd)| save_vcpu(id as u8, &fd, vm.msr_indices()))
+        .map(|vcpu| vcpu.save())
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(VmSnapshot {
-        vm: save_vm(vm.fd())?,
+    Ok(MachineState {
+        vm: vm.save()?,
         vcpus,
-        serial,
-        disks: disk_cow::save_disks(vm)?,
+        devices,
     })
 }
 
 /// Phase 6, while the VM runs: memory to the store. Returns (pages by fault, in background).
 fn write_out(
-    vm: &Vm,
+    disks: &[BlockHandle],
     cow: MemoryCow,
     writer: &mut CheckpointWriter,
     counters: &SaveCounters,
-    progress: &Progress,
 ) -> Result<(u64, u64), CheckpointError> {
     match cow {
         MemoryCow::Uffd(mut u) => {
             u.start_background()?;
-            let memory = writer.memory().clone();
-            let done = AtomicBool::new(false);
-            let counts = std::thread::scope(|s| {
-                s.spawn(|| {
-                    while !done.load(Ordering::Acquire) {
-                        let saved = memory.progress().pages_done;
-                        progress.pages_done.store(saved, Ordering::Relaxed);
-                        std::thread::sleep(PROGRESS_INTERVAL);
-                    }
-                });
-                let counts = u.wait_background().and_then(|()| {
-                    // The observers hold the store writer's queue open.
-                    for h in vm.disks() {
-                        if let Err(e) = h.set_dma_observer(None) {
-                            warn!("cannot remove a disk's DMA observer: {e}");
-                        }
-                    }
-                    u.finish()
-                });
-                done.store(true, Ordering::Release);
-                counts
-            })?;
-            Ok(counts)
+            u.wait_background()?;
+            // The observers hold the store writer's queue open.
+            for h in disks {
+                if let Err(e) = h.set_dma_observer(None) {
+                    warn!("cannot remove a disk's DMA observer: {e}");
+                }
+            }
+            Ok(u.finish()?)
         }
         MemoryCow::Fork(child) => {
             let child = child.expect("forked in the pause");
@@ -542,36 +589,24 @@ fn write_out(
     }
 }
 
-fn vm_config(vm: &Vm, disks: Vec<ckpt_format::DiskConfig>) -> ckpt_format::VmConfig {
-    let s = vm.summary();
+fn vm_config(summary: &VmSummary, disks: Vec<ckpt_format::DiskConfig>) -> ckpt_format::VmConfig {
+    let serial = DeviceConfig::Serial {
+        port: crate::devices::serial::COM1_PORT as u16,
+    };
+    let blocks = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DeviceConfig::VirtioBlk {
+            mmio: crate::devices::virtio::mmio_base(i),
+            irq: crate::devices::virtio::irq(i),
+            disk: d.id.clone(),
+        });
     ckpt_format::VmConfig {
-        mem_size: s.mem_size,
-        vcpus: u32::from(s.vcpus),
-        kernel: s.kernel.clone(),
-        cmdline: s.cmdline.clone(),
-        devices: std::iter::once(DeviceConfig {
-            id: "serial0".into(),
-            kind: "serial".into(),
-            params: [("port".to_string(), "0x3f8".to_string())].into(),
-        })
-        .chain(disks.iter().enumerate().map(|(i, d)| {
-            DeviceConfig {
-                id: d.id.clone(),
-                kind: "virtio-blk".into(),
-                params: [
-                    (
-                        "mmio".to_string(),
-                        format!("{:#x}", crate::devices::virtio::mmio_base(i)),
-                    ),
-                    (
-                        "irq".to_string(),
-                        crate::devices::virtio::irq(i).to_string(),
-                    ),
-                ]
-                .into(),
-            }
-        }))
-        .collect(),
+        mem_size: summary.mem_size,
+        vcpus: u32::from(summary.vcpus),
+        kernel: summary.kernel.clone(),
+        cmdline: summary.cmdline.clone(),
+        devices: std::iter::once(serial).chain(blocks).collect(),
         disks,
     }
 }

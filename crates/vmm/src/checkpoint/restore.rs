@@ -1,4 +1,4 @@
-//! Restoring a checkpoint into a new VM (SPEC §5): verify before use, map memory lazily (or read
+//! Restoring a checkpoint into a new VM (design.md §5): verify before use, map memory lazily (or read
 //! it eagerly), load vCPU, VM and device state, and run.
 //!
 //! Lazy restore maps the page-aligned memory image `MAP_PRIVATE`: the VM runs within
@@ -20,15 +20,14 @@ use tracing::{info, info_span, warn};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use super::disk_cow::overlay_path;
-use super::state::VmSnapshot;
 use super::StoreSpec;
-use crate::devices::serial::{SerialConsole, SerialError};
-use crate::devices::virtio::block::{Block, BlockError, DiskConfig, DiskSet};
+use crate::builder::{
+    self, Console, Machine, MachineState, Parts, Start, VmError, VmSummary, MAX_VCPUS,
+};
+use crate::devices::virtio::block::DiskConfig;
+use crate::error::ErrorKind;
 use crate::exit::{ExitNotifier, VmExit};
-use crate::kvm::state::{restore_vcpu, restore_vm};
-use crate::kvm::KvmError;
 use crate::memory::{self, HugePages, MemoryError};
-use crate::vm::{console_writer, Console, Vm, VmError, VmParts, VmSummary, MAX_VCPUS};
 
 /// Errors of restoring a checkpoint. Nothing is started when one is returned.
 #[derive(Debug, Error)]
@@ -62,15 +61,9 @@ pub enum RestoreError {
     /// Guest memory.
     #[error(transparent)]
     GuestMemory(#[from] MemoryError),
-    /// Building the VM.
+    /// Building the VM from the saved state.
     #[error(transparent)]
     Vm(#[from] VmError),
-    /// Loading KVM state.
-    #[error("cannot load the saved vCPU or VM state")]
-    Kvm(#[from] KvmError),
-    /// Loading device state.
-    #[error(transparent)]
-    Serial(#[from] SerialError),
     /// A disk's fresh COW file over the checkpoint's disk cannot be made.
     #[error("disk {index}: cannot create a COW file over the checkpoint's disk {path}")]
     DiskOverlay {
@@ -82,15 +75,20 @@ pub enum RestoreError {
         #[source]
         source: disk::Error,
     },
-    /// A disk device cannot be rebuilt from its saved state.
-    #[error("disk {index}")]
-    Disk {
-        /// Device index.
-        index: usize,
-        /// Cause.
-        #[source]
-        source: BlockError,
-    },
+}
+
+impl RestoreError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RestoreError::Open { .. }
+            | RestoreError::Config { .. }
+            | RestoreError::State(_)
+            | RestoreError::Memory(_) => ErrorKind::InvalidInput,
+            RestoreError::Vm(e) => e.kind(),
+            _ => ErrorKind::Internal,
+        }
+    }
 }
 
 /// How to restore.
@@ -176,23 +174,6 @@ fn check_config(ckpt: &Checkpoint, store: &str) -> Result<(u64, u8), RestoreErro
                 config.vcpus
             ))
         })?;
-    if let Some(d) = config
-        .devices
-        .iter()
-        .find(|d| d.kind != "serial" && d.kind != "virtio-blk")
-    {
-        return Err(bad(format!("unknown device kind {:?} ({})", d.kind, d.id)));
-    }
-    if let Some(d) = config
-        .disks
-        .iter()
-        .find(|d| d.format == DiskFormat::Unknown)
-    {
-        return Err(bad(format!(
-            "disk {} has an image format this VMM does not know",
-            d.id
-        )));
-    }
     Ok((config.mem_size, vcpus))
 }
 
@@ -227,23 +208,23 @@ fn spawn_verifier(ckpt: Checkpoint, exit: Arc<ExitNotifier>) {
     }
 }
 
-/// Gives each checkpoint disk a fresh COW file, so the checkpoint stays immutable, and rebuilds
-/// the devices from their saved state; their in-flight requests are re-submitted when the
-/// device thread starts.
-fn restore_disks(
+/// Gives each checkpoint disk a fresh COW file, so the checkpoint stays immutable; the
+/// devices are rebuilt on them from their saved state, and their in-flight requests are
+/// re-submitted when the device thread starts.
+fn disk_overlays(
     ckpt: &Checkpoint,
-    snapshot: &VmSnapshot,
+    state: &MachineState,
     disk_dir: Option<&Path>,
-    mem: &GuestMemoryMmap,
-) -> Result<Vec<Block>, RestoreError> {
+) -> Result<Vec<DiskConfig>, RestoreError> {
     let disks = &ckpt.manifest().vm.disks;
-    if disks.len() != snapshot.disks.len() {
+    let saved = &state.devices.blocks;
+    if disks.len() != saved.len() {
         return Err(RestoreError::Config {
             store: "checkpoint".into(),
             reason: format!(
                 "{} disks in the configuration but {} disk states",
                 disks.len(),
-                snapshot.disks.len()
+                saved.len()
             ),
         });
     }
@@ -254,7 +235,7 @@ fn restore_disks(
     );
     disks
         .iter()
-        .zip(&snapshot.disks)
+        .zip(saved)
         .enumerate()
         .map(|(index, (d, state))| {
             let mut overlay = overlay_path(&d.path, &tag);
@@ -263,7 +244,7 @@ fn restore_disks(
             }
             let format = match d.format {
                 DiskFormat::Qcow2 => Format::Qcow2,
-                _ => Format::Raw,
+                DiskFormat::Raw => Format::Raw,
             };
             disk::create_qcow2(
                 &overlay,
@@ -277,13 +258,11 @@ fn restore_disks(
                 path: d.path.clone(),
                 source,
             })?;
-            let config = DiskConfig {
+            Ok(DiskConfig {
                 path: overlay,
                 readonly: d.readonly,
                 delay_ms: state.disk.delay_ms,
-            };
-            Block::restore(index, &config, state, mem)
-                .map_err(|source| RestoreError::Disk { index, source })
+            })
         })
         .collect()
 }
@@ -291,77 +270,67 @@ fn restore_disks(
 /// Distinguishes the COW files of several restores in one process (clones).
 static RESTORES: AtomicU64 = AtomicU64::new(0);
 
-impl Vm {
-    /// Restores the checkpoint in `store` into a new running VM.
-    pub fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Vm, RestoreError> {
-        let name = store.describe();
-        let span = info_span!("restore", store = %name, eager = options.eager);
-        let _enter = span.enter();
-        let open_err = |source| RestoreError::Open {
-            store: name.clone(),
-            source,
-        };
-        let ckpt = Checkpoint::open_deferred(store.store().as_ref()).map_err(open_err)?;
-        let (mem_size, vcpus) = check_config(&ckpt, &name)?;
-        let snapshot: VmSnapshot = ckpt.decode_state().map_err(RestoreError::State)?;
-        if snapshot.vcpus.len() != usize::from(vcpus) {
-            return Err(RestoreError::Config {
-                store: name,
-                reason: format!("{} vCPU states for {vcpus} vCPUs", snapshot.vcpus.len()),
-            });
-        }
+/// Restores the checkpoint in `store` into a new running machine.
+pub(crate) fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Machine, RestoreError> {
+    let name = store.describe();
+    let span = info_span!("restore", store = %name, eager = options.eager);
+    let _enter = span.enter();
+    let open_err = |source| RestoreError::Open {
+        store: name.clone(),
+        source,
+    };
+    let ckpt = Checkpoint::open_deferred(store.store().as_ref()).map_err(open_err)?;
+    let (mem_size, vcpus) = check_config(&ckpt, &name)?;
+    let state: MachineState = ckpt.decode_state().map_err(RestoreError::State)?;
+    if state.vcpus.len() != usize::from(vcpus) {
+        return Err(RestoreError::Config {
+            store: name,
+            reason: format!("{} vCPU states for {vcpus} vCPUs", state.vcpus.len()),
+        });
+    }
 
-        let (memory, verify_later) = match ckpt.memory_source().map_err(open_err)? {
-            MemorySource::File {
-                file,
-                offset,
-                holes_read_as_zero: true,
-                ..
-            } if !options.eager => (mapped_memory(file, offset, mem_size)?, true),
-            _ => {
-                ckpt.page_index().map_err(open_err)?;
-                (eager_memory(&ckpt, mem_size)?, false)
-            }
-        };
-        // The page index is read and verified (a few milliseconds at 4 GiB) while KVM
-        // registers the memory (as long again for a file mapping); a bad index is refused
-        // before the first guest instruction.
-        let parts = std::thread::scope(|s| {
-            let index = s.spawn(|| ckpt.page_index().map(|_| ()));
-            let parts = VmParts::new(memory);
-            index
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                .map_err(open_err)?;
-            parts.map_err(RestoreError::from)
-        })?;
-        restore_vm(&parts.fd, &snapshot.vm)?;
-        let blocks = restore_disks(&ckpt, &snapshot, options.disk_dir.as_deref(), &parts.memory)?;
-        let out = console_writer(options.console)?;
-        let (serial, pio, mut mmio) = parts.devices(|irq| {
-            SerialConsole::restore(&snapshot.serial, irq, out)
-                .map_err(|e| VmError::Device(e.to_string()))
-        })?;
-        DiskSet::attach(&blocks, &parts.fd, &mut mmio)
-            .map_err(|source| RestoreError::Disk { index: 0, source })?;
-        let mmio = Arc::new(mmio);
-        let (vcpu_list, msrs) = parts.vcpus(vcpus, Arc::new(pio), mmio.clone(), |id, fd| {
-            Ok(restore_vcpu(fd, &snapshot.vcpus[usize::from(id)])?)
-        })?;
-        let config = &ckpt.manifest().vm;
-        let summary = VmSummary {
+    let (memory, verify_later) = match ckpt.memory_source().map_err(open_err)? {
+        MemorySource::File {
+            file,
+            offset,
+            holes_read_as_zero: true,
+            ..
+        } if !options.eager => (mapped_memory(file, offset, mem_size)?, true),
+        _ => {
+            ckpt.page_index().map_err(open_err)?;
+            (eager_memory(&ckpt, mem_size)?, false)
+        }
+    };
+    // The page index is read and verified (a few milliseconds at 4 GiB) while KVM
+    // registers the memory (as long again for a file mapping); a bad index is refused
+    // before the first guest instruction.
+    let vm = std::thread::scope(|s| {
+        let index = s.spawn(|| ckpt.page_index().map(|_| ()));
+        let vm = builder::create_vm(&memory, Some(&state));
+        index
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            .map_err(open_err)?;
+        vm.map_err(|e| RestoreError::Vm(e.into()))
+    })?;
+    let disks = disk_overlays(&ckpt, &state, options.disk_dir.as_deref())?;
+    let config = &ckpt.manifest().vm;
+    let parts = Parts {
+        summary: VmSummary {
             mem_size,
             vcpus,
             kernel: config.kernel.clone(),
             cmdline: config.cmdline.clone(),
-        };
-        let exit = parts.exit.clone();
-        let mut vm = parts.start(summary, serial, vcpu_list, msrs)?;
-        vm.start_disks(blocks, mmio)?;
-        if verify_later {
-            spawn_verifier(ckpt, exit);
-        }
-        info!("VM restored");
-        Ok(vm)
+        },
+        memory,
+        vm,
+        console: options.console,
+        disks: &disks,
+    };
+    let machine = builder::assemble(parts, Start::Restore(&state))?;
+    if verify_later {
+        spawn_verifier(ckpt, machine.exit.clone());
     }
+    info!("VM restored");
+    Ok(machine)
 }

@@ -1,8 +1,9 @@
 //! Emulated devices and the buses that route guest port I/O and MMIO to them.
 
-pub mod debug_exit;
-pub mod serial;
-pub mod virtio;
+pub(crate) mod debug_exit;
+pub(crate) mod manager;
+pub(crate) mod serial;
+pub(crate) mod virtio;
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};

@@ -5,11 +5,12 @@ use std::io::{self, LineWriter, Write};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::serial::{NoEvents, SerialState as Registers};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
+use crate::persist::Persist;
 
 /// First I/O port of COM1.
 pub const COM1_PORT: u64 = 0x3f8;
@@ -59,7 +60,7 @@ pub enum SerialError {
 /// The saved state of COM1: the 16550 registers and FIFO, and how many bytes the guest had
 /// written to the console (so the output of a restored VM can be lined up with the original's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialSnapshot {
+pub struct SerialState {
     /// Divisor latch, low byte.
     pub baud_divisor_low: u8,
     /// Divisor latch, high byte.
@@ -103,13 +104,29 @@ impl SerialConsole {
         }
     }
 
-    /// A console in the saved state `state`, continuing on `out`.
-    pub fn restore(
-        state: &SerialSnapshot,
-        irq: EventFd,
-        out: Box<dyn Write + Send>,
-    ) -> Result<Self, SerialError> {
-        let regs = SerialState {
+    /// Flushes any partial line to the output.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.serial.writer_mut().flush()
+    }
+}
+
+/// What a restored console needs: its interrupt and its output.
+pub struct SerialArgs {
+    /// The irqfd of COM1's interrupt.
+    pub irq: EventFd,
+    /// Where the console continues.
+    pub out: Box<dyn Write + Send>,
+}
+
+impl Persist for SerialConsole {
+    type State = SerialState;
+    type Args<'a> = SerialArgs;
+    type Error = SerialError;
+
+    /// A console in the saved state `state`, continuing on `args.out`.
+    fn restore(args: SerialArgs, state: &SerialState) -> Result<Self, SerialError> {
+        let SerialArgs { irq, out } = args;
+        let regs = Registers {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
             interrupt_enable: state.interrupt_enable,
@@ -130,10 +147,9 @@ impl SerialConsole {
         Ok(SerialConsole { serial })
     }
 
-    /// The device state.
-    pub fn save(&self) -> SerialSnapshot {
+    fn save(&self) -> Result<SerialState, SerialError> {
         let s = self.serial.state();
-        SerialSnapshot {
+        Ok(SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
             interrupt_enable: s.interrupt_enable,
@@ -145,17 +161,7 @@ impl SerialConsole {
             scratch: s.scratch,
             in_buffer: s.in_buffer,
             bytes_emitted: self.serial.writer().emitted,
-        }
-    }
-
-    /// Bytes the guest has written to the console so far.
-    pub fn bytes_emitted(&self) -> u64 {
-        self.serial.writer().emitted
-    }
-
-    /// Flushes any partial line to the output.
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.serial.writer_mut().flush()
+        })
     }
 }
 

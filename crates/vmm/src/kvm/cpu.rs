@@ -44,13 +44,13 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 /// The CPUID table KVM supports on this host, read once and specialised per vCPU.
-pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, KvmError> {
+pub(crate) fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, KvmError> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(KvmError::ioctl("get supported CPUID"))
 }
 
 /// Specialises the host CPUID for vCPU `id` of `count`: APIC ids and topology.
-pub fn vcpu_cpuid(base: &CpuId, id: u8, count: u8) -> CpuId {
+pub(crate) fn vcpu_cpuid(base: &CpuId, id: u8, count: u8) -> CpuId {
     let mut cpuid = base.clone();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -75,7 +75,7 @@ pub fn vcpu_cpuid(base: &CpuId, id: u8, count: u8) -> CpuId {
 }
 
 /// Sets CPUID, MSRs, FPU and LAPIC of a freshly created vCPU.
-pub fn configure_vcpu(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), KvmError> {
+pub(crate) fn configure_vcpu(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), KvmError> {
     vcpu.set_cpuid2(cpuid)
         .map_err(KvmError::ioctl("set CPUID"))?;
 
@@ -137,6 +137,25 @@ fn flat_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     }
 }
 
+/// Loads flat code (64-bit if `long`) and data segments, and a task register at `tr_selector`.
+fn set_flat_segments(sregs: &mut kvm_sregs, long: bool, tr_selector: u16) {
+    // Code type 0xb: execute/read, accessed. Data type 0x3: read/write, accessed.
+    let data = flat_segment(0x18, 0x3, false);
+    sregs.cs = flat_segment(0x10, 0xb, long);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = kvm_segment {
+        limit: 0x67,
+        type_: 0xb,
+        present: 1,
+        selector: tr_selector,
+        ..Default::default()
+    };
+}
+
 /// Sets the registers of the boot vCPU at the entry point of `entry`.
 pub fn set_boot_registers(vcpu: &VcpuFd, entry: BootEntry) -> Result<(), KvmError> {
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(KvmError::ioctl("get sregs"))?;
@@ -144,23 +163,9 @@ pub fn set_boot_registers(vcpu: &VcpuFd, entry: BootEntry) -> Result<(), KvmErro
         rflags: 0x2,
         ..Default::default()
     };
-    // Code type 0xb: execute/read, accessed. Data type 0x3: read/write, accessed.
     match entry {
         BootEntry::Pvh { entry, start_info } => {
-            let code = flat_segment(0x10, 0xb, false);
-            let data = flat_segment(0x18, 0x3, false);
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.tr = kvm_segment {
-                limit: 0x67,
-                type_: 0xb,
-                present: 1,
-                ..Default::default()
-            };
+            set_flat_segments(&mut sregs, false, 0);
             // CR0.PE | CR0.ET: protected mode, paging off, as the PVH ABI specifies.
             sregs.cr0 = 0x11;
             sregs.cr4 = 0;
@@ -174,23 +179,9 @@ pub fn set_boot_registers(vcpu: &VcpuFd, entry: BootEntry) -> Result<(), KvmErro
             pml4,
             gdt,
         } => {
-            let code = flat_segment(0x10, 0xb, true);
-            let data = flat_segment(0x18, 0x3, false);
             sregs.gdt.base = gdt;
             sregs.gdt.limit = 5 * 8 - 1;
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.tr = kvm_segment {
-                limit: 0x67,
-                type_: 0xb,
-                present: 1,
-                selector: 0x20,
-                ..Default::default()
-            };
+            set_flat_segments(&mut sregs, true, 0x20);
             // CR0.PE | CR0.ET | CR0.PG, CR4.PAE, EFER.LME | EFER.LMA: long mode.
             sregs.cr0 = 0x8000_0011;
             sregs.cr3 = pml4;

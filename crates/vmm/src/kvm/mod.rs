@@ -1,9 +1,9 @@
 //! The KVM virtual machine: the VM file descriptor, its memory slots, in-kernel irqchip and PIT,
 //! and the vCPUs with their x86 set-up.
 
-pub mod cpu;
-pub mod state;
-pub mod vcpu;
+pub(crate) mod cpu;
+pub(crate) mod state;
+pub(crate) mod vcpu;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -14,6 +14,22 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRe
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// Guest-physical address of the identity-map page KVM needs on Intel hosts.
 const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// A KVM VM with its in-kernel irqchip and PIT, and guest memory registered.
+pub(crate) struct KvmVm {
+    pub(crate) fd: VmFd,
+    pub(crate) kvm: Kvm,
+}
+
+impl KvmVm {
+    /// Opens KVM, creates the VM and registers `memory` with it.
+    pub(crate) fn new(memory: &GuestMemoryMmap) -> Result<KvmVm, KvmError> {
+        let kvm = open_kvm()?;
+        let fd = create_vm(&kvm)?;
+        register_memory(&fd, memory)?;
+        Ok(KvmVm { fd, kvm })
+    }
+}
 
 /// Errors of KVM set-up.
 #[derive(Debug, Error)]
@@ -63,13 +79,13 @@ pub enum KvmError {
 
 impl KvmError {
     /// Wraps a failed ioctl with the name of the operation.
-    pub fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    pub(crate) fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
         move |source| KvmError::Ioctl { op, source }
     }
 }
 
 /// Opens `/dev/kvm`, turning the common failures into precise errors.
-pub fn open_kvm() -> Result<Kvm, KvmError> {
+fn open_kvm() -> Result<Kvm, KvmError> {
     let kvm = Kvm::new().map_err(|e| match e.errno() {
         libc::ENOENT => KvmError::NoKvm,
         libc::EACCES | libc::EPERM => KvmError::KvmPermission,
@@ -94,7 +110,7 @@ pub fn open_kvm() -> Result<Kvm, KvmError> {
 }
 
 /// Creates the VM: TSS and identity-map addresses, in-kernel irqchip and PIT.
-pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
+fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
     // KVM_CREATE_VM may be interrupted by a signal (seen on PVM hosts while other VMs of the
     // same process are kicked or children exit): it then has created nothing and is retried.
     let mut attempts = 0;
@@ -119,7 +135,7 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
 }
 
 /// Registers every region of `mem` as a KVM memory slot (slot i = region i).
-pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(MemoryRegionAddress(0))

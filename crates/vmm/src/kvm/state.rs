@@ -4,7 +4,8 @@
 //! The state is plain data (`serde`), so a checkpoint can carry it; restored state is untrusted
 //! input and each `KVM_SET_*` ioctl validates it again.
 
-use std::sync::OnceLock;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
@@ -13,8 +14,10 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
 
-use super::KvmError;
+use super::{KvmError, KvmVm};
+use crate::persist::Persist;
 
 /// The state of one vCPU.
 #[derive(Serialize, Deserialize)]
@@ -47,11 +50,13 @@ pub struct VcpuState {
 
 impl std::fmt::Debug for VcpuState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VcpuState")
-            .field("id", &self.id)
-            .field("rip", &self.regs.rip)
-            .field("msrs", &self.msrs.len())
-            .finish()
+        write!(
+            f,
+            "VcpuState {{ id: {}, rip: {:#x}, msrs: {} }}",
+            self.id,
+            self.regs.rip,
+            self.msrs.len()
+        )
     }
 }
 
@@ -68,9 +73,36 @@ pub struct VmState {
 
 impl std::fmt::Debug for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmState")
-            .field("clock", &self.clock.clock)
-            .finish()
+        write!(f, "VmState {{ clock: {} }}", self.clock.clock)
+    }
+}
+
+/// A created and configured vCPU, with the MSRs saved with it. Dereferences to its KVM file
+/// descriptor.
+pub struct KvmVcpu {
+    id: u8,
+    fd: VcpuFd,
+    msrs: Arc<[u32]>,
+}
+
+impl KvmVcpu {
+    /// Wraps vCPU `id`, whose state saves the MSRs `msrs`.
+    pub(crate) fn new(id: u8, fd: VcpuFd, msrs: Arc<[u32]>) -> KvmVcpu {
+        KvmVcpu { id, fd, msrs }
+    }
+}
+
+impl Deref for KvmVcpu {
+    type Target = VcpuFd;
+
+    fn deref(&self) -> &VcpuFd {
+        &self.fd
+    }
+}
+
+impl DerefMut for KvmVcpu {
+    fn deref_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
     }
 }
 
@@ -115,7 +147,7 @@ fn probe_savable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, KvmError> {
 }
 
 /// Reads the state of a stopped vCPU.
-pub fn save_vcpu(id: u8, vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, KvmError> {
+fn save_vcpu(id: u8, vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, KvmError> {
     let cpuid = vcpu
         .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(KvmError::ioctl("get CPUID"))?;
@@ -165,7 +197,7 @@ pub fn save_vcpu(id: u8, vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState
 /// The order follows the kernel's dependencies: CPUID before anything that checks features,
 /// special registers before XSAVE (CR4.OSXSAVE), LAPIC before MSRs (the TSC deadline MSR
 /// needs the LAPIC mode), and pending events last so nothing set later discards them.
-pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), KvmError> {
+fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), KvmError> {
     let cpuid = CpuId::from_entries(&state.cpuid)
         .map_err(|_| KvmError::BadState("CPUID table too large"))?;
     vcpu.set_cpuid2(&cpuid)
@@ -205,7 +237,7 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), KvmError> {
 }
 
 /// Reads the VM-wide state (irqchip, PIT, clock) of a stopped VM.
-pub fn save_vm(vm: &VmFd) -> Result<VmState, KvmError> {
+fn save_vm(vm: &VmFd) -> Result<VmState, KvmError> {
     let mut irqchips = Vec::with_capacity(3);
     for chip_id in [
         KVM_IRQCHIP_PIC_MASTER,
@@ -228,7 +260,7 @@ pub fn save_vm(vm: &VmFd) -> Result<VmState, KvmError> {
 }
 
 /// Loads VM-wide state into a new VM (before its vCPUs run).
-pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), KvmError> {
+fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), KvmError> {
     for chip in &state.irqchips {
         if chip.chip_id > KVM_IRQCHIP_IOAPIC {
             return Err(KvmError::BadState("unknown irqchip id"));
@@ -244,4 +276,41 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), KvmError> {
         ..Default::default()
     };
     vm.set_clock(&clock).map_err(KvmError::ioctl("set clock"))
+}
+
+impl Persist for KvmVcpu {
+    type State = VcpuState;
+    /// The vCPU freshly created and configured, to load the state into.
+    type Args<'a> = KvmVcpu;
+    type Error = KvmError;
+
+    fn save(&self) -> Result<VcpuState, KvmError> {
+        save_vcpu(self.id, &self.fd, &self.msrs)
+    }
+
+    fn restore(vcpu: KvmVcpu, state: &VcpuState) -> Result<KvmVcpu, KvmError> {
+        if state.id != vcpu.id {
+            return Err(KvmError::BadState("vCPU states out of order"));
+        }
+        restore_vcpu(&vcpu.fd, state)?;
+        Ok(vcpu)
+    }
+}
+
+impl Persist for KvmVm {
+    type State = VmState;
+    /// The guest memory the new VM registers.
+    type Args<'a> = &'a GuestMemoryMmap;
+    type Error = KvmError;
+
+    fn save(&self) -> Result<VmState, KvmError> {
+        save_vm(&self.fd)
+    }
+
+    /// A new VM on `memory` with the saved irqchip, PIT and clock, before any vCPU exists.
+    fn restore(memory: &GuestMemoryMmap, state: &VmState) -> Result<KvmVm, KvmError> {
+        let vm = KvmVm::new(memory)?;
+        restore_vm(&vm.fd, state)?;
+        Ok(vm)
+    }
 }

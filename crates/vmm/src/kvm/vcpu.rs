@@ -13,11 +13,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::VcpuExit;
 use thiserror::Error;
 use tracing::{debug, error, warn};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::state::KvmVcpu;
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, VmExit};
 
@@ -100,7 +101,7 @@ pub struct VcpuControl {
     state: Mutex<ControlState>,
     changed: Condvar,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    fds: Vec<Arc<Mutex<VcpuFd>>>,
+    fds: Vec<Arc<Mutex<KvmVcpu>>>,
 }
 
 impl std::fmt::Debug for VcpuControl {
@@ -148,20 +149,14 @@ fn register_kick_handler() -> Result<(), VcpuError> {
 #[derive(Debug)]
 pub struct PauseGuard<'a> {
     control: &'a VcpuControl,
-    took: Duration,
 }
 
 impl PauseGuard<'_> {
-    /// How long it took from the pause request until every vCPU was parked.
-    pub fn took(&self) -> Duration {
-        self.took
-    }
-
     /// Resumes the vCPUs now.
     pub fn resume(self) {}
 
     /// The vCPUs, for reading or writing their state while they cannot run.
-    pub fn vcpus(&self) -> impl Iterator<Item = MutexGuard<'_, VcpuFd>> {
+    pub fn vcpus(&self) -> impl Iterator<Item = MutexGuard<'_, KvmVcpu>> {
         self.control
             .fds
             .iter()
@@ -229,11 +224,8 @@ impl VcpuControl {
 
     /// Stops every vCPU and waits until all are parked outside `KVM_RUN`.
     pub fn pause(&self) -> Result<PauseGuard<'_>, VcpuError> {
-        let took = self.park_all()?;
-        Ok(PauseGuard {
-            control: self,
-            took,
-        })
+        self.park_all()?;
+        Ok(PauseGuard { control: self })
     }
 
     /// Like [`pause`](Self::pause), for a pause that outlives any one scope: a controller
@@ -333,7 +325,7 @@ pub struct Vcpu {
     pub id: u8,
     /// The KVM vCPU; locked by its thread around each `KVM_RUN`, so the VMM can reach it while
     /// the vCPU is paused.
-    pub fd: Arc<Mutex<VcpuFd>>,
+    pub fd: Arc<Mutex<KvmVcpu>>,
     /// Port I/O devices.
     pub pio: Arc<Bus>,
     /// MMIO devices.
@@ -347,7 +339,7 @@ enum Next {
 }
 
 impl Vcpu {
-    fn run_once(&self, fd: &mut VcpuFd, exits: &ExitCounters) -> Next {
+    fn run_once(&self, fd: &mut KvmVcpu, exits: &ExitCounters) -> Next {
         let count = |c: &AtomicU64| {
             c.fetch_add(1, Ordering::Relaxed);
         };
@@ -440,7 +432,7 @@ impl Vcpu {
         fd.set_kvm_immediate_exit(0);
     }
 
-    fn lock_fd(&self) -> MutexGuard<'_, VcpuFd> {
+    fn lock_fd(&self) -> MutexGuard<'_, KvmVcpu> {
         self.fd.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

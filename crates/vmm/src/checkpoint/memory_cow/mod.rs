@@ -1,6 +1,6 @@
 //! Marking guest memory copy-on-write and writing its checkpoint-instant content out.
 //!
-//! Three strategies (SPEC §2), all honouring the same promise — the store ends up holding every
+//! Three strategies (design.md §2), all honouring the same promise — the store ends up holding every
 //! page exactly as it was at the pause:
 //! - [`uffd`]: userfaultfd write-protection; a write fault saves the original before it lifts
 //!   the protection, while a background thread saves everything else;

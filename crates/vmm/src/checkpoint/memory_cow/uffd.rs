@@ -472,7 +472,7 @@ impl UffdCow {
     }
 
     /// An observer that saves the pages a device is about to write (for disk reads issued
-    /// after the instant, SPEC M11). Every observer must be dropped before [`Self::finish`].
+    /// after the instant, M11). Every observer must be dropped before [`Self::finish`].
     pub fn observer(&self) -> Arc<dyn DmaObserver> {
         Arc::new(DmaSaver {
             shared: self.shared.clone(),

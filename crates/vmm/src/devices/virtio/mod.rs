@@ -5,8 +5,8 @@
 //! [`cmdline_entry`], in Linux's `virtio_mmio.device=` syntax. The only device so far is the
 //! block device ([`block`]).
 
-pub mod block;
-pub mod mmio;
+pub(crate) mod block;
+pub(crate) mod mmio;
 mod uring;
 
 /// Guest-physical address of the first virtio-mmio window (inside the 32-bit MMIO hole).
@@ -15,8 +15,6 @@ pub const MMIO_BASE: u64 = 0xd000_0000;
 pub const MMIO_SIZE: u64 = 0x1000;
 /// Interrupt line (GSI) of the first device.
 pub const FIRST_IRQ: u32 = 5;
-/// Most virtio devices one VM may have: IOAPIC pins 5..=20.
-pub const MAX_DEVICES: usize = 16;
 
 /// Base address of the window of device `index`.
 pub fn mmio_base(index: usize) -> u64 {
@@ -38,7 +36,7 @@ pub fn cmdline_entry(index: usize) -> String {
 }
 
 /// Told about guest memory the device is about to write, before the write is issued, so a
-/// live checkpoint can preserve the original pages first (SPEC §3, M11). Called on the device
+/// live checkpoint can preserve the original pages first (design.md §3, M11). Called on the device
 /// thread; it must not wait on anything a vCPU or the device thread holds.
 pub trait DmaObserver: Send + Sync {
     /// The device will write `[gpa, gpa + len)` of guest memory.

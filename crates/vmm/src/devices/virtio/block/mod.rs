@@ -7,12 +7,14 @@
 //! transfers to io_uring; completions come back on the same thread, which writes the status
 //! byte, the used ring and raises the interrupt. The checkpoint layer drives a disk through
 //! its cloneable [`BlockHandle`]: switch to a COW overlay, drain, list or save the requests in
-//! flight, commit and rebase.
+//! flight, rebase the running overlay. Chain operations built from these (commit) belong to the
+//! checkpoint layer, not to the device.
 
 mod command;
 mod generations;
 mod handle;
 mod lifecycle;
+mod persist;
 mod request;
 mod submit;
 mod worker;
@@ -31,6 +33,7 @@ use crate::devices::Bus;
 
 pub use command::ImageInfo;
 pub use handle::BlockHandle;
+pub use persist::{DiskArgs, DiskError};
 pub use worker::{start_worker, BlockWorker};
 
 /// virtio device id of a block device.
@@ -131,6 +134,8 @@ pub enum BlockError {
     Queue(#[source] virtio_queue::Error),
     #[error("invalid saved block device state")]
     BadState(#[from] TransportStateError),
+    #[error("{configs} disks configured but {states} disk states saved")]
+    DiskCount { configs: usize, states: usize },
     #[error("the block device thread has stopped")]
     WorkerGone,
     #[error("requests still in flight after {0:?}")]
@@ -233,26 +238,6 @@ impl Block {
         })
     }
 
-    /// Rebuilds device `index` from saved state, on the image of `config` (a restore gives
-    /// the disk a fresh COW file, so the path may differ from the saved one). The state is
-    /// untrusted: the transport is validated now, each in-flight request again when it is
-    /// re-submitted (a bad one completes with IOERR).
-    pub fn restore(
-        index: usize,
-        config: &DiskConfig,
-        state: &BlockState,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Block, BlockError> {
-        let mut block = Block::new(index, config, mem)?;
-        block
-            .transport
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .restore(&state.transport)?;
-        block.restored = state.inflight.clone();
-        Ok(block)
-    }
-
     /// The device's MMIO window.
     pub fn mmio_range(&self) -> std::ops::Range<u64> {
         mmio_base(self.index)..mmio_base(self.index) + MMIO_SIZE
@@ -262,49 +247,38 @@ impl Block {
     pub fn transport(&self) -> Arc<Mutex<MmioTransport>> {
         self.transport.clone()
     }
-
-    /// The eventfd that raises the device's interrupt (for an irqfd).
-    pub fn irq_fd(&self) -> &EventFd {
-        &self.irq
-    }
-
-    /// The eventfd signalled by a QueueNotify write (for an ioeventfd).
-    pub fn notify_fd(&self) -> &EventFd {
-        &self.notify
-    }
-
-    /// Virtual disk size in bytes.
-    pub fn size(&self) -> u64 {
-        self.image.size()
-    }
 }
 
-/// The disks of a running VM: their handles, the device thread and the MMIO bus they sit on.
+/// The virtio-blk disks of a VM: opened (or restored) devices until [`DiskSet::start`] hands
+/// them to the device thread, then their handles.
 #[derive(Debug, Default)]
 pub struct DiskSet {
+    pending: Vec<Block>,
     handles: Vec<BlockHandle>,
     worker: Option<BlockWorker>,
-    mmio: Option<Arc<Bus>>,
 }
 
 impl DiskSet {
     /// Opens every disk of `configs` (device `i` = `configs[i]`), so that a missing image, a
     /// backing file that cannot be opened or a corrupt header fails before the VM runs.
-    pub fn open(
-        configs: &[DiskConfig],
-        mem: &GuestMemoryMmap,
-    ) -> Result<Vec<Block>, (usize, BlockError)> {
-        configs
+    pub fn open(configs: &[DiskConfig], mem: &GuestMemoryMmap) -> Result<DiskSet, DiskError> {
+        let pending = configs
             .iter()
             .enumerate()
-            .map(|(i, c)| Block::new(i, c, mem).map_err(|e| (i, e)))
-            .collect()
+            .map(|(index, c)| {
+                Block::new(index, c, mem).map_err(|source| DiskError { index, source })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(DiskSet {
+            pending,
+            ..DiskSet::default()
+        })
     }
 
-    /// `cmdline` with one `virtio_mmio.device=` word per block.
-    pub fn cmdline(cmdline: &str, blocks: &[Block]) -> String {
+    /// `cmdline` with one `virtio_mmio.device=` word per disk.
+    pub fn cmdline(&self, cmdline: &str) -> String {
         let mut out = cmdline.to_owned();
-        for b in blocks {
+        for b in &self.pending {
             if !out.is_empty() {
                 out.push(' ');
             }
@@ -313,57 +287,58 @@ impl DiskSet {
         out
     }
 
-    /// Wires `blocks` into the VM: irqfd for the interrupt, ioeventfd for QueueNotify (KVM
+    /// Wires the disks into the VM: irqfd for the interrupt, ioeventfd for QueueNotify (KVM
     /// then signals the device thread without an exit to the vCPU thread), window on `mmio`.
-    pub fn attach(
-        blocks: &[Block],
-        vm: &kvm_ioctls::VmFd,
-        mmio: &mut Bus,
-    ) -> Result<(), BlockError> {
-        for b in blocks {
-            vm.register_irqfd(&b.irq, irq(b.index))
-                .map_err(|source| BlockError::Kvm {
+    pub fn attach(&self, vm: &kvm_ioctls::VmFd, mmio: &mut Bus) -> Result<(), DiskError> {
+        for b in &self.pending {
+            let err = |source| DiskError {
+                index: b.index,
+                source,
+            };
+            vm.register_irqfd(&b.irq, irq(b.index)).map_err(|source| {
+                err(BlockError::Kvm {
                     op: "register virtio irqfd",
                     source,
-                })?;
+                })
+            })?;
             let notify = kvm_ioctls::IoEventAddress::Mmio(b.mmio_range().start + reg::QUEUE_NOTIFY);
             vm.register_ioevent(&b.notify, &notify, kvm_ioctls::NoDatamatch)
-                .map_err(|source| BlockError::Kvm {
-                    op: "register virtio ioeventfd",
-                    source,
+                .map_err(|source| {
+                    err(BlockError::Kvm {
+                        op: "register virtio ioeventfd",
+                        source,
+                    })
                 })?;
-            mmio.insert(b.mmio_range(), b.transport())?;
+        }
+        self.insert_windows(mmio)
+    }
+
+    /// Places each disk's register window on `mmio`.
+    pub fn insert_windows(&self, mmio: &mut Bus) -> Result<(), DiskError> {
+        for b in &self.pending {
+            mmio.insert(b.mmio_range(), b.transport())
+                .map_err(|e| DiskError {
+                    index: b.index,
+                    source: e.into(),
+                })?;
         }
         Ok(())
     }
 
-    /// Starts the device thread for `blocks` (none: no thread). Call it once the vCPUs exist.
-    pub fn start(
-        blocks: Vec<Block>,
-        mem: &GuestMemoryMmap,
-        mmio: Arc<Bus>,
-    ) -> Result<DiskSet, BlockError> {
-        let (worker, handles) = if blocks.is_empty() {
-            (None, Vec::new())
-        } else {
-            let (w, h) = start_worker(blocks, mem)?;
-            (Some(w), h)
-        };
-        Ok(DiskSet {
-            handles,
-            worker,
-            mmio: Some(mmio),
-        })
+    /// Starts the device thread for the disks (none: no thread). Call it once the vCPUs exist.
+    pub fn start(&mut self, mem: &GuestMemoryMmap) -> Result<(), BlockError> {
+        let blocks = std::mem::take(&mut self.pending);
+        if !blocks.is_empty() {
+            let (worker, handles) = start_worker(blocks, mem)?;
+            self.worker = Some(worker);
+            self.handles = handles;
+        }
+        Ok(())
     }
 
-    /// One handle per disk.
+    /// One handle per started disk.
     pub fn handles(&self) -> &[BlockHandle] {
         &self.handles
-    }
-
-    /// The MMIO bus the devices sit on.
-    pub fn mmio(&self) -> Option<&Bus> {
-        self.mmio.as_deref()
     }
 
     /// Stops the device thread (after the vCPUs, so no new notification arrives).
