@@ -4,11 +4,13 @@
 pub mod boot;
 pub mod checkpoint;
 pub mod devices;
+mod error_kind;
 pub mod exit;
 pub mod kvm;
 pub mod memory;
 pub mod vm;
 
+pub use error_kind::ErrorKind;
 pub use exit::VmExit;
 pub use memory::{HugePages, MemSize};
 pub use vm::{Console, Vm, VmConfig, VmError};

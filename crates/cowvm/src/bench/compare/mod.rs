@@ -19,9 +19,11 @@ use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
 use vmm::{Console, MemSize, Vm};
 
 use self::qemu::{Qemu, QemuConfig};
-use crate::bench_checkpoint::{dd, guest_view, parse_strategy, working_set, Row, Stamps, Window};
-use crate::plot::{line_chart, line_chart_log_y, Chart, Series};
-use crate::VmArgs;
+use super::common::{
+    dd, guest_view, memory_sizes, parse_strategy, working_set, Row, Stamps, Window,
+};
+use super::plot::{line_chart, line_chart_log_y, Chart, Series};
+use crate::cli::{HugePagesArg, VmArgs};
 
 /// Undisturbed running before the checkpoint, and observed running after it.
 const SETTLE: Duration = Duration::from_millis(600);
@@ -136,7 +138,7 @@ fn measure_cowvm(
         cmdline: work.cmdline(mem),
         mem: MemSize(mem).to_string(),
         vcpus: 1,
-        hugepages: crate::HugePagesArg::None,
+        hugepages: HugePagesArg::None,
         disks: Vec::new(),
     };
     let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(stamps.clone())))?)?;
@@ -303,7 +305,7 @@ fn measure(args: &CompareArgs, mem: u64, work: Workload, method: Method) -> anyh
 
 pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
     qemu::check_installed()?;
-    let sizes = crate::bench::memory_sizes(args.quick, &args.sizes)?;
+    let sizes = memory_sizes(args.quick, &args.sizes)?;
     std::fs::create_dir_all(&args.store_dir)
         .with_context(|| format!("create {}", args.store_dir.display()))?;
     let load_before = load_average();

@@ -15,8 +15,9 @@ use vmm::checkpoint::restore::RestoreOptions;
 use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
 use vmm::{Console, MemSize, Vm};
 
-use crate::plot::{line_chart, Chart, Series};
-use crate::VmArgs;
+use super::common::memory_sizes;
+use super::plot::{line_chart, Chart, Series};
+use crate::cli::{HugePagesArg, VmArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct RestoreBenchArgs {
@@ -128,7 +129,7 @@ fn boot(
         cmdline,
         mem: MemSize(mem).to_string(),
         vcpus: 1,
-        hugepages: crate::HugePagesArg::None,
+        hugepages: HugePagesArg::None,
         disks: Vec::new(),
     };
     Ok(Vm::boot(
@@ -278,7 +279,7 @@ fn density(args: &RestoreBenchArgs, counts: &[usize]) -> anyhow::Result<(f64, Ve
 }
 
 pub fn run(args: RestoreBenchArgs) -> anyhow::Result<ExitCode> {
-    let sizes = crate::bench::memory_sizes(args.quick, &args.sizes)?;
+    let sizes = memory_sizes(args.quick, &args.sizes)?;
     let counts: Vec<usize> = if args.quick {
         vec![1, 10]
     } else {
