@@ -5,15 +5,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ckpt_format::{CheckpointOptions, Strategy};
-use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
-use vmm::{Console, MemSize, Vm};
+use ckpt_format::Strategy;
+use vmm::MemSize;
 
 use super::common::{
-    dd, guest_view, memory_sizes, parse_strategy, working_set, Row, Stamps, Window,
+    guest_args, live_checkpoint, memory_sizes, parse_strategy, working_set, Row, Subject,
 };
 use super::plot::{line_chart, Chart, Series};
 use crate::cli::{HugePagesArg, VmArgs};
@@ -51,68 +50,27 @@ pub struct CheckpointBenchArgs {
 
 fn measure(args: &CheckpointBenchArgs, mem: u64, strategy: Strategy) -> anyhow::Result<Row> {
     let ws = working_set(mem, args.dirty_percent);
-    let stamps = Stamps::default();
     let vm_args = VmArgs {
-        kernel: args.kernel.clone(),
-        initrd: None,
-        cmdline: format!("dirty mem={}K fill=1 every=1", ws >> 10),
-        mem: MemSize(mem).to_string(),
-        vcpus: 1,
         hugepages: args.hugepages,
-        disks: Vec::new(),
+        ..guest_args(
+            &args.kernel,
+            format!("dirty mem={}K fill=1 every=1", ws >> 10),
+            mem,
+        )
     };
-    let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(stamps.clone())))?)?;
-    // Warm up: the first passes populate memory; then measure the undisturbed rate.
-    if !stamps.wait_for(3, Duration::from_secs(60)) {
-        bail!("the guest printed no progress within a minute");
-    }
-    let base_start = Instant::now();
-    std::thread::sleep(Duration::from_millis(600));
     let dir = args
         .store_dir
         .join(format!("ckpt-{}-{:?}", mem >> 20, strategy).to_lowercase());
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
-    }
-    let request = CheckpointRequest {
-        store: StoreSpec::Dir(dir.clone()),
-        options: CheckpointOptions {
-            strategy,
-            ..Default::default()
-        },
-        pause_probe: None,
-    };
-    let t0 = Instant::now();
-    let manifest = vm.checkpoint(&request, &Progress::default())?;
-    let t1 = Instant::now();
-    std::thread::sleep(Duration::from_millis(600));
-    if let Some(exit) = vm.exit_status() {
-        bail!("the guest stopped during the benchmark: {exit}");
-    }
-    vm.stop();
-    drop(vm);
-    let view = guest_view(&stamps.snapshot(), &Window { base_start, t0, t1 })?;
-
-    let m = &manifest.metrics;
-    let dd_took = dd(&args.store_dir, m.bytes_written)?;
-    std::fs::remove_dir_all(&dir).ok();
-    Ok(Row {
+    let (taken, stamps) = live_checkpoint(&vm_args, &dir, strategy, Duration::from_secs(60))?;
+    let subject = Subject {
         system: "cowvm".into(),
         method: format!("{strategy:?}").to_lowercase(),
-        mem_mib: mem >> 20,
+        mem,
         workload: format!("dirty {}% fill", args.dirty_percent),
-        pause_us: m.pause_us,
-        guest_pause_us: view.guest_pause_us,
-        guest_progress: view.guest_progress,
-        total_us: m.total_us,
-        bytes_written: m.bytes_written,
-        dd_us: dd_took.as_micros() as u64,
-        total_vs_dd: m.total_us as f64 / dd_took.as_micros().max(1) as f64,
-        pages_saved_by_fault: Some(m.pages_saved_by_fault),
-        pages_saved_in_background: Some(m.pages_saved_in_background),
-        restore_us: None,
-        timeline: view.timeline,
-    })
+    };
+    let row = Row::measured(subject, &taken, &stamps, &args.store_dir, None)?;
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(row)
 }
 
 pub fn run(args: CheckpointBenchArgs) -> anyhow::Result<ExitCode> {

@@ -8,8 +8,137 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ckpt_format::Strategy;
+use ckpt_format::{CheckpointOptions, Strategy};
 use serde::Serialize;
+use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
+use vmm::{Console, MemSize, Vm};
+
+use crate::cli::{HugePagesArg, VmArgs};
+
+/// Time the guest runs undisturbed before a checkpoint, and after it.
+pub const SETTLE: Duration = Duration::from_millis(600);
+
+/// How to boot a one-vCPU test guest of `mem` bytes running `cmdline`.
+pub fn guest_args(kernel: &Path, cmdline: String, mem: u64) -> VmArgs {
+    VmArgs {
+        kernel: kernel.to_path_buf(),
+        initrd: None,
+        cmdline,
+        mem: MemSize(mem).to_string(),
+        vcpus: 1,
+        hugepages: HugePagesArg::None,
+        disks: Vec::new(),
+    }
+}
+
+/// A checkpoint into the directory `dir` with `strategy` and the default policies.
+pub fn dir_checkpoint(dir: &Path, strategy: Strategy) -> CheckpointRequest {
+    CheckpointRequest {
+        store: StoreSpec::Dir(dir.to_path_buf()),
+        options: CheckpointOptions {
+            strategy,
+            ..Default::default()
+        },
+        pause_probe: None,
+    }
+}
+
+/// Boots the `dirty` guest of `vm_args`, lets it warm up (within `boot_wait`) and run
+/// undisturbed, takes a checkpoint into `dir` (replacing what is there), lets the guest run on,
+/// and stops it. Returns the checkpoint and the guest's progress stamps around it.
+pub fn live_checkpoint(
+    vm_args: &VmArgs,
+    dir: &Path,
+    strategy: Strategy,
+    boot_wait: Duration,
+) -> anyhow::Result<(Taken, Stamps)> {
+    let stamps = Stamps::default();
+    let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(stamps.clone())))?)?;
+    // Warm up: the first passes populate memory; then measure the undisturbed rate.
+    if !stamps.wait_for(3, boot_wait) {
+        bail!("the guest printed no progress in {boot_wait:?}");
+    }
+    let base_start = Instant::now();
+    std::thread::sleep(SETTLE);
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    let t0 = Instant::now();
+    let manifest = vm.checkpoint(&dir_checkpoint(dir, strategy), &Progress::default())?;
+    let t1 = Instant::now();
+    std::thread::sleep(SETTLE);
+    if let Some(exit) = vm.exit_status() {
+        bail!("the guest stopped during the benchmark: {exit}");
+    }
+    vm.stop();
+    let m = &manifest.metrics;
+    let taken = Taken {
+        window: Window { base_start, t0, t1 },
+        pause_us: m.pause_us,
+        total_us: m.total_us,
+        bytes: m.bytes_written,
+        pages: Some((m.pages_saved_by_fault, m.pages_saved_in_background)),
+    };
+    Ok((taken, stamps))
+}
+
+/// What a checkpoint of either system yields before the guest view is computed.
+pub struct Taken {
+    /// The measurement's instants.
+    pub window: Window,
+    /// VMM-reported pause.
+    pub pause_us: u64,
+    /// From the request to the completion.
+    pub total_us: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Pages saved by fault and in the background (cowvm only).
+    pub pages: Option<(u64, u64)>,
+}
+
+/// What a row measures: the system, its method, the guest memory size and the workload.
+pub struct Subject {
+    /// `cowvm` or `qemu`.
+    pub system: String,
+    /// Strategy.
+    pub method: String,
+    /// Guest memory in bytes.
+    pub mem: u64,
+    /// Workload description.
+    pub workload: String,
+}
+
+impl Row {
+    /// The row of a checkpoint `taken` while the guest printed `stamps`, next to `dd` writing
+    /// as many bytes into `dd_dir`.
+    pub fn measured(
+        subject: Subject,
+        taken: &Taken,
+        stamps: &Stamps,
+        dd_dir: &Path,
+        restore_us: Option<u64>,
+    ) -> anyhow::Result<Row> {
+        let view = guest_view(&stamps.snapshot(), &taken.window)?;
+        let dd_took = dd(dd_dir, taken.bytes)?;
+        Ok(Row {
+            system: subject.system,
+            method: subject.method,
+            mem_mib: subject.mem >> 20,
+            workload: subject.workload,
+            pause_us: taken.pause_us,
+            guest_pause_us: view.guest_pause_us,
+            guest_progress: view.guest_progress,
+            total_us: taken.total_us,
+            bytes_written: taken.bytes,
+            dd_us: dd_took.as_micros() as u64,
+            total_vs_dd: taken.total_us as f64 / dd_took.as_micros().max(1) as f64,
+            pages_saved_by_fault: taken.pages.map(|p| p.0),
+            pages_saved_in_background: taken.pages.map(|p| p.1),
+            restore_us,
+            timeline: view.timeline,
+        })
+    }
+}
 
 /// The guest memory sizes a benchmark measures: `--sizes`, or only 256 MiB with `--quick`.
 pub fn memory_sizes(quick: bool, sizes: &[String]) -> anyhow::Result<Vec<u64>> {

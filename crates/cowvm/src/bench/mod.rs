@@ -16,8 +16,9 @@ mod disk;
 mod plot;
 mod restore;
 
+use self::common::guest_args;
 use self::plot::{line_chart, Chart, Series};
-use crate::cli::{HugePagesArg, VmArgs};
+use crate::cli::VmArgs;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -112,13 +113,9 @@ fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     for &vcpus in &args.vcpus {
         let vm_args = VmArgs {
-            kernel: args.kernel.clone(),
-            initrd: None,
-            cmdline: "dirty mem=32M every=1000000".to_string(),
             mem: args.mem.clone(),
             vcpus,
-            hugepages: HugePagesArg::None,
-            disks: Vec::new(),
+            ..guest_args(&args.kernel, "dirty mem=32M every=1000000".into(), 0)
         };
         let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(std::io::sink())))?)?;
         // Let the guest reach its workload before measuring.

@@ -9,15 +9,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ckpt_format::{CheckpointOptions, Strategy};
+use ckpt_format::Strategy;
 use serde::Serialize;
 use vmm::checkpoint::restore::RestoreOptions;
-use vmm::checkpoint::{CheckpointRequest, Progress, StoreSpec};
+use vmm::checkpoint::{Progress, StoreSpec};
 use vmm::{Console, MemSize, Vm};
 
-use super::common::memory_sizes;
+use super::common::{dir_checkpoint, guest_args, memory_sizes};
 use super::plot::{line_chart, Chart, Series};
-use crate::cli::{HugePagesArg, VmArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct RestoreBenchArgs {
@@ -123,15 +122,7 @@ fn boot(
     cmdline: String,
     console: &LineCounter,
 ) -> anyhow::Result<Vm> {
-    let vm_args = VmArgs {
-        kernel: args.kernel.clone(),
-        initrd: None,
-        cmdline,
-        mem: MemSize(mem).to_string(),
-        vcpus: 1,
-        hugepages: HugePagesArg::None,
-        disks: Vec::new(),
-    };
+    let vm_args = guest_args(&args.kernel, cmdline, mem);
     Ok(Vm::boot(
         vm_args.config(Console::Writer(Box::new(console.clone())))?,
     )?)
@@ -141,17 +132,7 @@ fn checkpoint(vm: &Vm, dir: &Path) -> anyhow::Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
     }
-    vm.checkpoint(
-        &CheckpointRequest {
-            store: StoreSpec::Dir(dir.to_path_buf()),
-            options: CheckpointOptions {
-                strategy: Strategy::Stop,
-                ..Default::default()
-            },
-            pause_probe: None,
-        },
-        &Progress::default(),
-    )?;
+    vm.checkpoint(&dir_checkpoint(dir, Strategy::Stop), &Progress::default())?;
     // A restore usually comes long after its checkpoint: the image is written back before a
     // restore is timed, so the kernel's write-back does not compete with it.
     for entry in std::fs::read_dir(dir)? {

@@ -92,6 +92,14 @@ impl ControlError {
     }
 }
 
+/// What a request wants of the VM, for the refusals of a busy VM.
+#[derive(Debug, Clone, Copy)]
+enum Wants {
+    Pause,
+    Checkpoint,
+    Rollback,
+}
+
 /// Who holds the VM now.
 #[derive(Default)]
 struct Gate {
@@ -344,22 +352,36 @@ impl Controller {
         }
     }
 
+    /// Refuses what a request `wants` while a checkpoint, a rollback or a client's pause
+    /// holds the VM (at most one of them does).
+    fn refuse_if_busy(&self, gate: &Gate, wants: Wants) -> Result<(), ControlError> {
+        let busy = if let Some(job) = &gate.running {
+            let then = match wants {
+                Wants::Pause => "; pause after it completes",
+                Wants::Checkpoint => "",
+                Wants::Rollback => "; roll back after it completes",
+            };
+            format!("checkpoint {} is in progress{then}", job.id())
+        } else if self.rolling_back.load(Ordering::Acquire) {
+            "a rollback is in progress".to_string()
+        } else if gate.held.is_some() {
+            match wants {
+                Wants::Pause => "the VM is already paused",
+                Wants::Checkpoint => "the VM is paused; resume it before taking a checkpoint",
+                Wants::Rollback => "the VM is paused; resume it before rolling back",
+            }
+            .to_string()
+        } else {
+            return Ok(());
+        };
+        Err(ControlError::Conflict(busy))
+    }
+
     /// Pauses the VM until [`resume`](Self::resume). Blocks until every vCPU is parked.
     pub fn pause(&self) -> Result<Duration, ControlError> {
         self.check_alive()?;
         let mut gate = lock(&self.gate);
-        if let Some(job) = &gate.running {
-            return Err(ControlError::Conflict(format!(
-                "checkpoint {} is in progress; pause after it completes",
-                job.id()
-            )));
-        }
-        if self.rolling_back.load(Ordering::Acquire) {
-            return Err(ControlError::Conflict("a rollback is in progress".into()));
-        }
-        if gate.held.is_some() {
-            return Err(ControlError::Conflict("the VM is already paused".into()));
-        }
+        self.refuse_if_busy(&gate, Wants::Pause)?;
         let held = self.vm().pause_held().map_err(ControlError::Pause)?;
         let took = held.took();
         gate.held = Some(held);
@@ -400,20 +422,7 @@ impl Controller {
         let store = self.store_for_checkpoint(&spec.store)?;
         self.check_alive()?;
         let mut gate = lock(&self.gate);
-        if let Some(job) = &gate.running {
-            return Err(ControlError::Conflict(format!(
-                "checkpoint {} is in progress",
-                job.id()
-            )));
-        }
-        if self.rolling_back.load(Ordering::Acquire) {
-            return Err(ControlError::Conflict("a rollback is in progress".into()));
-        }
-        if gate.held.is_some() {
-            return Err(ControlError::Conflict(
-                "the VM is paused; resume it before taking a checkpoint".into(),
-            ));
-        }
+        self.refuse_if_busy(&gate, Wants::Checkpoint)?;
         let options = spec.options;
         let job = {
             let mut jobs = lock(&self.jobs);
@@ -551,20 +560,7 @@ impl Controller {
             if gate.stopping {
                 return Err(ControlError::Conflict("the VM is stopping".into()));
             }
-            if self.rolling_back.load(Ordering::Acquire) {
-                return Err(ControlError::Conflict("a rollback is in progress".into()));
-            }
-            if let Some(job) = &gate.running {
-                return Err(ControlError::Conflict(format!(
-                    "checkpoint {} is in progress; roll back after it completes",
-                    job.id()
-                )));
-            }
-            if gate.held.is_some() {
-                return Err(ControlError::Conflict(
-                    "the VM is paused; resume it before rolling back".into(),
-                ));
-            }
+            self.refuse_if_busy(&gate, Wants::Rollback)?;
             self.rolling_back.store(true, Ordering::Release);
             self.vm()
         };
