@@ -32,7 +32,10 @@ pub use manifest::{
 };
 pub use page_index::{PageEntry, PageIndex, PageState};
 pub use reader::{Checkpoint, VerifyReport};
-pub use store::{DirStore, Layout, MemStore, MemorySource, Overwrite, RawStore, Store};
+pub use store::{
+    AddressError, DirStore, Layout, MemStore, MemorySource, Overwrite, RawStore, Store,
+    StoreAddress,
+};
 pub use writer::{CheckpointWriter, MemoryReport, MemoryWriter, Progress};
 
 /// Guest page size.

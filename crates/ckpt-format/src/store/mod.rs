@@ -15,9 +15,11 @@
 //! 4. `commit`: writes the completion marker and makes it durable. Before `commit` returns,
 //!    readers refuse the checkpoint as incomplete.
 
+mod address;
 mod dir;
 mod raw;
 
+pub use address::{AddressError, StoreAddress};
 pub use dir::{DirStore, Overwrite};
 pub use raw::{MemStore, RawStore};
 

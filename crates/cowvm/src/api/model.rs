@@ -4,6 +4,8 @@
 use ckpt_format::{CheckpointOptions, DiskPolicy, IoPolicy, Metrics, Strategy};
 use serde::{Deserialize, Serialize};
 
+pub use crate::control::{Counters as CheckpointCounters, PausedBy};
+
 /// Whether the vCPUs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmState {
@@ -11,18 +13,6 @@ pub enum VmState {
     Running,
     /// The vCPUs are parked.
     Paused,
-}
-
-/// Who holds a pause.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PausedBy {
-    /// A client, with `PATCH /vm`.
-    Api,
-    /// A checkpoint in its pause phase.
-    Checkpoint,
-    /// A rollback, while it restores the VM that replaces this one.
-    Rollback,
 }
 
 /// `PATCH /vm`.
@@ -223,11 +213,11 @@ pub struct CheckpointJob {
     /// The store, as requested.
     pub out: String,
     /// Memory COW mechanism.
-    pub strategy: StrategyArg,
+    pub strategy: Strategy,
     /// Disk I/O policy.
-    pub io: IoArg,
+    pub io: IoPolicy,
     /// Disk retention.
-    pub disk: DiskArg,
+    pub disk: DiskPolicy,
     /// When the job started, milliseconds since the Unix epoch.
     pub started_unix_ms: u64,
     /// Milliseconds since the start (until the end, once over).
@@ -286,21 +276,6 @@ pub struct DiskMetrics {
     pub copy_ups: u64,
     /// Requests in flight.
     pub inflight: usize,
-}
-
-/// Checkpoint counters.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct CheckpointCounters {
-    /// Checkpoints completed.
-    pub complete: u64,
-    /// Checkpoints failed.
-    pub failed: u64,
-    /// Bytes written by completed checkpoints.
-    pub bytes_written: u64,
-    /// The longest pause of a completed checkpoint, in microseconds.
-    pub max_pause_us: u64,
-    /// Metrics of the latest completed checkpoint.
-    pub last: Option<Metrics>,
 }
 
 /// The body of every 4xx and 5xx answer.

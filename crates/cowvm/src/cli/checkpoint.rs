@@ -2,18 +2,20 @@
 //! checkpoint of a running VM, shows its progress, waits until it is complete and prints its
 //! metrics.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use ckpt_format::Metrics;
+use anyhow::{anyhow, bail, Context};
+use ckpt_format::{AddressError, DiskPolicy, IoPolicy, Metrics, StoreAddress, Strategy};
 use hyper::Method;
 use serde::Serialize;
 
 use super::output::{byte_bar, metric_rows, table};
 use super::{block_on, ApiArgs};
-use crate::api::model::{CheckpointBody, CheckpointJob, DiskArg, IoArg, JobStatus, StrategyArg};
+use crate::api::model::{
+    CheckpointBody, CheckpointJob, DiskArg, IoArg, JobPhase, JobStatus, StrategyArg,
+};
 
 /// How often progress is polled.
 const POLL: Duration = Duration::from_millis(100);
@@ -43,36 +45,40 @@ pub struct CheckpointArgs {
 struct Report<'a> {
     id: &'a str,
     out: &'a str,
-    strategy: StrategyArg,
-    io: IoArg,
-    disk: DiskArg,
+    strategy: Strategy,
+    io: IoPolicy,
+    disk: DiskPolicy,
     #[serde(flatten)]
     metrics: &'a Metrics,
 }
 
-/// `path` (the store argument `what`) made absolute and free of `.` and `..` (resolved
+/// The store argument `what` with its path made absolute and free of `.` and `..` (resolved
 /// lexically, as a shell user means them), since the server takes only absolute, normal paths.
 /// A RAM store (`mem:NAME`) names no file and is passed on as it is.
-pub fn absolute(path: &str, what: &str) -> anyhow::Result<String> {
-    if path.starts_with("mem:") {
-        return Ok(path.to_string());
-    }
-    let (prefix, path) = match path.strip_prefix("raw:") {
-        Some(p) => ("raw:", p),
-        None => ("", path),
-    };
-    let abs = std::path::absolute(Path::new(path)).with_context(|| format!("{what} {path}"))?;
-    let mut normal = PathBuf::new();
-    for c in abs.components() {
-        match c {
-            Component::ParentDir => {
-                normal.pop();
+pub fn absolute(arg: &str, what: &str) -> anyhow::Result<String> {
+    let address: StoreAddress = arg
+        .parse()
+        .map_err(|e: AddressError| anyhow!(e.about(&format!("{what} {arg}"))))?;
+    let normal = |path: PathBuf| -> anyhow::Result<PathBuf> {
+        let abs = std::path::absolute(&path).with_context(|| format!("{what} {arg}"))?;
+        let mut normal = PathBuf::new();
+        for c in abs.components() {
+            match c {
+                Component::ParentDir => {
+                    normal.pop();
+                }
+                Component::CurDir => {}
+                other => normal.push(other),
             }
-            Component::CurDir => {}
-            other => normal.push(other),
         }
-    }
-    Ok(format!("{prefix}{}", normal.display()))
+        Ok(normal)
+    };
+    let address = match address {
+        StoreAddress::Dir(p) => StoreAddress::Dir(normal(p)?),
+        StoreAddress::Raw(p) => StoreAddress::Raw(normal(p)?),
+        mem @ StoreAddress::Mem(_) => mem,
+    };
+    Ok(address.to_string())
 }
 
 /// Runs `cowvm checkpoint`.
@@ -95,8 +101,8 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
             bar.set_length(job.progress.bytes_total);
             bar.set_position(job.progress.bytes_done);
             bar.set_message(match job.phase {
-                crate::api::model::JobPhase::Paused => "paused",
-                crate::api::model::JobPhase::Writing => "writing",
+                JobPhase::Paused => "paused",
+                JobPhase::Writing => "writing",
                 _ => "preparing",
             });
             tokio::time::sleep(POLL).await;

@@ -54,7 +54,7 @@ struct Report<'a> {
 
 /// Runs `cowvm inspect`.
 pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let store: Box<dyn Store> = match crate::restore::store_spec(&args.dir)? {
+    let store: Box<dyn Store> = match super::restore::store_spec(&args.dir)?.1 {
         StoreSpec::Raw(path) => Box::new(RawStore::new(path)),
         _ => Box::new(DirStore::new(&args.dir)),
     };

@@ -1,10 +1,15 @@
-//! The client commands: `checkpoint`, `pause`, `resume`, `status` and `rollback` talk to a
-//! running VM through its API socket; `inspect` reads a checkpoint directly.
+//! Every subcommand but `bench`: its arguments and its handler. `run`, `restore` and `clone`
+//! run VMs in this process; `checkpoint`, `pause`, `resume`, `status` and `rollback` talk to a
+//! running VM through its API socket; `inspect` reads a checkpoint directly; `disk` works on
+//! disk images.
 
 mod checkpoint;
+mod disk;
 mod inspect;
 mod output;
+mod restore;
 mod rollback;
+mod run;
 mod vm;
 
 use std::future::Future;
@@ -12,10 +17,14 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-pub use self::checkpoint::CheckpointArgs;
-pub use self::inspect::InspectArgs;
+pub use self::checkpoint::{checkpoint, CheckpointArgs};
+pub use self::disk::{run as disk, DiskCommand};
+pub use self::inspect::{inspect, InspectArgs};
 pub use self::output::ms;
+pub use self::restore::{clone, restore, CloneArgs, RestoreArgs};
 pub use self::rollback::{rollback, RollbackArgs};
+pub use self::run::{exit_code, run, HugePagesArg, RunArgs, VmArgs};
+pub use self::vm::{pause, resume, status};
 use crate::client::ApiClient;
 
 /// How to reach a running VM.
@@ -50,7 +59,3 @@ fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> 
         .context("cannot start the async runtime")?
         .block_on(f)
 }
-
-pub use self::checkpoint::checkpoint;
-pub use self::inspect::inspect;
-pub use self::vm::{pause, resume, status};

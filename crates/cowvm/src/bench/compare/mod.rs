@@ -13,18 +13,17 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ckpt_format::CheckpointOptions;
 use vmm::RestoreOptions;
-use vmm::{CheckpointRequest, Progress, StoreSpec};
+use vmm::StoreSpec;
 use vmm::{Console, MemSize, Vm};
 
 use self::qemu::{Qemu, QemuConfig};
-use crate::bench_checkpoint::{dd, guest_view, parse_strategy, working_set, Row, Stamps, Window};
-use crate::plot::{line_chart, line_chart_log_y, Chart, Series};
-use crate::VmArgs;
+use super::common::{
+    guest_args, live_checkpoint, memory_sizes, parse_strategy, working_set, Row, Stamps, Subject,
+    Taken, Window, SETTLE,
+};
+use super::plot::{line_chart, line_chart_log_y, Chart, Series};
 
-/// Undisturbed running before the checkpoint, and observed running after it.
-const SETTLE: Duration = Duration::from_millis(600);
 /// Boot (QEMU runs SeaBIOS first) and the first passes that populate memory.
 const BOOT_WAIT: Duration = Duration::from_secs(120);
 
@@ -113,15 +112,6 @@ impl Workload {
     }
 }
 
-/// What a checkpoint of either system yields before the guest view is computed.
-struct Taken {
-    window: Window,
-    pause_us: u64,
-    total_us: u64,
-    bytes: u64,
-    pages: Option<(u64, u64)>,
-}
-
 fn measure_cowvm(
     kernel: &Path,
     store: &Path,
@@ -129,43 +119,9 @@ fn measure_cowvm(
     work: Workload,
     strategy: &str,
 ) -> anyhow::Result<(Taken, Stamps, u64)> {
-    let stamps = Stamps::default();
-    let vm_args = VmArgs {
-        kernel: kernel.to_path_buf(),
-        initrd: None,
-        cmdline: work.cmdline(mem),
-        mem: MemSize(mem).to_string(),
-        vcpus: 1,
-        hugepages: crate::HugePagesArg::None,
-        disks: Vec::new(),
-    };
-    let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(stamps.clone())))?)?;
-    if !stamps.wait_for(3, BOOT_WAIT) {
-        bail!("the guest printed no progress in {BOOT_WAIT:?}");
-    }
-    let base_start = Instant::now();
-    std::thread::sleep(SETTLE);
+    let vm_args = guest_args(kernel, work.cmdline(mem), mem);
     let dir = store.join(format!("cowvm-{}-{strategy}", mem >> 20));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
-    }
-    let request = CheckpointRequest {
-        store: StoreSpec::Dir(dir.clone()),
-        options: CheckpointOptions {
-            strategy: parse_strategy(strategy)?,
-            ..Default::default()
-        },
-        pause_probe: None,
-    };
-    let t0 = Instant::now();
-    let manifest = vm.checkpoint(&request, &Progress::default())?;
-    let t1 = Instant::now();
-    std::thread::sleep(SETTLE);
-    if let Some(exit) = vm.exit_status() {
-        bail!("the guest stopped during the benchmark: {exit}");
-    }
-    vm.stop();
-    drop(vm);
+    let (taken, stamps) = live_checkpoint(&vm_args, &dir, parse_strategy(strategy)?, BOOT_WAIT)?;
 
     // Restore from the checkpoint just taken, timed to the guest's next progress line.
     let restored = Stamps::default();
@@ -186,18 +142,7 @@ fn measure_cowvm(
         Some(s) if ran => (s.at - start).as_micros() as u64,
         _ => bail!("the restored guest printed no progress in {BOOT_WAIT:?}"),
     };
-    let m = &manifest.metrics;
-    Ok((
-        Taken {
-            window: Window { base_start, t0, t1 },
-            pause_us: m.pause_us,
-            total_us: m.total_us,
-            bytes: m.bytes_written,
-            pages: Some((m.pages_saved_by_fault, m.pages_saved_in_background)),
-        },
-        stamps,
-        restore_us,
-    ))
+    Ok((taken, stamps, restore_us))
 }
 
 fn measure_qemu(
@@ -280,30 +225,18 @@ fn measure(args: &CompareArgs, mem: u64, work: Workload, method: Method) -> anyh
         }
         _ => measure_qemu(&args.kernel, &args.store_dir, mem, work, method)?,
     };
-    let view = guest_view(&stamps.snapshot(), &taken.window)?;
-    let dd_took = dd(&args.store_dir, taken.bytes)?;
-    Ok(Row {
+    let subject = Subject {
         system: method.system().into(),
         method: method.name().into(),
-        mem_mib: mem >> 20,
+        mem,
         workload: work.name(),
-        pause_us: taken.pause_us,
-        guest_pause_us: view.guest_pause_us,
-        guest_progress: view.guest_progress,
-        total_us: taken.total_us,
-        bytes_written: taken.bytes,
-        dd_us: dd_took.as_micros() as u64,
-        total_vs_dd: taken.total_us as f64 / dd_took.as_micros().max(1) as f64,
-        pages_saved_by_fault: taken.pages.map(|p| p.0),
-        pages_saved_in_background: taken.pages.map(|p| p.1),
-        restore_us: Some(restore_us),
-        timeline: view.timeline,
-    })
+    };
+    Row::measured(subject, &taken, &stamps, &args.store_dir, Some(restore_us))
 }
 
 pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
     qemu::check_installed()?;
-    let sizes = crate::bench::memory_sizes(args.quick, &args.sizes)?;
+    let sizes = memory_sizes(args.quick, &args.sizes)?;
     std::fs::create_dir_all(&args.store_dir)
         .with_context(|| format!("create {}", args.store_dir.display()))?;
     let load_before = load_average();
@@ -480,6 +413,9 @@ fn write_outputs(dir: &Path, report: &Report<'_>) -> anyhow::Result<()> {
 }
 
 /// One series per system and method for the full-speed workload: `y(row)` against memory size.
+/// A chart against memory size: file, title, y label, and the value of a row in microseconds.
+type SizeChart = (&'static str, &'static str, &'static str, fn(&Row) -> u64);
+
 fn per_size(rows: &[Row], y: impl Fn(&Row) -> f64) -> Vec<Series> {
     let full = Workload { percent: 100 }.name();
     METHODS
@@ -496,37 +432,39 @@ fn per_size(rows: &[Row], y: impl Fn(&Row) -> f64) -> Vec<Series> {
 }
 
 fn plot(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
-    // Log scales cannot show zero: pauses below 10 µs are drawn at 10 µs.
-    line_chart_log_y(
-        &dir.join("pause-vs-memory.svg"),
-        &Chart {
-            title: "guest-visible pause vs memory (dirty 100%; floor 0.01 ms)",
-            x_label: "guest memory (MiB, log scale)",
-            y_label: "longest stall of the guest (ms, log scale)",
-            log_x: true,
-        },
-        &per_size(rows, |r| ms(r.guest_pause_us.max(10))),
-    )?;
-    line_chart_log_y(
-        &dir.join("total-vs-memory.svg"),
-        &Chart {
-            title: "checkpoint total time vs memory (dirty 100%)",
-            x_label: "guest memory (MiB, log scale)",
-            y_label: "total (ms, log scale)",
-            log_x: true,
-        },
-        &per_size(rows, |r| ms(r.total_us.max(10))),
-    )?;
-    line_chart_log_y(
-        &dir.join("restore-vs-memory.svg"),
-        &Chart {
-            title: "restore to the guest's next progress line vs memory (dirty 100%)",
-            x_label: "guest memory (MiB, log scale)",
-            y_label: "restore (ms, log scale)",
-            log_x: true,
-        },
-        &per_size(rows, |r| ms(r.restore_us.unwrap_or(0).max(10))),
-    )?;
+    // Log scales cannot show zero: values below 10 µs are drawn at 10 µs.
+    let charts: [SizeChart; 3] = [
+        (
+            "pause-vs-memory.svg",
+            "guest-visible pause vs memory (dirty 100%; floor 0.01 ms)",
+            "longest stall of the guest (ms, log scale)",
+            |r| r.guest_pause_us,
+        ),
+        (
+            "total-vs-memory.svg",
+            "checkpoint total time vs memory (dirty 100%)",
+            "total (ms, log scale)",
+            |r| r.total_us,
+        ),
+        (
+            "restore-vs-memory.svg",
+            "restore to the guest's next progress line vs memory (dirty 100%)",
+            "restore (ms, log scale)",
+            |r| r.restore_us.unwrap_or(0),
+        ),
+    ];
+    for (file, title, y_label, us) in charts {
+        line_chart_log_y(
+            &dir.join(file),
+            &Chart {
+                title,
+                x_label: "guest memory (MiB, log scale)",
+                y_label,
+                log_x: true,
+            },
+            &per_size(rows, |r| ms(us(r).max(10))),
+        )?;
+    }
     // The progress picture at 1 GiB, or the size nearest below it.
     let full = Workload { percent: 100 }.name();
     let size = rows

@@ -1,4 +1,4 @@
-//! `cowvm restore` and `cowvm clone`: new VMs in this process from a checkpoint (SPEC §5).
+//! `cowvm restore` and `cowvm clone`: new VMs in this process from a checkpoint.
 //!
 //! `restore` runs one restored VM as `cowvm run` runs a booted one (console, exit status, API
 //! socket, periodic checkpoints). `clone` starts N VMs from one checkpoint side by side; lazily
@@ -10,15 +10,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
+use ckpt_format::{AddressError, StoreAddress};
 use serde::Serialize;
 use tracing::info;
 use vmm::RestoreOptions;
 use vmm::StoreSpec;
 use vmm::{Console, Vm};
 
-use crate::api::control::RollbackSettings;
-use crate::supervise::{self, ControlArgs, Origin};
+use crate::control::supervise::{self, ControlArgs, Origin};
+use crate::control::{self, RollbackSettings};
 
 /// Arguments of `cowvm restore`.
 #[derive(clap::Args, Debug)]
@@ -65,17 +66,17 @@ pub struct CloneArgs {
 
 /// The store a command-line checkpoint argument names: `raw:PATH` or a directory. A RAM store
 /// (`mem:NAME`) exists only inside the process that took it, which alone can use it.
-pub fn store_spec(arg: &str) -> anyhow::Result<StoreSpec> {
-    if arg.starts_with("mem:") {
-        bail!(
+pub fn store_spec(arg: &str) -> anyhow::Result<(StoreAddress, StoreSpec)> {
+    let address: StoreAddress = arg
+        .parse()
+        .map_err(|e: AddressError| anyhow!(e.about(arg)))?;
+    match control::file_store(&address) {
+        Some(spec) => Ok((address, spec)),
+        None => bail!(
             "{arg} is a RAM checkpoint: it exists only inside the cowvm process that took it \
              (roll back to it with `cowvm rollback --api-sock SOCKET {arg}`)"
-        );
+        ),
     }
-    Ok(match arg.strip_prefix("raw:") {
-        Some(path) => StoreSpec::Raw(PathBuf::from(path)),
-        None => StoreSpec::Dir(PathBuf::from(arg)),
-    })
 }
 
 /// Creates `dir` (and its parents) for files a command writes there.
@@ -92,9 +93,10 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         Some(path) => Console::File(path.clone()),
         None => Console::Stdout,
     };
+    let (from, store) = store_spec(&args.from)?;
     let start = Instant::now();
     let vm = Vm::restore(
-        &store_spec(&args.from)?,
+        &store,
         RestoreOptions {
             console,
             eager: args.eager,
@@ -111,7 +113,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             vm,
             &args.control,
             Origin {
-                restored_from: Some(args.from.clone()),
+                restored_from: Some(from),
                 rollback: RollbackSettings {
                     console: args.console.clone(),
                     disk_dir: args.disk_dir.clone(),
@@ -121,7 +123,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     } else {
         vm.wait()
     };
-    Ok(crate::exit_code(&exit))
+    Ok(super::exit_code(&exit))
 }
 
 /// One clone's line of the report.
@@ -154,7 +156,7 @@ pub fn clone(args: CloneArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.disk_dir {
         make_dir(dir, "--disk-dir")?;
     }
-    let store = store_spec(&args.from)?;
+    let (_, store) = store_spec(&args.from)?;
     let all = Instant::now();
     // If a restore fails, the clones already started are dropped (stopped) on the way out.
     let mut clones: Vec<(Vm, PathBuf, Duration)> = Vec::new();
@@ -228,7 +230,7 @@ pub fn clone(args: CloneArgs) -> anyhow::Result<ExitCode> {
                 "{:>5}  {:>6}  {:>10}  {:<width$}  {}",
                 r.clone,
                 r.status,
-                crate::cli::ms(r.start_us),
+                super::ms(r.start_us),
                 r.console.display().to_string(),
                 r.exit
             );
@@ -237,7 +239,7 @@ pub fn clone(args: CloneArgs) -> anyhow::Result<ExitCode> {
             "{} clones of {} started in {}",
             reports.len(),
             args.from,
-            crate::cli::ms(start_all.as_micros() as u64)
+            super::ms(start_all.as_micros() as u64)
         );
     }
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
@@ -250,13 +252,15 @@ mod tests {
     #[test]
     fn store_arguments() {
         assert!(
-            matches!(store_spec("raw:/dev/sdb"), Ok(StoreSpec::Raw(p)) if p == Path::new("/dev/sdb"))
+            matches!(store_spec("raw:/dev/sdb"), Ok((_, StoreSpec::Raw(p))) if p == Path::new("/dev/sdb"))
         );
-        assert!(matches!(store_spec("ckpt"), Ok(StoreSpec::Dir(p)) if p == Path::new("ckpt")));
+        assert!(matches!(store_spec("ckpt"), Ok((_, StoreSpec::Dir(p))) if p == Path::new("ckpt")));
         let e = store_spec("mem:a").unwrap_err().to_string();
         assert!(
             e.contains("RAM checkpoint") && e.contains("rollback"),
             "{e}"
         );
+        let e = store_spec("s3://bucket/key").unwrap_err().to_string();
+        assert!(e.contains("s3://"), "{e}");
     }
 }

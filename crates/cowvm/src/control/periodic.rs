@@ -10,13 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ckpt_format::DirStore;
+use ckpt_format::{CheckpointOptions, DirStore, StoreAddress};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
-use vmm::StoreSpec;
 
-use crate::api::control::{ControlError, Controller, Outcome};
-use crate::api::model::CheckpointBody;
+use super::{chain, CheckpointSpec, ControlError, Controller, Outcome};
 
 /// Prefix of the checkpoint directories the trigger makes.
 const PREFIX: &str = "ckpt-";
@@ -31,7 +29,7 @@ pub struct Periodic {
     /// How many complete checkpoints to keep (all if none).
     pub keep: Option<usize>,
     /// Strategy and policies.
-    pub template: CheckpointBody,
+    pub options: CheckpointOptions,
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h 30m`: a positive duration.
@@ -84,13 +82,12 @@ fn next_dir(dir: &Path) -> PathBuf {
 /// Takes one checkpoint and prunes. Errors are logged: the VM goes on, and so does the trigger.
 async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
     let out = next_dir(&cfg.dir);
-    let body = CheckpointBody {
-        out: out.display().to_string(),
-        ..cfg.template.clone()
+    let spec = CheckpointSpec {
+        store: StoreAddress::Dir(out.clone()),
+        options: cfg.options,
     };
     let ctl = controller.clone();
-    let store = StoreSpec::Dir(out.clone());
-    let started = tokio::task::spawn_blocking(move || ctl.start_checkpoint(body, store)).await;
+    let started = tokio::task::spawn_blocking(move || ctl.start_checkpoint(spec)).await;
     let job = match started {
         Ok(Ok(job)) => job,
         // The VM is ending: the trigger is about to be stopped.
@@ -105,8 +102,8 @@ async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
         }
     };
     job.finished().await;
-    match job.outcome() {
-        Some(Outcome::Complete(m)) => {
+    match job.end() {
+        Some((Outcome::Complete(m), _)) => {
             info!(out = %out.display(), pause_us = m.metrics.pause_us, "periodic checkpoint complete");
             if let Some(keep) = cfg.keep {
                 match prune(&cfg.dir, keep) {
@@ -119,8 +116,8 @@ async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
                 }
             }
         }
-        Some(Outcome::Failed { message, .. }) => {
-            warn!(out = %out.display(), "periodic checkpoint failed: {message}");
+        Some((Outcome::Failed(e), _)) => {
+            warn!(out = %out.display(), "periodic checkpoint failed: {}", chain(&e));
             // Ours, and no longer being written.
             if out.exists() {
                 if let Err(e) = std::fs::remove_dir_all(&out) {

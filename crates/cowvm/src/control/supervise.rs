@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use ckpt_format::{CheckpointOptions, StoreAddress};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 use vmm::{Vm, VmExit};
 
-use crate::api::control::{Controller, RollbackSettings};
-use crate::api::model::CheckpointBody;
+use super::periodic::{self, Periodic};
+use super::{Controller, RollbackSettings};
 use crate::api::ApiServer;
-use crate::periodic::{self, Periodic};
 
 /// The control options of `cowvm run` and `cowvm restore`.
 #[derive(clap::Args, Debug, Clone)]
@@ -70,7 +70,7 @@ async fn wait_for_exit(controller: Arc<Controller>) -> anyhow::Result<VmExit> {
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
     /// The checkpoint it was restored from (`cowvm restore`), if any.
-    pub restored_from: Option<String>,
+    pub restored_from: Option<StoreAddress>,
     /// How a rollback sets up the VM that replaces it.
     pub rollback: RollbackSettings,
 }
@@ -109,12 +109,7 @@ pub fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<VmExit>
                         every,
                         dir,
                         keep: args.keep.map(|k| k as usize),
-                        template: CheckpointBody {
-                            out: String::new(),
-                            strategy: Default::default(),
-                            io: Default::default(),
-                            disk: Default::default(),
-                        },
+                        options: CheckpointOptions::default(),
                     },
                 )))
             }

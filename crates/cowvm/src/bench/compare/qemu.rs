@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use thiserror::Error;
 
-use crate::bench_checkpoint::Stamps;
+use crate::bench::common::Stamps;
 
 /// The QEMU binary this benchmark drives.
 pub const QEMU: &str = "qemu-system-x86_64";

@@ -9,14 +9,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ckpt_format::{CheckpointOptions, Strategy};
+use ckpt_format::Strategy;
 use serde::Serialize;
 use vmm::RestoreOptions;
-use vmm::{CheckpointRequest, Progress, StoreSpec};
 use vmm::{Console, MemSize, Vm};
+use vmm::{Progress, StoreSpec};
 
-use crate::plot::{line_chart, Chart, Series};
-use crate::VmArgs;
+use super::common::{dir_checkpoint, guest_args, memory_sizes};
+use super::plot::{line_chart, Chart, Series};
 
 #[derive(clap::Args, Debug)]
 pub struct RestoreBenchArgs {
@@ -122,15 +122,7 @@ fn boot(
     cmdline: String,
     console: &LineCounter,
 ) -> anyhow::Result<Vm> {
-    let vm_args = VmArgs {
-        kernel: args.kernel.clone(),
-        initrd: None,
-        cmdline,
-        mem: MemSize(mem).to_string(),
-        vcpus: 1,
-        hugepages: crate::HugePagesArg::None,
-        disks: Vec::new(),
-    };
+    let vm_args = guest_args(&args.kernel, cmdline, mem);
     Ok(Vm::boot(
         vm_args.config(Console::Writer(Box::new(console.clone())))?,
     )?)
@@ -140,17 +132,7 @@ fn checkpoint(vm: &Vm, dir: &Path) -> anyhow::Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
     }
-    vm.checkpoint(
-        &CheckpointRequest {
-            store: StoreSpec::Dir(dir.to_path_buf()),
-            options: CheckpointOptions {
-                strategy: Strategy::Stop,
-                ..Default::default()
-            },
-            pause_probe: None,
-        },
-        &Progress::default(),
-    )?;
+    vm.checkpoint(&dir_checkpoint(dir, Strategy::Stop), &Progress::default())?;
     // A restore usually comes long after its checkpoint: the image is written back before a
     // restore is timed, so the kernel's write-back does not compete with it.
     for entry in std::fs::read_dir(dir)? {
@@ -278,7 +260,7 @@ fn density(args: &RestoreBenchArgs, counts: &[usize]) -> anyhow::Result<(f64, Ve
 }
 
 pub fn run(args: RestoreBenchArgs) -> anyhow::Result<ExitCode> {
-    let sizes = crate::bench::memory_sizes(args.quick, &args.sizes)?;
+    let sizes = memory_sizes(args.quick, &args.sizes)?;
     let counts: Vec<usize> = if args.quick {
         vec![1, 10]
     } else {

@@ -10,25 +10,28 @@
 //! it began ([`Controller::vm`] hands out an `Arc`), so a rollback never pulls a VM from under
 //! it.
 
+pub mod job;
+pub mod periodic;
+pub mod supervise;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ckpt_format::{CheckpointOptions, Manifest, MemStore, Store, PAGE_SIZE};
+use ckpt_format::{
+    DirStore, DiskPolicy, Manifest, MemStore, Metrics, RawStore, Store, StoreAddress,
+};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::sync::watch;
 use tracing::{info, warn};
 use vmm::HeldPause;
-use vmm::{CheckpointError, CheckpointRequest, Phase, Progress, StoreSpec};
-use vmm::{Console, Vm, VmError};
+use vmm::{CheckpointError, CheckpointRequest, StoreSpec};
+use vmm::{Console, ErrorKind, Vm, VmError, VmExit};
 use vmm::{RestoreError, RestoreOptions};
 
-use super::model::{
-    CheckpointBody, CheckpointCounters, CheckpointJob, JobPhase, JobProgress, JobStatus, PausedBy,
-    VmConfigInfo, VmInfo, VmState,
-};
+pub use self::job::{refused_by_store, CheckpointSpec, Job, Outcome};
 
 /// Finished jobs kept for `GET /checkpoints` (older ones are forgotten, not deleted).
 const KEPT_JOBS: usize = 256;
@@ -41,25 +44,60 @@ pub enum ControlError {
     Conflict(String),
     /// The VM has exited.
     #[error("the VM has exited: {0}")]
-    Exited(String),
-    /// The store refused the checkpoint before it began.
+    Exited(VmExit),
+    /// The store already holds a complete checkpoint (named as the client named it).
+    #[error("{0} already holds a complete checkpoint")]
+    StoreComplete(String),
+    /// A checkpoint in progress is writing the RAM store.
+    #[error("{0} is being written by a checkpoint in progress")]
+    StoreBusy(StoreAddress),
+    /// No RAM store of that name in this process.
+    #[error("no RAM checkpoint {0} in this process")]
+    NoMemStore(StoreAddress),
+    /// A RAM store cannot be made.
     #[error("{0}")]
-    StoreConflict(String),
-    /// The store cannot be used (missing, not writable, too small).
-    #[error("{0}")]
-    BadStore(String),
+    MemStore(ckpt_format::Error),
+    /// `copy-commit` copies the disks into the store, which must be a directory.
+    #[error("disk copy-commit needs a directory store (out) to hold the disk copy")]
+    CopyCommitNeedsDir,
     /// Pausing failed.
     #[error("cannot pause the VM")]
     Pause(#[source] VmError),
     /// A checkpoint thread could not be started.
     #[error("cannot start the checkpoint thread")]
     Spawn(#[source] std::io::Error),
-    /// The checkpoint failed in the VMM.
-    #[error("{0}")]
-    Checkpoint(String),
+    /// The checkpoint failed (or its store refused it).
+    #[error(transparent)]
+    Checkpoint(Arc<CheckpointError>),
     /// The checkpoint to roll back to cannot be restored; the VM runs on.
     #[error("cannot roll back")]
     Restore(#[source] RestoreError),
+}
+
+impl ControlError {
+    /// The kind of failure, for the answer to a client.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ControlError::Conflict(_) => ErrorKind::Conflict,
+            ControlError::Exited(_) => ErrorKind::VmExited,
+            ControlError::StoreComplete(_) | ControlError::StoreBusy(_) => ErrorKind::AlreadyExists,
+            ControlError::NoMemStore(_)
+            | ControlError::MemStore(_)
+            | ControlError::CopyCommitNeedsDir => ErrorKind::InvalidInput,
+            ControlError::Pause(e) => e.kind(),
+            ControlError::Spawn(_) => ErrorKind::Internal,
+            ControlError::Checkpoint(e) => e.kind(),
+            ControlError::Restore(e) => e.kind(),
+        }
+    }
+}
+
+/// What a request wants of the VM, for the refusals of a busy VM.
+#[derive(Debug, Clone, Copy)]
+enum Wants {
+    Pause,
+    Checkpoint,
+    Rollback,
 }
 
 /// Who holds the VM now.
@@ -89,7 +127,7 @@ struct Current {
     vm: Arc<Vm>,
     started: Instant,
     /// The checkpoint it was restored from, as the client named it.
-    restored_from: Option<String>,
+    restored_from: Option<StoreAddress>,
 }
 
 /// What a rollback took.
@@ -101,104 +139,11 @@ pub struct RolledBack {
     pub downtime: Duration,
 }
 
-/// How a job ended.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    /// Complete.
-    Complete(Box<Manifest>),
-    /// Failed (before or after the pause).
-    Failed {
-        /// The store refused before anything was written (an existing checkpoint, a bad path).
-        refused_by_store: Option<bool>,
-        /// Why.
-        message: String,
-    },
-}
-
-/// One checkpoint, running or over.
-#[derive(Debug)]
-pub struct Job {
-    id: u64,
-    body: CheckpointBody,
-    started_unix_ms: u64,
-    started: Instant,
-    progress: Progress,
-    end: Mutex<Option<(Outcome, Duration)>>,
-    done: watch::Sender<bool>,
-}
-
-impl Job {
-    /// The job's id as the API shows it.
-    pub fn id(&self) -> String {
-        self.id.to_string()
-    }
-
-    /// The outcome, once over.
-    pub fn outcome(&self) -> Option<Outcome> {
-        lock(&self.end).as_ref().map(|(o, _)| o.clone())
-    }
-
-    /// Whether the checkpoint is past its preparation (store opened, memory armed) or over.
-    pub fn prepared(&self) -> bool {
-        !matches!(self.progress.phase(), Phase::Pending | Phase::Preparing)
-            || lock(&self.end).is_some()
-    }
-
-    /// Waits until the job is over.
-    pub async fn finished(&self) {
-        let mut rx = self.done.subscribe();
-        // The sender lives in `self`, so the channel cannot close while we wait.
-        let _ = rx.wait_for(|done| *done).await;
-    }
-
-    /// The job as the API shows it.
-    pub fn view(&self) -> CheckpointJob {
-        let end = lock(&self.end).clone();
-        let (done, total) = self.progress.pages();
-        let page = PAGE_SIZE as u64;
-        let (status, metrics, error, elapsed) = match end {
-            None => (JobStatus::Running, None, None, self.started.elapsed()),
-            Some((Outcome::Complete(m), took)) => {
-                (JobStatus::Complete, Some(m.metrics.clone()), None, took)
-            }
-            Some((Outcome::Failed { message, .. }, took)) => {
-                (JobStatus::Failed, None, Some(message), took)
-            }
-        };
-        let phase = match self.progress.phase() {
-            Phase::Pending => JobPhase::Pending,
-            Phase::Preparing => JobPhase::Preparing,
-            Phase::Paused => JobPhase::Paused,
-            Phase::Writing => JobPhase::Writing,
-            Phase::Done | Phase::Failed => JobPhase::Done,
-        };
-        CheckpointJob {
-            id: self.id(),
-            status,
-            phase,
-            out: self.body.out.clone(),
-            strategy: self.body.strategy,
-            io: self.body.io,
-            disk: self.body.disk,
-            started_unix_ms: self.started_unix_ms,
-            elapsed_ms: elapsed.as_millis() as u64,
-            progress: JobProgress {
-                pages_done: done,
-                pages_total: total,
-                bytes_done: done * page,
-                bytes_total: total * page,
-            },
-            metrics,
-            error,
-        }
-    }
-}
-
 #[derive(Default)]
 struct Jobs {
     next: u64,
     table: BTreeMap<u64, Arc<Job>>,
-    counters: CheckpointCounters,
+    counters: Counters,
 }
 
 /// The controller of one VM (the current one, after rollbacks).
@@ -225,21 +170,6 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Classifies a checkpoint failure for a request still waiting for the store to accept it:
-/// `Some(true)` the store holds a checkpoint already, `Some(false)` the store path is unusable
-/// (missing, not a directory, not writable, too small), `None` a failure of the VMM or the
-/// host (including a full disk).
-fn store_refusal(e: &CheckpointError) -> Option<bool> {
-    match e {
-        CheckpointError::Store { source, .. } => match source {
-            ckpt_format::Error::CheckpointExists { .. } => Some(true),
-            ckpt_format::Error::StoreFull { .. } => None,
-            _ => Some(false),
-        },
-        _ => None,
-    }
-}
-
 /// The whole chain of an error, on one line.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -252,12 +182,70 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The store of a directory or raw address. A RAM store exists only in the controller of the
+/// process that took it: none here.
+pub fn file_store(address: &StoreAddress) -> Option<StoreSpec> {
+    match address {
+        StoreAddress::Dir(p) => Some(StoreSpec::Dir(p.clone())),
+        StoreAddress::Raw(p) => Some(StoreSpec::Raw(p.clone())),
+        StoreAddress::Mem(_) => None,
+    }
+}
+
+/// Whether `store` holds a complete checkpoint.
+fn holds_checkpoint(store: &dyn Store) -> bool {
+    store
+        .open()
+        .and_then(|r| r.read_commit())
+        .is_ok_and(|c| c.is_some())
+}
+
+/// Who holds a pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PausedBy {
+    /// A client, with `PATCH /vm`.
+    Api,
+    /// A checkpoint in its pause phase.
+    Checkpoint,
+    /// A rollback, while it restores the VM that replaces this one.
+    Rollback,
+}
+
+/// The controller's view of its VM.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// Who holds the pause, if the VM is paused.
+    pub paused: Option<PausedBy>,
+    /// The checkpoint being taken, if any.
+    pub checkpoint_in_progress: Option<u64>,
+    /// The checkpoint the VM was restored from, if any.
+    pub restored_from: Option<StoreAddress>,
+    /// Time since the VM started (since its restore, for a restored VM).
+    pub uptime: Duration,
+}
+
+/// Checkpoint counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Counters {
+    /// Checkpoints completed.
+    pub complete: u64,
+    /// Checkpoints failed.
+    pub failed: u64,
+    /// Bytes written by completed checkpoints.
+    pub bytes_written: u64,
+    /// The longest pause of a completed checkpoint, in microseconds.
+    pub max_pause_us: u64,
+    /// Metrics of the latest completed checkpoint.
+    pub last: Option<Metrics>,
+}
+
 impl Controller {
     /// A controller for `vm` (restored from the checkpoint `restored_from`, if it was); a
     /// rollback sets its VM up with `settings`.
     pub fn new(
         vm: Arc<Vm>,
-        restored_from: Option<String>,
+        restored_from: Option<StoreAddress>,
         settings: RollbackSettings,
     ) -> Controller {
         Controller {
@@ -277,38 +265,51 @@ impl Controller {
         }
     }
 
-    /// The RAM store `name` for a new checkpoint: a fresh one, unless `name` holds a complete
-    /// checkpoint already or one being written (an incomplete one, from a failed checkpoint,
-    /// is replaced).
-    pub fn mem_store_for_checkpoint(&self, name: &str) -> Result<StoreSpec, ControlError> {
+    /// The store a new checkpoint writes `address` into, refused if it already holds a
+    /// complete checkpoint (the store refuses too, but only once the job has started).
+    fn store_for_checkpoint(&self, address: &StoreAddress) -> Result<StoreSpec, ControlError> {
+        let (complete, path) = match address {
+            StoreAddress::Mem(name) => return self.fresh_mem_store(address, name),
+            StoreAddress::Dir(p) => (DirStore::new(p).is_complete(), p),
+            StoreAddress::Raw(p) => (holds_checkpoint(&RawStore::new(p)), p),
+        };
+        if complete {
+            return Err(ControlError::StoreComplete(path.display().to_string()));
+        }
+        Ok(file_store(address).expect("a directory or raw store is a file store"))
+    }
+
+    /// A fresh RAM store `name`, unless that name holds a complete checkpoint already or one
+    /// being written (an incomplete one, from a failed checkpoint, is replaced).
+    fn fresh_mem_store(
+        &self,
+        address: &StoreAddress,
+        name: &str,
+    ) -> Result<StoreSpec, ControlError> {
         let mut stores = lock(&self.mem_stores);
         if let Some(store) = stores.get(name) {
-            let complete = store
-                .open()
-                .and_then(|r| r.read_commit())
-                .is_ok_and(|c| c.is_some());
-            if complete {
-                return Err(ControlError::StoreConflict(format!(
-                    "mem:{name} already holds a complete checkpoint"
-                )));
+            if holds_checkpoint(store.as_ref()) {
+                return Err(ControlError::StoreComplete(address.to_string()));
             }
             // Another request or a checkpoint in progress holds it.
             if Arc::strong_count(store) > 1 {
-                return Err(ControlError::StoreConflict(format!(
-                    "mem:{name} is being written by a checkpoint in progress"
-                )));
+                return Err(ControlError::StoreBusy(address.clone()));
             }
         }
-        let store = Arc::new(MemStore::new().map_err(|e| ControlError::BadStore(e.to_string()))?);
+        let store = Arc::new(MemStore::new().map_err(ControlError::MemStore)?);
         stores.insert(name.to_string(), store.clone());
         Ok(StoreSpec::Mem(store))
     }
 
-    /// The RAM store `name`, for a rollback.
-    pub fn mem_store(&self, name: &str) -> Option<StoreSpec> {
-        lock(&self.mem_stores)
-            .get(name)
-            .map(|s| StoreSpec::Mem(s.clone()))
+    /// The store of a checkpoint to roll back to.
+    fn store_for_rollback(&self, address: &StoreAddress) -> Result<StoreSpec, ControlError> {
+        let spec = match address {
+            StoreAddress::Mem(name) => lock(&self.mem_stores)
+                .get(name)
+                .map(|s| StoreSpec::Mem(s.clone())),
+            _ => file_store(address),
+        };
+        spec.ok_or_else(|| ControlError::NoMemStore(address.clone()))
     }
 
     fn current(&self) -> Current {
@@ -325,68 +326,62 @@ impl Controller {
 
     fn check_alive(&self) -> Result<(), ControlError> {
         match self.vm().exit_status() {
-            Some(exit) => Err(ControlError::Exited(exit.to_string())),
+            Some(exit) => Err(ControlError::Exited(exit)),
             None => Ok(()),
         }
     }
 
-    /// The VM's state and configuration.
-    pub fn info(&self) -> VmInfo {
+    /// Who holds the VM and where it came from.
+    pub fn status(&self) -> Status {
         let running = lock(&self.jobs)
             .table
             .values()
-            .find(|j| lock(&j.end).is_none())
+            .find(|j| !j.is_over())
             .map(|j| j.id());
         let current = self.current();
-        let paused = current.vm.is_paused();
-        let s = current.vm.summary();
-        VmInfo {
-            state: if paused {
-                VmState::Paused
-            } else {
-                VmState::Running
-            },
-            paused_by: match (paused, &running) {
-                (false, _) => None,
-                (true, Some(_)) => Some(PausedBy::Checkpoint),
-                (true, None) if self.rolling_back.load(Ordering::Acquire) => {
-                    Some(PausedBy::Rollback)
-                }
-                (true, None) => Some(PausedBy::Api),
-            },
-            config: VmConfigInfo {
-                mem_size: s.mem_size,
-                vcpus: s.vcpus,
-                kernel: s.kernel.as_ref().map(|k| k.display().to_string()),
-                cmdline: s.cmdline.clone(),
-            },
+        let paused = current.vm.is_paused().then(|| match running {
+            Some(_) => PausedBy::Checkpoint,
+            None if self.rolling_back.load(Ordering::Acquire) => PausedBy::Rollback,
+            None => PausedBy::Api,
+        });
+        Status {
+            paused,
             checkpoint_in_progress: running,
             restored_from: current.restored_from,
-            uptime_ms: current.started.elapsed().as_millis() as u64,
+            uptime: current.started.elapsed(),
         }
     }
 
-    /// Milliseconds since the current VM started.
-    pub fn uptime_ms(&self) -> u64 {
-        self.current().started.elapsed().as_millis() as u64
+    /// Refuses what a request `wants` while a checkpoint, a rollback or a client's pause
+    /// holds the VM (at most one of them does).
+    fn refuse_if_busy(&self, gate: &Gate, wants: Wants) -> Result<(), ControlError> {
+        let busy = if let Some(job) = &gate.running {
+            let then = match wants {
+                Wants::Pause => "; pause after it completes",
+                Wants::Checkpoint => "",
+                Wants::Rollback => "; roll back after it completes",
+            };
+            format!("checkpoint {} is in progress{then}", job.id())
+        } else if self.rolling_back.load(Ordering::Acquire) {
+            "a rollback is in progress".to_string()
+        } else if gate.held.is_some() {
+            match wants {
+                Wants::Pause => "the VM is already paused",
+                Wants::Checkpoint => "the VM is paused; resume it before taking a checkpoint",
+                Wants::Rollback => "the VM is paused; resume it before rolling back",
+            }
+            .to_string()
+        } else {
+            return Ok(());
+        };
+        Err(ControlError::Conflict(busy))
     }
 
     /// Pauses the VM until [`resume`](Self::resume). Blocks until every vCPU is parked.
     pub fn pause(&self) -> Result<Duration, ControlError> {
         self.check_alive()?;
         let mut gate = lock(&self.gate);
-        if let Some(job) = &gate.running {
-            return Err(ControlError::Conflict(format!(
-                "checkpoint {} is in progress; pause after it completes",
-                job.id()
-            )));
-        }
-        if self.rolling_back.load(Ordering::Acquire) {
-            return Err(ControlError::Conflict("a rollback is in progress".into()));
-        }
-        if gate.held.is_some() {
-            return Err(ControlError::Conflict("the VM is already paused".into()));
-        }
+        self.refuse_if_busy(&gate, Wants::Pause)?;
         let held = self.vm().pause_held().map_err(ControlError::Pause)?;
         let took = held.took();
         gate.held = Some(held);
@@ -417,62 +412,49 @@ impl Controller {
     /// Starts a checkpoint on its own thread and returns its job at once.
     pub fn start_checkpoint(
         self: &Arc<Self>,
-        body: CheckpointBody,
-        store: StoreSpec,
+        spec: CheckpointSpec,
     ) -> Result<Arc<Job>, ControlError> {
+        if spec.options.disk == DiskPolicy::CopyCommit
+            && !matches!(spec.store, StoreAddress::Dir(_))
+        {
+            return Err(ControlError::CopyCommitNeedsDir);
+        }
+        let store = self.store_for_checkpoint(&spec.store)?;
         self.check_alive()?;
         let mut gate = lock(&self.gate);
-        if let Some(job) = &gate.running {
-            return Err(ControlError::Conflict(format!(
-                "checkpoint {} is in progress",
-                job.id()
-            )));
-        }
-        if self.rolling_back.load(Ordering::Acquire) {
-            return Err(ControlError::Conflict("a rollback is in progress".into()));
-        }
-        if gate.held.is_some() {
-            return Err(ControlError::Conflict(
-                "the VM is paused; resume it before taking a checkpoint".into(),
-            ));
-        }
-        let options: CheckpointOptions = body.options();
+        self.refuse_if_busy(&gate, Wants::Checkpoint)?;
+        let options = spec.options;
         let job = {
             let mut jobs = lock(&self.jobs);
             let id = jobs.next;
             jobs.next += 1;
-            let job = Arc::new(Job {
-                id,
-                body,
-                started_unix_ms: unix_ms(),
-                started: Instant::now(),
-                progress: Progress::default(),
-                end: Mutex::new(None),
-                done: watch::Sender::new(false),
-            });
+            let job = Arc::new(Job::new(id, spec, unix_ms()));
             jobs.table.insert(id, job.clone());
             job
         };
+        let prepared = job.clone();
         let request = CheckpointRequest {
             store,
             options,
-            pause_probe: None,
+            // Called in the pause: the store has accepted the checkpoint by then.
+            pause_probe: Some(Arc::new(move |_| prepared.mark_prepared())),
         };
         let this = self.clone();
         let vm = self.vm();
         let worker = job.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!("checkpoint-{}", job.id))
+            .name(format!("checkpoint-{}", job.id()))
             .spawn(move || {
-                let result = vm.checkpoint(&request, &worker.progress);
+                let result = vm.checkpoint(&request, worker.progress());
                 this.finish(&worker, result);
                 // Whoever waits for the job may then drop the VM: release it first.
+                drop(request);
                 drop(vm);
                 drop(this);
-                worker.done.send_replace(true);
+                worker.mark_over();
             });
         if let Err(e) = spawned {
-            lock(&self.jobs).table.remove(&job.id);
+            lock(&self.jobs).table.remove(&job.id());
             return Err(ControlError::Spawn(e));
         }
         gate.running = Some(job.clone());
@@ -482,19 +464,16 @@ impl Controller {
     /// Records the end of a job and lets the next checkpoint or pause in.
     fn finish(&self, job: &Arc<Job>, result: Result<Manifest, CheckpointError>) {
         let mut gate = lock(&self.gate);
-        let took = job.started.elapsed();
+        let took = job.since_start();
+        let out = &job.spec().store;
         let outcome = match result {
             Ok(manifest) => {
-                info!(id = job.id, out = %job.body.out, total_us = manifest.metrics.total_us, "checkpoint complete");
+                info!(id = job.id(), %out, total_us = manifest.metrics.total_us, "checkpoint complete");
                 Outcome::Complete(Box::new(manifest))
             }
             Err(e) => {
-                let message = chain(&e);
-                warn!(id = job.id, out = %job.body.out, "checkpoint failed: {message}");
-                Outcome::Failed {
-                    refused_by_store: store_refusal(&e),
-                    message,
-                }
+                warn!(id = job.id(), %out, "checkpoint failed: {}", chain(&e));
+                Outcome::Failed(Arc::new(e))
             }
         };
         {
@@ -508,16 +487,13 @@ impl Controller {
                     c.last = Some(m.metrics.clone());
                 }
                 // A store that refused before anything began is a bad request, not a failure.
-                Outcome::Failed {
-                    refused_by_store: None,
-                    ..
-                } => jobs.counters.failed += 1,
-                Outcome::Failed { .. } => {}
+                Outcome::Failed(e) if refused_by_store(e) => {}
+                Outcome::Failed(_) => jobs.counters.failed += 1,
             }
             let finished: Vec<u64> = jobs
                 .table
                 .iter()
-                .filter(|(id, j)| **id != job.id && lock(&j.end).is_some())
+                .filter(|(id, j)| **id != job.id() && j.is_over())
                 .map(|(id, _)| *id)
                 .collect();
             for id in finished
@@ -527,8 +503,8 @@ impl Controller {
                 jobs.table.remove(id);
             }
         }
-        *lock(&job.end) = Some((outcome, took));
-        if gate.running.as_ref().is_some_and(|j| j.id == job.id) {
+        job.set_end(outcome, took);
+        if gate.running.as_ref().is_some_and(|j| j.id() == job.id()) {
             gate.running = None;
         }
     }
@@ -536,12 +512,11 @@ impl Controller {
     /// Forgets a job that never got going (the store refused it), so that its id is not
     /// listed for a request that was answered with an error.
     pub fn forget(&self, job: &Job) {
-        lock(&self.jobs).table.remove(&job.id);
+        lock(&self.jobs).table.remove(&job.id());
     }
 
     /// A job by its id.
-    pub fn job(&self, id: &str) -> Option<Arc<Job>> {
-        let id: u64 = id.parse().ok()?;
+    pub fn job(&self, id: u64) -> Option<Arc<Job>> {
         lock(&self.jobs).table.get(&id).cloned()
     }
 
@@ -551,7 +526,7 @@ impl Controller {
     }
 
     /// Checkpoint counters.
-    pub fn counters(&self) -> CheckpointCounters {
+    pub fn counters(&self) -> Counters {
         lock(&self.jobs).counters.clone()
     }
 
@@ -573,41 +548,23 @@ impl Controller {
         self.vm().stop();
     }
 
-    /// Returns the running VM to the checkpoint in `store` (named `from` by the client) without
-    /// a new process: the checkpoint is restored into a new VM, which becomes current, and the
-    /// old VM is stopped. Refused while a checkpoint runs or a client holds a pause. If the
-    /// checkpoint is incomplete or corrupt, `Vm::restore` refuses it and the old VM resumes as
-    /// it was.
-    pub fn rollback(
-        &self,
-        store: &StoreSpec,
-        from: &str,
-        eager: bool,
-    ) -> Result<RolledBack, ControlError> {
+    /// Returns the running VM to the checkpoint at `from` without a new process: the
+    /// checkpoint is restored into a new VM, which becomes current, and the old VM is stopped.
+    /// Refused while a checkpoint runs or a client holds a pause. If the checkpoint is
+    /// incomplete or corrupt, `Vm::restore` refuses it and the old VM resumes as it was.
+    pub fn rollback(&self, from: &StoreAddress, eager: bool) -> Result<RolledBack, ControlError> {
+        let store = self.store_for_rollback(from)?;
         self.check_alive()?;
         let old = {
             let gate = lock(&self.gate);
             if gate.stopping {
                 return Err(ControlError::Conflict("the VM is stopping".into()));
             }
-            if self.rolling_back.load(Ordering::Acquire) {
-                return Err(ControlError::Conflict("a rollback is in progress".into()));
-            }
-            if let Some(job) = &gate.running {
-                return Err(ControlError::Conflict(format!(
-                    "checkpoint {} is in progress; roll back after it completes",
-                    job.id()
-                )));
-            }
-            if gate.held.is_some() {
-                return Err(ControlError::Conflict(
-                    "the VM is paused; resume it before rolling back".into(),
-                ));
-            }
+            self.refuse_if_busy(&gate, Wants::Rollback)?;
             self.rolling_back.store(true, Ordering::Release);
             self.vm()
         };
-        let result = self.replace(&old, store, from, eager);
+        let result = self.replace(&old, &store, from, eager);
         let _gate = lock(&self.gate);
         self.rolling_back.store(false, Ordering::Release);
         result
@@ -617,7 +574,7 @@ impl Controller {
         &self,
         old: &Arc<Vm>,
         store: &StoreSpec,
-        from: &str,
+        from: &StoreAddress,
         eager: bool,
     ) -> Result<RolledBack, ControlError> {
         let start = Instant::now();
@@ -646,7 +603,7 @@ impl Controller {
             *self.current.write().unwrap_or_else(|p| p.into_inner()) = Current {
                 vm: new.clone(),
                 started: Instant::now(),
-                restored_from: Some(from.to_string()),
+                restored_from: Some(from.clone()),
             };
             gate.stopping
         };
@@ -661,23 +618,12 @@ impl Controller {
             downtime: start.elapsed(),
         };
         info!(
-            from,
+            %from,
             eager,
             restore_us = took.restore.as_micros() as u64,
             downtime_us = took.downtime.as_micros() as u64,
             "VM rolled back"
         );
         Ok(took)
-    }
-}
-
-impl ControlError {
-    /// Turns a failed job's outcome into the error a synchronous request reports.
-    pub fn from_outcome(refused_by_store: Option<bool>, message: String) -> ControlError {
-        match refused_by_store {
-            Some(true) => ControlError::StoreConflict(message),
-            Some(false) => ControlError::BadStore(message),
-            None => ControlError::Checkpoint(message),
-        }
     }
 }

@@ -1,11 +1,9 @@
-//! `cowvm bench checkpoint`: live checkpoints of a guest that dirties its memory at full speed,
-//! for each memory size and strategy, side by side in one run: pause (VMM-reported and as the
-//! guest saw it), guest progress during the checkpoint, total time against `dd` writing the same
-//! bytes to the same filesystem, bytes written, pages saved by fault and in the background.
+//! What the benchmarks share: the sizes they measure, the guest's progress stamps and what they
+//! say about a checkpoint, the row of a measured checkpoint, and `dd` as the yardstick.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,43 +13,151 @@ use serde::Serialize;
 use vmm::{CheckpointRequest, Progress, StoreSpec};
 use vmm::{Console, MemSize, Vm};
 
-use crate::plot::{line_chart, Chart, Series};
-use crate::VmArgs;
+use crate::cli::{HugePagesArg, VmArgs};
 
-#[derive(clap::Args, Debug)]
-pub struct CheckpointBenchArgs {
-    /// The test guest kernel.
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Guest memory sizes.
-    #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
-    sizes: Vec<String>,
-    /// Strategies to compare.
-    #[arg(long, value_delimiter = ',', default_value = "uffd,fork,stop")]
-    strategies: Vec<String>,
-    /// Share of guest memory the workload dirties, in percent.
-    #[arg(long, default_value_t = 100)]
-    dirty_percent: u64,
-    /// Only 256 MiB.
-    #[arg(long)]
-    quick: bool,
-    /// Transparent huge pages for guest memory.
-    #[arg(long, value_enum, default_value_t = crate::HugePagesArg::None)]
-    hugepages: crate::HugePagesArg,
-    /// Directory for the checkpoints and the `dd` file (removed after each run).
-    #[arg(long, default_value = "target/bench/checkpoints")]
-    store_dir: PathBuf,
-    /// Directory for the plots.
-    #[arg(long, default_value = "target/bench")]
-    plot_dir: PathBuf,
-    /// Print JSON rows instead of a table.
-    #[arg(long)]
-    json: bool,
+/// Time the guest runs undisturbed before a checkpoint, and after it.
+pub const SETTLE: Duration = Duration::from_millis(600);
+
+/// How to boot a one-vCPU test guest of `mem` bytes running `cmdline`.
+pub fn guest_args(kernel: &Path, cmdline: String, mem: u64) -> VmArgs {
+    VmArgs {
+        kernel: kernel.to_path_buf(),
+        initrd: None,
+        cmdline,
+        mem: MemSize(mem).to_string(),
+        vcpus: 1,
+        hugepages: HugePagesArg::None,
+        disks: Vec::new(),
+    }
+}
+
+/// A checkpoint into the directory `dir` with `strategy` and the default policies.
+pub fn dir_checkpoint(dir: &Path, strategy: Strategy) -> CheckpointRequest {
+    CheckpointRequest {
+        store: StoreSpec::Dir(dir.to_path_buf()),
+        options: CheckpointOptions {
+            strategy,
+            ..Default::default()
+        },
+        pause_probe: None,
+    }
+}
+
+/// Boots the `dirty` guest of `vm_args`, lets it warm up (within `boot_wait`) and run
+/// undisturbed, takes a checkpoint into `dir` (replacing what is there), lets the guest run on,
+/// and stops it. Returns the checkpoint and the guest's progress stamps around it.
+pub fn live_checkpoint(
+    vm_args: &VmArgs,
+    dir: &Path,
+    strategy: Strategy,
+    boot_wait: Duration,
+) -> anyhow::Result<(Taken, Stamps)> {
+    let stamps = Stamps::default();
+    let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(stamps.clone())))?)?;
+    // Warm up: the first passes populate memory; then measure the undisturbed rate.
+    if !stamps.wait_for(3, boot_wait) {
+        bail!("the guest printed no progress in {boot_wait:?}");
+    }
+    let base_start = Instant::now();
+    std::thread::sleep(SETTLE);
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    let t0 = Instant::now();
+    let manifest = vm.checkpoint(&dir_checkpoint(dir, strategy), &Progress::default())?;
+    let t1 = Instant::now();
+    std::thread::sleep(SETTLE);
+    if let Some(exit) = vm.exit_status() {
+        bail!("the guest stopped during the benchmark: {exit}");
+    }
+    vm.stop();
+    let m = &manifest.metrics;
+    let taken = Taken {
+        window: Window { base_start, t0, t1 },
+        pause_us: m.pause_us,
+        total_us: m.total_us,
+        bytes: m.bytes_written,
+        pages: Some((m.pages_saved_by_fault, m.pages_saved_in_background)),
+    };
+    Ok((taken, stamps))
+}
+
+/// What a checkpoint of either system yields before the guest view is computed.
+pub struct Taken {
+    /// The measurement's instants.
+    pub window: Window,
+    /// VMM-reported pause.
+    pub pause_us: u64,
+    /// From the request to the completion.
+    pub total_us: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Pages saved by fault and in the background (cowvm only).
+    pub pages: Option<(u64, u64)>,
+}
+
+/// What a row measures: the system, its method, the guest memory size and the workload.
+pub struct Subject {
+    /// `cowvm` or `qemu`.
+    pub system: String,
+    /// Strategy.
+    pub method: String,
+    /// Guest memory in bytes.
+    pub mem: u64,
+    /// Workload description.
+    pub workload: String,
+}
+
+impl Row {
+    /// The row of a checkpoint `taken` while the guest printed `stamps`, next to `dd` writing
+    /// as many bytes into `dd_dir`.
+    pub fn measured(
+        subject: Subject,
+        taken: &Taken,
+        stamps: &Stamps,
+        dd_dir: &Path,
+        restore_us: Option<u64>,
+    ) -> anyhow::Result<Row> {
+        let view = guest_view(&stamps.snapshot(), &taken.window)?;
+        let dd_took = dd(dd_dir, taken.bytes)?;
+        Ok(Row {
+            system: subject.system,
+            method: subject.method,
+            mem_mib: subject.mem >> 20,
+            workload: subject.workload,
+            pause_us: taken.pause_us,
+            guest_pause_us: view.guest_pause_us,
+            guest_progress: view.guest_progress,
+            total_us: taken.total_us,
+            bytes_written: taken.bytes,
+            dd_us: dd_took.as_micros() as u64,
+            total_vs_dd: taken.total_us as f64 / dd_took.as_micros().max(1) as f64,
+            pages_saved_by_fault: taken.pages.map(|p| p.0),
+            pages_saved_in_background: taken.pages.map(|p| p.1),
+            restore_us,
+            timeline: view.timeline,
+        })
+    }
+}
+
+/// The guest memory sizes a benchmark measures: `--sizes`, or only 256 MiB with `--quick`.
+pub fn memory_sizes(quick: bool, sizes: &[String]) -> anyhow::Result<Vec<u64>> {
+    if quick {
+        return Ok(vec![256 << 20]);
+    }
+    sizes
+        .iter()
+        .map(|s| {
+            s.parse::<vmm::MemSize>()
+                .map(|m| m.0)
+                .with_context(|| format!("--sizes {s}"))
+        })
+        .collect()
 }
 
 /// One measured checkpoint.
 #[derive(Debug, Serialize)]
-pub(crate) struct Row {
+pub struct Row {
     /// `cowvm` or `qemu`.
     pub system: String,
     /// Strategy.
@@ -89,7 +195,7 @@ pub(crate) struct Row {
 
 /// One `dirty pass=<n> tsc=<t>` line and when it reached the host.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Stamp {
+pub struct Stamp {
     /// Arrival on the host.
     pub at: Instant,
     /// Pass number.
@@ -108,7 +214,7 @@ struct StampLog {
 /// Console sink that records progress stamps with their arrival time (the same for every
 /// system: cowvm writes the console into it, the QEMU runner copies QEMU's serial output in).
 #[derive(Clone, Default)]
-pub(crate) struct Stamps(Arc<Mutex<StampLog>>);
+pub struct Stamps(Arc<Mutex<StampLog>>);
 
 fn parse_stamp(line: &str) -> Option<(u64, u64)> {
     // Firmware output may precede the first stamp on its line.
@@ -139,7 +245,7 @@ impl Write for Stamps {
 }
 
 impl Stamps {
-    pub(crate) fn snapshot(&self) -> Vec<Stamp> {
+    pub fn snapshot(&self) -> Vec<Stamp> {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -148,7 +254,7 @@ impl Stamps {
     }
 
     /// Waits until `n` stamps have arrived; false after `timeout`.
-    pub(crate) fn wait_for(&self, n: usize, timeout: Duration) -> bool {
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> bool {
         let start = Instant::now();
         while self.snapshot().len() < n {
             if start.elapsed() > timeout {
@@ -175,14 +281,14 @@ fn passes_at(stamps: &[Stamp], t: Instant) -> f64 {
 
 /// The instants of a measurement: undisturbed from `base_start` to `t0`, checkpoint from `t0`
 /// (the request) to `t1` (complete, the VM running).
-pub(crate) struct Window {
+pub struct Window {
     pub base_start: Instant,
     pub t0: Instant,
     pub t1: Instant,
 }
 
 /// What the progress stamps say about a checkpoint.
-pub(crate) struct GuestView {
+pub struct GuestView {
     pub guest_progress: f64,
     pub guest_pause_us: u64,
     pub timeline: Vec<(f64, f64)>,
@@ -192,7 +298,7 @@ pub(crate) struct GuestView {
 /// between consecutive stamps is measured with the guest's own TSC (calibrated against the
 /// host clock over the undisturbed interval), or with arrival times where those are longer
 /// (a hypervisor may hold the guest TSC still while the VM is stopped).
-pub(crate) fn guest_view(stamps: &[Stamp], w: &Window) -> anyhow::Result<GuestView> {
+pub fn guest_view(stamps: &[Stamp], w: &Window) -> anyhow::Result<GuestView> {
     let (t0, t1) = (w.t0, w.t1);
     let base_rate = (passes_at(stamps, t0) - passes_at(stamps, w.base_start))
         / (t0 - w.base_start).as_secs_f64();
@@ -247,7 +353,7 @@ pub(crate) fn guest_view(stamps: &[Stamp], w: &Window) -> anyhow::Result<GuestVi
     })
 }
 
-pub(crate) fn parse_strategy(s: &str) -> anyhow::Result<Strategy> {
+pub fn parse_strategy(s: &str) -> anyhow::Result<Strategy> {
     Ok(match s {
         "uffd" => Strategy::Uffd,
         "fork" => Strategy::Fork,
@@ -257,7 +363,7 @@ pub(crate) fn parse_strategy(s: &str) -> anyhow::Result<Strategy> {
 }
 
 /// Time for `dd` to write `bytes` with fsync into `dir`.
-pub(crate) fn dd(dir: &Path, bytes: u64) -> anyhow::Result<Duration> {
+pub fn dd(dir: &Path, bytes: u64) -> anyhow::Result<Duration> {
     let file = dir.join("dd.bin");
     let start = Instant::now();
     let status = Command::new("dd")
@@ -277,181 +383,9 @@ pub(crate) fn dd(dir: &Path, bytes: u64) -> anyhow::Result<Duration> {
 
 /// Working set of the `dirty` guest: `percent` of memory, within low RAM (below 3 GiB), minus
 /// room for the guest image.
-pub(crate) fn working_set(mem: u64, percent: u64) -> u64 {
+pub fn working_set(mem: u64, percent: u64) -> u64 {
     let usable = mem.min(3 << 30) - (32 << 20);
     (usable * percent / 100) & !((2 << 20) - 1)
-}
-
-fn measure(args: &CheckpointBenchArgs, mem: u64, strategy: Strategy) -> anyhow::Result<Row> {
-    let ws = working_set(mem, args.dirty_percent);
-    let stamps = Stamps::default();
-    let vm_args = VmArgs {
-        kernel: args.kernel.clone(),
-        initrd: None,
-        cmdline: format!("dirty mem={}K fill=1 every=1", ws >> 10),
-        mem: MemSize(mem).to_string(),
-        vcpus: 1,
-        hugepages: args.hugepages,
-        disks: Vec::new(),
-    };
-    let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(stamps.clone())))?)?;
-    // Warm up: the first passes populate memory; then measure the undisturbed rate.
-    if !stamps.wait_for(3, Duration::from_secs(60)) {
-        bail!("the guest printed no progress within a minute");
-    }
-    let base_start = Instant::now();
-    std::thread::sleep(Duration::from_millis(600));
-    let dir = args
-        .store_dir
-        .join(format!("ckpt-{}-{:?}", mem >> 20, strategy).to_lowercase());
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
-    }
-    let request = CheckpointRequest {
-        store: StoreSpec::Dir(dir.clone()),
-        options: CheckpointOptions {
-            strategy,
-            ..Default::default()
-        },
-        pause_probe: None,
-    };
-    let t0 = Instant::now();
-    let manifest = vm.checkpoint(&request, &Progress::default())?;
-    let t1 = Instant::now();
-    std::thread::sleep(Duration::from_millis(600));
-    if let Some(exit) = vm.exit_status() {
-        bail!("the guest stopped during the benchmark: {exit}");
-    }
-    vm.stop();
-    drop(vm);
-    let view = guest_view(&stamps.snapshot(), &Window { base_start, t0, t1 })?;
-
-    let m = &manifest.metrics;
-    let dd_took = dd(&args.store_dir, m.bytes_written)?;
-    std::fs::remove_dir_all(&dir).ok();
-    Ok(Row {
-        system: "cowvm".into(),
-        method: format!("{strategy:?}").to_lowercase(),
-        mem_mib: mem >> 20,
-        workload: format!("dirty {}% fill", args.dirty_percent),
-        pause_us: m.pause_us,
-        guest_pause_us: view.guest_pause_us,
-        guest_progress: view.guest_progress,
-        total_us: m.total_us,
-        bytes_written: m.bytes_written,
-        dd_us: dd_took.as_micros() as u64,
-        total_vs_dd: m.total_us as f64 / dd_took.as_micros().max(1) as f64,
-        pages_saved_by_fault: Some(m.pages_saved_by_fault),
-        pages_saved_in_background: Some(m.pages_saved_in_background),
-        restore_us: None,
-        timeline: view.timeline,
-    })
-}
-
-pub fn run(args: CheckpointBenchArgs) -> anyhow::Result<ExitCode> {
-    let sizes = crate::bench::memory_sizes(args.quick, &args.sizes)?;
-    if !(1..=100).contains(&args.dirty_percent) {
-        bail!("--dirty-percent must be between 1 and 100");
-    }
-    let strategies = args
-        .strategies
-        .iter()
-        .map(|s| parse_strategy(s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    std::fs::create_dir_all(&args.store_dir)
-        .with_context(|| format!("create {}", args.store_dir.display()))?;
-    let mut rows = Vec::new();
-    for &mem in &sizes {
-        for &strategy in &strategies {
-            eprintln!("measuring {strategy:?} at {}...", MemSize(mem));
-            rows.push(measure(&args, mem, strategy)?);
-        }
-    }
-    print_rows(&rows, args.json)?;
-    plot(&args.plot_dir, &rows, &strategies)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-fn print_rows(rows: &[Row], json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
-        return Ok(());
-    }
-    println!(
-        "{:>6} {:>6} {:>10} {:>12} {:>8} {:>10} {:>10} {:>7} {:>9} {:>9}",
-        "method",
-        "MiB",
-        "pause µs",
-        "guest µs",
-        "progress",
-        "total ms",
-        "MB written",
-        "vs dd",
-        "by fault",
-        "in bg"
-    );
-    for r in rows {
-        println!(
-            "{:>6} {:>6} {:>10} {:>12} {:>7.0}% {:>10.1} {:>10.1} {:>6.2}x {:>9} {:>9}",
-            r.method,
-            r.mem_mib,
-            r.pause_us,
-            r.guest_pause_us,
-            r.guest_progress * 100.0,
-            r.total_us as f64 / 1e3,
-            r.bytes_written as f64 / 1e6,
-            r.total_vs_dd,
-            r.pages_saved_by_fault.unwrap_or(0),
-            r.pages_saved_in_background.unwrap_or(0)
-        );
-    }
-    Ok(())
-}
-
-fn plot(dir: &Path, rows: &[Row], strategies: &[Strategy]) -> anyhow::Result<()> {
-    let name = |s: &Strategy| format!("{s:?}").to_lowercase();
-    let pause: Vec<Series> = strategies
-        .iter()
-        .map(|s| Series {
-            label: format!("cowvm {}", name(s)),
-            points: rows
-                .iter()
-                .filter(|r| r.method == name(s))
-                .map(|r| (r.mem_mib as f64, r.pause_us as f64 / 1e3))
-                .collect(),
-        })
-        .collect();
-    line_chart(
-        &dir.join("checkpoint-pause.svg"),
-        &Chart {
-            title: "VM pause of a live checkpoint vs guest memory",
-            x_label: "guest memory (MiB, log scale)",
-            y_label: "pause (ms)",
-            log_x: true,
-        },
-        &pause,
-    )?;
-    let largest = rows.iter().map(|r| r.mem_mib).max().unwrap_or(0);
-    let progress: Vec<Series> = rows
-        .iter()
-        .filter(|r| r.mem_mib == largest)
-        .map(|r| Series {
-            label: format!("cowvm {}", r.method),
-            points: r.timeline.clone(),
-        })
-        .collect();
-    line_chart(
-        &dir.join("checkpoint-progress.svg"),
-        &Chart {
-            title: "guest progress around a checkpoint (largest size)",
-            x_label: "time since the checkpoint request (ms)",
-            y_label: "progress / undisturbed progress",
-            log_x: false,
-        },
-        &progress,
-    )?;
-    eprintln!("plots written to {}", dir.display());
-    Ok(())
 }
 
 #[cfg(test)]

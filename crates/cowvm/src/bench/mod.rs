@@ -9,21 +9,29 @@ use clap::Subcommand;
 use serde::Serialize;
 use vmm::{Console, Vm};
 
-use crate::plot::{line_chart, Chart, Series};
-use crate::VmArgs;
+mod checkpoint;
+mod common;
+mod compare;
+mod disk;
+mod plot;
+mod restore;
+
+use self::common::guest_args;
+use self::plot::{line_chart, Chart, Series};
+use crate::cli::VmArgs;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Pause/resume latency of a running guest: the floor of every checkpoint pause.
     Pause(PauseArgs),
     /// Restore latency (lazy vs eager) and clone density.
-    Restore(crate::bench_restore::RestoreBenchArgs),
+    Restore(restore::RestoreBenchArgs),
     /// Live checkpoints of a guest dirtying memory at full speed, per size and strategy.
-    Checkpoint(crate::bench_checkpoint::CheckpointBenchArgs),
-    /// cowvm's checkpoints side by side with QEMU's on the same guest (issue 7).
-    Compare(crate::bench_compare::CompareArgs),
-    /// Guest disk IOPS through virtio-blk on raw and qcow2, next to the host (issue 4).
-    Disk(crate::disk_cmd::DiskBenchArgs),
+    Checkpoint(checkpoint::CheckpointBenchArgs),
+    /// cowvm's checkpoints side by side with QEMU's on the same guest.
+    Compare(compare::CompareArgs),
+    /// Guest disk IOPS through virtio-blk on raw and qcow2, next to the host.
+    Disk(disk::DiskBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -51,28 +59,13 @@ pub struct PauseArgs {
     plot: PathBuf,
 }
 
-/// The guest memory sizes a benchmark measures: `--sizes`, or only 256 MiB with `--quick`.
-pub fn memory_sizes(quick: bool, sizes: &[String]) -> anyhow::Result<Vec<u64>> {
-    if quick {
-        return Ok(vec![256 << 20]);
-    }
-    sizes
-        .iter()
-        .map(|s| {
-            s.parse::<vmm::MemSize>()
-                .map(|m| m.0)
-                .with_context(|| format!("--sizes {s}"))
-        })
-        .collect()
-}
-
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Pause(args) => pause(args),
-        BenchCommand::Checkpoint(args) => crate::bench_checkpoint::run(args),
-        BenchCommand::Compare(args) => crate::bench_compare::run(args),
-        BenchCommand::Restore(args) => crate::bench_restore::run(args),
-        BenchCommand::Disk(args) => crate::disk_cmd::bench(args),
+        BenchCommand::Checkpoint(args) => checkpoint::run(args),
+        BenchCommand::Compare(args) => compare::run(args),
+        BenchCommand::Restore(args) => restore::run(args),
+        BenchCommand::Disk(args) => disk::run(args),
     }
 }
 
@@ -120,13 +113,9 @@ fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     for &vcpus in &args.vcpus {
         let vm_args = VmArgs {
-            kernel: args.kernel.clone(),
-            initrd: None,
-            cmdline: "dirty mem=32M every=1000000".to_string(),
             mem: args.mem.clone(),
             vcpus,
-            hugepages: crate::HugePagesArg::None,
-            disks: Vec::new(),
+            ..guest_args(&args.kernel, "dirty mem=32M every=1000000".into(), 0)
         };
         let vm = Vm::boot(vm_args.config(Console::Writer(Box::new(std::io::sink())))?)?;
         // Let the guest reach its workload before measuring.

@@ -1,0 +1,129 @@
+//! `cowvm disk create | commit` and the `--disk` option of `cowvm run`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use vmm::DiskConfig;
+use vmm::MemSize;
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCommand {
+    /// Create a qcow2 image, optionally as a copy-on-write overlay over a backing file.
+    Create {
+        /// Virtual size such as 1G (default with --backing: the backing file's size).
+        #[arg(long)]
+        size: Option<String>,
+        /// Backing file (raw or qcow2, probed), stored as given.
+        #[arg(long)]
+        backing: Option<PathBuf>,
+        /// The new image.
+        out: PathBuf,
+    },
+    /// Write an overlay's clusters into its backing file (the overlay is kept).
+    Commit {
+        /// The overlay to commit.
+        top: PathBuf,
+    },
+}
+
+/// Parses `PATH[,readonly][,delay_ms=N]`.
+pub fn parse_disk(arg: &str) -> anyhow::Result<DiskConfig> {
+    let mut parts = arg.split(',');
+    let path = parts.next().filter(|p| !p.is_empty());
+    let Some(path) = path else {
+        bail!("--disk {arg:?}: expected PATH[,readonly][,delay_ms=N]");
+    };
+    let mut config = DiskConfig {
+        path: PathBuf::from(path),
+        ..DiskConfig::default()
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "readonly" => config.readonly = true,
+            Some(("delay_ms", n)) => {
+                config.delay_ms = n
+                    .parse()
+                    .with_context(|| format!("--disk {arg:?}: bad delay_ms {n:?}"))?
+            }
+            _ => bail!("--disk {arg:?}: unknown option {opt:?} (readonly, delay_ms=N)"),
+        }
+    }
+    Ok(config)
+}
+
+pub fn run(cmd: DiskCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DiskCommand::Create { size, backing, out } => create(size.as_deref(), backing, &out),
+        DiskCommand::Commit { top } => commit(&top),
+    }
+}
+
+fn create(size: Option<&str>, backing: Option<PathBuf>, out: &Path) -> anyhow::Result<ExitCode> {
+    let size = size
+        .map(|s| s.parse::<MemSize>().with_context(|| format!("--size {s}")))
+        .transpose()?
+        .map(|m| m.0);
+    if size.is_none() && backing.is_none() {
+        bail!("--size is required without --backing");
+    }
+    let backing = match &backing {
+        Some(b) => {
+            // Relative names are relative to the new image's directory, as in QEMU.
+            let resolved = match out.parent() {
+                Some(dir) if b.is_relative() => dir.join(b),
+                _ => b.clone(),
+            };
+            let format = disk::probe_format(&resolved)
+                .with_context(|| format!("backing file {}", resolved.display()))?;
+            Some((b.as_path(), format))
+        }
+        None => None,
+    };
+    disk::create_qcow2(
+        out,
+        &disk::CreateOptions {
+            size,
+            backing,
+            ..disk::CreateOptions::default()
+        },
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn commit(top: &Path) -> anyhow::Result<ExitCode> {
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .context("progress bar template")?
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("commit {}", top.display()));
+        Some(bar)
+    } else {
+        None
+    };
+    let stats = disk::commit(top, &mut |done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    eprintln!(
+        "committed {} clusters ({} bytes) of {} into {}",
+        stats.clusters,
+        stats.bytes,
+        top.display(),
+        stats.base.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
