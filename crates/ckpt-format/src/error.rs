@@ -137,6 +137,22 @@ pub enum Error {
     /// Refusing to write over an existing checkpoint.
     #[error("{} already holds {} checkpoint", path.display(), if *complete { "a complete" } else { "an incomplete" })]
     CheckpointExists { path: PathBuf, complete: bool },
+    /// A store file that is a symbolic link or not a regular file: never followed, never used.
+    #[error("refusing {}: {what}", path.display())]
+    UnsafeStoreFile { path: PathBuf, what: &'static str },
+    /// A store path that resolves into /proc, /sys or /dev, or cannot be resolved safely.
+    #[error("refusing store {}: {reason}", path.display())]
+    StorePathRefused { path: PathBuf, reason: String },
+    /// A file or device without a raw-store header: never written as a raw store.
+    #[error("{} is not an initialised raw store", path.display())]
+    NotRawStore {
+        path: PathBuf,
+        #[source]
+        header: Box<Error>,
+    },
+    /// Initialising a raw store would destroy existing content, or cannot be done.
+    #[error("refusing to initialise raw store {}: {reason}", path.display())]
+    RawInitRefused { path: PathBuf, reason: String },
 
     // ---- state encoding helpers ----
     /// Encoding the device state to CBOR failed.

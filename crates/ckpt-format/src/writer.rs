@@ -186,8 +186,10 @@ impl MemoryWriter {
     }
 }
 
-/// Writes one checkpoint into a store. Dropping it without [`finish`](Self::finish) leaves an
-/// incomplete checkpoint that readers refuse.
+/// Writes one checkpoint into a store. If [`finish`](Self::finish) fails, or the writer is
+/// dropped without it, what the checkpoint wrote is discarded ([`StoreWriter::discard`]): a
+/// directory store loses the files this checkpoint created, a raw store is left initialised and
+/// empty. Only the process that created the writer discards: a forked child's copy never does.
 #[derive(Debug)]
 pub struct CheckpointWriter {
     store: Arc<dyn StoreWriter>,
@@ -199,6 +201,17 @@ pub struct CheckpointWriter {
     options: CheckpointOptions,
     metrics: Metrics,
     created: (u64, String),
+    /// The process whose writer this is, and which alone discards an unfinished checkpoint;
+    /// `None` once finished or discarded, and in a [`fork_copy`](Self::fork_copy).
+    discarder: Option<u32>,
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        if let Err(e) = self.discard_unfinished() {
+            tracing::warn!(store = %self.store.describe(), "cannot discard an unfinished checkpoint: {e}");
+        }
+    }
 }
 
 impl CheckpointWriter {
@@ -230,7 +243,21 @@ impl CheckpointWriter {
             options: CheckpointOptions::default(),
             metrics: Metrics::default(),
             created: now(),
+            discarder: Some(std::process::id()),
         })
+    }
+
+    /// Abandons the checkpoint, removing what it wrote (see the type's documentation), and
+    /// reports whether that worked — as dropping the writer does, silently but for a log line.
+    pub fn discard(mut self) -> Result<()> {
+        self.discard_unfinished()
+    }
+
+    fn discard_unfinished(&mut self) -> Result<()> {
+        match self.discarder.take() {
+            Some(pid) if pid == std::process::id() => self.store.discard(),
+            _ => Ok(()),
+        }
     }
 
     /// The memory writer. Clone the `Arc` to hand it to threads; all clones must be dropped
@@ -371,6 +398,7 @@ impl CheckpointWriter {
             options: self.options,
             metrics: self.metrics.clone(),
             created: self.created.clone(),
+            discarder: None,
         }
     }
 
@@ -424,6 +452,7 @@ impl CheckpointWriter {
         // then writes the marker and makes it durable itself.
         self.store.sync()?;
         self.store.commit(&manifest.sections, &manifest_entry)?;
+        self.discarder = None;
         Ok(manifest)
     }
 }

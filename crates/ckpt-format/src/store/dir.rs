@@ -8,14 +8,21 @@
 //! <dir>/COMPLETE        completion marker, written last (by rename), holding the manifest's
 //!                       length and checksum
 //! ```
+//!
+//! The directory may be reached through symbolic links, but none of them may lead into /proc,
+//! /sys or /dev; the files in it are never symbolic links (see [`super`]). A checkpoint that
+//! fails before its marker removes the files it wrote; the directory stays, empty of them.
 
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 
-use super::{read_exact_at, Layout, Location, MemorySource, Store, StoreReader, StoreWriter};
+use super::{
+    open_regular, read_exact_at, Layout, Location, MemorySource, Store, StoreReader, StoreWriter,
+};
 use crate::checksum::Checksum;
 use crate::error::{Error, Result};
 use crate::manifest::{Section, SectionEntry};
@@ -27,6 +34,12 @@ const PAGE_INDEX: &str = "page-index.bin";
 const COMPLETE: &str = "COMPLETE";
 const COMPLETE_TMP: &str = "COMPLETE.tmp";
 const MARKER_HEADER: &str = "cowvm-checkpoint complete";
+/// Every name a checkpoint may leave in its directory, temporary files included.
+const ALL_FILES: [&str; 6] = [MANIFEST, STATE, MEMORY, PAGE_INDEX, COMPLETE, COMPLETE_TMP];
+/// Pseudo-filesystems a directory store never writes into nor reads from.
+const FORBIDDEN_ROOTS: [&str; 3] = ["/proc", "/sys", "/dev"];
+/// Symbolic links followed while resolving a store directory, as the kernel allows.
+const MAX_LINKS: u32 = 40;
 
 /// What [`DirStore::create`](Store::create) may overwrite.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -72,8 +85,97 @@ impl DirStore {
 
     /// Whether the directory holds a complete checkpoint (a completion marker).
     pub fn is_complete(&self) -> bool {
-        self.dir.join(COMPLETE).exists()
+        fs::symlink_metadata(self.dir.join(COMPLETE)).is_ok_and(|m| m.is_file())
     }
+}
+
+/// Resolves `dir` one symbolic link at a time and refuses it if any step of the way lies in
+/// /proc, /sys or /dev (so `/proc/self/cwd`, or a link to it, is refused although it resolves
+/// elsewhere). Components that do not exist yet are taken as they are written.
+fn check_store_dir(dir: &Path) -> Result<()> {
+    let refuse = |reason: String| {
+        Err(Error::StorePathRefused {
+            path: dir.to_path_buf(),
+            reason,
+        })
+    };
+    let absolute = std::path::absolute(dir).map_err(|e| Error::io("resolve", dir, e))?;
+    // Components still to resolve, the next one last.
+    let mut pending: Vec<OsString> = Vec::new();
+    push_components(&mut pending, &absolute);
+    let mut resolved = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(name) = pending.pop() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let next = resolved.join(&name);
+        if let Some(root) = FORBIDDEN_ROOTS.iter().find(|r| next.starts_with(r)) {
+            return refuse(format!("{} is under {root}", next.display()));
+        }
+        match fs::symlink_metadata(&next) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return refuse("too many symbolic links".into());
+                }
+                let target = fs::read_link(&next).map_err(|e| Error::io("resolve", &next, e))?;
+                if target.is_absolute() {
+                    resolved = PathBuf::from("/");
+                }
+                push_components(&mut pending, &target);
+            }
+            Ok(_) => resolved = next,
+            Err(e) if e.kind() == ErrorKind::NotFound => resolved = next,
+            Err(e) => return Err(Error::io("resolve", &next, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Pushes the components of `path` (root and `.` dropped) so that the first is popped first.
+fn push_components(pending: &mut Vec<OsString>, path: &Path) {
+    let names: Vec<OsString> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+        .collect();
+    pending.extend(names.into_iter().rev());
+}
+
+/// Whether `path` exists; a symbolic link or anything but a regular file there is refused.
+fn regular_file_exists(path: &Path) -> Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::UnsafeStoreFile {
+            path: path.to_path_buf(),
+            what: "a symbolic link",
+        }),
+        Ok(m) if !m.is_file() => Err(Error::UnsafeStoreFile {
+            path: path.to_path_buf(),
+            what: "not a regular file",
+        }),
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io("stat", path, e)),
+    }
+}
+
+/// Creates the new file `path` for writing: never over an existing file or link.
+fn create_new(path: &Path) -> Result<File> {
+    open_regular(
+        OpenOptions::new().read(true).write(true).create_new(true),
+        "create",
+        path,
+    )
+}
+
+/// Opens the existing regular file `path` for reading, never through a symbolic link.
+fn open_existing(path: &Path) -> Result<File> {
+    open_regular(OpenOptions::new().read(true), "open", path)
 }
 
 fn file_of(section: Section) -> &'static str {
@@ -98,7 +200,7 @@ fn section_named(name: &str) -> Option<Section> {
 
 fn remove_if_present(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io("remove", path, e)),
         _ => Ok(()),
     }
 }
@@ -112,9 +214,18 @@ fn sync_dir(dir: &Path) -> Result<()> {
 impl Store for DirStore {
     fn create(&self, layout: &Layout) -> Result<Box<dyn StoreWriter>> {
         let dir = &self.dir;
+        check_store_dir(dir)?;
         fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+        // Again, now that it exists: a component may have appeared as a link meanwhile.
+        check_store_dir(dir)?;
+        let mut present = Vec::new();
+        for name in ALL_FILES {
+            if regular_file_exists(&dir.join(name))? {
+                present.push(name);
+            }
+        }
         let complete = dir.join(COMPLETE);
-        if complete.exists() {
+        if present.contains(&COMPLETE) {
             if self.overwrite != Overwrite::Any {
                 return Err(Error::CheckpointExists {
                     path: dir.clone(),
@@ -127,38 +238,41 @@ impl Store for DirStore {
             remove_if_present(&complete)?;
             sync_dir(dir)?;
         } else if self.overwrite == Overwrite::Never
-            && Self::FILES.iter().any(|f| dir.join(f).exists())
+            && present.iter().any(|f| Self::FILES.contains(f))
         {
             return Err(Error::CheckpointExists {
                 path: dir.clone(),
                 complete: false,
             });
         }
-        for stale in [MANIFEST, STATE, PAGE_INDEX, COMPLETE_TMP] {
+        // From here on every checkpoint name in the directory is this checkpoint's: the old
+        // files are removed, and the new ones are created afresh (O_EXCL), so `discard` can
+        // remove them all.
+        for stale in ALL_FILES {
             remove_if_present(&dir.join(stale))?;
         }
         let mem_path = dir.join(MEMORY);
-        // Truncate then extend: the whole image becomes a hole, so zero pages (never written)
-        // read as zero.
-        let memory = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&mem_path)
-            .map_err(|e| Error::io("create", &mem_path, e))?;
-        memory
-            .set_len(layout.mem_size)
-            .map_err(|e| Error::io_section("extend", "memory", &mem_path, e))?;
-        Ok(Box::new(DirWriter {
+        let writer = DirWriter {
             dir: dir.clone(),
+            memory: create_new(&mem_path)?,
             mem_path,
             mem_size: layout.mem_size,
-            memory,
-        }))
+        };
+        // A new file extended to its size is one hole, so zero pages (never written) read as
+        // zero.
+        writer
+            .memory
+            .set_len(layout.mem_size)
+            .map_err(|e| Error::io_section("extend", "memory", &writer.mem_path, e))
+            .inspect_err(|_| {
+                // The extension's own error is the one to report.
+                let _ = writer.discard();
+            })?;
+        Ok(Box::new(writer))
     }
 
     fn open(&self) -> Result<Box<dyn StoreReader>> {
+        check_store_dir(&self.dir)?;
         let meta = fs::metadata(&self.dir).map_err(|e| Error::io("open", &self.dir, e))?;
         if !meta.is_dir() {
             return Err(Error::corrupt(
@@ -197,7 +311,7 @@ fn read_section_file(dir: &Path, entry: &SectionEntry) -> Result<Vec<u8>> {
         ));
     }
     let path = dir.join(name);
-    let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+    let file = open_existing(&path)?;
     let len = file
         .metadata()
         .map_err(|e| Error::io("stat", &path, e))?
@@ -249,7 +363,7 @@ impl StoreWriter for DirWriter {
     fn write_section(&self, section: Section, bytes: &[u8]) -> Result<Location> {
         let name = file_of(section);
         let path = self.dir.join(name);
-        let mut file = File::create(&path).map_err(|e| Error::io("create", &path, e))?;
+        let mut file = create_new(&path)?;
         file.write_all(bytes)
             .map_err(|e| Error::io_section("write", section.name(), &path, e))?;
         Ok(Location {
@@ -267,10 +381,10 @@ impl StoreWriter for DirWriter {
         // through a fresh descriptor flushes the same page cache.
         for name in [MEMORY, STATE, PAGE_INDEX, MANIFEST] {
             let path = self.dir.join(name);
-            match File::open(&path) {
+            match open_existing(&path) {
                 Ok(f) => f.sync_all().map_err(|e| Error::io("sync", &path, e))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("open", &path, e)),
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
         sync_dir(&self.dir)
@@ -287,13 +401,32 @@ impl StoreWriter for DirWriter {
         // Written to a temporary name, made durable, then renamed: the marker appears whole
         // or not at all; the directory fsync makes the rename itself durable.
         let tmp = self.dir.join(COMPLETE_TMP);
-        let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        let mut f = create_new(&tmp)?;
         f.write_all(text.as_bytes())
             .and_then(|()| f.sync_all())
             .map_err(|e| Error::io_section("write", "completion marker", &tmp, e))?;
         let done = self.dir.join(COMPLETE);
         fs::rename(&tmp, &done).map_err(|e| Error::io("rename", &done, e))?;
         sync_dir(&self.dir)
+    }
+
+    fn discard(&self) -> Result<()> {
+        // `create` left no checkpoint name in the directory but its own, so every one of them
+        // present now was written by this checkpoint (possibly by a forked child). The marker
+        // goes first: whatever else fails to go, no reader takes the rest for a checkpoint.
+        let mut first_error = None;
+        for name in [COMPLETE, COMPLETE_TMP, MANIFEST, STATE, PAGE_INDEX, MEMORY] {
+            if let Err(e) = remove_if_present(&self.dir.join(name)) {
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => match sync_dir(&self.dir) {
+                Err(Error::NotFound { .. }) => Ok(()),
+                other => other,
+            },
+        }
     }
 }
 
@@ -308,8 +441,7 @@ impl DirReader {
         if let Some(f) = self.memory.get() {
             return Ok(f);
         }
-        let path = self.dir.join(MEMORY);
-        let f = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+        let f = open_existing(&self.dir.join(MEMORY))?;
         Ok(self.memory.get_or_init(|| f))
     }
 }
@@ -345,11 +477,14 @@ impl StoreReader for DirReader {
 
     fn read_commit(&self) -> Result<Option<SectionEntry>> {
         let path = self.dir.join(COMPLETE);
-        let text = match fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("read", &path, e)),
+        let mut file = match open_existing(&path) {
+            Ok(f) => f,
+            Err(Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
         };
+        let mut text = Vec::new();
+        file.read_to_end(&mut text)
+            .map_err(|e| Error::io("read", &path, e))?;
         let entry = std::str::from_utf8(&text).ok().and_then(parse_marker);
         match entry {
             Some(e) => Ok(Some(e)),

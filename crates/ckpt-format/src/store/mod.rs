@@ -14,6 +14,12 @@
 //! 3. `sync`: everything written so far is durable;
 //! 4. `commit`: writes the completion marker and makes it durable. Before `commit` returns,
 //!    readers refuse the checkpoint as incomplete.
+//!
+//! A writer that never reaches `commit` is told to `discard` what it wrote (by
+//! [`crate::CheckpointWriter`], on failure or when dropped unfinished).
+//!
+//! Store files are never reached through a symbolic link: they are opened with `O_NOFOLLOW`,
+//! created with `O_EXCL`, and must be regular files.
 
 mod address;
 mod dir;
@@ -23,11 +29,39 @@ pub use address::{AddressError, StoreAddress};
 pub use dir::{DirStore, Overwrite};
 pub use raw::{MemStore, RawStore};
 
+/// Opens `path` with `options`, never following a symbolic link, and checks that it is a
+/// regular file (`O_NONBLOCK` keeps a planted FIFO from blocking the open).
+pub(crate) fn open_regular(
+    options: &mut OpenOptions,
+    op: &'static str,
+    path: &Path,
+) -> Result<File> {
+    let flags = OFlags::NOFOLLOW | OFlags::NONBLOCK;
+    let file = options
+        .custom_flags(flags.bits() as i32)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) if code == Errno::LOOP.raw_os_error() => Error::UnsafeStoreFile {
+                path: path.to_path_buf(),
+                what: "a symbolic link",
+            },
+            _ => Error::io(op, path, e),
+        })?;
+    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+    if !meta.is_file() {
+        return Err(Error::UnsafeStoreFile {
+            path: path.to_path_buf(),
+            what: "not a regular file",
+        });
+    }
+    Ok(file)
+}
+
 /// Reads exactly `buf.len()` bytes at `offset`, reporting a short read as truncation of
 /// `section` (whose full length is `expected`).
 pub(crate) fn read_exact_at(
     file: &File,
-    path: &std::path::Path,
+    path: &Path,
     section: &str,
     offset: u64,
     buf: &mut [u8],
@@ -39,21 +73,26 @@ pub(crate) fn read_exact_at(
                 .metadata()
                 .map(|m| m.len().saturating_sub(offset))
                 .unwrap_or(0);
-            crate::Error::Truncated {
+            Error::Truncated {
                 section: section.to_string(),
                 expected: buf.len() as u64,
                 found,
             }
         } else {
-            crate::Error::io("read", path, e)
+            Error::io("read", path, e)
         }
     })
 }
 
 use std::fmt;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 
-use crate::error::Result;
+use rustix::fs::OFlags;
+use rustix::io::Errno;
+
+use crate::error::{Error, Result};
 use crate::manifest::{Section, SectionEntry};
 
 /// What a store must know to lay out a new checkpoint.
@@ -101,6 +140,10 @@ pub trait StoreWriter: Send + Sync + fmt::Debug {
     /// Writes the completion marker for `manifest` (whose checksum it records), after the
     /// sections `sections`, and makes it durable. Everything else must be durable already.
     fn commit(&self, sections: &[SectionEntry], manifest: &SectionEntry) -> Result<()>;
+    /// Undoes an unfinished checkpoint: removes every file this checkpoint created (and no
+    /// other), or leaves a single-file store marked as holding no complete checkpoint, so the
+    /// store can be used again. Never called after `commit` succeeded.
+    fn discard(&self) -> Result<()>;
 }
 
 /// Reading side of a store.

@@ -21,9 +21,14 @@
 //! Commit record: magic `COWVMEND` (0), version u32 (8), reserved u32 (12), superblock checksum
 //! (16), manifest offset (24), length (32), checksum (40), xxh3 of bytes 0..48 at 48. A missing,
 //! torn or stale commit record means "incomplete".
+//!
+//! A raw store is written only where a superblock already is: [`RawStore::init`] writes the
+//! first one, with a memory size of 0, meaning "initialised, holds no checkpoint" (a checkpoint
+//! that fails is discarded back to that state). A file or device without a superblock is never
+//! written as a store, whatever its size.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom};
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -90,6 +95,20 @@ struct Superblock {
 }
 
 impl Superblock {
+    /// The superblock of an initialised store that holds no checkpoint.
+    fn empty(capacity: u64) -> Superblock {
+        Superblock {
+            flags: 0,
+            geometry: Geometry::new(0),
+            capacity,
+            sections: [(0, 0, 0); 3],
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.geometry.mem_size == 0
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; BLOCK as usize];
         let put = |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
@@ -139,7 +158,8 @@ impl Superblock {
             });
         }
         let mem_size = u64_at(24);
-        if u32_at(16) as usize != PAGE_SIZE || mem_size == 0 || mem_size % PAGE_SIZE as u64 != 0 {
+        // A memory size of 0 is the empty store that `RawStore::init` writes.
+        if u32_at(16) as usize != PAGE_SIZE || mem_size % PAGE_SIZE as u64 != 0 {
             return Err(Error::corrupt(
                 "raw store superblock",
                 "bad memory geometry",
@@ -198,6 +218,15 @@ fn size_of(file: &File, path: &Path) -> Result<u64> {
         .map_err(|e| Error::io("size", path, e))
 }
 
+/// Writes the superblock of an empty store (after erasing any commit record) and makes it
+/// durable.
+fn write_empty(file: &File, path: &Path, capacity: u64) -> Result<()> {
+    file.write_all_at(&[0u8; BLOCK as usize], COMMIT_OFFSET)
+        .and_then(|()| file.write_all_at(&Superblock::empty(capacity).encode(), 0))
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::io_section("write", "superblock", path, e))
+}
+
 /// A checkpoint in one raw file or block device, without a filesystem.
 #[derive(Clone, Debug)]
 pub struct RawStore {
@@ -205,23 +234,114 @@ pub struct RawStore {
 }
 
 impl RawStore {
-    /// A store on the existing file or block device `path`; its size is the capacity.
+    /// A store on the existing file or block device `path`, initialised by [`RawStore::init`];
+    /// its size is the capacity.
     pub fn new(path: impl Into<PathBuf>) -> RawStore {
         RawStore { path: path.into() }
     }
 
-    /// Creates (or resizes) a sparse regular file of `capacity` bytes to hold a checkpoint.
+    /// Makes a new, empty raw store at `path`: creates a sparse regular file of `size` bytes,
+    /// or takes an existing empty regular file (extended to `size`, which is then optional).
+    /// Refuses anything holding data — a non-empty file, a block device — so no user data is
+    /// ever overwritten; see [`RawStore::init_overwriting`] for those.
+    pub fn init(path: impl Into<PathBuf>, size: Option<u64>) -> Result<RawStore> {
+        Self::init_with(path.into(), size, false)
+    }
+
+    /// As [`RawStore::init`], but also over an existing non-empty regular file (resized to
+    /// `size` if given) or a block device (whose size is its own; `size` must be `None`). Every
+    /// byte there is given up: the caller has asked for it explicitly.
+    pub fn init_overwriting(path: impl Into<PathBuf>, size: Option<u64>) -> Result<RawStore> {
+        Self::init_with(path.into(), size, true)
+    }
+
+    /// A new sparse regular file of `capacity` bytes initialised as an empty store
+    /// ([`RawStore::init`] with a size).
     pub fn create_file(path: impl Into<PathBuf>, capacity: u64) -> Result<RawStore> {
-        let path = path.into();
-        let f = OpenOptions::new()
+        Self::init(path, Some(capacity))
+    }
+
+    fn init_with(path: PathBuf, size: Option<u64>, overwrite: bool) -> Result<RawStore> {
+        let refuse = |reason: String| Error::RawInitRefused {
+            path: path.clone(),
+            reason,
+        };
+        // Room for the superblock and the commit record; whether a checkpoint fits is checked
+        // when one is written.
+        let minimum = PAGE_INDEX_OFFSET;
+        if size.is_some_and(|s| s < minimum) {
+            return Err(refuse(format!("a store needs at least {minimum} bytes")));
+        }
+        let (file, created) = match fs::metadata(&path) {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                if size.is_none() {
+                    return Err(refuse("a new file needs a size".into()));
+                }
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(|e| Error::io("create", &path, e))?;
+                (file, true)
+            }
+            Err(e) => return Err(Error::io("stat", &path, e)),
+            Ok(m) if m.is_file() => {
+                if m.len() > 0 && !overwrite {
+                    return Err(refuse(format!(
+                        "it holds {} bytes of data (initialise it only to overwrite them)",
+                        m.len()
+                    )));
+                }
+                if m.len() == 0 && size.is_none() {
+                    return Err(refuse("an empty file needs a size".into()));
+                }
+                (Self::open_rw(&path)?, false)
+            }
+            Ok(m) if m.file_type().is_block_device() => {
+                if !overwrite {
+                    return Err(refuse(
+                        "a block device is initialised only to overwrite its content".into(),
+                    ));
+                }
+                if size.is_some() {
+                    return Err(refuse("a block device keeps its own size".into()));
+                }
+                (Self::open_rw(&path)?, false)
+            }
+            Ok(_) => return Err(refuse("not a regular file or block device".into())),
+        };
+        let result = Self::format(&file, &path, size, minimum);
+        if result.is_err() && created {
+            // The error being reported is the formatting's; the file was ours.
+            let _ = fs::remove_file(&path);
+        }
+        result.map(|()| RawStore { path })
+    }
+
+    /// Sizes a file (not a device) to `size` and writes the empty superblock.
+    fn format(file: &File, path: &Path, size: Option<u64>, minimum: u64) -> Result<()> {
+        if let Some(size) = size {
+            file.set_len(size)
+                .map_err(|e| Error::io("extend", path, e))?;
+        }
+        let capacity = size_of(file, path)?;
+        if capacity < minimum {
+            return Err(Error::StoreTooSmall {
+                path: path.to_path_buf(),
+                needed: minimum,
+                available: capacity,
+            });
+        }
+        write_empty(file, path, capacity)
+    }
+
+    fn open_rw(path: &Path) -> Result<File> {
+        OpenOptions::new()
+            .read(true)
             .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| Error::io("create", &path, e))?;
-        f.set_len(capacity)
-            .map_err(|e| Error::io("extend", &path, e))?;
-        Ok(RawStore { path })
+            .open(path)
+            .map_err(|e| Error::io("open", path, e))
     }
 
     /// Bytes a raw store needs for memory of `mem_size` bytes plus `state_len` bytes of state
@@ -240,11 +360,18 @@ impl RawStore {
 
 impl Store for RawStore {
     fn create(&self, layout: &Layout) -> Result<Box<dyn StoreWriter>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.path)
-            .map_err(|e| Error::io("open", &self.path, e))?;
+        let file = Self::open_rw(&self.path)?;
+        // Written only where a store was initialised: anything else may be someone's data.
+        let mut block = vec![0u8; BLOCK as usize];
+        read_exact_at(&file, &self.path, "superblock", 0, &mut block)
+            .and_then(|()| Superblock::decode(&block))
+            .map_err(|e| match e {
+                Error::UnsupportedVersion { .. } => e,
+                e => Error::NotRawStore {
+                    path: self.path.clone(),
+                    header: Box::new(e),
+                },
+            })?;
         let capacity = size_of(&file, &self.path)?;
         let geometry = Geometry::new(layout.mem_size);
         // At least one block each for the state and the manifest.
@@ -505,6 +632,31 @@ impl StoreWriter for RawWriter {
             .and_then(|()| self.file.sync_data())
             .map_err(|e| Error::io_section("write", "commit record", &self.path, e))
     }
+
+    fn discard(&self) -> Result<()> {
+        match self.capacity {
+            Some(capacity) => {
+                write_empty(&self.file, &self.path, capacity)?;
+                if self.flags & FLAG_HOLES_ZERO != 0 {
+                    // A regular file: give the space back. Failing to is no error, the store
+                    // is reusable either way.
+                    let _ = fallocate(
+                        &self.file,
+                        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                        PAGE_INDEX_OFFSET,
+                        capacity - PAGE_INDEX_OFFSET,
+                    );
+                }
+                Ok(())
+            }
+            // A memfd: its RAM is freed by shrinking it to the empty superblock.
+            None => self
+                .file
+                .set_len(PAGE_INDEX_OFFSET)
+                .map_err(|e| Error::io("truncate", &self.path, e))
+                .and_then(|()| write_empty(&self.file, &self.path, 0)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -557,8 +709,9 @@ impl StoreReader for RawReader {
             &mut b,
         )?;
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
-        // Absent, torn, or left from another superblock: not committed.
-        if &b[0..8] != COMMIT_MAGIC
+        // Empty, absent, torn, or left from another superblock: not committed.
+        if self.superblock.is_empty()
+            || &b[0..8] != COMMIT_MAGIC
             || u64_at(48) != checksum(&b[..48])
             || u64_at(16) != self.superblock.checksum()
         {
