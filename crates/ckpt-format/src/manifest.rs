@@ -366,8 +366,22 @@ fn manifest_field<'de, D: Deserializer<'de>, T: ManifestField>(d: D) -> Result<T
 
 /// Reads the device list, so that an unknown device kind names the field.
 fn devices_field<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DeviceConfig>, D::Error> {
-    let value = serde_json::Value::deserialize(d)?;
-    Vec::deserialize(value).map_err(|e| in_field("vm.devices", e))
+    const KINDS: [&str; 2] = ["serial", "virtio-blk"];
+    Vec::<serde_json::Value>::deserialize(d)?
+        .into_iter()
+        .map(|value| {
+            let kind = value
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .map(str::to_owned);
+            DeviceConfig::deserialize(value).map_err(|e| match kind {
+                Some(kind) if !KINDS.contains(&kind.as_str()) => {
+                    in_field("vm.devices", format_args!("unknown device kind {kind:?}"))
+                }
+                _ => in_field("vm.devices", e),
+            })
+        })
+        .collect()
 }
 
 /// Encodes device state for the `state` section as CBOR.
