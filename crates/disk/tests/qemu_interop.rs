@@ -18,6 +18,7 @@ fn qcow2(path: &Path, size: Option<u64>, backing: Option<(&Path, Format)>, bits:
             backing,
             cluster_bits: bits,
             overwrite: false,
+            ..CreateOptions::default()
         },
     )
     .unwrap();
