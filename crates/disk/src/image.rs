@@ -188,21 +188,15 @@ fn open_backing_chain(
                     .map_err(|_| Error::unsupported(&image, format!("backing format {f:?}")))?,
             ),
         };
-        let layer = open_layer(
-            &backing,
-            format,
-            true,
-            ordered_sync,
-            Some((&image, policy)),
-        )
-        .map_err(|e| match e {
-            refused @ Error::BackingRefused { .. } => refused,
-            e => Error::OpenBacking {
-                image: image.clone(),
-                backing: backing.clone(),
-                source: Box::new(e),
-            },
-        })?;
+        let layer = open_layer(&backing, format, true, ordered_sync, Some((&image, policy)))
+            .map_err(|e| match e {
+                refused @ Error::BackingRefused { .. } => refused,
+                e => Error::OpenBacking {
+                    image: image.clone(),
+                    backing: backing.clone(),
+                    source: Box::new(e),
+                },
+            })?;
         layers.push(layer);
     }
 }
