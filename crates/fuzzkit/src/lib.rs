@@ -266,13 +266,15 @@ pub fn run(target: &str, corpus_dir: impl AsRef<Path>, f: impl Fn(&[u8])) -> Rep
         let data =
             std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         run_one(&data, 0);
-        return Report {
+        let report = Report {
             target: target.to_owned(),
             iterations: 1,
             seeds: 0,
             elapsed: start.elapsed(),
             seed: config.seed,
         };
+        eprintln!("{report} (replayed {})", path.display());
+        return report;
     }
     let mut corpus = load_corpus(corpus_dir.as_ref());
     let seeds = corpus.len();
