@@ -63,14 +63,14 @@ pub enum Error {
     /// A caller-supplied argument cannot be honoured.
     #[error("{path}: invalid argument: {reason}")]
     InvalidArgument { path: PathBuf, reason: String },
-    /// A backing file named by `image` resolves (as `resolved`, symlinks followed) outside
-    /// the directories its [`crate::PathPolicy`] allows.
-    #[error("{image}: backing file {backing} resolves to {resolved}, outside {allowed}: {rule}", rule = crate::BACKING_RULE)]
+    /// A backing file named by `image` resolves (symlinks followed) outside the directories
+    /// its [`crate::PathPolicy`] allows.
+    #[error("{image}: backing file {backing} {outside}: {rule}", rule = crate::BACKING_RULE)]
     BackingRefused {
         image: PathBuf,
         backing: PathBuf,
-        resolved: PathBuf,
-        allowed: crate::policy::AllowedDirs,
+        /// Where it resolves and the directories allowed (boxed: keeps `Error` small).
+        outside: Box<crate::policy::Outside>,
     },
     /// The backing chain loops or is deeper than [`crate::MAX_CHAIN_DEPTH`].
     #[error("{path}: backing chain is too deep or loops")]

@@ -40,7 +40,7 @@ pub use create::{create_qcow2, create_raw, image_size, probe_format, CreateOptio
 pub use error::{Error, Result};
 pub use header::HeaderError;
 pub use image::{Image, OpenOptions};
-pub use policy::{AllowedDirs, PathPolicy, BACKING_RULE};
+pub use policy::{Outside, PathPolicy, BACKING_RULE};
 
 /// Deepest backing chain accepted (also stops loops).
 pub const MAX_CHAIN_DEPTH: usize = 32;

@@ -59,8 +59,10 @@ impl PathPolicy {
         let refused = |resolved: PathBuf| Error::BackingRefused {
             image: image.to_owned(),
             backing: backing.to_owned(),
-            resolved,
-            allowed: AllowedDirs(self.dirs_for(image)),
+            outside: Box::new(Outside {
+                resolved,
+                allowed: self.dirs_for(image),
+            }),
         };
         let real = real.map_err(|_| refused(backing.to_owned()))?;
         let inside = self
@@ -89,13 +91,17 @@ impl PathPolicy {
     }
 }
 
-/// The directories a refused backing file could have been in, for the error message.
+/// Where a refused backing file resolves, and the directories it could have been in.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllowedDirs(pub Vec<PathBuf>);
+pub struct Outside {
+    pub resolved: PathBuf,
+    pub allowed: Vec<PathBuf>,
+}
 
-impl fmt::Display for AllowedDirs {
+impl fmt::Display for Outside {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, d) in self.0.iter().enumerate() {
+        write!(f, "resolves to {}, outside ", self.resolved.display())?;
+        for (i, d) in self.allowed.iter().enumerate() {
             if i > 0 {
                 f.write_str(", ")?;
             }
