@@ -47,6 +47,7 @@ fn boot_with_disk(disk: &Path) -> (Vm, Capture) {
     let capture = Capture::default();
     let mut cfg = config(guest(), WORKLOAD, MEM, 1, capture.console());
     cfg.disks = vec![DiskConfig {
+        allow_dirs: Vec::new(),
         path: disk.to_path_buf(),
         readonly: false,
         delay_ms: 1,
@@ -137,6 +138,7 @@ fn restore(dir: &Path, eager: bool) -> (Vm, Capture) {
     let vm = Vm::restore(
         &StoreSpec::Dir(dir.to_path_buf()),
         RestoreOptions {
+            allow_dirs: vec![dir.parent().unwrap().to_path_buf()],
             console: console.console(),
             eager,
             disk_dir: Some(disk_dir),
@@ -357,6 +359,7 @@ fn a_memory_store_restores_like_a_directory() {
         let restored = Vm::restore(
             &store,
             RestoreOptions {
+                allow_dirs: vec![work.path().to_path_buf()],
                 console: restored_console.console(),
                 eager,
                 disk_dir: Some(disk_dir),
