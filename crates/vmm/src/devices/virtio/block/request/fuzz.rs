@@ -54,7 +54,7 @@ fn write_queue(u: &mut Unstructured<'_>, mem: &GuestMemoryMmap) -> Result<()> {
     mem.write_obj(avail, GuestAddress(AVAIL_RING + 2))
         .expect("inside memory");
     // Buffer contents: request headers (type, sector) and data.
-    let rest = u.take_rest();
+    let rest = u.bytes(u.len())?;
     let n = rest.len().min((MEM_SIZE - DATA) as usize);
     mem.write_slice(&rest[..n], GuestAddress(DATA))
         .expect("inside memory");
