@@ -155,3 +155,26 @@ fn restore_refuses_a_manifest_naming_a_disk_outside_the_trusted_directories() {
         "the refused restore created {overlays:?}"
     );
 }
+
+#[test]
+fn store_init_makes_a_raw_store_and_keeps_user_data_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.img");
+    let raw = format!("raw:{}", s(&store));
+    let made = cowvm(&["store", "init", &raw, "--size", "8M"]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert_eq!(std::fs::metadata(&store).unwrap().len(), 8 << 20);
+
+    let data = dir.path().join("data.bin");
+    std::fs::write(&data, vec![0x5a; 1 << 20]).unwrap();
+    let raw_data = format!("raw:{}", s(&data));
+    let refused = cowvm(&["store", "init", &raw_data]);
+    assert!(!refused.status.success(), "store init overwrote user data");
+    assert!(stderr(&refused).contains(s(&data)), "{}", stderr(&refused));
+    assert_eq!(std::fs::read(&data).unwrap(), vec![0x5a; 1 << 20]);
+    let forced = cowvm(&["store", "init", &raw_data, "--force", "--size", "8M"]);
+    assert!(forced.status.success(), "{}", stderr(&forced));
+
+    let dir_store = cowvm(&["store", "init", s(dir.path())]);
+    assert!(!dir_store.status.success());
+}

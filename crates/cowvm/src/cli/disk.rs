@@ -152,3 +152,28 @@ fn commit(top: &Path, policy: &disk::PathPolicy) -> anyhow::Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_options() {
+        let d = parse_disk("vm/top.qcow2,readonly,allow=/images,allow=/base,delay_ms=3").unwrap();
+        assert_eq!(d.path, PathBuf::from("vm/top.qcow2"));
+        assert!(d.readonly);
+        assert_eq!(d.delay_ms, 3);
+        assert_eq!(
+            d.allow_dirs,
+            vec![PathBuf::from("/images"), PathBuf::from("/base")]
+        );
+        assert_eq!(
+            d.backing_policy(),
+            disk::PathPolicy::same_dir()
+                .allow_dir("/images")
+                .allow_dir("/base")
+        );
+        assert!(parse_disk("x.raw,allow=").is_err());
+        assert!(parse_disk("x.raw,colour=red").is_err());
+    }
+}

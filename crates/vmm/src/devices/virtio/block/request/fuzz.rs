@@ -43,13 +43,15 @@ fn write_queue(u: &mut Unstructured<'_>, mem: &GuestMemoryMmap) -> Result<()> {
         d[12..14].copy_from_slice(&flags.to_le_bytes());
         d[14..16].copy_from_slice(&next.to_le_bytes());
         let at = DESC_TABLE + u64::from(i % QUEUE_SIZE) * 16;
-        mem.write_slice(&d, GuestAddress(at)).expect("inside memory");
+        mem.write_slice(&d, GuestAddress(at))
+            .expect("inside memory");
     }
     let avail = u.int_in_range(0..=QUEUE_SIZE + 2)?;
     for i in 0..QUEUE_SIZE {
         let head = u.int_in_range(0..=QUEUE_SIZE + 1)?;
         let at = AVAIL_RING + 4 + u64::from(i) * 2;
-        mem.write_obj(head, GuestAddress(at)).expect("inside memory");
+        mem.write_obj(head, GuestAddress(at))
+            .expect("inside memory");
     }
     mem.write_obj(avail, GuestAddress(AVAIL_RING + 2))
         .expect("inside memory");
