@@ -61,7 +61,15 @@ fn disk_path(vm: &Vm) -> PathBuf {
 }
 
 fn disk_content(top: &Path) -> Vec<u8> {
-    let mut image = disk::Image::open_read_only(top).unwrap();
+    // A restored disk's COW file lies in a directory beside the checkpoint's disk: allow the
+    // test's whole work directory for its backing files.
+    let work = top.parent().and_then(Path::parent).unwrap();
+    let opts = disk::OpenOptions {
+        read_only: true,
+        backing_policy: disk::PathPolicy::same_dir().allow_dir(work),
+        ..disk::OpenOptions::default()
+    };
+    let mut image = disk::Image::open_with(top, &opts).unwrap();
     let mut out = vec![0; image.size() as usize];
     image.read_at(0, &mut out).unwrap();
     out
