@@ -58,6 +58,9 @@ enum Command {
     /// Disk images: create overlays, commit them.
     #[command(subcommand)]
     Disk(cli::DiskCommand),
+    /// Checkpoint stores: initialise a raw store.
+    #[command(subcommand)]
+    Store(cli::StoreCommand),
     /// Benchmarks of the VMM itself.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::Clone(args) => cli::clone(args),
         Command::Rollback(args) => cli::rollback(args),
         Command::Disk(cmd) => cli::disk(cmd),
+        Command::Store(cmd) => cli::store(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     });
     match result {

@@ -289,6 +289,8 @@ fn restored_disks_get_their_own_cow_files() {
             .arg(&restored)
             .arg("--disk-dir")
             .arg(&cow)
+            .arg("--allow-dir")
+            .arg(dir.path())
             .arg("--eager"),
     );
     let clones = Command::new(COWVM)
@@ -298,6 +300,8 @@ fn restored_disks_get_their_own_cow_files() {
         .arg(&consoles)
         .arg("--disk-dir")
         .arg(&cow)
+        .arg("--allow-dir")
+        .arg(dir.path())
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn cowvm clone");

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::image::{Image, OpenOptions};
+use crate::policy::PathPolicy;
 use crate::table::L2Entry;
 
 /// What a commit did.
@@ -26,9 +27,26 @@ pub struct CommitStats {
 }
 
 /// Writes the clusters allocated in `top_path` into its backing file and flushes it.
-/// `progress(done, total)` is called with guest bytes after each cluster.
+/// `progress(done, total)` is called with guest bytes after each cluster. The chain must lie
+/// in the directories of its images ([`PathPolicy::same_dir`]); see [`commit_with`].
 pub fn commit(top_path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<CommitStats> {
-    let mut top = Image::open_read_only(top_path)?;
+    commit_with(top_path, &PathPolicy::same_dir(), progress)
+}
+
+/// [`commit`] of a chain whose backing files may also lie where `policy` allows.
+pub fn commit_with(
+    top_path: &Path,
+    policy: &PathPolicy,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CommitStats> {
+    let mut top = Image::open_with(
+        top_path,
+        &OpenOptions {
+            read_only: true,
+            backing_policy: policy.clone(),
+            ..OpenOptions::default()
+        },
+    )?;
     let Some((base_path, base_format)) = top.layer_path(1).map(|(p, f)| (p.to_owned(), f)) else {
         return Err(Error::InvalidArgument {
             path: top_path.to_owned(),
@@ -46,6 +64,7 @@ pub fn commit(top_path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Com
         &OpenOptions {
             read_only: false,
             format: Some(base_format),
+            backing_policy: policy.clone(),
             ..OpenOptions::default()
         },
     )

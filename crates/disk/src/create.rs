@@ -10,9 +10,10 @@ use crate::error::{Error, Result};
 use crate::header::{l1_entries_for, Header, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW2_MAGIC};
 use crate::image::resolve_backing;
 use crate::io::{file_len, read_zero_filled_at, write_all_at};
+use crate::policy::PathPolicy;
 use crate::qcow2::read_header;
 use crate::table::{encode_table, set_refcount, Geometry};
-use crate::{Format, DEFAULT_CLUSTER_BITS};
+use crate::{Format, DEFAULT_CLUSTER_BITS, MAX_CHAIN_DEPTH};
 
 /// Options for [`create_qcow2`].
 #[derive(Debug, Clone)]
@@ -26,6 +27,9 @@ pub struct CreateOptions<'a> {
     pub cluster_bits: u32,
     /// Replace an existing file instead of failing with [`Error::Exists`].
     pub overwrite: bool,
+    /// Where the backing file and the chain below it may live: an image whose chain
+    /// [`crate::Image::open_with`] would refuse under this policy is not created.
+    pub backing_policy: PathPolicy,
 }
 
 impl Default for CreateOptions<'_> {
@@ -35,6 +39,7 @@ impl Default for CreateOptions<'_> {
             backing: None,
             cluster_bits: DEFAULT_CLUSTER_BITS,
             overwrite: false,
+            backing_policy: PathPolicy::default(),
         }
     }
 }
@@ -147,7 +152,72 @@ impl Layout {
     }
 }
 
-/// Creates a qcow2 (v3) image, optionally over a backing file.
+/// Checks the chain an image at `image` would have over `backing` against `policy`, reading
+/// only headers (the backing file may be in use by a VM), and returns the backing file's size.
+/// Below the backing file itself only refusals by the policy are errors: a missing or invalid
+/// file further down is reported when the chain is opened, as before this check existed.
+fn check_backing_chain(
+    image: &Path,
+    backing: &Path,
+    format: Format,
+    policy: &PathPolicy,
+) -> Result<u64> {
+    let mut naming = image.to_owned();
+    let mut link = (backing.to_owned(), Some(format));
+    let mut size = None;
+    for _ in 0..MAX_CHAIN_DEPTH {
+        let (path, format) = link;
+        let opened = open_ro(&path).and_then(|file| {
+            policy.check_opened(&naming, &path, &file)?;
+            Ok(file)
+        });
+        let wrap = |e: Error| match e {
+            refused @ Error::BackingRefused { .. } => refused,
+            e => Error::OpenBacking {
+                image: naming.clone(),
+                backing: path.clone(),
+                source: Box::new(e),
+            },
+        };
+        let step = opened.and_then(|file| {
+            let format = match format {
+                Some(f) => f,
+                None => probe_file(&file, &path)?,
+            };
+            Ok(match format {
+                Format::Raw => (file_len(&file, &path)?, None),
+                Format::Qcow2 => {
+                    let (header, _) = read_header(&file, &path)?;
+                    let next = header.backing_file.map(|b| {
+                        let f = header.backing_format.and_then(|f| f.parse().ok());
+                        (resolve_backing(&path, &b), f)
+                    });
+                    (header.size, next)
+                }
+            })
+        });
+        let (len, next) = match (step, size) {
+            (Ok(step), _) => step,
+            (Err(e), None) => return Err(wrap(e)),
+            (Err(e @ Error::BackingRefused { .. }), Some(_)) => return Err(e),
+            (Err(_), Some(size)) => return Ok(size),
+        };
+        let backing_size = *size.get_or_insert(len);
+        match next {
+            None => return Ok(backing_size),
+            Some(l) => {
+                naming = path;
+                link = l;
+            }
+        }
+    }
+    Err(Error::ChainTooDeep {
+        path: image.to_owned(),
+    })
+}
+
+/// Creates a qcow2 (v3) image, optionally over a backing file. The backing file and the chain
+/// below it must satisfy `opts.backing_policy`.
 pub fn create_qcow2(path: &Path, opts: &CreateOptions<'_>) -> Result<()> {
     let bits = opts.cluster_bits;
     let invalid = |reason: String| Error::InvalidArgument {
@@ -165,11 +235,7 @@ pub fn create_qcow2(path: &Path, opts: &CreateOptions<'_>) -> Result<()> {
                 .to_str()
                 .ok_or_else(|| invalid("backing file name is not UTF-8".into()))?;
             let resolved = resolve_backing(path, name);
-            let size = image_size(&resolved, format).map_err(|e| Error::OpenBacking {
-                image: path.to_owned(),
-                backing: resolved.clone(),
-                source: Box::new(e),
-            })?;
+            let size = check_backing_chain(path, &resolved, format, &opts.backing_policy)?;
             header.backing_file = Some(name.to_owned());
             header.backing_format = Some(format.as_str().to_owned());
             Some(size)

@@ -63,6 +63,15 @@ pub enum Error {
     /// A caller-supplied argument cannot be honoured.
     #[error("{path}: invalid argument: {reason}")]
     InvalidArgument { path: PathBuf, reason: String },
+    /// A backing file named by `image` resolves (symlinks followed) outside the directories
+    /// its [`crate::PathPolicy`] allows.
+    #[error("{image}: backing file {backing} {outside}: {rule}", rule = crate::BACKING_RULE)]
+    BackingRefused {
+        image: PathBuf,
+        backing: PathBuf,
+        /// Where it resolves and the directories allowed (boxed: keeps `Error` small).
+        outside: Box<crate::policy::Outside>,
+    },
     /// The backing chain loops or is deeper than [`crate::MAX_CHAIN_DEPTH`].
     #[error("{path}: backing chain is too deep or loops")]
     ChainTooDeep { path: PathBuf },

@@ -39,7 +39,7 @@ const V3_DEFAULT_HEADER_LEN: u32 = 112;
 pub const MAX_BACKING_NAME: usize = 1023;
 /// Refuse tables larger than this when opening (bounds memory use on hostile images).
 const MAX_L1_BYTES: u64 = 32 << 20;
-const MAX_REFCOUNT_TABLE_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_REFCOUNT_TABLE_BYTES: u64 = 64 << 20;
 
 /// Why a qcow2 header is refused. Each problem has its own variant so callers and tests can
 /// tell them apart.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::create::probe_file;
 use crate::error::{Error, Result};
+use crate::policy::PathPolicy;
 use crate::qcow2::{ClusterInit, Qcow2};
 use crate::raw::Raw;
 use crate::table::L2Entry;
@@ -22,6 +23,9 @@ pub struct OpenOptions {
     /// `fdatasync` between dependent metadata writes, so that even a power loss (not only a
     /// process kill) leaves the metadata consistent. Costs a sync per allocation.
     pub ordered_sync: bool,
+    /// Where the backing files of the chain may live (default: each in the directory of the
+    /// image naming it). Kept by the image for [`Image::set_backing`].
+    pub backing_policy: PathPolicy,
     /// Test hook: every modification of the top qcow2 file after the first `n` fails, as if
     /// the process had been killed there. Used to check every crash point of an update.
     #[doc(hidden)]
@@ -128,11 +132,14 @@ pub(crate) fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// Opens one image file. A backing file is given with the image naming it and the policy it
+/// must satisfy, checked on the opened file before anything is read from it.
 pub(crate) fn open_layer(
     path: &Path,
     format: Option<Format>,
     read_only: bool,
     ordered_sync: bool,
+    named_by: Option<(&Path, &PathPolicy)>,
 ) -> Result<Layer> {
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -142,6 +149,9 @@ pub(crate) fn open_layer(
             path: path.to_owned(),
             source,
         })?;
+    if let Some((image, policy)) = named_by {
+        policy.check_opened(image, path, &file)?;
+    }
     let format = match format {
         Some(f) => f,
         None => probe_file(&file, path)?,
@@ -152,8 +162,13 @@ pub(crate) fn open_layer(
     })
 }
 
-/// Opens the backing chain below `overlay` (all read-only), appending to `layers`.
-fn open_backing_chain(layers: &mut Vec<Layer>, ordered_sync: bool) -> Result<()> {
+/// Opens the backing chain below the last of `layers` (all read-only), appending to `layers`.
+/// Every backing file is checked against `policy`.
+fn open_backing_chain(
+    layers: &mut Vec<Layer>,
+    ordered_sync: bool,
+    policy: &PathPolicy,
+) -> Result<()> {
     loop {
         let Some(last) = layers.last() else {
             return Ok(());
@@ -173,11 +188,14 @@ fn open_backing_chain(layers: &mut Vec<Layer>, ordered_sync: bool) -> Result<()>
                     .map_err(|_| Error::unsupported(&image, format!("backing format {f:?}")))?,
             ),
         };
-        let layer =
-            open_layer(&backing, format, true, ordered_sync).map_err(|e| Error::OpenBacking {
-                image: image.clone(),
-                backing: backing.clone(),
-                source: Box::new(e),
+        let layer = open_layer(&backing, format, true, ordered_sync, Some((&image, policy)))
+            .map_err(|e| match e {
+                refused @ Error::BackingRefused { .. } => refused,
+                e => Error::OpenBacking {
+                    image: image.clone(),
+                    backing: backing.clone(),
+                    source: Box::new(e),
+                },
             })?;
         layers.push(layer);
     }
@@ -187,15 +205,18 @@ fn open_backing_chain(layers: &mut Vec<Layer>, ordered_sync: bool) -> Result<()>
 pub struct Image {
     layers: Vec<Layer>,
     ordered_sync: bool,
+    backing_policy: PathPolicy,
 }
 
 impl Image {
-    /// Opens `path` read-write (format probed) with its backing chain read-only.
+    /// Opens `path` read-write (format probed) with its backing chain read-only, each backing
+    /// file in the directory of the image naming it ([`PathPolicy::same_dir`]).
     pub fn open(path: &Path) -> Result<Image> {
         Image::open_with(path, &OpenOptions::default())
     }
 
-    /// Opens `path` and its backing chain, all read-only.
+    /// Opens `path` and its backing chain, all read-only, each backing file in the directory
+    /// of the image naming it ([`PathPolicy::same_dir`]).
     pub fn open_read_only(path: &Path) -> Result<Image> {
         Image::open_with(
             path,
@@ -206,16 +227,18 @@ impl Image {
         )
     }
 
+    /// Opens `path` and its backing chain as `opts` say.
     pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        let mut top = open_layer(path, opts.format, opts.read_only, opts.ordered_sync)?;
+        let mut top = open_layer(path, opts.format, opts.read_only, opts.ordered_sync, None)?;
         if let Layer::Qcow2(q) = &mut top {
             q.crash_after_writes = opts.crash_after_writes;
         }
         let mut layers = vec![top];
-        open_backing_chain(&mut layers, opts.ordered_sync)?;
+        open_backing_chain(&mut layers, opts.ordered_sync, &opts.backing_policy)?;
         Ok(Image {
             layers,
             ordered_sync: opts.ordered_sync,
+            backing_policy: opts.backing_policy.clone(),
         })
     }
 
@@ -226,6 +249,11 @@ impl Image {
 
     pub fn path(&self) -> &Path {
         self.layers[0].path()
+    }
+
+    /// The policy the backing chain was opened with (and [`Image::set_backing`] checks).
+    pub fn backing_policy(&self) -> &PathPolicy {
+        &self.backing_policy
     }
 
     pub fn format(&self) -> Format {
@@ -597,7 +625,8 @@ impl Image {
     /// Points this (qcow2, writable) image at a new backing file, e.g. after committing the
     /// old backing file into its own parent. `new_backing` is stored as given; a relative name
     /// is resolved against this image's directory. The new chain is opened first; the header
-    /// is then rewritten in one write and synced before the open chain is switched.
+    /// is then rewritten in one write and synced before the open chain is switched. The new
+    /// backing file must satisfy the policy the image was opened with.
     ///
     /// The caller guarantees the new backing file has the content of the old one.
     pub fn set_backing(&mut self, new_backing: &Path, format: Option<Format>) -> Result<()> {
@@ -617,16 +646,24 @@ impl Image {
             .to_owned();
         let top_path = self.path().to_owned();
         let resolved = resolve_backing(&top_path, &name);
-        let layer = open_layer(&resolved, format, true, self.ordered_sync).map_err(|e| {
-            Error::OpenBacking {
+        let layer = open_layer(
+            &resolved,
+            format,
+            true,
+            self.ordered_sync,
+            Some((&top_path, &self.backing_policy)),
+        )
+        .map_err(|e| match e {
+            refused @ Error::BackingRefused { .. } => refused,
+            e => Error::OpenBacking {
                 image: top_path.clone(),
                 backing: resolved.clone(),
                 source: Box::new(e),
-            }
+            },
         })?;
         let fmt = layer.format();
         let mut chain = vec![layer];
-        open_backing_chain(&mut chain, self.ordered_sync)?;
+        open_backing_chain(&mut chain, self.ordered_sync, &self.backing_policy)?;
         if chain.len() >= MAX_CHAIN_DEPTH {
             return Err(Error::ChainTooDeep { path: top_path });
         }

@@ -9,6 +9,8 @@
 //!   [`Image::map_read`]/[`Image::prepare_write`] for io_uring, [`Image::set_backing`].
 //! * [`create_qcow2`], [`create_raw`] — new images, e.g. the COW file of a checkpoint (§2.1).
 //! * [`commit()`] — write an overlay's clusters into its parent (§2.8).
+//! * [`PathPolicy`] — where backing files named by an image may live: the image's own
+//!   directory and directories the caller allows, symlinks followed.
 //!
 //! Design choices: refcounts are kept exact (the dirty bit is never set); allocation appends
 //! to the file; a guest cluster is the copy-up unit (the "block group" of design.md §2.7).
@@ -21,6 +23,7 @@ mod error;
 pub mod header;
 mod image;
 mod io;
+mod policy;
 mod qcow2;
 mod raw;
 mod refcount;
@@ -32,11 +35,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
-pub use commit::{commit, CommitStats};
+pub use commit::{commit, commit_with, CommitStats};
 pub use create::{create_qcow2, create_raw, image_size, probe_format, CreateOptions};
 pub use error::{Error, Result};
 pub use header::HeaderError;
 pub use image::{Image, OpenOptions};
+pub use policy::{Outside, PathPolicy, BACKING_RULE};
 
 /// Deepest backing chain accepted (also stops loops).
 pub const MAX_CHAIN_DEPTH: usize = 32;

@@ -303,9 +303,18 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Writes host bytes inside an allocated data cluster.
+    /// Writes host bytes inside an allocated data cluster. A cluster that starts past the end
+    /// of the file was never allocated by a writer: the entry pointing there is corrupt (and
+    /// writing there would grow the file, and the allocator after it, without bound).
     pub(crate) fn write_host(&mut self, host: u64, buf: &[u8]) -> Result<()> {
         self.ensure_writable()?;
+        let cluster = host - host % self.cluster_size();
+        if cluster >= self.file_len {
+            return Err(Error::corrupt(
+                &self.path,
+                format!("data cluster at {cluster:#x} is beyond the end of the file"),
+            ));
+        }
         self.pwrite(buf, host, "writing data")?;
         self.file_len = self.file_len.max(host + buf.len() as u64);
         self.stats.bytes_written += buf.len() as u64;

@@ -10,6 +10,7 @@
 //! header is switched to it. A crash in between leaves leaked clusters only.
 
 use crate::error::{Error, Result};
+use crate::header::MAX_REFCOUNT_TABLE_BYTES;
 use crate::io::read_exact_at;
 use crate::qcow2::Qcow2;
 use crate::table::{encode_table, get_refcount, refcount_entry_span, set_refcount, OFFSET_MASK};
@@ -177,9 +178,20 @@ impl Qcow2 {
         let per_cluster = cs / 8;
         let start = self.next_free()?;
         let old_len = self.reftable.len() as u64;
+        // As when opening: a table this large only comes from a hostile or corrupt image
+        // (a cluster in use far past the data), and growing it would take unbounded work.
+        let too_large = || {
+            Error::unsupported(
+                &self.path,
+                format!("growing the refcount table for cluster index {needed_rti}"),
+            )
+        };
         let mut entries = (needed_rti + 1)
             .max(old_len * 2)
             .next_multiple_of(per_cluster);
+        if entries.saturating_mul(8) > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(too_large());
+        }
         // Find a fixed point: table of `n` clusters at `start`, then `missing.len()` new blocks,
         // such that every cluster of that area is described by an old or a new block and the
         // table has an entry for every block.
@@ -203,10 +215,10 @@ impl Qcow2 {
                 break (n, missing, end);
             }
             entries = (last_rti.max(needed_rti) + 1).next_multiple_of(per_cluster);
+            if entries * 8 > MAX_REFCOUNT_TABLE_BYTES {
+                return Err(too_large());
+            }
         };
-        if n > u64::from(u32::MAX) {
-            return Err(Error::unsupported(&self.path, "refcount table this large"));
-        }
         tracing::debug!(path = %self.path.display(), old_clusters = self.header.refcount_table_clusters,
             new_clusters = n, new_blocks = missing.len(), "growing the refcount table");
 

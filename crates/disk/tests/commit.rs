@@ -17,6 +17,7 @@ fn overlay(path: &Path, backing: &Path, format: Format, bits: u32, size: Option<
             backing: Some((backing, format)),
             cluster_bits: bits,
             overwrite: false,
+            ..CreateOptions::default()
         },
     )
     .unwrap();

@@ -456,3 +456,40 @@ fn backing_chain_loop_is_refused() {
     }
     assert!(matches!(cur, Error::ChainTooDeep { .. }), "{e:?}");
 }
+
+#[test]
+fn write_into_a_data_cluster_beyond_the_file_is_refused() {
+    // Found by fuzzing: an L2 entry pointing far past the end of the file made a write grow
+    // the file there, and the next allocation then tried to grow the refcount table to cover
+    // it, which took unbounded time and memory.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("far.qcow2");
+    create_qcow2(
+        &p,
+        &CreateOptions {
+            size: Some(1 << 20),
+            cluster_bits: 9,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut img = Image::open(&p).unwrap();
+    img.write_at(0, &[1u8; 512]).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let mut data = std::fs::read(&p).unwrap();
+    let be = |d: &[u8], at: usize| u64::from_be_bytes(d[at..at + 8].try_into().unwrap());
+    let l1 = be(&data, 40) as usize;
+    let l2 = (be(&data, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = be(&data, l2);
+    let far = (entry & !0x00ff_ffff_ffff_fe00) | (1 << 40);
+    data[l2..l2 + 8].copy_from_slice(&far.to_be_bytes());
+    std::fs::write(&p, &data).unwrap();
+    let len = data.len() as u64;
+    let mut img = Image::open(&p).unwrap();
+    let e = img.write_at(100, &[2u8; 10]).unwrap_err();
+    assert!(matches!(e, Error::Corrupt { .. }), "{e:?}");
+    img.write_at(4096, &[3u8; 512]).unwrap();
+    drop(img);
+    assert!(std::fs::metadata(&p).unwrap().len() < len + 8192);
+}

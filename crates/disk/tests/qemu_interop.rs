@@ -18,6 +18,7 @@ fn qcow2(path: &Path, size: Option<u64>, backing: Option<(&Path, Format)>, bits:
             backing,
             cluster_bits: bits,
             overwrite: false,
+            ..CreateOptions::default()
         },
     )
     .unwrap();
@@ -487,4 +488,101 @@ fn raw_top_image_reads_and_writes() {
             ..
         }]
     ));
+}
+
+#[test]
+fn qemu_made_backing_outside_the_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let other = dir.path().join("other");
+    std::fs::create_dir(&images).unwrap();
+    std::fs::create_dir(&other).unwrap();
+    let secret = other.join("secret.raw");
+    std::fs::write(&secret, vec![b'S'; MIB as usize]).unwrap();
+    let qimg = |args: &[&str]| {
+        let out = qemu_img(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let evil = images.join("evil.qcow2");
+    let evil_s = evil.to_str().unwrap();
+    qimg(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "/etc/shadow",
+        "-F",
+        "raw",
+        evil_s,
+        "1M",
+    ]);
+    let e = Image::open_read_only(&evil)
+        .err()
+        .expect("opened over /etc/shadow");
+    assert!(matches!(e, disk::Error::BackingRefused { .. }), "{e:?}");
+    assert!(e.to_string().contains("/etc/shadow"), "{e}");
+    let up = images.join("up.qcow2");
+    let up_s = up.to_str().unwrap();
+    qimg(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "../other/secret.raw",
+        "-F",
+        "raw",
+        up_s,
+    ]);
+    assert!(matches!(
+        Image::open_read_only(&up),
+        Err(disk::Error::BackingRefused { .. })
+    ));
+    // Allowed explicitly, the same image reads its backing file.
+    let opts = disk::OpenOptions {
+        read_only: true,
+        backing_policy: disk::PathPolicy::same_dir().allow_dir(&other),
+        ..disk::OpenOptions::default()
+    };
+    let mut img = Image::open_with(&up, &opts).unwrap();
+    let mut buf = [0u8; 8];
+    img.read_at(0, &mut buf).unwrap();
+    assert_eq!(buf, [b'S'; 8]);
+    // A QEMU chain inside one directory opens as before.
+    let base = images.join("base.raw");
+    std::fs::write(&base, vec![3u8; MIB as usize]).unwrap();
+    let mid = images.join("mid.qcow2");
+    let top = images.join("top.qcow2");
+    qimg(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        mid.to_str().unwrap(),
+    ]);
+    qimg(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    let mut img = Image::open(&top).unwrap();
+    assert_eq!(img.backing_chain().len(), 3);
+    img.read_at(MIB - 8, &mut buf).unwrap();
+    assert_eq!(buf, [3u8; 8]);
 }

@@ -111,6 +111,7 @@ fn boot_with_disk(dir: &std::path::Path, cmdline: &str) -> vmm::Vm {
         .unwrap();
     let mut cfg = config(guest(), cmdline, 64 << 20, 1, Capture::default().console());
     cfg.disks = vec![vmm::DiskConfig {
+        allow_dirs: Vec::new(),
         path: disk,
         readonly: false,
         delay_ms: 0,

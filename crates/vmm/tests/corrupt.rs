@@ -48,6 +48,7 @@ fn restore(dir: &Path, eager: bool) -> Result<Vm, String> {
     Vm::restore(
         &StoreSpec::Dir(dir.to_path_buf()),
         RestoreOptions {
+            allow_dirs: Vec::new(),
             console: Capture::default().console(),
             eager,
             disk_dir: None,

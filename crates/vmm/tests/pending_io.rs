@@ -28,6 +28,7 @@ fn boot(dir: &Path) -> (Vm, Capture, PathBuf) {
     let capture = Capture::default();
     let mut cfg = config(guest(), WORKLOAD, MEM, 1, capture.console());
     cfg.disks = vec![DiskConfig {
+        allow_dirs: Vec::new(),
         path: disk.clone(),
         readonly: false,
         delay_ms: DELAY_MS,
@@ -111,6 +112,7 @@ fn drain_waits_live_records_and_restore_reissues() {
     let restored = Vm::restore(
         &StoreSpec::Dir(live_dir),
         RestoreOptions {
+            allow_dirs: vec![work.path().to_path_buf()],
             console: restored_console.console(),
             eager: false,
             disk_dir: Some(work.path().to_path_buf()),

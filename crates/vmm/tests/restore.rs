@@ -47,6 +47,7 @@ fn boot_with_disk(disk: &Path) -> (Vm, Capture) {
     let capture = Capture::default();
     let mut cfg = config(guest(), WORKLOAD, MEM, 1, capture.console());
     cfg.disks = vec![DiskConfig {
+        allow_dirs: Vec::new(),
         path: disk.to_path_buf(),
         readonly: false,
         delay_ms: 1,
@@ -60,7 +61,15 @@ fn disk_path(vm: &Vm) -> PathBuf {
 }
 
 fn disk_content(top: &Path) -> Vec<u8> {
-    let mut image = disk::Image::open_read_only(top).unwrap();
+    // A restored disk's COW file lies in a directory beside the checkpoint's disk: allow the
+    // test's whole work directory for its backing files.
+    let work = top.parent().and_then(Path::parent).unwrap();
+    let opts = disk::OpenOptions {
+        read_only: true,
+        backing_policy: disk::PathPolicy::same_dir().allow_dir(work),
+        ..disk::OpenOptions::default()
+    };
+    let mut image = disk::Image::open_with(top, &opts).unwrap();
     let mut out = vec![0; image.size() as usize];
     image.read_at(0, &mut out).unwrap();
     out
@@ -137,6 +146,7 @@ fn restore(dir: &Path, eager: bool) -> (Vm, Capture) {
     let vm = Vm::restore(
         &StoreSpec::Dir(dir.to_path_buf()),
         RestoreOptions {
+            allow_dirs: vec![dir.parent().unwrap().to_path_buf()],
             console: console.console(),
             eager,
             disk_dir: Some(disk_dir),
@@ -357,6 +367,7 @@ fn a_memory_store_restores_like_a_directory() {
         let restored = Vm::restore(
             &store,
             RestoreOptions {
+                allow_dirs: vec![work.path().to_path_buf()],
                 console: restored_console.console(),
                 eager,
                 disk_dir: Some(disk_dir),

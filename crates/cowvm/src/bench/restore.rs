@@ -151,6 +151,7 @@ fn restore(dir: &Path, eager: bool, console: &LineCounter) -> anyhow::Result<Vm>
             console: Console::Writer(Box::new(console.clone())),
             eager,
             disk_dir: None,
+            allow_dirs: Vec::new(),
         },
     )?)
 }

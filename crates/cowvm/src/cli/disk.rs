@@ -17,9 +17,13 @@ pub enum DiskCommand {
         /// Virtual size such as 1G (default with --backing: the backing file's size).
         #[arg(long)]
         size: Option<String>,
-        /// Backing file (raw or qcow2, probed), stored as given.
+        /// Backing file (raw or qcow2, probed), stored as given. It must resolve inside the
+        /// new image's directory or an --allow-dir directory, as `cowvm run` requires.
         #[arg(long)]
         backing: Option<PathBuf>,
+        /// Also allow backing files below DIR (repeatable).
+        #[arg(long = "allow-dir", value_name = "DIR")]
+        allow_dirs: Vec<PathBuf>,
         /// The new image.
         out: PathBuf,
     },
@@ -27,15 +31,24 @@ pub enum DiskCommand {
     Commit {
         /// The overlay to commit.
         top: PathBuf,
+        /// Also allow backing files below DIR (repeatable).
+        #[arg(long = "allow-dir", value_name = "DIR")]
+        allow_dirs: Vec<PathBuf>,
     },
 }
 
-/// Parses `PATH[,readonly][,delay_ms=N]`.
+/// The backing-file policy allowing `dirs` besides each image's own directory.
+fn policy(dirs: &[PathBuf]) -> disk::PathPolicy {
+    dirs.iter()
+        .fold(disk::PathPolicy::same_dir(), |p, d| p.allow_dir(d))
+}
+
+/// Parses `PATH[,readonly][,delay_ms=N][,allow=DIR]...`.
 pub fn parse_disk(arg: &str) -> anyhow::Result<DiskConfig> {
     let mut parts = arg.split(',');
     let path = parts.next().filter(|p| !p.is_empty());
     let Some(path) = path else {
-        bail!("--disk {arg:?}: expected PATH[,readonly][,delay_ms=N]");
+        bail!("--disk {arg:?}: expected PATH[,readonly][,delay_ms=N][,allow=DIR]");
     };
     let mut config = DiskConfig {
         path: PathBuf::from(path),
@@ -49,7 +62,8 @@ pub fn parse_disk(arg: &str) -> anyhow::Result<DiskConfig> {
                     .parse()
                     .with_context(|| format!("--disk {arg:?}: bad delay_ms {n:?}"))?
             }
-            _ => bail!("--disk {arg:?}: unknown option {opt:?} (readonly, delay_ms=N)"),
+            Some(("allow", dir)) if !dir.is_empty() => config.allow_dirs.push(PathBuf::from(dir)),
+            _ => bail!("--disk {arg:?}: unknown option {opt:?} (readonly, delay_ms=N, allow=DIR)"),
         }
     }
     Ok(config)
@@ -57,12 +71,22 @@ pub fn parse_disk(arg: &str) -> anyhow::Result<DiskConfig> {
 
 pub fn run(cmd: DiskCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        DiskCommand::Create { size, backing, out } => create(size.as_deref(), backing, &out),
-        DiskCommand::Commit { top } => commit(&top),
+        DiskCommand::Create {
+            size,
+            backing,
+            allow_dirs,
+            out,
+        } => create(size.as_deref(), backing, &policy(&allow_dirs), &out),
+        DiskCommand::Commit { top, allow_dirs } => commit(&top, &policy(&allow_dirs)),
     }
 }
 
-fn create(size: Option<&str>, backing: Option<PathBuf>, out: &Path) -> anyhow::Result<ExitCode> {
+fn create(
+    size: Option<&str>,
+    backing: Option<PathBuf>,
+    policy: &disk::PathPolicy,
+    out: &Path,
+) -> anyhow::Result<ExitCode> {
     let size = size
         .map(|s| s.parse::<MemSize>().with_context(|| format!("--size {s}")))
         .transpose()?
@@ -88,13 +112,14 @@ fn create(size: Option<&str>, backing: Option<PathBuf>, out: &Path) -> anyhow::R
         &disk::CreateOptions {
             size,
             backing,
+            backing_policy: policy.clone(),
             ..disk::CreateOptions::default()
         },
     )?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn commit(top: &Path) -> anyhow::Result<ExitCode> {
+fn commit(top: &Path, policy: &disk::PathPolicy) -> anyhow::Result<ExitCode> {
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -109,7 +134,7 @@ fn commit(top: &Path) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let stats = disk::commit(top, &mut |done, total| {
+    let stats = disk::commit_with(top, policy, &mut |done, total| {
         if let Some(bar) = &bar {
             bar.set_length(total);
             bar.set_position(done);
@@ -126,4 +151,29 @@ fn commit(top: &Path) -> anyhow::Result<ExitCode> {
         stats.base.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_options() {
+        let d = parse_disk("vm/top.qcow2,readonly,allow=/images,allow=/base,delay_ms=3").unwrap();
+        assert_eq!(d.path, PathBuf::from("vm/top.qcow2"));
+        assert!(d.readonly);
+        assert_eq!(d.delay_ms, 3);
+        assert_eq!(
+            d.allow_dirs,
+            vec![PathBuf::from("/images"), PathBuf::from("/base")]
+        );
+        assert_eq!(
+            d.backing_policy(),
+            disk::PathPolicy::same_dir()
+                .allow_dir("/images")
+                .allow_dir("/base")
+        );
+        assert!(parse_disk("x.raw,allow=").is_err());
+        assert!(parse_disk("x.raw,colour=red").is_err());
+    }
 }

@@ -1,7 +1,7 @@
 //! Every subcommand but `bench`: its arguments and its handler. `run`, `restore` and `clone`
 //! run VMs in this process; `checkpoint`, `pause`, `resume`, `status` and `rollback` talk to a
 //! running VM through its API socket; `inspect` reads a checkpoint directly; `disk` works on
-//! disk images.
+//! disk images; `store` makes raw checkpoint stores.
 
 mod checkpoint;
 mod disk;
@@ -10,6 +10,7 @@ mod output;
 mod restore;
 mod rollback;
 mod run;
+mod store;
 mod vm;
 
 use std::future::Future;
@@ -24,6 +25,7 @@ pub use self::output::ms;
 pub use self::restore::{clone, restore, CloneArgs, RestoreArgs};
 pub use self::rollback::{rollback, RollbackArgs};
 pub use self::run::{exit_code, run, HugePagesArg, RunArgs, VmArgs};
+pub use self::store::{run as store, StoreCommand};
 pub use self::vm::{pause, resume, status};
 use crate::client::ApiClient;
 

@@ -36,6 +36,10 @@ pub struct RestoreArgs {
     /// Where the disks' fresh COW files go (default: next to the checkpoint's disks).
     #[arg(long, value_name = "DIR")]
     disk_dir: Option<PathBuf>,
+    /// Trust checkpoint disks (and their backing files) below DIR besides the checkpoint's
+    /// directory and --disk-dir (repeatable).
+    #[arg(long = "allow-dir", value_name = "DIR")]
+    allow_dirs: Vec<PathBuf>,
     #[command(flatten)]
     control: ControlArgs,
 }
@@ -55,6 +59,10 @@ pub struct CloneArgs {
     /// Where the disks' fresh COW files go (default: next to the checkpoint's disks).
     #[arg(long, value_name = "DIR")]
     disk_dir: Option<PathBuf>,
+    /// Trust checkpoint disks (and their backing files) below DIR besides the checkpoint's
+    /// directory and --disk-dir (repeatable).
+    #[arg(long = "allow-dir", value_name = "DIR")]
+    allow_dirs: Vec<PathBuf>,
     /// Read and verify all memory before each VM runs, into its own anonymous memory (no
     /// sharing).
     #[arg(long)]
@@ -101,6 +109,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             console,
             eager: args.eager,
             disk_dir: args.disk_dir.clone(),
+            allow_dirs: args.allow_dirs.clone(),
         },
     )?;
     info!(
@@ -117,6 +126,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                 rollback: RollbackSettings {
                     console: args.console.clone(),
                     disk_dir: args.disk_dir.clone(),
+                    allow_dirs: args.allow_dirs.clone(),
                 },
             },
         )?
@@ -169,6 +179,7 @@ pub fn clone(args: CloneArgs) -> anyhow::Result<ExitCode> {
                 console: Console::File(console.clone()),
                 eager: args.eager,
                 disk_dir: args.disk_dir.clone(),
+                allow_dirs: args.allow_dirs.clone(),
             },
         )
         .with_context(|| format!("clone {i}"))?;

@@ -95,6 +95,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             rollback: RollbackSettings {
                 console: args.console.clone(),
                 disk_dir: None,
+                allow_dirs: Vec::new(),
             },
         };
         supervise::run(vm, &args.control, origin)?

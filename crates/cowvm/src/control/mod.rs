@@ -15,7 +15,7 @@ pub mod periodic;
 pub mod supervise;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -119,6 +119,9 @@ pub struct RollbackSettings {
     pub console: Option<PathBuf>,
     /// Directory of the disks' COW files; next to the checkpoint's disks if none.
     pub disk_dir: Option<PathBuf>,
+    /// Directories trusted to hold checkpoint disks besides the checkpoint's directory,
+    /// `disk_dir` and the running VM's own disk directories.
+    pub allow_dirs: Vec<PathBuf>,
 }
 
 /// The VM the controller drives now.
@@ -592,6 +595,13 @@ impl Controller {
             },
             eager,
             disk_dir: self.settings.disk_dir.clone(),
+            allow_dirs: self
+                .settings
+                .allow_dirs
+                .iter()
+                .cloned()
+                .chain(own_disk_dirs(old))
+                .collect(),
         };
         let restore_start = Instant::now();
         let new = Arc::new(Vm::restore(store, options).map_err(ControlError::Restore)?);
@@ -626,4 +636,26 @@ impl Controller {
         );
         Ok(took)
     }
+}
+
+/// The directories of a running VM's disk images and the directories their backing files may
+/// use: a rollback inside the VM's process trusts them, since the VM made its checkpoints'
+/// disks there.
+fn own_disk_dirs(vm: &Vm) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for info in vm.disks().iter().filter_map(|d| d.image_info().ok()) {
+        let parents = info
+            .chain
+            .iter()
+            .filter_map(|entry| entry.path.parent())
+            .map(|dir| match dir.as_os_str().is_empty() {
+                true => Path::new(".").to_path_buf(),
+                false => dir.to_path_buf(),
+            });
+        dirs.extend(parents);
+        dirs.extend(info.backing_policy.allowed_dirs().iter().cloned());
+    }
+    dirs.sort();
+    dirs.dedup();
+    dirs
 }

@@ -50,15 +50,24 @@ pub fn commit_and_rebase(
         new_top,
         &disk::CreateOptions {
             backing: Some((&t1, Format::Qcow2)),
+            backing_policy: info.backing_policy.clone(),
             ..disk::CreateOptions::default()
         },
     )
     .map_err(BlockError::Image)?;
-    let image = Image::open(new_top).map_err(BlockError::Open)?;
+    let image = Image::open_with(
+        new_top,
+        &disk::OpenOptions {
+            backing_policy: info.backing_policy.clone(),
+            ..disk::OpenOptions::default()
+        },
+    )
+    .map_err(BlockError::Open)?;
     disk.switch_image(image)?;
     disk.wait_older_images(OLDER_IMAGES_TIMEOUT)?;
     let start = Instant::now();
-    let stats = disk::commit(&t1, progress).map_err(BlockError::Image)?;
+    let stats =
+        disk::commit_with(&t1, &info.backing_policy, progress).map_err(BlockError::Image)?;
     let commit_time = start.elapsed();
     disk.rebase(&parent.path, Some(parent.format))?;
     std::fs::remove_file(&t1).map_err(|source| BlockError::Remove {

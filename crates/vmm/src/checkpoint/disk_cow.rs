@@ -38,6 +38,8 @@ pub(super) struct DiskPrep {
     /// The COW file and its open image (taken by the switch).
     overlay: PathBuf,
     image: Option<Image>,
+    /// The disk's backing-file policy.
+    policy: disk::PathPolicy,
 }
 
 fn disk_err(index: usize) -> impl Fn(crate::devices::virtio::block::BlockError) -> CheckpointError {
@@ -74,16 +76,25 @@ pub(super) fn prepare_disks(
             &overlay,
             &disk::CreateOptions {
                 backing: Some((&info.path, top.format)),
+                backing_policy: info.backing_policy.clone(),
                 ..disk::CreateOptions::default()
             },
         )
         .map_err(image_err(i))?;
-        let image = Image::open(&overlay).map_err(image_err(i))?;
+        let image = Image::open_with(
+            &overlay,
+            &disk::OpenOptions {
+                backing_policy: info.backing_policy.clone(),
+                ..disk::OpenOptions::default()
+            },
+        )
+        .map_err(image_err(i))?;
         preps.push(DiskPrep {
             parent: info.path,
             parent_format: top.format,
             overlay,
             image: Some(image),
+            policy: info.backing_policy,
         });
     }
     Ok(preps)
@@ -158,9 +169,19 @@ fn format_of(format: Format) -> DiskFormat {
 }
 
 /// Copies the whole content of the chain at `source` into a sparse raw file `dest`.
-fn copy_flat(source: &Path, dest: &Path, index: usize) -> Result<(), CheckpointError> {
+fn copy_flat(
+    source: &Path,
+    policy: &disk::PathPolicy,
+    dest: &Path,
+    index: usize,
+) -> Result<(), CheckpointError> {
     const CHUNK: usize = 1 << 20;
-    let mut image = Image::open_read_only(source).map_err(image_err(index))?;
+    let opts = disk::OpenOptions {
+        read_only: true,
+        backing_policy: policy.clone(),
+        ..disk::OpenOptions::default()
+    };
+    let mut image = Image::open_with(source, &opts).map_err(image_err(index))?;
     let copy_err = |source| CheckpointError::Copy {
         path: dest.to_path_buf(),
         source,
@@ -202,7 +223,7 @@ pub(super) fn finish_disks(
             DiskPolicy::CopyCommit => {
                 let dir = store_dir.ok_or(Refusal::CopyCommitNeedsDirectory)?;
                 let copy = dir.join(format!("disk{i}.raw"));
-                copy_flat(&prep.parent, &copy, i)?;
+                copy_flat(&prep.parent, &prep.policy, &copy, i)?;
                 let next = overlay_path(&prep.parent, &format!("{tag}-next"));
                 let report = commit_and_rebase(h, &next, &mut |_, _| {}).map_err(disk_err(i))?;
                 info!(disk = i, copy = %copy.display(), base = %report.base.display(), "checkpoint disk copied and COW file committed");

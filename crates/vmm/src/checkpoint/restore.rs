@@ -75,6 +75,28 @@ pub enum RestoreError {
         #[source]
         source: disk::Error,
     },
+    /// A checkpoint disk the manifest names lies outside every trusted directory.
+    #[error(
+        "disk {index}: {path} lies outside the checkpoint's directory and every directory named \
+         at restore time; trust its directory explicitly (--allow-dir) to use it"
+    )]
+    UntrustedDisk {
+        /// Device index.
+        index: usize,
+        /// The disk as the manifest names it.
+        path: PathBuf,
+    },
+    /// A checkpoint disk the manifest names cannot be resolved.
+    #[error("disk {index}: cannot resolve the checkpoint's disk {path}")]
+    DiskPath {
+        /// Device index.
+        index: usize,
+        /// The disk as the manifest names it.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl RestoreError {
@@ -84,7 +106,9 @@ impl RestoreError {
             RestoreError::Open { .. }
             | RestoreError::Config { .. }
             | RestoreError::State(_)
-            | RestoreError::Memory(_) => ErrorKind::InvalidInput,
+            | RestoreError::Memory(_)
+            | RestoreError::UntrustedDisk { .. }
+            | RestoreError::DiskPath { .. } => ErrorKind::InvalidInput,
             RestoreError::Vm(e) => e.kind(),
             _ => ErrorKind::Internal,
         }
@@ -100,6 +124,10 @@ pub struct RestoreOptions {
     pub eager: bool,
     /// Where the disks' fresh COW files go (default: next to each checkpoint disk).
     pub disk_dir: Option<PathBuf>,
+    /// Directories trusted to hold the checkpoint's disks (and their backing files) besides
+    /// the checkpoint's own directory and `disk_dir`. A disk the manifest names anywhere else
+    /// is refused.
+    pub allow_dirs: Vec<PathBuf>,
 }
 
 fn mapped_memory(file: File, offset: u64, mem_size: u64) -> Result<GuestMemoryMmap, RestoreError> {
@@ -215,6 +243,7 @@ fn disk_overlays(
     ckpt: &Checkpoint,
     state: &MachineState,
     disk_dir: Option<&Path>,
+    trusted: &[PathBuf],
 ) -> Result<Vec<DiskConfig>, RestoreError> {
     let disks = &ckpt.manifest().vm.disks;
     let saved = &state.devices.blocks;
@@ -246,10 +275,17 @@ fn disk_overlays(
                 DiskFormat::Qcow2 => Format::Qcow2,
                 DiskFormat::Raw => Format::Raw,
             };
+            let config = DiskConfig {
+                path: overlay,
+                readonly: d.readonly,
+                delay_ms: state.disk.delay_ms,
+                allow_dirs: trusted.to_vec(),
+            };
             disk::create_qcow2(
-                &overlay,
+                &config.path,
                 &disk::CreateOptions {
                     backing: Some((&d.path, format)),
+                    backing_policy: config.backing_policy(),
                     ..disk::CreateOptions::default()
                 },
             )
@@ -258,13 +294,45 @@ fn disk_overlays(
                 path: d.path.clone(),
                 source,
             })?;
-            Ok(DiskConfig {
-                path: overlay,
-                readonly: d.readonly,
-                delay_ms: state.disk.delay_ms,
-            })
+            Ok(config)
         })
         .collect()
+}
+
+/// The directories a checkpoint's disks may lie in (M7): the checkpoint's own directory,
+/// `disk_dir` and the directories the caller names, each resolved. A manifest is not an
+/// authenticator (anyone can edit it and recompute its checksum), so every disk it names is
+/// checked against them before anything is created.
+fn trusted_dirs(
+    ckpt: &Checkpoint,
+    store: &StoreSpec,
+    options: &RestoreOptions,
+) -> Result<Vec<PathBuf>, RestoreError> {
+    let own = match store {
+        StoreSpec::Dir(dir) => Some(dir.as_path()),
+        StoreSpec::Raw(_) | StoreSpec::Mem(_) => None,
+    };
+    let mut trusted: Vec<PathBuf> = own
+        .into_iter()
+        .chain(options.disk_dir.as_deref())
+        .chain(options.allow_dirs.iter().map(PathBuf::as_path))
+        .filter_map(|dir| std::fs::canonicalize(dir).ok())
+        .collect();
+    trusted.dedup();
+    for (index, d) in ckpt.manifest().vm.disks.iter().enumerate() {
+        let real = std::fs::canonicalize(&d.path).map_err(|source| RestoreError::DiskPath {
+            index,
+            path: d.path.clone(),
+            source,
+        })?;
+        if !trusted.iter().any(|dir| real.starts_with(dir)) {
+            return Err(RestoreError::UntrustedDisk {
+                index,
+                path: d.path.clone(),
+            });
+        }
+    }
+    Ok(trusted)
 }
 
 /// Distinguishes the COW files of several restores in one process (clones).
@@ -281,6 +349,7 @@ pub(crate) fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Mach
     };
     let ckpt = Checkpoint::open_deferred(store.store().as_ref()).map_err(open_err)?;
     let (mem_size, vcpus) = check_config(&ckpt, &name)?;
+    let trusted = trusted_dirs(&ckpt, store, &options)?;
     let state: MachineState = ckpt.decode_state().map_err(RestoreError::State)?;
     if state.vcpus.len() != usize::from(vcpus) {
         return Err(RestoreError::Config {
@@ -313,7 +382,7 @@ pub(crate) fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Mach
             .map_err(open_err)?;
         vm.map_err(|e| RestoreError::Vm(e.into()))
     })?;
-    let disks = disk_overlays(&ckpt, &state, options.disk_dir.as_deref())?;
+    let disks = disk_overlays(&ckpt, &state, options.disk_dir.as_deref(), &trusted)?;
     let config = &ckpt.manifest().vm;
     let parts = Parts {
         summary: VmSummary {

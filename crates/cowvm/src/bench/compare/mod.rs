@@ -132,6 +132,7 @@ fn measure_cowvm(
             console: Console::Writer(Box::new(restored.clone())),
             eager: false,
             disk_dir: None,
+            allow_dirs: Vec::new(),
         },
     )?;
     let ran = restored.wait_for(1, BOOT_WAIT);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use disk::{ChainEntry, Format, Image, Stats};
+use disk::{ChainEntry, Format, Image, PathPolicy, Stats};
 
 use super::{BlockError, BlockState, InflightRequest};
 use crate::devices::virtio::DmaObserver;
@@ -20,6 +20,9 @@ pub struct ImageInfo {
     pub chain: Vec<ChainEntry>,
     /// Counters of the top image.
     pub stats: Stats,
+    /// Where backing files of this disk's images may live; images made for the disk
+    /// (checkpoint COW files, copies, commits) are opened under the same policy.
+    pub backing_policy: PathPolicy,
 }
 
 /// One command to the device thread; each carries its reply channel.

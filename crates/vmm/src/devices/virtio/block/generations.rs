@@ -68,6 +68,7 @@ impl Images {
             generation,
             chain: image.backing_chain(),
             stats: image.stats(),
+            backing_policy: image.backing_policy().clone(),
         }
     }
 
@@ -200,6 +201,7 @@ fn reopen(image: &Image) -> Result<Image, BlockError> {
     let opts = disk::OpenOptions {
         read_only: image.is_read_only(),
         format: Some(image.format()),
+        backing_policy: image.backing_policy().clone(),
         ..disk::OpenOptions::default()
     };
     Image::open_with(image.path(), &opts).map_err(BlockError::Open)

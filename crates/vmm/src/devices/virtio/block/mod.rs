@@ -70,6 +70,19 @@ pub struct DiskConfig {
     /// Test knob: hold every request this many milliseconds before its I/O is submitted; it
     /// counts as in flight meanwhile.
     pub delay_ms: u64,
+    /// Directories the image's backing files may resolve into besides the directory of the
+    /// image naming them.
+    #[serde(default)]
+    pub allow_dirs: Vec<PathBuf>,
+}
+
+impl DiskConfig {
+    /// The backing-file policy of this disk: the naming image's directory and `allow_dirs`.
+    pub fn backing_policy(&self) -> disk::PathPolicy {
+        self.allow_dirs
+            .iter()
+            .fold(disk::PathPolicy::same_dir(), |p, d| p.allow_dir(d))
+    }
 }
 
 /// What a request asks for.
@@ -191,6 +204,7 @@ fn config_space(capacity_sectors: u64) -> Vec<u8> {
 fn open_image(config: &DiskConfig) -> Result<disk::Image, BlockError> {
     let opts = disk::OpenOptions {
         read_only: config.readonly,
+        backing_policy: config.backing_policy(),
         ..disk::OpenOptions::default()
     };
     let image = disk::Image::open_with(&config.path, &opts).map_err(BlockError::Open)?;
