@@ -29,7 +29,8 @@ pub struct RestoreArgs {
     /// Write the serial console to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
-    /// Read and verify all memory before the VM runs, instead of mapping it lazily.
+    /// Read and verify all memory before the VM runs, instead of serving it on demand (each
+    /// page verified as it is first touched, the rest prefetched while the VM runs).
     #[arg(long)]
     eager: bool,
     /// Where the disks' fresh COW files go (default: next to the checkpoint's disks).
@@ -101,11 +102,16 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             disk_dir: args.disk_dir.clone(),
         },
     )?;
+    let first_instruction_us = vm
+        .restore_stats()
+        .map_or(0, |s| s.first_instruction_us);
     info!(
         from = %args.from,
         restore_us = start.elapsed().as_micros() as u64,
+        first_instruction_us,
         "restored VM runs"
     );
+    // The page service logs "all restored memory is resident" with what it served.
     let exit = if args.control.wanted() {
         supervise::run(
             vm,

@@ -7,6 +7,7 @@ pub mod devices;
 pub mod exit;
 pub mod kvm;
 pub mod memory;
+pub mod page_service;
 pub mod vm;
 
 pub use exit::VmExit;

@@ -14,6 +14,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError, BootSpec};
+use crate::checkpoint::restore::{RestoreRecord, RestoreStats};
 use crate::checkpoint::CheckpointLock;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_PORT, COM1_SIZE};
@@ -27,6 +28,7 @@ use crate::kvm::vcpu::{
 };
 use crate::kvm::{self, KvmError};
 use crate::memory::{self, HugePages, MemoryError};
+use crate::page_service::PageService;
 
 /// Most vCPUs a VM may have (the xAPIC id space).
 pub const MAX_VCPUS: u8 = 254;
@@ -146,6 +148,7 @@ pub struct Vm {
     msrs: Vec<u32>,
     checkpoint_lock: CheckpointLock,
     disks: DiskSet,
+    restore: Option<RestoreRecord>,
     // The VM fd must outlive the vCPU threads; `Drop` joins them first.
     fd: VmFd,
     _kvm: Kvm,
@@ -274,6 +277,7 @@ impl VmParts {
             msrs,
             checkpoint_lock: CheckpointLock::default(),
             disks: DiskSet::default(),
+            restore: None,
             fd: self.fd,
             _kvm: self.kvm,
         })
@@ -339,6 +343,21 @@ impl Vm {
         self.disks = DiskSet::start(blocks, &self.memory, mmio)
             .map_err(|source| VmError::Disk { index: 0, source })?;
         Ok(())
+    }
+
+    /// Records how a restored VM got its memory.
+    pub(crate) fn set_restore_record(&mut self, record: RestoreRecord) {
+        self.restore = Some(record);
+    }
+
+    /// The page service of a VM restored lazily, while it may still serve memory.
+    pub(crate) fn page_service(&self) -> Option<&PageService> {
+        self.restore.as_ref().and_then(RestoreRecord::page_service)
+    }
+
+    /// For a restored VM: time to its first instruction and what the page service did.
+    pub fn restore_stats(&self) -> Option<RestoreStats> {
+        self.restore.as_ref().map(RestoreRecord::stats)
     }
 
     /// What the VM was built from.
@@ -453,6 +472,10 @@ impl Drop for Vm {
         self.control.request_exit();
         self.control.join();
         self.disks.stop();
+        // Only once nothing else can touch guest memory.
+        if let Some(service) = self.page_service() {
+            service.stop();
+        }
         if let Err(e) = self.flush_console() {
             tracing::warn!("console flush failed: {e}");
         }

@@ -363,6 +363,7 @@ impl Controller {
             checkpoint_in_progress: running,
             restored_from: current.restored_from,
             uptime_ms: current.started.elapsed().as_millis() as u64,
+            restore: current.vm.restore_stats().map(Into::into),
         }
     }
 

@@ -32,7 +32,6 @@ use ckpt_format::{
 use thiserror::Error;
 use tracing::{info, info_span, warn};
 use vm_memory::GuestMemoryMmap;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use self::memory_cow::fork::{fork_writer, ForkedWriter};
 use self::memory_cow::uffd::UffdCow;
@@ -77,6 +76,10 @@ pub enum CheckpointError {
     /// The memory COW mechanism failed.
     #[error("memory copy-on-write failed")]
     Memory(#[from] CowError),
+    /// A lazily restored VM's memory did not become resident, which a write-protect
+    /// checkpoint needs.
+    #[error("restored memory is not resident")]
+    NotResident(#[source] crate::page_service::PageServiceError),
     /// A disk device refused or failed.
     #[error("disk {index}")]
     Disk {
@@ -410,13 +413,18 @@ fn prepare(
         },
     )
     .map_err(store_err(&request.store))?;
-    let cow = match request.options.strategy {
-        // userfaultfd cannot write-protect private file mappings, which is what a lazily
-        // restored VM runs on; the kernel's own copy-on-write (fork) protects them just as well.
-        Strategy::Uffd if file_backed(vm) => {
-            warn!("guest memory maps a checkpoint file, which userfaultfd cannot protect: using the fork strategy");
-            MemoryCow::Fork(None)
+    // A lazily restored VM's memory is registered with its page service until all of it is
+    // resident. `uffd` cannot register it twice, and a forked writer would see the pages still
+    // missing as zeros, so every strategy but `stop` (which reads memory through the page
+    // service) waits for residency: the prefetcher gets there at store speed.
+    if request.options.strategy != Strategy::Stop {
+        if let Some(service) = vm.page_service() {
+            service
+                .wait_resident(RESIDENCY_WAIT)
+                .map_err(CheckpointError::NotResident)?;
         }
+    }
+    let cow = match request.options.strategy {
         Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions)?),
         Strategy::Fork => MemoryCow::Fork(None),
         Strategy::Stop | Strategy::Unknown => MemoryCow::Stop,
@@ -424,10 +432,8 @@ fn prepare(
     Ok((writer, cow))
 }
 
-/// Whether any guest memory is a file mapping (a VM restored lazily from a checkpoint).
-fn file_backed(vm: &Vm) -> bool {
-    vm.memory().iter().any(|r| r.file_offset().is_some())
-}
+/// How long a checkpoint of a lazily restored VM waits for its memory to become resident.
+const RESIDENCY_WAIT: Duration = Duration::from_secs(120);
 
 impl MemoryCow {
     /// The strategy actually used, as recorded in the manifest.
@@ -515,6 +521,8 @@ fn write_out(
                     }
                 });
                 let counts = u.wait_background().and_then(|()| {
+                    // Every block is saved: the hot set is complete.
+                    writer.set_hot_pages(u.hot_pages());
                     // The observers hold the store writer's queue open.
                     for h in vm.disks() {
                         if let Err(e) = h.set_dma_observer(None) {

@@ -1,33 +1,34 @@
-//! Restoring a checkpoint into a new VM (SPEC §5): verify before use, map memory lazily (or read
-//! it eagerly), load vCPU, VM and device state, and run.
+//! Restoring a checkpoint into a new VM (SPEC §5): verify before use, serve memory lazily (or
+//! read it eagerly), load vCPU, VM and device state, and run.
 //!
-//! Lazy restore maps the page-aligned memory image `MAP_PRIVATE`: the VM runs within
-//! milliseconds whatever its size, clones share unmodified pages through the page cache, and the
-//! checkpoint file is never written. Every page is still checked against the page index: a
-//! verifier thread reads the image from the store while the guest runs and stops the VM with a
-//! precise error at the first corrupt page. `--eager` restores read and verify every page before
-//! the first guest instruction.
+//! Guest memory is always private anonymous memory, never a mapping of the checkpoint's files,
+//! so nothing written to them after the restore began reaches the guest. By default it is
+//! filled on demand by the [page service](crate::page_service): the VM runs within milliseconds
+//! whatever its size, every page is verified against the page index before the guest can see
+//! it, zero pages are never read from the store, and a prefetcher makes all of memory resident
+//! at store speed. `--eager` restores read and verify every page before the first guest
+//! instruction.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use ckpt_format::{Checkpoint, DiskFormat, MemorySource, PAGE_SIZE};
+use ckpt_format::{Checkpoint, DiskFormat, PAGE_SIZE};
 use disk::Format;
 use thiserror::Error;
-use tracing::{info, info_span, warn};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use tracing::{info, info_span};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::disk_cow::overlay_path;
 use super::state::VmSnapshot;
 use super::StoreSpec;
 use crate::devices::serial::{SerialConsole, SerialError};
 use crate::devices::virtio::block::{Block, BlockError, DiskConfig, DiskSet};
-use crate::exit::{ExitNotifier, VmExit};
 use crate::kvm::state::{restore_vcpu, restore_vm};
 use crate::kvm::KvmError;
 use crate::memory::{self, HugePages, MemoryError};
+use crate::page_service::{PageService, PageServiceError, PageServiceStats, ServiceSpec};
 use crate::vm::{console_writer, Console, Vm, VmError, VmParts, VmSummary, MAX_VCPUS};
 
 /// Errors of restoring a checkpoint. Nothing is started when one is returned.
@@ -56,9 +57,12 @@ pub enum RestoreError {
     /// A memory page does not match its hash (eager restore).
     #[error("checkpoint memory is corrupt")]
     Memory(#[source] ckpt_format::Error),
-    /// Mapping the memory image failed.
-    #[error("cannot map the checkpoint memory image")]
+    /// Writing guest memory failed (eager restore).
+    #[error("cannot write guest memory")]
     Map(#[source] std::io::Error),
+    /// The page service cannot start.
+    #[error("cannot start the page service")]
+    PageService(#[from] PageServiceError),
     /// Guest memory.
     #[error(transparent)]
     GuestMemory(#[from] MemoryError),
@@ -93,6 +97,43 @@ pub enum RestoreError {
     },
 }
 
+/// How a restored VM got its memory, for reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Memory served on demand by the page service (else read eagerly).
+    pub lazy: bool,
+    /// From the start of the restore until the vCPUs started.
+    pub first_instruction_us: u64,
+    /// What the page service did (zero after an eager restore).
+    pub pages: PageServiceStats,
+}
+
+/// What a VM keeps of its restore: the page service, while it may still be serving memory.
+#[derive(Debug)]
+pub(crate) struct RestoreRecord {
+    first_instruction_us: u64,
+    service: Option<Arc<PageService>>,
+}
+
+impl RestoreRecord {
+    pub(crate) fn stats(&self) -> RestoreStats {
+        RestoreStats {
+            lazy: self.service.is_some(),
+            first_instruction_us: self.first_instruction_us,
+            pages: self
+                .service
+                .as_ref()
+                .map(|s| s.stats())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The page service, if memory is served lazily.
+    pub(crate) fn page_service(&self) -> Option<&PageService> {
+        self.service.as_deref()
+    }
+}
+
 /// How to restore.
 #[derive(Debug)]
 pub struct RestoreOptions {
@@ -102,28 +143,6 @@ pub struct RestoreOptions {
     pub eager: bool,
     /// Where the disks' fresh COW files go (default: next to each checkpoint disk).
     pub disk_dir: Option<PathBuf>,
-}
-
-fn mapped_memory(file: File, offset: u64, mem_size: u64) -> Result<GuestMemoryMmap, RestoreError> {
-    let file = Arc::new(file);
-    let mut image_offset = 0;
-    let mut regions = Vec::new();
-    for (gpa, len) in memory::ram_ranges(mem_size) {
-        let mapping = MmapRegion::build(
-            Some(FileOffset::from_arc(file.clone(), offset + image_offset)),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-        )
-        .map_err(|e| RestoreError::Map(std::io::Error::other(e.to_string())))?;
-        regions.push(
-            GuestRegionMmap::new(mapping, gpa)
-                .ok_or_else(|| RestoreError::Map(std::io::Error::other("region overflows")))?,
-        );
-        image_offset += len as u64;
-    }
-    GuestMemoryMmap::from_regions(regions)
-        .map_err(|e| RestoreError::Map(std::io::Error::other(e.to_string())))
 }
 
 fn eager_memory(ckpt: &Checkpoint, mem_size: u64) -> Result<GuestMemoryMmap, RestoreError> {
@@ -196,37 +215,6 @@ fn check_config(ckpt: &Checkpoint, store: &str) -> Result<(u64, u8), RestoreErro
     Ok((config.mem_size, vcpus))
 }
 
-/// Makes the calling thread yield the CPU to the vCPUs and the VMM's own threads: the
-/// verifier is background work, and on a small host it would otherwise delay the guest.
-fn lower_priority() {
-    // SAFETY: setpriority has no memory effects; `who` 0 with PRIO_PROCESS names the calling
-    // thread on Linux (its nice value is per thread).
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) } != 0 {
-        warn!(
-            "cannot lower the verifier's priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-/// Reads the whole memory image in the background and stops the VM at the first corrupt page.
-fn spawn_verifier(ckpt: Checkpoint, exit: Arc<ExitNotifier>) {
-    let spawned = std::thread::Builder::new()
-        .name("ckpt-verify".into())
-        .spawn(move || {
-            lower_priority();
-            match ckpt.verify_memory(1, &|_| {}) {
-                Ok(report) => info!(pages = report.pages_verified, "checkpoint memory verified"),
-                Err(e) => exit.notify(VmExit::Fatal(format!(
-                    "restored VM stopped: checkpoint memory is corrupt: {e}"
-                ))),
-            }
-        });
-    if let Err(e) = spawned {
-        warn!("cannot start the memory verifier: {e}");
-    }
-}
-
 /// Gives each checkpoint disk a fresh COW file, so the checkpoint stays immutable, and rebuilds
 /// the devices from their saved state; their in-flight requests are re-submitted when the
 /// device thread starts.
@@ -294,6 +282,7 @@ static RESTORES: AtomicU64 = AtomicU64::new(0);
 impl Vm {
     /// Restores the checkpoint in `store` into a new running VM.
     pub fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Vm, RestoreError> {
+        let started = Instant::now();
         let name = store.describe();
         let span = info_span!("restore", store = %name, eager = options.eager);
         let _enter = span.enter();
@@ -311,21 +300,14 @@ impl Vm {
             });
         }
 
-        let (memory, verify_later) = match ckpt.memory_source().map_err(open_err)? {
-            MemorySource::File {
-                file,
-                offset,
-                holes_read_as_zero: true,
-                ..
-            } if !options.eager => (mapped_memory(file, offset, mem_size)?, true),
-            _ => {
-                ckpt.page_index().map_err(open_err)?;
-                (eager_memory(&ckpt, mem_size)?, false)
-            }
+        let memory = if options.eager {
+            ckpt.page_index().map_err(open_err)?;
+            eager_memory(&ckpt, mem_size)?
+        } else {
+            memory::create_guest_memory(mem_size, HugePages::None)?
         };
         // The page index is read and verified (a few milliseconds at 4 GiB) while KVM
-        // registers the memory (as long again for a file mapping); a bad index is refused
-        // before the first guest instruction.
+        // registers the memory; a bad index is refused before the first guest instruction.
         let parts = std::thread::scope(|s| {
             let index = s.spawn(|| ckpt.page_index().map(|_| ()));
             let parts = VmParts::new(memory);
@@ -335,6 +317,20 @@ impl Vm {
                 .map_err(open_err)?;
             parts.map_err(RestoreError::from)
         })?;
+        let ckpt = Arc::new(ckpt);
+        // Before anything touches guest memory: restoring the devices reads their queues.
+        let service = if options.eager {
+            None
+        } else {
+            Some(Arc::new(PageService::start(ServiceSpec {
+                regions: memory::ram_regions(&parts.memory),
+                checkpoint: ckpt.clone(),
+                source: ckpt.clone(),
+                store: name.clone(),
+                hot_pages: ckpt.manifest().memory.hot_pages.clone(),
+                exit: parts.exit.clone(),
+            })?))
+        };
         restore_vm(&parts.fd, &snapshot.vm)?;
         let blocks = restore_disks(&ckpt, &snapshot, options.disk_dir.as_deref(), &parts.memory)?;
         let out = console_writer(options.console)?;
@@ -355,13 +351,14 @@ impl Vm {
             kernel: config.kernel.clone(),
             cmdline: config.cmdline.clone(),
         };
-        let exit = parts.exit.clone();
         let mut vm = parts.start(summary, serial, vcpu_list, msrs)?;
+        let first_instruction_us = started.elapsed().as_micros() as u64;
+        vm.set_restore_record(RestoreRecord {
+            first_instruction_us,
+            service,
+        });
         vm.start_disks(blocks, mmio)?;
-        if verify_later {
-            spawn_verifier(ckpt, exit);
-        }
-        info!("VM restored");
+        info!(first_instruction_us, lazy = !options.eager, "VM restored");
         Ok(vm)
     }
 }
