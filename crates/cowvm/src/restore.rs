@@ -102,9 +102,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             disk_dir: args.disk_dir.clone(),
         },
     )?;
-    let first_instruction_us = vm
-        .restore_stats()
-        .map_or(0, |s| s.first_instruction_us);
+    let first_instruction_us = vm.restore_stats().map_or(0, |s| s.first_instruction_us);
     info!(
         from = %args.from,
         restore_us = start.elapsed().as_micros() as u64,

@@ -470,6 +470,11 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.exit.notify(VmExit::Stopped);
         self.control.request_exit();
+        // A vCPU waiting on a page the page service refused must be able to leave KVM_RUN;
+        // it has been told to exit, so it cannot run guest code again.
+        if let Some(service) = self.page_service() {
+            service.release_failed();
+        }
         self.control.join();
         self.disks.stop();
         // Only once nothing else can touch guest memory.

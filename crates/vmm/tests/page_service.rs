@@ -105,7 +105,10 @@ fn lazy_restores_of_a_writer_and_a_reader_finish_as_the_uninterrupted_run() {
     .enumerate()
     {
         let (reference, console) = boot_guest(workload, MEM, 1);
-        assert_eq!(wait_or_explain(&reference, &console, LIMIT), VmExit::Guest(0));
+        assert_eq!(
+            wait_or_explain(&reference, &console, LIMIT),
+            VmExit::Guest(0)
+        );
         let expected = without_tsc(&console.text());
         drop(reference);
 
@@ -229,7 +232,10 @@ fn a_restored_vm_is_checkpointed_with_uffd_and_its_hot_set_is_recorded() {
     let work = tempfile::tempdir().unwrap();
     let workload = "dirty mem=32M passes=600 every=10";
     let (reference, console) = boot_guest(workload, MEM, 1);
-    assert_eq!(wait_or_explain(&reference, &console, LIMIT), VmExit::Guest(0));
+    assert_eq!(
+        wait_or_explain(&reference, &console, LIMIT),
+        VmExit::Guest(0)
+    );
     let done = |text: &str| {
         text.lines()
             .find(|l| l.starts_with("dirty done"))

@@ -32,6 +32,7 @@ use ckpt_format::{
 use thiserror::Error;
 use tracing::{info, info_span, warn};
 use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use self::memory_cow::fork::{fork_writer, ForkedWriter};
 use self::memory_cow::uffd::UffdCow;
@@ -425,11 +426,20 @@ fn prepare(
         }
     }
     let cow = match request.options.strategy {
+        // A clone maps the shared image of its checkpoint privately, which userfaultfd cannot
+        // write-protect; the kernel's own copy-on-write (fork) protects it just as well. The
+        // manifest records the strategy used.
+        Strategy::Uffd if shared_image(vm) => MemoryCow::Fork(None),
         Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions)?),
         Strategy::Fork => MemoryCow::Fork(None),
         Strategy::Stop | Strategy::Unknown => MemoryCow::Stop,
     };
     Ok((writer, cow))
+}
+
+/// Whether guest memory maps a clones' shared image (file-backed, unlike all other memory).
+fn shared_image(vm: &Vm) -> bool {
+    vm.memory().iter().any(|r| r.file_offset().is_some())
 }
 
 /// How long a checkpoint of a lazily restored VM waits for its memory to become resident.

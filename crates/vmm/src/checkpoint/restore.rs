@@ -28,7 +28,9 @@ use crate::devices::virtio::block::{Block, BlockError, DiskConfig, DiskSet};
 use crate::kvm::state::{restore_vcpu, restore_vm};
 use crate::kvm::KvmError;
 use crate::memory::{self, HugePages, MemoryError};
-use crate::page_service::{PageService, PageServiceError, PageServiceStats, ServiceSpec};
+use crate::page_service::{
+    PageService, PageServiceError, PageServiceStats, ServiceSpec, SharedImage, SharedImageError,
+};
 use crate::vm::{console_writer, Console, Vm, VmError, VmParts, VmSummary, MAX_VCPUS};
 
 /// Errors of restoring a checkpoint. Nothing is started when one is returned.
@@ -63,6 +65,9 @@ pub enum RestoreError {
     /// The page service cannot start.
     #[error("cannot start the page service")]
     PageService(#[from] PageServiceError),
+    /// The shared image of clones cannot be mapped.
+    #[error(transparent)]
+    Shared(#[from] SharedImageError),
     /// Guest memory.
     #[error(transparent)]
     GuestMemory(#[from] MemoryError),
@@ -120,11 +125,7 @@ impl RestoreRecord {
         RestoreStats {
             lazy: self.service.is_some(),
             first_instruction_us: self.first_instruction_us,
-            pages: self
-                .service
-                .as_ref()
-                .map(|s| s.stats())
-                .unwrap_or_default(),
+            pages: self.service.as_ref().map(|s| s.stats()).unwrap_or_default(),
         }
     }
 
@@ -279,86 +280,132 @@ fn restore_disks(
 /// Distinguishes the COW files of several restores in one process (clones).
 static RESTORES: AtomicU64 = AtomicU64::new(0);
 
+/// Where a restored VM's memory comes from.
+enum MemoryMode<'a> {
+    /// Served on first touch by the page service.
+    Lazy,
+    /// Read and verified before the first instruction.
+    Eager,
+    /// A private mapping of a verified, sealed image shared with other clones.
+    Shared(&'a SharedImage),
+}
+
 impl Vm {
     /// Restores the checkpoint in `store` into a new running VM.
     pub fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Vm, RestoreError> {
-        let started = Instant::now();
-        let name = store.describe();
-        let span = info_span!("restore", store = %name, eager = options.eager);
-        let _enter = span.enter();
-        let open_err = |source| RestoreError::Open {
-            store: name.clone(),
-            source,
+        let mode = if options.eager {
+            MemoryMode::Eager
+        } else {
+            MemoryMode::Lazy
         };
-        let ckpt = Checkpoint::open_deferred(store.store().as_ref()).map_err(open_err)?;
-        let (mem_size, vcpus) = check_config(&ckpt, &name)?;
-        let snapshot: VmSnapshot = ckpt.decode_state().map_err(RestoreError::State)?;
-        if snapshot.vcpus.len() != usize::from(vcpus) {
-            return Err(RestoreError::Config {
-                store: name,
-                reason: format!("{} vCPU states for {vcpus} vCPUs", snapshot.vcpus.len()),
-            });
-        }
+        restore_with(store, options, mode)
+    }
 
-        let memory = if options.eager {
+    /// Restores a clone of the checkpoint in `store` on `image` (made from that checkpoint
+    /// with [`SharedImage::load`]): the clones share every page none of them writes.
+    /// `options.eager` is ignored.
+    pub fn restore_clone(
+        store: &StoreSpec,
+        image: &SharedImage,
+        options: RestoreOptions,
+    ) -> Result<Vm, RestoreError> {
+        restore_with(store, options, MemoryMode::Shared(image))
+    }
+}
+
+fn restore_with(
+    store: &StoreSpec,
+    options: RestoreOptions,
+    mode: MemoryMode<'_>,
+) -> Result<Vm, RestoreError> {
+    let started = Instant::now();
+    let name = store.describe();
+    let span = info_span!("restore", store = %name, eager = options.eager);
+    let _enter = span.enter();
+    let open_err = |source| RestoreError::Open {
+        store: name.clone(),
+        source,
+    };
+    let ckpt = Checkpoint::open_deferred(store.store().as_ref()).map_err(open_err)?;
+    let (mem_size, vcpus) = check_config(&ckpt, &name)?;
+    let snapshot: VmSnapshot = ckpt.decode_state().map_err(RestoreError::State)?;
+    if snapshot.vcpus.len() != usize::from(vcpus) {
+        return Err(RestoreError::Config {
+            store: name,
+            reason: format!("{} vCPU states for {vcpus} vCPUs", snapshot.vcpus.len()),
+        });
+    }
+
+    let memory = match mode {
+        MemoryMode::Eager => {
             ckpt.page_index().map_err(open_err)?;
             eager_memory(&ckpt, mem_size)?
-        } else {
-            memory::create_guest_memory(mem_size, HugePages::None)?
-        };
-        // The page index is read and verified (a few milliseconds at 4 GiB) while KVM
-        // registers the memory; a bad index is refused before the first guest instruction.
-        let parts = std::thread::scope(|s| {
-            let index = s.spawn(|| ckpt.page_index().map(|_| ()));
-            let parts = VmParts::new(memory);
-            index
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                .map_err(open_err)?;
-            parts.map_err(RestoreError::from)
-        })?;
-        let ckpt = Arc::new(ckpt);
-        // Before anything touches guest memory: restoring the devices reads their queues.
-        let service = if options.eager {
-            None
-        } else {
-            Some(Arc::new(PageService::start(ServiceSpec {
-                regions: memory::ram_regions(&parts.memory),
-                checkpoint: ckpt.clone(),
-                source: ckpt.clone(),
-                store: name.clone(),
-                hot_pages: ckpt.manifest().memory.hot_pages.clone(),
-                exit: parts.exit.clone(),
-            })?))
-        };
-        restore_vm(&parts.fd, &snapshot.vm)?;
-        let blocks = restore_disks(&ckpt, &snapshot, options.disk_dir.as_deref(), &parts.memory)?;
-        let out = console_writer(options.console)?;
-        let (serial, pio, mut mmio) = parts.devices(|irq| {
-            SerialConsole::restore(&snapshot.serial, irq, out)
-                .map_err(|e| VmError::Device(e.to_string()))
-        })?;
-        DiskSet::attach(&blocks, &parts.fd, &mut mmio)
-            .map_err(|source| RestoreError::Disk { index: 0, source })?;
-        let mmio = Arc::new(mmio);
-        let (vcpu_list, msrs) = parts.vcpus(vcpus, Arc::new(pio), mmio.clone(), |id, fd| {
-            Ok(restore_vcpu(fd, &snapshot.vcpus[usize::from(id)])?)
-        })?;
-        let config = &ckpt.manifest().vm;
-        let summary = VmSummary {
-            mem_size,
-            vcpus,
-            kernel: config.kernel.clone(),
-            cmdline: config.cmdline.clone(),
-        };
-        let mut vm = parts.start(summary, serial, vcpu_list, msrs)?;
-        let first_instruction_us = started.elapsed().as_micros() as u64;
-        vm.set_restore_record(RestoreRecord {
-            first_instruction_us,
-            service,
-        });
-        vm.start_disks(blocks, mmio)?;
-        info!(first_instruction_us, lazy = !options.eager, "VM restored");
-        Ok(vm)
-    }
+        }
+        MemoryMode::Lazy => memory::create_guest_memory(mem_size, HugePages::None)?,
+        MemoryMode::Shared(image) if image.mem_size() == mem_size => image.map()?,
+        MemoryMode::Shared(image) => {
+            return Err(RestoreError::Config {
+                store: name,
+                reason: format!(
+                    "the shared image holds {} bytes of memory, the checkpoint {mem_size}",
+                    image.mem_size()
+                ),
+            })
+        }
+    };
+    let lazy = matches!(mode, MemoryMode::Lazy);
+    // The page index is read and verified (a few milliseconds at 4 GiB) while KVM
+    // registers the memory; a bad index is refused before the first guest instruction.
+    let parts = std::thread::scope(|s| {
+        let index = s.spawn(|| ckpt.page_index().map(|_| ()));
+        let parts = VmParts::new(memory);
+        index
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            .map_err(open_err)?;
+        parts.map_err(RestoreError::from)
+    })?;
+    let ckpt = Arc::new(ckpt);
+    // Before anything touches guest memory: restoring the devices reads their queues.
+    let service = if !lazy {
+        None
+    } else {
+        Some(Arc::new(PageService::start(ServiceSpec {
+            regions: memory::ram_regions(&parts.memory),
+            checkpoint: ckpt.clone(),
+            source: ckpt.clone(),
+            store: name.clone(),
+            hot_pages: ckpt.manifest().memory.hot_pages.clone(),
+            exit: parts.exit.clone(),
+        })?))
+    };
+    restore_vm(&parts.fd, &snapshot.vm)?;
+    let blocks = restore_disks(&ckpt, &snapshot, options.disk_dir.as_deref(), &parts.memory)?;
+    let out = console_writer(options.console)?;
+    let (serial, pio, mut mmio) = parts.devices(|irq| {
+        SerialConsole::restore(&snapshot.serial, irq, out)
+            .map_err(|e| VmError::Device(e.to_string()))
+    })?;
+    DiskSet::attach(&blocks, &parts.fd, &mut mmio)
+        .map_err(|source| RestoreError::Disk { index: 0, source })?;
+    let mmio = Arc::new(mmio);
+    let (vcpu_list, msrs) = parts.vcpus(vcpus, Arc::new(pio), mmio.clone(), |id, fd| {
+        Ok(restore_vcpu(fd, &snapshot.vcpus[usize::from(id)])?)
+    })?;
+    let config = &ckpt.manifest().vm;
+    let summary = VmSummary {
+        mem_size,
+        vcpus,
+        kernel: config.kernel.clone(),
+        cmdline: config.cmdline.clone(),
+    };
+    let mut vm = parts.start(summary, serial, vcpu_list, msrs)?;
+    let first_instruction_us = started.elapsed().as_micros() as u64;
+    vm.set_restore_record(RestoreRecord {
+        first_instruction_us,
+        service,
+    });
+    vm.start_disks(blocks, mmio)?;
+    info!(first_instruction_us, lazy, "VM restored");
+    Ok(vm)
 }

@@ -13,7 +13,7 @@ const POLL: Duration = Duration::from_millis(20);
 pub(super) fn handler_loop(shared: &Shared) {
     let mut faults = Vec::with_capacity(32);
     let mut buf = vec![0u8; (BLOCK_PAGES * PAGE_SIZE) as usize];
-    while !shared.stop.load(Ordering::Acquire) && !shared.is_finished() {
+    while !shared.stop.load(Ordering::Acquire) && !shared.is_resident() {
         let mut pfd = libc::pollfd {
             fd: shared.uffd.as_raw_fd(),
             events: libc::POLLIN,

@@ -14,12 +14,16 @@
 //! block claimed by the other thread needs nothing: that thread's install wakes it.
 //!
 //! A page that cannot be read or does not verify stops the VM (a fatal exit naming the pages
-//! and the store) and is never installed: its waiters stay blocked until the vCPUs are kicked
-//! out of `KVM_RUN`. The registration is lifted only once every block is resident, since
+//! and the store) and is never installed while the VM can run: its waiters stay blocked. Only
+//! when the VM is torn down, after every vCPU has been told to exit (a signal is pending on each,
+//! so KVM returns to user space before it would enter the guest again), are failed blocks
+//! filled with zeros ([`PageService::release_failed`]): a vCPU whose guest page-table walk
+//! waits in the kernel on such a page cannot otherwise leave `KVM_RUN`. The registration is lifted only once every block is resident, since
 //! unregistering (or closing the userfaultfd) would let a waiting fault map a zero page.
 
 mod fault;
 mod prefetch;
+mod shared;
 mod source;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -31,6 +35,7 @@ use ckpt_format::{Checkpoint, PageState};
 use thiserror::Error;
 use tracing::{error, info};
 
+pub use self::shared::{SharedImage, SharedImageError};
 pub use self::source::{PageSource, SourceError};
 use crate::checkpoint::memory_cow::uffd_sys::Uffd;
 use crate::exit::{ExitNotifier, VmExit};
@@ -277,6 +282,13 @@ impl Shared {
             .notify(VmExit::Fatal(format!("restored VM stopped: {text}")));
     }
 
+    fn is_resident(&self) -> bool {
+        matches!(
+            *self.finished.lock().unwrap_or_else(|p| p.into_inner()),
+            Some(Ok(()))
+        )
+    }
+
     fn is_finished(&self) -> bool {
         self.finished
             .lock()
@@ -407,11 +419,32 @@ impl PageService {
         }
     }
 
+    /// Maps zero pages over the blocks that failed, so threads waiting on them in the kernel
+    /// can return. Call only once no vCPU can enter the guest again (the VM is being torn
+    /// down): the data is not the guest's.
+    pub(crate) fn release_failed(&self) {
+        let s = &self.shared;
+        for block in 0..s.block_count() {
+            if s.state(block) == FAILED {
+                let (first, end) = s.block_pages(block);
+                let host = s.region_of(first).host_of_page(first);
+                if let Err(e) = s.uffd.zero(host, ((end - first) * PAGE_SIZE) as usize) {
+                    error!("cannot release a failed block of guest memory: {e}");
+                }
+            }
+        }
+    }
+
     /// Stops the service threads. Memory not yet resident stays registered until the
     /// userfaultfd is closed with the service.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
-        drop(self.shared.finished.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(
+            self.shared
+                .finished
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         self.shared.finished_cv.notify_all();
         for t in self.lock_threads().drain(..) {
             if t.join().is_err() {

@@ -13,11 +13,7 @@ use crate::memory::PAGE_SIZE;
 pub(super) fn order(hot_pages: &[u64], blocks: u64) -> Vec<u64> {
     let mut seen = vec![false; blocks as usize];
     let mut out = Vec::with_capacity(blocks as usize);
-    for block in hot_pages
-        .iter()
-        .map(|p| p / BLOCK_PAGES)
-        .chain(0..blocks)
-    {
+    for block in hot_pages.iter().map(|p| p / BLOCK_PAGES).chain(0..blocks) {
         if let Some(s) = seen.get_mut(block as usize) {
             if !*s {
                 *s = true;
