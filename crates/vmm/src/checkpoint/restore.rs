@@ -301,6 +301,17 @@ impl Vm {
         restore_with(store, options, mode)
     }
 
+    /// Loads and verifies the memory of the checkpoint in `store` once, for
+    /// [`restore_clone`](Self::restore_clone).
+    pub fn load_shared_image(store: &StoreSpec) -> Result<SharedImage, RestoreError> {
+        let ckpt =
+            Checkpoint::open(store.store().as_ref()).map_err(|source| RestoreError::Open {
+                store: store.describe(),
+                source,
+            })?;
+        Ok(SharedImage::load(&ckpt)?)
+    }
+
     /// Restores a clone of the checkpoint in `store` on `image` (made from that checkpoint
     /// with [`SharedImage::load`]): the clones share every page none of them writes.
     /// `options.eager` is ignored.
