@@ -98,8 +98,8 @@ fn sums(text: &str) -> Vec<String> {
 fn lazy_restores_of_a_writer_and_a_reader_finish_as_the_uninterrupted_run() {
     let work = tempfile::tempdir().unwrap();
     for (i, workload) in [
-        "dirty mem=32M passes=400 every=10",
-        "scan mem=32M passes=400 every=10",
+        "dirty mem=32M passes=2000 every=50",
+        "scan mem=32M passes=2000 every=50",
     ]
     .into_iter()
     .enumerate()
@@ -113,7 +113,7 @@ fn lazy_restores_of_a_writer_and_a_reader_finish_as_the_uninterrupted_run() {
         drop(reference);
 
         let (vm, console) = boot_guest(workload, MEM, 1);
-        console.wait_for(" pass=", 2, LIMIT);
+        console.wait_for(" pass=", 1, LIMIT);
         let dir = work.path().join(format!("ckpt{i}"));
         checkpoint(&vm, &dir, Strategy::Uffd);
         assert_eq!(wait_or_explain(&vm, &console, LIMIT), VmExit::Guest(0));
@@ -230,7 +230,7 @@ fn zero_pages_and_later_writes_to_the_image_never_reach_the_guest() {
 #[test]
 fn a_restored_vm_is_checkpointed_with_uffd_and_its_hot_set_is_recorded() {
     let work = tempfile::tempdir().unwrap();
-    let workload = "dirty mem=32M passes=600 every=10";
+    let workload = "dirty mem=32M passes=3000 every=50";
     let (reference, console) = boot_guest(workload, MEM, 1);
     assert_eq!(
         wait_or_explain(&reference, &console, LIMIT),
@@ -245,7 +245,7 @@ fn a_restored_vm_is_checkpointed_with_uffd_and_its_hot_set_is_recorded() {
     drop(reference);
 
     let (vm, console) = boot_guest(workload, MEM, 1);
-    console.wait_for("dirty pass=", 2, LIMIT);
+    console.wait_for("dirty pass=", 1, LIMIT);
     let first = work.path().join("first");
     let m = checkpoint(&vm, &first, Strategy::Uffd);
     assert!(
