@@ -164,15 +164,21 @@ pub struct MemoryInfo {
     /// Pages that are zero (not written to the image).
     #[serde(default)]
     pub zero_pages: u64,
+    /// The guest's hot set: the first page of each block the guest wrote while the checkpoint
+    /// was written out, in the order it wrote them. A lazy restore fetches these first. Empty
+    /// (and absent from the file) when unknown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hot_pages: Vec<u64>,
 }
 
 impl MemoryInfo {
-    pub(crate) fn new(mem_size: u64, zero_pages: u64) -> MemoryInfo {
+    pub(crate) fn new(mem_size: u64, zero_pages: u64, hot_pages: Vec<u64>) -> MemoryInfo {
         MemoryInfo {
             page_size: PAGE_SIZE as u32,
             mem_size,
             pages: mem_size / PAGE_SIZE as u64,
             zero_pages,
+            hot_pages,
         }
     }
 

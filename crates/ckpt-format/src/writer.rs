@@ -200,6 +200,7 @@ pub struct CheckpointWriter {
     vm: VmConfig,
     options: CheckpointOptions,
     metrics: Metrics,
+    hot_pages: Vec<u64>,
     created: (u64, String),
     /// The process whose writer this is, and which alone discards an unfinished checkpoint;
     /// `None` once finished or discarded, and in a [`fork_copy`](Self::fork_copy).
@@ -242,6 +243,7 @@ impl CheckpointWriter {
             vm: VmConfig::default(),
             options: CheckpointOptions::default(),
             metrics: Metrics::default(),
+            hot_pages: Vec::new(),
             created: now(),
             discarder: Some(std::process::id()),
         })
@@ -295,6 +297,11 @@ impl CheckpointWriter {
     /// Records metrics; `bytes_written` and `zero_pages` are filled by `finish`.
     pub fn set_metrics(&mut self, metrics: Metrics) {
         self.metrics = metrics;
+    }
+
+    /// Records the guest's hot set (see [`MemoryInfo::hot_pages`]).
+    pub fn set_hot_pages(&mut self, pages: Vec<u64>) {
+        self.hot_pages = pages;
     }
 
     /// Overrides the creation time (milliseconds since the Unix epoch).
@@ -397,6 +404,7 @@ impl CheckpointWriter {
             vm: self.vm.clone(),
             options: self.options,
             metrics: self.metrics.clone(),
+            hot_pages: self.hot_pages.clone(),
             created: self.created.clone(),
             discarder: None,
         }
@@ -435,7 +443,11 @@ impl CheckpointWriter {
             vm: std::mem::take(&mut self.vm),
             options: self.options,
             metrics,
-            memory: MemoryInfo::new(self.mem_size, report.zero_pages),
+            memory: MemoryInfo::new(
+                self.mem_size,
+                report.zero_pages,
+                std::mem::take(&mut self.hot_pages),
+            ),
             sections: vec![state, report.page_index, memory],
         };
         let bytes = manifest.to_json()?;

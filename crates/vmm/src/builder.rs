@@ -135,6 +135,8 @@ pub(crate) struct Parts<'a> {
     pub memory: GuestMemoryMmap,
     /// The KVM VM over `memory`, from [`create_vm`].
     pub vm: KvmVm,
+    /// Told how the VM ends (a restore's page service already holds it).
+    pub exit: Arc<ExitNotifier>,
     /// The serial console's output.
     pub console: Console,
     /// The disk images, in device order.
@@ -170,10 +172,10 @@ pub(crate) fn assemble(parts: Parts<'_>, start: Start<'_>) -> Result<Machine, Vm
         summary,
         memory,
         vm,
+        exit,
         console,
         disks,
     } = parts;
-    let exit = Arc::new(ExitNotifier::default());
     let args = DeviceArgs {
         vm: &vm.fd,
         mem: &memory,

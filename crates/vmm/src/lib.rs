@@ -14,12 +14,13 @@ mod error;
 mod exit;
 mod kvm;
 mod memory;
+mod page_service;
 mod persist;
 mod vm;
 
 pub use builder::{Console, MachineState, VmError, VmSummary, MAX_VCPUS};
 pub use checkpoint::disk_chain::{commit_and_rebase, CommitReport};
-pub use checkpoint::restore::{RestoreError, RestoreOptions};
+pub use checkpoint::restore::{RestoreError, RestoreOptions, RestoreStats};
 pub use checkpoint::{
     CheckpointError, CheckpointRequest, PauseProbe, Phase, Progress, Refusal, StoreSpec,
 };
@@ -28,6 +29,7 @@ pub use error::ErrorKind;
 pub use exit::VmExit;
 pub use kvm::vcpu::{ExitCounts, HeldPause, PauseGuard, VcpuError};
 pub use memory::{HugePages, MemSize};
+pub use page_service::{PageServiceError, PageServiceStats, SharedImage, SharedImageError};
 pub use vm::{Vm, VmConfig};
 
 /// Internals the integration tests drive directly (boot protocols, buses, the virtio

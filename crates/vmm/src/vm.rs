@@ -2,7 +2,7 @@
 //! exits, and can be paused, resumed and checkpointed from any thread while it runs.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::{info, info_span};
@@ -10,13 +10,16 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::boot::BootSpec;
 use crate::builder::{self, Console, Machine, Parts, Start, VmError, VmSummary, MAX_VCPUS};
-use crate::checkpoint::restore::{self, RestoreError, RestoreOptions};
+use crate::checkpoint::restore::{
+    self, MemoryMode, RestoreError, RestoreOptions, RestoreRecord, RestoreStats,
+};
 use crate::checkpoint::{self, CheckpointError, CheckpointRequest, Progress, StoreSpec};
 use crate::devices::virtio::block::{BlockHandle, DiskConfig};
 use crate::devices::Bus;
-use crate::exit::VmExit;
+use crate::exit::{ExitNotifier, VmExit};
 use crate::kvm::vcpu::{ExitCounts, HeldPause, PauseGuard};
 use crate::memory::{self, HugePages};
+use crate::page_service::{PageService, SharedImage};
 
 /// Everything needed to build a VM.
 #[derive(Debug)]
@@ -44,6 +47,8 @@ pub struct Vm {
     machine: Machine,
     /// Held by the checkpoint in progress: one at a time.
     checkpoints: Mutex<()>,
+    /// How a restored VM got its memory; its page service while it may still serve memory.
+    restore: Option<RestoreRecord>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -56,10 +61,11 @@ impl std::fmt::Debug for Vm {
 }
 
 impl Vm {
-    fn new(machine: Machine) -> Vm {
+    fn new(machine: Machine, restore: Option<RestoreRecord>) -> Vm {
         Vm {
             machine,
             checkpoints: Mutex::new(()),
+            restore,
         }
     }
 
@@ -83,6 +89,7 @@ impl Vm {
             summary,
             memory,
             vm,
+            exit: Arc::new(ExitNotifier::default()),
             console: config.console,
             disks: &config.disks,
         };
@@ -93,12 +100,46 @@ impl Vm {
         };
         let machine = builder::assemble(parts, Start::Boot(spec))?;
         info!(kernel = %config.kernel.display(), disks = config.disks.len(), "VM started");
-        Ok(Vm::new(machine))
+        Ok(Vm::new(machine, None))
     }
 
-    /// Restores the checkpoint in `store` into a new running VM.
+    /// Restores the checkpoint in `store` into a new running VM: its memory is served on
+    /// first touch by a page service, or read and verified first with `options.eager`.
     pub fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Vm, RestoreError> {
-        restore::restore(store, options).map(Vm::new)
+        let mode = if options.eager {
+            MemoryMode::Eager
+        } else {
+            MemoryMode::Lazy
+        };
+        restore::restore(store, options, mode).map(|(m, r)| Vm::new(m, Some(r)))
+    }
+
+    /// Loads and verifies the memory of the checkpoint in `store` once, for
+    /// [`restore_clone`](Self::restore_clone).
+    pub fn load_shared_image(store: &StoreSpec) -> Result<SharedImage, RestoreError> {
+        restore::load_shared_image(store)
+    }
+
+    /// Restores a clone of the checkpoint in `store` on `image` (made from that checkpoint
+    /// with [`load_shared_image`](Self::load_shared_image)): the clones share every page none
+    /// of them writes. `options.eager` is ignored.
+    pub fn restore_clone(
+        store: &StoreSpec,
+        image: &SharedImage,
+        options: RestoreOptions,
+    ) -> Result<Vm, RestoreError> {
+        restore::restore(store, options, MemoryMode::Shared(image))
+            .map(|(m, r)| Vm::new(m, Some(r)))
+    }
+
+    /// The page service of a VM restored lazily, while it may still serve memory.
+    fn page_service(&self) -> Option<&PageService> {
+        self.restore.as_ref().and_then(RestoreRecord::page_service)
+    }
+
+    /// For a restored VM: time to its first instruction and what the page service did.
+    pub fn restore_stats(&self) -> Option<RestoreStats> {
+        self.restore.as_ref().map(RestoreRecord::stats)
     }
 
     /// Takes a live checkpoint (design.md §2) and waits until it is complete.
@@ -111,7 +152,7 @@ impl Vm {
             .checkpoints
             .try_lock()
             .map_err(|_| CheckpointError::Busy)?;
-        checkpoint::checkpoint(&self.machine, request, progress)
+        checkpoint::checkpoint(&self.machine, self.page_service(), request, progress)
     }
 
     /// What the VM was built from.
@@ -201,8 +242,17 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.machine.exit.notify(VmExit::Stopped);
         self.machine.control.request_exit();
+        // A vCPU waiting on a page the page service refused must be able to leave KVM_RUN;
+        // it has been told to exit, so it cannot run guest code again.
+        if let Some(service) = self.page_service() {
+            service.release_failed();
+        }
         self.machine.control.join();
         self.machine.devices.stop();
+        // Only once nothing else can touch guest memory.
+        if let Some(service) = self.page_service() {
+            service.stop();
+        }
         if let Err(e) = self.flush_console() {
             tracing::warn!("console flush failed: {e}");
         }

@@ -140,6 +140,7 @@ fn vm_info(c: &Controller) -> VmInfo {
         checkpoint_in_progress: status.checkpoint_in_progress.map(|id| id.to_string()),
         restored_from: status.restored_from.map(|a| a.to_string()),
         uptime_ms: status.uptime.as_millis() as u64,
+        restore: vm.restore_stats().map(Into::into),
     }
 }
 

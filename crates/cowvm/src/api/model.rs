@@ -38,6 +38,39 @@ pub struct VmInfo {
     pub restored_from: Option<String>,
     /// Milliseconds since the VM started (since its restore, for a restored VM).
     pub uptime_ms: u64,
+    /// How a restored VM got its memory.
+    #[serde(default)]
+    pub restore: Option<RestoreInfo>,
+}
+
+/// How a restored VM got its memory.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct RestoreInfo {
+    /// Memory served on demand by the page service (else read before the first instruction).
+    pub lazy: bool,
+    /// From the start of the restore until the vCPUs ran.
+    pub first_instruction_us: u64,
+    /// Faults that fetched a block of memory.
+    pub faults_served: u64,
+    /// Bytes installed for faults.
+    pub bytes_by_fault: u64,
+    /// Bytes installed by the prefetcher.
+    pub bytes_prefetched: u64,
+    /// From the restore until all of memory was resident, once it is.
+    pub resident_after_us: Option<u64>,
+}
+
+impl From<vmm::RestoreStats> for RestoreInfo {
+    fn from(s: vmm::RestoreStats) -> RestoreInfo {
+        RestoreInfo {
+            lazy: s.lazy,
+            first_instruction_us: s.first_instruction_us,
+            faults_served: s.pages.faults_served,
+            bytes_by_fault: s.pages.bytes_by_fault,
+            bytes_prefetched: s.pages.bytes_prefetched,
+            resident_after_us: s.pages.resident_after_us,
+        }
+    }
 }
 
 /// The VM's configuration.

@@ -30,7 +30,8 @@ pub struct RestoreArgs {
     /// Write the serial console to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
-    /// Read and verify all memory before the VM runs, instead of mapping it lazily.
+    /// Read and verify all memory before the VM runs, instead of serving it on demand (each
+    /// page verified as it is first touched, the rest prefetched while the VM runs).
     #[arg(long)]
     eager: bool,
     /// Where the disks' fresh COW files go (default: next to the checkpoint's disks).
@@ -64,7 +65,9 @@ pub struct CloneArgs {
     #[arg(long = "allow-dir", value_name = "DIR")]
     allow_dirs: Vec<PathBuf>,
     /// Read and verify all memory before each VM runs, into its own anonymous memory (no
-    /// sharing).
+    /// sharing). By default the checkpoint's memory is read and verified once into a sealed
+    /// in-memory image that every clone maps copy-on-write, so clones share what they do not
+    /// write.
     #[arg(long)]
     eager: bool,
     /// Print one JSON object instead of a table.
@@ -112,11 +115,14 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             allow_dirs: args.allow_dirs.clone(),
         },
     )?;
+    let first_instruction_us = vm.restore_stats().map_or(0, |s| s.first_instruction_us);
     info!(
         from = %args.from,
         restore_us = start.elapsed().as_micros() as u64,
+        first_instruction_us,
         "restored VM runs"
     );
+    // The page service logs "all restored memory is resident" with what it served.
     let exit = if args.control.wanted() {
         supervise::run(
             vm,
@@ -168,20 +174,26 @@ pub fn clone(args: CloneArgs) -> anyhow::Result<ExitCode> {
     }
     let (_, store) = store_spec(&args.from)?;
     let all = Instant::now();
+    let shared = if args.eager {
+        None
+    } else {
+        Some(Vm::load_shared_image(&store).context("loading the checkpoint's memory")?)
+    };
     // If a restore fails, the clones already started are dropped (stopped) on the way out.
     let mut clones: Vec<(Vm, PathBuf, Duration)> = Vec::new();
     for i in 0..args.count {
         let console = args.console_dir.join(format!("clone-{i}.log"));
         let start = Instant::now();
-        let vm = Vm::restore(
-            &store,
-            RestoreOptions {
-                console: Console::File(console.clone()),
-                eager: args.eager,
-                disk_dir: args.disk_dir.clone(),
-                allow_dirs: args.allow_dirs.clone(),
-            },
-        )
+        let options = RestoreOptions {
+            console: Console::File(console.clone()),
+            eager: args.eager,
+            disk_dir: args.disk_dir.clone(),
+            allow_dirs: args.allow_dirs.clone(),
+        };
+        let vm = match &shared {
+            Some(image) => Vm::restore_clone(&store, image, options),
+            None => Vm::restore(&store, options),
+        }
         .with_context(|| format!("clone {i}"))?;
         clones.push((vm, console, start.elapsed()));
     }

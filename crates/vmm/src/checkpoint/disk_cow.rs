@@ -51,11 +51,22 @@ fn image_err(index: usize) -> impl Fn(disk::Error) -> CheckpointError {
 }
 
 /// A new file name next to `top`: `<stem>.<tag>.qcow2`.
+///
+/// `<stem>` is the stem of the user's image: the `.ckpt-…` and `.restore-…` parts that earlier
+/// checkpoints and restores added are dropped, so a name does not grow with the number of
+/// checkpoints taken (each tag is unique on its own).
 pub(crate) fn overlay_path(top: &Path, tag: &str) -> PathBuf {
     let stem = top
         .file_stem()
         .map_or_else(|| "disk".into(), |s| s.to_string_lossy().into_owned());
-    top.with_file_name(format!("{stem}.{tag}.qcow2"))
+    let mut base = stem.as_str();
+    while let Some((rest, last)) = base.rsplit_once('.') {
+        if rest.is_empty() || !(last.starts_with("ckpt-") || last.starts_with("restore-")) {
+            break;
+        }
+        base = rest;
+    }
+    top.with_file_name(format!("{base}.{tag}.qcow2"))
 }
 
 /// Step 1, while the VM runs: a COW file over each disk's current image.
@@ -240,4 +251,28 @@ pub(super) fn finish_disks(
         info!(disk = i, overlay = %prep.overlay.display(), "VM continues on its COW file");
     }
     Ok(disks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_names_do_not_grow_with_checkpoints() {
+        let mut top = PathBuf::from("/vms/disk.qcow2");
+        for i in 0..1000u64 {
+            top = overlay_path(&top, &format!("ckpt-{:016}", 1_700_000_000_000_000 + i));
+            top = overlay_path(&top, &format!("restore-{i}-0"));
+        }
+        assert_eq!(top, PathBuf::from("/vms/disk.restore-999-0.qcow2"));
+        let next = overlay_path(&top, "ckpt-0000000000000001-next");
+        assert_eq!(
+            next,
+            PathBuf::from("/vms/disk.ckpt-0000000000000001-next.qcow2")
+        );
+        assert_eq!(
+            overlay_path(Path::new("/vms/my.disk.raw"), "ckpt-1"),
+            PathBuf::from("/vms/my.disk.ckpt-1.qcow2")
+        );
+    }
 }

@@ -23,7 +23,7 @@ pub(crate) mod restore;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ckpt_format::{
     CheckpointOptions, CheckpointWriter, DeviceConfig, DirStore, DiskPolicy, IoPolicy, Layout,
@@ -45,6 +45,7 @@ use crate::exit::VmExit;
 use crate::kvm::vcpu::{PauseGuard, VcpuControl};
 use crate::kvm::{KvmError, KvmVm};
 use crate::memory::{ram_regions, RamRegion};
+use crate::page_service::{PageService, PageServiceError};
 use crate::persist::Persist;
 
 /// Errors of taking a checkpoint. The VM keeps running after any of them, and the checkpoint
@@ -82,6 +83,10 @@ pub enum CheckpointError {
     /// Saving the device state failed.
     #[error("cannot save the device state")]
     Devices(#[source] DeviceError),
+    /// A lazily restored VM's memory did not become resident, which a write-protect
+    /// checkpoint needs.
+    #[error("restored memory is not resident")]
+    NotResident(#[source] PageServiceError),
     /// A disk device refused or failed.
     #[error("disk {index}")]
     Disk {
@@ -323,16 +328,17 @@ enum MemoryCow {
     Stop,
 }
 
-/// Takes a live checkpoint of `machine` and waits until it is complete. The caller ensures
-/// only one runs at a time.
+/// Takes a live checkpoint of `machine` (whose memory `page_service` may still be filling)
+/// and waits until it is complete. The caller ensures only one runs at a time.
 pub(crate) fn checkpoint(
     machine: &Machine,
+    page_service: Option<&PageService>,
     request: &CheckpointRequest,
     progress: &Progress,
 ) -> Result<Manifest, CheckpointError> {
     let span = info_span!("checkpoint", store = %request.store.describe(), strategy = ?request.options.strategy);
     let _enter = span.enter();
-    let result = take_checkpoint(machine, request, progress);
+    let result = take_checkpoint(machine, page_service, request, progress);
     progress.set_phase(if result.is_ok() {
         Phase::Done
     } else {
@@ -350,6 +356,7 @@ fn store_err(store: &StoreSpec) -> impl FnOnce(ckpt_format::Error) -> Checkpoint
 
 fn take_checkpoint(
     machine: &Machine,
+    page_service: Option<&PageService>,
     request: &CheckpointRequest,
     progress: &Progress,
 ) -> Result<Manifest, CheckpointError> {
@@ -374,7 +381,13 @@ fn take_checkpoint(
     );
     let mut preps = timeline.time("prepare_disks", || disk_cow::prepare_disks(disks, &tag))?;
     let (mut writer, mut cow) = timeline.time("prepare", || {
-        prepare(&machine.memory, machine.summary.mem_size, request, &regions)
+        prepare(
+            &machine.memory,
+            machine.summary.mem_size,
+            page_service,
+            request,
+            &regions,
+        )
     })?;
     let options = CheckpointOptions {
         strategy: cow.strategy(),
@@ -463,19 +476,29 @@ fn take_checkpoint(
 fn prepare(
     memory: &GuestMemoryMmap,
     mem_size: u64,
+    page_service: Option<&PageService>,
     request: &CheckpointRequest,
     regions: &[RamRegion],
 ) -> Result<(CheckpointWriter, MemoryCow), CheckpointError> {
     let store = request.store.store();
     let writer = CheckpointWriter::create(store.as_ref(), &Layout { mem_size })
         .map_err(store_err(&request.store))?;
-    let cow = match request.options.strategy {
-        // userfaultfd cannot write-protect private file mappings, which is what a lazily
-        // restored VM runs on; the kernel's own copy-on-write (fork) protects them just as well.
-        Strategy::Uffd if file_backed(memory) => {
-            warn!("guest memory maps a checkpoint file, which userfaultfd cannot protect: using the fork strategy");
-            MemoryCow::Fork(None)
+    // A lazily restored VM's memory is registered with its page service until all of it is
+    // resident. `uffd` cannot register it twice, and a forked writer would see the pages still
+    // missing as zeros, so every strategy but `stop` (which reads memory through the page
+    // service) waits for residency: the prefetcher gets there at store speed.
+    if request.options.strategy != Strategy::Stop {
+        if let Some(service) = page_service {
+            service
+                .wait_resident(RESIDENCY_WAIT)
+                .map_err(CheckpointError::NotResident)?;
         }
+    }
+    let cow = match request.options.strategy {
+        // A clone maps the shared image of its checkpoint privately, which userfaultfd cannot
+        // write-protect; the kernel's own copy-on-write (fork) protects it just as well. The
+        // manifest records the strategy used.
+        Strategy::Uffd if shared_image(memory) => MemoryCow::Fork(None),
         Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions)?),
         Strategy::Fork => MemoryCow::Fork(None),
         Strategy::Stop => MemoryCow::Stop,
@@ -483,10 +506,13 @@ fn prepare(
     Ok((writer, cow))
 }
 
-/// Whether any guest memory is a file mapping (a VM restored lazily from a checkpoint).
-fn file_backed(memory: &GuestMemoryMmap) -> bool {
+/// Whether guest memory maps a clones' shared image (file-backed, unlike all other memory).
+fn shared_image(memory: &GuestMemoryMmap) -> bool {
     memory.iter().any(|r| r.file_offset().is_some())
 }
+
+/// How long a checkpoint of a lazily restored VM waits for its memory to become resident.
+const RESIDENCY_WAIT: Duration = Duration::from_secs(120);
 
 impl MemoryCow {
     /// The strategy actually used, as recorded in the manifest.
@@ -568,6 +594,8 @@ fn write_out(
         MemoryCow::Uffd(mut u) => {
             u.start_background()?;
             u.wait_background()?;
+            // Every block is saved: the hot set is complete.
+            writer.set_hot_pages(u.hot_pages());
             // The observers hold the store writer's queue open.
             for h in disks {
                 if let Err(e) = h.set_dma_observer(None) {

@@ -1,23 +1,24 @@
-//! Restoring a checkpoint into a new VM (design.md §5): verify before use, map memory lazily (or read
-//! it eagerly), load vCPU, VM and device state, and run.
+//! Restoring a checkpoint into a new VM (design.md §5): verify before use, serve memory lazily
+//! (or read it eagerly), load vCPU, VM and device state, and run.
 //!
-//! Lazy restore maps the page-aligned memory image `MAP_PRIVATE`: the VM runs within
-//! milliseconds whatever its size, clones share unmodified pages through the page cache, and the
-//! checkpoint file is never written. Every page is still checked against the page index: a
-//! verifier thread reads the image from the store while the guest runs and stops the VM with a
-//! precise error at the first corrupt page. `--eager` restores read and verify every page before
-//! the first guest instruction.
+//! Guest memory is always private anonymous memory, never a mapping of the checkpoint's files,
+//! so nothing written to them after the restore began reaches the guest. By default it is
+//! filled on demand by the [page service](crate::page_service): the VM runs within milliseconds
+//! whatever its size, every page is verified against the page index before the guest can see
+//! it, zero pages are never read from the store, and a prefetcher makes all of memory resident
+//! at store speed. `--eager` restores read and verify every page before the first guest
+//! instruction. Clones map one verified, sealed image of the memory copy-on-write.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use ckpt_format::{Checkpoint, DiskFormat, MemorySource, PAGE_SIZE};
+use ckpt_format::{Checkpoint, DiskFormat, PAGE_SIZE};
 use disk::Format;
 use thiserror::Error;
-use tracing::{info, info_span, warn};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use tracing::{info, info_span};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::disk_cow::overlay_path;
 use super::StoreSpec;
@@ -26,8 +27,11 @@ use crate::builder::{
 };
 use crate::devices::virtio::block::DiskConfig;
 use crate::error::ErrorKind;
-use crate::exit::{ExitNotifier, VmExit};
+use crate::exit::ExitNotifier;
 use crate::memory::{self, HugePages, MemoryError};
+use crate::page_service::{
+    PageService, PageServiceError, PageServiceStats, ServiceSpec, SharedImage, SharedImageError,
+};
 
 /// Errors of restoring a checkpoint. Nothing is started when one is returned.
 #[derive(Debug, Error)]
@@ -55,9 +59,15 @@ pub enum RestoreError {
     /// A memory page does not match its hash (eager restore).
     #[error("checkpoint memory is corrupt")]
     Memory(#[source] ckpt_format::Error),
-    /// Mapping the memory image failed.
-    #[error("cannot map the checkpoint memory image")]
+    /// Writing guest memory failed (eager restore).
+    #[error("cannot write guest memory")]
     Map(#[source] std::io::Error),
+    /// The page service cannot start.
+    #[error("cannot start the page service")]
+    PageService(#[from] PageServiceError),
+    /// The shared image of clones cannot be made or mapped.
+    #[error(transparent)]
+    Shared(#[from] SharedImageError),
     /// Guest memory.
     #[error(transparent)]
     GuestMemory(#[from] MemoryError),
@@ -115,6 +125,49 @@ impl RestoreError {
     }
 }
 
+/// How a restored VM got its memory, for reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Memory served on demand by the page service (else read eagerly).
+    pub lazy: bool,
+    /// From the start of the restore until the vCPUs started.
+    pub first_instruction_us: u64,
+    /// What the page service did (zero after an eager restore).
+    pub pages: PageServiceStats,
+}
+
+/// What a VM keeps of its restore: the page service, while it may still be serving memory.
+#[derive(Debug)]
+pub(crate) struct RestoreRecord {
+    first_instruction_us: u64,
+    service: Option<Arc<PageService>>,
+}
+
+impl RestoreRecord {
+    pub(crate) fn stats(&self) -> RestoreStats {
+        RestoreStats {
+            lazy: self.service.is_some(),
+            first_instruction_us: self.first_instruction_us,
+            pages: self.service.as_ref().map(|s| s.stats()).unwrap_or_default(),
+        }
+    }
+
+    /// The page service, if memory is served lazily.
+    pub(crate) fn page_service(&self) -> Option<&PageService> {
+        self.service.as_deref()
+    }
+}
+
+/// Where a restored VM's memory comes from.
+pub(crate) enum MemoryMode<'a> {
+    /// Served on first touch by the page service.
+    Lazy,
+    /// Read and verified before the first instruction.
+    Eager,
+    /// A private mapping of a verified, sealed image shared with other clones.
+    Shared(&'a SharedImage),
+}
+
 /// How to restore.
 #[derive(Debug)]
 pub struct RestoreOptions {
@@ -128,28 +181,6 @@ pub struct RestoreOptions {
     /// the checkpoint's own directory and `disk_dir`. A disk the manifest names anywhere else
     /// is refused.
     pub allow_dirs: Vec<PathBuf>,
-}
-
-fn mapped_memory(file: File, offset: u64, mem_size: u64) -> Result<GuestMemoryMmap, RestoreError> {
-    let file = Arc::new(file);
-    let mut image_offset = 0;
-    let mut regions = Vec::new();
-    for (gpa, len) in memory::ram_ranges(mem_size) {
-        let mapping = MmapRegion::build(
-            Some(FileOffset::from_arc(file.clone(), offset + image_offset)),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-        )
-        .map_err(|e| RestoreError::Map(std::io::Error::other(e.to_string())))?;
-        regions.push(
-            GuestRegionMmap::new(mapping, gpa)
-                .ok_or_else(|| RestoreError::Map(std::io::Error::other("region overflows")))?,
-        );
-        image_offset += len as u64;
-    }
-    GuestMemoryMmap::from_regions(regions)
-        .map_err(|e| RestoreError::Map(std::io::Error::other(e.to_string())))
 }
 
 fn eager_memory(ckpt: &Checkpoint, mem_size: u64) -> Result<GuestMemoryMmap, RestoreError> {
@@ -203,37 +234,6 @@ fn check_config(ckpt: &Checkpoint, store: &str) -> Result<(u64, u8), RestoreErro
             ))
         })?;
     Ok((config.mem_size, vcpus))
-}
-
-/// Makes the calling thread yield the CPU to the vCPUs and the VMM's own threads: the
-/// verifier is background work, and on a small host it would otherwise delay the guest.
-fn lower_priority() {
-    // SAFETY: setpriority has no memory effects; `who` 0 with PRIO_PROCESS names the calling
-    // thread on Linux (its nice value is per thread).
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) } != 0 {
-        warn!(
-            "cannot lower the verifier's priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-/// Reads the whole memory image in the background and stops the VM at the first corrupt page.
-fn spawn_verifier(ckpt: Checkpoint, exit: Arc<ExitNotifier>) {
-    let spawned = std::thread::Builder::new()
-        .name("ckpt-verify".into())
-        .spawn(move || {
-            lower_priority();
-            match ckpt.verify_memory(1, &|_| {}) {
-                Ok(report) => info!(pages = report.pages_verified, "checkpoint memory verified"),
-                Err(e) => exit.notify(VmExit::Fatal(format!(
-                    "restored VM stopped: checkpoint memory is corrupt: {e}"
-                ))),
-            }
-        });
-    if let Err(e) = spawned {
-        warn!("cannot start the memory verifier: {e}");
-    }
 }
 
 /// Gives each checkpoint disk a fresh COW file, so the checkpoint stays immutable; the
@@ -338,8 +338,22 @@ fn trusted_dirs(
 /// Distinguishes the COW files of several restores in one process (clones).
 static RESTORES: AtomicU64 = AtomicU64::new(0);
 
-/// Restores the checkpoint in `store` into a new running machine.
-pub(crate) fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Machine, RestoreError> {
+/// Loads and verifies the memory of the checkpoint in `store` once, for clones.
+pub(crate) fn load_shared_image(store: &StoreSpec) -> Result<SharedImage, RestoreError> {
+    let ckpt = Checkpoint::open(store.store().as_ref()).map_err(|source| RestoreError::Open {
+        store: store.describe(),
+        source,
+    })?;
+    Ok(SharedImage::load(&ckpt)?)
+}
+
+/// Restores the checkpoint in `store` into a new running machine, with its memory from `mode`.
+pub(crate) fn restore(
+    store: &StoreSpec,
+    options: RestoreOptions,
+    mode: MemoryMode<'_>,
+) -> Result<(Machine, RestoreRecord), RestoreError> {
+    let started = Instant::now();
     let name = store.describe();
     let span = info_span!("restore", store = %name, eager = options.eager);
     let _enter = span.enter();
@@ -358,21 +372,26 @@ pub(crate) fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Mach
         });
     }
 
-    let (memory, verify_later) = match ckpt.memory_source().map_err(open_err)? {
-        MemorySource::File {
-            file,
-            offset,
-            holes_read_as_zero: true,
-            ..
-        } if !options.eager => (mapped_memory(file, offset, mem_size)?, true),
-        _ => {
+    let memory = match mode {
+        MemoryMode::Eager => {
             ckpt.page_index().map_err(open_err)?;
-            (eager_memory(&ckpt, mem_size)?, false)
+            eager_memory(&ckpt, mem_size)?
+        }
+        MemoryMode::Lazy => memory::create_guest_memory(mem_size, HugePages::None)?,
+        MemoryMode::Shared(image) if image.mem_size() == mem_size => image.map()?,
+        MemoryMode::Shared(image) => {
+            return Err(RestoreError::Config {
+                store: name,
+                reason: format!(
+                    "the shared image holds {} bytes of memory, the checkpoint {mem_size}",
+                    image.mem_size()
+                ),
+            })
         }
     };
+    let lazy = matches!(mode, MemoryMode::Lazy);
     // The page index is read and verified (a few milliseconds at 4 GiB) while KVM
-    // registers the memory (as long again for a file mapping); a bad index is refused
-    // before the first guest instruction.
+    // registers the memory; a bad index is refused before the first guest instruction.
     let vm = std::thread::scope(|s| {
         let index = s.spawn(|| ckpt.page_index().map(|_| ()));
         let vm = builder::create_vm(&memory, Some(&state));
@@ -382,6 +401,21 @@ pub(crate) fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Mach
             .map_err(open_err)?;
         vm.map_err(|e| RestoreError::Vm(e.into()))
     })?;
+    let ckpt = Arc::new(ckpt);
+    let exit = Arc::new(ExitNotifier::default());
+    // Before anything touches guest memory: restoring the devices reads their queues.
+    let service = if lazy {
+        Some(Arc::new(PageService::start(ServiceSpec {
+            regions: memory::ram_regions(&memory),
+            checkpoint: ckpt.clone(),
+            source: ckpt.clone(),
+            store: name.clone(),
+            hot_pages: ckpt.manifest().memory.hot_pages.clone(),
+            exit: exit.clone(),
+        })?))
+    } else {
+        None
+    };
     let disks = disk_overlays(&ckpt, &state, options.disk_dir.as_deref(), &trusted)?;
     let config = &ckpt.manifest().vm;
     let parts = Parts {
@@ -393,13 +427,18 @@ pub(crate) fn restore(store: &StoreSpec, options: RestoreOptions) -> Result<Mach
         },
         memory,
         vm,
+        exit,
         console: options.console,
         disks: &disks,
     };
     let machine = builder::assemble(parts, Start::Restore(&state))?;
-    if verify_later {
-        spawn_verifier(ckpt, machine.exit.clone());
-    }
-    info!("VM restored");
-    Ok(machine)
+    let first_instruction_us = started.elapsed().as_micros() as u64;
+    info!(first_instruction_us, lazy, "VM restored");
+    Ok((
+        machine,
+        RestoreRecord {
+            first_instruction_us,
+            service,
+        },
+    ))
 }

@@ -11,7 +11,7 @@
 pub mod fork;
 pub mod stop;
 pub mod uffd;
-mod uffd_sys;
+pub(crate) mod uffd_sys;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -74,6 +74,8 @@ struct Shared {
     failed: Mutex<Option<CowError>>,
     /// Recycled copy-aside buffers of `BLOCK_PAGES` pages.
     pool: Mutex<Vec<Vec<u8>>>,
+    /// First page of each block a write fault saved, in fault order: the guest's hot set.
+    hot: Mutex<Vec<u64>>,
 }
 
 /// A run of pages copied aside: its first image page and the bytes.
@@ -252,6 +254,12 @@ impl Shared {
         self.capture(block_start, block_end - block_start, &mut copied)?;
         let saved: u64 = copied.iter().map(|c| c.pages).sum();
         self.counters.by_fault.fetch_add(saved, Ordering::Relaxed);
+        if saved > 0 {
+            self.hot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(block_start);
+        }
         if self.state[page as usize].load(Ordering::Acquire) == SAVED {
             // Saved earlier (or just now) by someone else whose unprotect may have come before
             // this thread blocked: wake it explicitly. A page still CLAIMED is woken by its
@@ -373,6 +381,7 @@ impl UffdCow {
                     .map(|_| vec![0xa5; (BLOCK_PAGES * PAGE_SIZE) as usize])
                     .collect(),
             ),
+            hot: Mutex::new(Vec::new()),
         });
         let queued = MAX_QUEUED_BLOCKS.min(pages / BLOCK_PAGES / 2).max(1) as usize;
         let (to_store, from_faults) = sync_channel(queued);
@@ -481,6 +490,16 @@ impl UffdCow {
                 .clone()
                 .expect("observers are made before finish"),
         })
+    }
+
+    /// The guest's hot set so far: the first page of each block saved by a write fault, in
+    /// fault order.
+    pub fn hot_pages(&self) -> Vec<u64> {
+        self.shared
+            .hot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Waits until the background writer has gone through all of memory: from then on every

@@ -1,4 +1,5 @@
-//! A minimal userfaultfd binding: write-protect mode only.
+//! A minimal userfaultfd binding: write-protect mode (live checkpoints) and missing-page mode
+//! (the restore page service).
 //!
 //! The `userfaultfd` crate generates its bindings with bindgen (libclang at build time) and does
 //! not know `UFFD_FEATURE_WP_UNPOPULATED`, which this code needs: without it, a page that was
@@ -12,6 +13,7 @@ use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
 
 const UFFD_API: u64 = 0xaa;
+const PAGE: usize = 4096;
 const UFFDIO: u32 = 0xaa;
 /// `uffd_msg.arg.pagefault.flags`: the fault is a write-protect fault.
 const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
@@ -21,6 +23,8 @@ pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 /// Write protection also applies to pages that were never populated (none PTEs), so even a
 /// never-touched page faults on its first write. Linux 6.4 and later.
 pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// `UFFDIO_REGISTER_MODE_MISSING`: report faults on pages that are not mapped at all.
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
@@ -54,6 +58,29 @@ struct UffdioWriteprotect {
     mode: u64,
 }
 
+/// `struct uffdio_copy { __u64 dst; __u64 src; __u64 len; __u64 mode; __s64 copy; }`: the
+/// kernel writes into `copy` the bytes copied, or a negated errno. Mode 0 wakes the threads
+/// waiting on the range once the pages are in (`UFFDIO_COPY_MODE_DONTWAKE` would not).
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+/// `struct uffdio_zeropage { struct uffdio_range range; __u64 mode; __s64 zeropage; }`: maps the
+/// shared zero page over the range; `zeropage` is the bytes done or a negated errno.
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
 /// `struct uffd_msg` (32 bytes, packed); only the page-fault arm is read.
 #[repr(C, packed)]
 #[derive(Default, Clone, Copy)]
@@ -71,9 +98,11 @@ ioctl_iowr_nr!(UFFDIO_API_IOCTL, UFFDIO, 0x3f, UffdioApi);
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
 ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
+ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
+ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
 ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
 
-/// A userfaultfd file descriptor, non-blocking, set up for write-protect faults.
+/// A userfaultfd file descriptor, non-blocking.
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
@@ -130,6 +159,87 @@ impl Uffd {
         check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER(), &mut reg) })
     }
 
+    /// Registers `[start, start + len)` for missing-page faults: every first touch of a page
+    /// (by a vCPU through KVM, by the VMM, or by the kernel on its behalf) waits until a page is
+    /// installed with [`copy`](Self::copy) or [`zero`](Self::zero).
+    pub fn register_missing(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`; the kernel validates
+        // that the range is mapped memory of this process.
+        check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER(), &mut reg) })
+    }
+
+    /// Installs `src` at `dst` (page aligned, a whole number of pages) and wakes the threads
+    /// waiting on that range. Pages already present are skipped: the kernel stops a copy at the
+    /// first one with `EEXIST`, reporting the bytes copied before it, and the copy resumes after
+    /// it. Returns the bytes this call installed.
+    pub fn copy(&self, dst: usize, src: &[u8]) -> io::Result<u64> {
+        let mut done = 0usize;
+        let mut installed = 0u64;
+        while done < src.len() {
+            let mut op = UffdioCopy {
+                dst: (dst + done) as u64,
+                src: src[done..].as_ptr() as u64,
+                len: (src.len() - done) as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY reads `len` bytes from `src`, which `src[done..]` holds, and
+            // writes them only into registered, missing pages of this process.
+            let rc = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut op) };
+            let copied = usize::try_from(op.copy.max(0)).unwrap_or(0);
+            done += copied;
+            installed += copied as u64;
+            if rc < 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    // Present already (installed before, or a racing copy): skip that page.
+                    Some(libc::EEXIST) => done += PAGE,
+                    // The mm is changing (e.g. a fork): retry.
+                    Some(libc::EAGAIN) => {}
+                    _ => return Err(err),
+                }
+            }
+        }
+        Ok(installed)
+    }
+
+    /// Maps the zero page over `[start, start + len)` and wakes the waiting threads; pages
+    /// already present are skipped as in [`copy`](Self::copy).
+    pub fn zero(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < len {
+            let mut op = UffdioZeropage {
+                range: UffdioRange {
+                    start: (start + done) as u64,
+                    len: (len - done) as u64,
+                },
+                mode: 0,
+                zeropage: 0,
+            };
+            // SAFETY: UFFDIO_ZEROPAGE reads and writes one `uffdio_zeropage`; it only maps the
+            // zero page into registered, missing pages.
+            let rc = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut op) };
+            done += usize::try_from(op.zeropage.max(0)).unwrap_or(0);
+            if rc < 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EEXIST) => done += PAGE,
+                    Some(libc::EAGAIN) => {}
+                    _ => return Err(err),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Unregisters a range registered before.
     pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
         let range = UffdioRange {
@@ -171,6 +281,24 @@ impl Uffd {
 
     /// Reads the pending write-protect faults into `out` (non-blocking; empty when none).
     pub fn read_faults(&self, out: &mut Vec<WpFault>) -> io::Result<()> {
+        self.read_messages(|flags, address| {
+            if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+                out.push(WpFault { address });
+            }
+        })
+    }
+
+    /// Reads the addresses of pending missing-page faults into `out` (non-blocking).
+    pub fn read_missing(&self, out: &mut Vec<u64>) -> io::Result<()> {
+        self.read_messages(|flags, address| {
+            if flags & UFFD_PAGEFAULT_FLAG_WP == 0 {
+                out.push(address);
+            }
+        })
+    }
+
+    /// Reads pending page-fault messages, calling `each(flags, address)`.
+    fn read_messages(&self, mut each: impl FnMut(u64, u64)) -> io::Result<()> {
         let mut msgs = [UffdMsg::default(); 32];
         let size = std::mem::size_of_val(&msgs);
         // SAFETY: reads at most `size` bytes into `msgs`, a plain array of packed PODs.
@@ -185,8 +313,8 @@ impl Uffd {
         let count = n as usize / std::mem::size_of::<UffdMsg>();
         for msg in &msgs[..count] {
             let (event, flags, address) = (msg.event, msg.flags, msg.address);
-            if event == UFFD_EVENT_PAGEFAULT && flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
-                out.push(WpFault { address });
+            if event == UFFD_EVENT_PAGEFAULT {
+                each(flags, address);
             }
         }
         Ok(())

@@ -1,0 +1,486 @@
+//! The restore page service: guest memory of a restored VM is private anonymous memory whose
+//! pages arrive on demand, verified, through userfaultfd missing-page faults.
+//!
+//! Memory is cut into blocks of [`BLOCK_PAGES`] pages. Each block is fetched exactly once,
+//! by whoever claims it first (a compare-and-swap on its state, missing → claimed → resident):
+//! - the **fault handler** ([`fault`]) claims the block of a page a vCPU, the VMM's device code
+//!   or the kernel on its behalf touched first;
+//! - the **prefetcher** ([`prefetch`]) claims every other block, the checkpoint's hot set first,
+//!   at store speed.
+//!
+//! A claimed block is read from its [`PageSource`], every page is checked against the page
+//! index, and only then installed with `UFFDIO_COPY`, which wakes the threads waiting on it.
+//! Zero pages (per the page index) are never read: `UFFDIO_ZEROPAGE` maps them. A fault on a
+//! block claimed by the other thread needs nothing: that thread's install wakes it.
+//!
+//! A page that cannot be read or does not verify stops the VM (a fatal exit naming the pages
+//! and the store) and is never installed while the VM can run: its waiters stay blocked. Only
+//! when the VM is torn down, after every vCPU has been told to exit (a signal is pending on each,
+//! so KVM returns to user space before it would enter the guest again), are failed blocks
+//! filled with zeros ([`PageService::release_failed`]): a vCPU whose guest page-table walk
+//! waits in the kernel on such a page cannot otherwise leave `KVM_RUN`. The registration is lifted only once every block is resident, since
+//! unregistering (or closing the userfaultfd) would let a waiting fault map a zero page.
+
+mod fault;
+mod prefetch;
+mod shared;
+mod source;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ckpt_format::{Checkpoint, PageState};
+use thiserror::Error;
+use tracing::{error, info};
+
+pub use self::shared::{SharedImage, SharedImageError};
+pub use self::source::{PageSource, SourceError};
+use crate::checkpoint::memory_cow::uffd_sys::Uffd;
+use crate::exit::{ExitNotifier, VmExit};
+use crate::memory::{RamRegion, PAGE_SIZE};
+
+/// Pages fetched, verified and installed per claim (2 MiB): a fault round trip costs tens of
+/// microseconds here, reading and hashing 2 MiB a few hundred.
+pub const BLOCK_PAGES: u64 = 512;
+
+const MISSING: u8 = 0;
+const CLAIMED: u8 = 1;
+const RESIDENT: u8 = 2;
+/// Could not be read or verified: never installed.
+const FAILED: u8 = 3;
+
+/// Errors of the page service.
+#[derive(Debug, Error)]
+pub enum PageServiceError {
+    /// userfaultfd is unavailable.
+    #[error("userfaultfd is unavailable")]
+    Userfaultfd(#[source] std::io::Error),
+    /// A userfaultfd operation failed.
+    #[error("userfaultfd {op} failed")]
+    Uffd {
+        /// The operation.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source could not deliver pages.
+    #[error("checkpoint {store}")]
+    Read {
+        /// The store.
+        store: String,
+        /// Which pages, and why.
+        #[source]
+        source: SourceError,
+    },
+    /// A page does not match the page index.
+    #[error("checkpoint {store}: memory is corrupt")]
+    Verify {
+        /// The store.
+        store: String,
+        /// The page and its mismatch.
+        #[source]
+        source: ckpt_format::Error,
+    },
+    /// The page index cannot be read.
+    #[error("checkpoint {store}: page index")]
+    Index {
+        /// The store.
+        store: String,
+        /// Cause.
+        #[source]
+        source: ckpt_format::Error,
+    },
+    /// A thread of the service could not be started.
+    #[error("cannot start the page service {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+    /// Memory did not become resident in time.
+    #[error("guest memory is not resident after {0:?}")]
+    Timeout(Duration),
+    /// The service failed earlier (the VM has stopped).
+    #[error("the page service failed: {0}")]
+    Failed(String),
+}
+
+/// What the page service did, for reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageServiceStats {
+    /// Faults that fetched a block.
+    pub faults_served: u64,
+    /// Bytes installed for faults.
+    pub bytes_by_fault: u64,
+    /// Bytes installed by the prefetcher.
+    pub bytes_prefetched: u64,
+    /// From the start of the service until all of memory was resident, if it is.
+    pub resident_after_us: Option<u64>,
+}
+
+struct Shared {
+    uffd: Uffd,
+    regions: Vec<RamRegion>,
+    ckpt: Arc<Checkpoint>,
+    source: Arc<dyn PageSource>,
+    store: String,
+    blocks: Vec<AtomicU8>,
+    resident: AtomicU64,
+    faults: AtomicU64,
+    bytes_by_fault: AtomicU64,
+    bytes_prefetched: AtomicU64,
+    started: Instant,
+    resident_after_us: AtomicU64,
+    stop: AtomicBool,
+    /// Set once all memory is resident and unregistered, or on failure.
+    finished: Mutex<Option<Result<(), String>>>,
+    finished_cv: Condvar,
+    exit: Arc<ExitNotifier>,
+}
+
+/// Who installs a block, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Installer {
+    Fault,
+    Prefetch,
+}
+
+impl Shared {
+    fn block_count(&self) -> u64 {
+        self.blocks.len() as u64
+    }
+
+    fn region_of(&self, page: u64) -> &RamRegion {
+        self.regions
+            .iter()
+            .find(|r| page >= r.first_page() && page < r.first_page() + r.pages())
+            .expect("page numbers come from the regions")
+    }
+
+    /// The pages of block `block`: regions start on block boundaries (the 32-bit hole starts
+    /// at 3 GiB), so a block never spans two regions.
+    fn block_pages(&self, block: u64) -> (u64, u64) {
+        let first = block * BLOCK_PAGES;
+        let region = self.region_of(first);
+        let end = (first + BLOCK_PAGES).min(region.first_page() + region.pages());
+        (first, end)
+    }
+
+    fn state(&self, block: u64) -> u8 {
+        self.blocks[block as usize].load(Ordering::Acquire)
+    }
+
+    fn claim(&self, block: u64) -> bool {
+        self.blocks[block as usize]
+            .compare_exchange(MISSING, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Fetches, verifies and installs a claimed block. On failure the block stays missing
+    /// (marked failed) and the VM is stopped.
+    fn serve(&self, block: u64, buf: &mut [u8], by: Installer) -> Result<(), PageServiceError> {
+        let result = self.install(block, buf);
+        match &result {
+            Ok(bytes) => {
+                self.blocks[block as usize].store(RESIDENT, Ordering::Release);
+                match by {
+                    Installer::Fault => {
+                        self.faults.fetch_add(1, Ordering::Relaxed);
+                        self.bytes_by_fault.fetch_add(*bytes, Ordering::Relaxed);
+                    }
+                    Installer::Prefetch => {
+                        self.bytes_prefetched.fetch_add(*bytes, Ordering::Relaxed);
+                    }
+                }
+                if self.resident.fetch_add(1, Ordering::AcqRel) + 1 == self.block_count() {
+                    // Under the lock, so the prefetcher cannot miss it between its check and
+                    // its wait.
+                    let _finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+                    self.finished_cv.notify_all();
+                }
+            }
+            Err(e) => {
+                self.blocks[block as usize].store(FAILED, Ordering::Release);
+                self.fail(e);
+            }
+        }
+        result.map(|_| ())
+    }
+
+    /// Installs the pages of `block` run by run: zero runs mapped, present runs read, verified
+    /// page by page, then copied in. Returns the bytes installed.
+    fn install(&self, block: u64, buf: &mut [u8]) -> Result<u64, PageServiceError> {
+        let index = self
+            .ckpt
+            .page_index()
+            .map_err(|source| PageServiceError::Index {
+                store: self.store.clone(),
+                source,
+            })?;
+        let (first, end) = self.block_pages(block);
+        let region = *self.region_of(first);
+        let zero = |p: u64| index.entry(p).is_some_and(|e| e.state == PageState::Zero);
+        let mut page = first;
+        let mut bytes = 0;
+        while page < end {
+            let is_zero = zero(page);
+            let mut run_end = page + 1;
+            while run_end < end && zero(run_end) == is_zero {
+                run_end += 1;
+            }
+            let len = ((run_end - page) * PAGE_SIZE) as usize;
+            let host = region.host_of_page(page);
+            if is_zero {
+                self.uffd
+                    .zero(host, len)
+                    .map_err(|source| PageServiceError::Uffd {
+                        op: "zeropage",
+                        source,
+                    })?;
+            } else {
+                let run = &mut buf[..len];
+                self.source
+                    .read_run(page, run)
+                    .map_err(|source| PageServiceError::Read {
+                        store: self.store.clone(),
+                        source,
+                    })?;
+                for (i, bytes) in run.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                    self.ckpt
+                        .verify_page(page + i as u64, bytes)
+                        .map_err(|source| PageServiceError::Verify {
+                            store: self.store.clone(),
+                            source,
+                        })?;
+                }
+                self.uffd
+                    .copy(host, run)
+                    .map_err(|source| PageServiceError::Uffd { op: "copy", source })?;
+            }
+            bytes += len as u64;
+            page = run_end;
+        }
+        Ok(bytes)
+    }
+
+    /// Records the first failure and stops the VM with it.
+    fn fail(&self, err: &PageServiceError) {
+        let mut text = err.to_string();
+        let mut cause = std::error::Error::source(err);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        error!("restored VM stopped: {text}");
+        let mut finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        if finished.is_none() {
+            *finished = Some(Err(text.clone()));
+        }
+        self.finished_cv.notify_all();
+        drop(finished);
+        self.exit
+            .notify(VmExit::Fatal(format!("restored VM stopped: {text}")));
+    }
+
+    fn is_resident(&self) -> bool {
+        matches!(
+            *self.finished.lock().unwrap_or_else(|p| p.into_inner()),
+            Some(Ok(()))
+        )
+    }
+
+    fn is_finished(&self) -> bool {
+        self.finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+}
+
+/// The running page service of one restored VM. Dropping it stops its threads; it must outlive
+/// every thread that can touch guest memory (the VM stops its vCPUs and devices first).
+pub struct PageService {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for PageService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageService")
+            .field("store", &self.shared.store)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// What a page service serves.
+pub struct ServiceSpec {
+    /// Guest memory, registered with userfaultfd; every page must still be missing.
+    pub regions: Vec<RamRegion>,
+    /// The checkpoint: its page index verifies every page.
+    pub checkpoint: Arc<Checkpoint>,
+    /// Where the pages come from.
+    pub source: Arc<dyn PageSource>,
+    /// The store's name, for messages.
+    pub store: String,
+    /// First image pages of the blocks to prefetch first, in order.
+    pub hot_pages: Vec<u64>,
+    /// Where a failure stops the VM.
+    pub exit: Arc<ExitNotifier>,
+}
+
+impl PageService {
+    /// Registers guest memory for missing-page faults and starts the fault handler and the
+    /// prefetcher. Call before anything touches guest memory.
+    pub fn start(spec: ServiceSpec) -> Result<PageService, PageServiceError> {
+        let uffd = Uffd::new(0).map_err(PageServiceError::Userfaultfd)?;
+        for r in &spec.regions {
+            uffd.register_missing(r.host, r.len as usize)
+                .map_err(|source| PageServiceError::Uffd {
+                    op: "register",
+                    source,
+                })?;
+        }
+        let pages: u64 = spec.regions.iter().map(RamRegion::pages).sum();
+        let shared = Arc::new(Shared {
+            uffd,
+            regions: spec.regions,
+            ckpt: spec.checkpoint,
+            source: spec.source,
+            store: spec.store,
+            blocks: (0..pages.div_ceil(BLOCK_PAGES))
+                .map(|_| AtomicU8::new(MISSING))
+                .collect(),
+            resident: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            bytes_by_fault: AtomicU64::new(0),
+            bytes_prefetched: AtomicU64::new(0),
+            started: Instant::now(),
+            resident_after_us: AtomicU64::new(u64::MAX),
+            stop: AtomicBool::new(false),
+            finished: Mutex::new(None),
+            finished_cv: Condvar::new(),
+            exit: spec.exit,
+        });
+        let service = PageService {
+            shared: shared.clone(),
+            threads: Mutex::new(Vec::new()),
+        };
+        let handler = std::thread::Builder::new()
+            .name("page-faults".into())
+            .spawn({
+                let shared = shared.clone();
+                move || fault::handler_loop(&shared)
+            })
+            .map_err(|e| PageServiceError::Thread("fault handler", e))?;
+        service.lock_threads().push(handler);
+        let order = prefetch::order(&spec.hot_pages, shared.block_count());
+        let prefetcher = std::thread::Builder::new()
+            .name("page-prefetch".into())
+            .spawn(move || prefetch::prefetch_loop(&shared, &order))
+            .map_err(|e| PageServiceError::Thread("prefetcher", e))?;
+        service.lock_threads().push(prefetcher);
+        Ok(service)
+    }
+
+    fn lock_threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.threads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the service has done so far.
+    pub fn stats(&self) -> PageServiceStats {
+        let s = &self.shared;
+        let resident = s.resident_after_us.load(Ordering::Acquire);
+        PageServiceStats {
+            faults_served: s.faults.load(Ordering::Relaxed),
+            bytes_by_fault: s.bytes_by_fault.load(Ordering::Relaxed),
+            bytes_prefetched: s.bytes_prefetched.load(Ordering::Relaxed),
+            resident_after_us: (resident != u64::MAX).then_some(resident),
+        }
+    }
+
+    /// Waits up to `timeout` until all of memory is resident and the service has let go of
+    /// it (a write-protect checkpoint can then register it).
+    pub fn wait_resident(&self, timeout: Duration) -> Result<(), PageServiceError> {
+        let finished = self
+            .shared
+            .finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (finished, _) = self
+            .shared
+            .finished_cv
+            .wait_timeout_while(finished, timeout, |f| f.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        match finished.as_ref() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(PageServiceError::Failed(e.clone())),
+            None => Err(PageServiceError::Timeout(timeout)),
+        }
+    }
+
+    /// Maps zero pages over the blocks that failed, so threads waiting on them in the kernel
+    /// can return. Call only once no vCPU can enter the guest again (the VM is being torn
+    /// down): the data is not the guest's.
+    pub(crate) fn release_failed(&self) {
+        let s = &self.shared;
+        for block in 0..s.block_count() {
+            if s.state(block) == FAILED {
+                let (first, end) = s.block_pages(block);
+                let host = s.region_of(first).host_of_page(first);
+                if let Err(e) = s.uffd.zero(host, ((end - first) * PAGE_SIZE) as usize) {
+                    error!("cannot release a failed block of guest memory: {e}");
+                }
+            }
+        }
+    }
+
+    /// Stops the service threads. Memory not yet resident stays registered until the
+    /// userfaultfd is closed with the service.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        drop(
+            self.shared
+                .finished
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        self.shared.finished_cv.notify_all();
+        for t in self.lock_threads().drain(..) {
+            if t.join().is_err() {
+                error!("a page service thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for PageService {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Marks the service done once every block is resident: lifts the registration (no fault can
+/// be waiting, as every page is present) and wakes [`PageService::wait_resident`].
+fn finish_resident(shared: &Shared) {
+    for r in &shared.regions {
+        if let Err(e) = shared.uffd.unregister(r.host, r.len as usize) {
+            shared.fail(&PageServiceError::Uffd {
+                op: "unregister",
+                source: e,
+            });
+            return;
+        }
+    }
+    let us = shared.started.elapsed().as_micros() as u64;
+    shared.resident_after_us.store(us, Ordering::Release);
+    info!(
+        resident_after_us = us,
+        faults_served = shared.faults.load(Ordering::Relaxed),
+        bytes_prefetched = shared.bytes_prefetched.load(Ordering::Relaxed),
+        "all restored memory is resident"
+    );
+    let mut finished = shared.finished.lock().unwrap_or_else(|p| p.into_inner());
+    finished.get_or_insert(Ok(()));
+    shared.finished_cv.notify_all();
+}
