@@ -8,9 +8,8 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::header::{l1_entries_for, Header, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW2_MAGIC};
-use crate::image::resolve_backing;
 use crate::io::{file_len, read_zero_filled_at, write_all_at};
-use crate::policy::PathPolicy;
+use crate::policy::{resolve_backing, PathPolicy};
 use crate::qcow2::read_header;
 use crate::table::{encode_table, set_refcount, Geometry};
 use crate::{Format, DEFAULT_CLUSTER_BITS, MAX_CHAIN_DEPTH};

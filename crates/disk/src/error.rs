@@ -2,6 +2,7 @@
 //!
 //! Messages are short, name the file and the problem, and never repeat their `#[source]`.
 
+use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
@@ -70,7 +71,7 @@ pub enum Error {
         image: PathBuf,
         backing: PathBuf,
         /// Where it resolves and the directories allowed (boxed: keeps `Error` small).
-        outside: Box<crate::policy::Outside>,
+        outside: Box<Outside>,
     },
     /// The backing chain loops or is deeper than [`crate::MAX_CHAIN_DEPTH`].
     #[error("{path}: backing chain is too deep or loops")]
@@ -101,5 +102,25 @@ impl Error {
             path: path.into(),
             what: what.into(),
         }
+    }
+}
+
+/// Where a refused backing file resolves, and the directories it could have been in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outside {
+    pub resolved: PathBuf,
+    pub allowed: Vec<PathBuf>,
+}
+
+impl fmt::Display for Outside {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "resolves to {}, outside ", self.resolved.display())?;
+        for (i, d) in self.allowed.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{}", d.display())?;
+        }
+        Ok(())
     }
 }

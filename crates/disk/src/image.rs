@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::create::probe_file;
 use crate::error::{Error, Result};
-use crate::policy::PathPolicy;
+use crate::policy::{resolve_backing, PathPolicy};
 use crate::qcow2::{ClusterInit, Qcow2};
 use crate::raw::Raw;
 use crate::table::L2Entry;
@@ -118,18 +118,6 @@ fn push_piece(out: &mut Vec<Piece>, p: Piece) {
         }
     }
     out.push(p);
-}
-
-/// A backing file name resolved as QEMU does: relative to the overlay's directory.
-pub(crate) fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
-    let name = Path::new(name);
-    if name.is_absolute() {
-        return name.to_owned();
-    }
-    match overlay.parent() {
-        Some(dir) => dir.join(name),
-        None => name.to_owned(),
-    }
 }
 
 /// Opens one image file. A backing file is given with the image naming it and the policy it

@@ -37,10 +37,11 @@ use std::sync::Arc;
 
 pub use commit::{commit, commit_with, CommitStats};
 pub use create::{create_qcow2, create_raw, image_size, probe_format, CreateOptions};
+pub use error::Outside;
 pub use error::{Error, Result};
 pub use header::HeaderError;
 pub use image::{Image, OpenOptions};
-pub use policy::{Outside, PathPolicy, BACKING_RULE};
+pub use policy::{PathPolicy, BACKING_RULE};
 
 /// Deepest backing chain accepted (also stops loops).
 pub const MAX_CHAIN_DEPTH: usize = 32;

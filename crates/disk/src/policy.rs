@@ -7,12 +7,11 @@
 //! explicitly. The check is made on the file actually opened (its path as the kernel reports
 //! it), so a symlink swapped in between the check and the open does not escape it.
 
-use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Outside, Result};
 
 /// The rule, as error messages state it.
 pub const BACKING_RULE: &str =
@@ -91,26 +90,6 @@ impl PathPolicy {
     }
 }
 
-/// Where a refused backing file resolves, and the directories it could have been in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outside {
-    pub resolved: PathBuf,
-    pub allowed: Vec<PathBuf>,
-}
-
-impl fmt::Display for Outside {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "resolves to {}, outside ", self.resolved.display())?;
-        for (i, d) in self.allowed.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            write!(f, "{}", d.display())?;
-        }
-        Ok(())
-    }
-}
-
 fn canonical(path: &Path) -> std::io::Result<PathBuf> {
     std::fs::canonicalize(path)
 }
@@ -123,5 +102,17 @@ fn opened_path(file: &File) -> std::io::Result<PathBuf> {
         Ok(link)
     } else {
         Err(std::io::Error::from(std::io::ErrorKind::NotFound))
+    }
+}
+
+/// A backing file name resolved as QEMU does: relative to the overlay's directory.
+pub(crate) fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
+    let name = Path::new(name);
+    if name.is_absolute() {
+        return name.to_owned();
+    }
+    match overlay.parent() {
+        Some(dir) => dir.join(name),
+        None => name.to_owned(),
     }
 }
