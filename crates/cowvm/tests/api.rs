@@ -967,3 +967,61 @@ fn type_errors_in_bodies_name_the_field_and_the_type() {
         assert_eq!(answer.1["error"], "invalid_field", "{body}");
     }
 }
+
+/// The pids of `pid`'s child processes.
+fn children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+    {
+        let path = task.expect("task").path().join("children");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        found.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    found
+}
+
+#[test]
+fn the_fork_writer_dies_with_the_vmm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("api.sock");
+    // 1 GiB dirtied: the forked writer runs for a while.
+    let mut child = Command::new(COWVM)
+        .args(["run", "--kernel"])
+        .arg(guests::pvh_guest())
+        .args(["--cmdline", "dirty mem=1024M every=50", "--mem", "1280M"])
+        .arg("--console")
+        .arg(dir.path().join("console.txt"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn cowvm");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while StdUnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "the API socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Let the guest dirty its memory.
+    std::thread::sleep(Duration::from_secs(3));
+    let out = dir.path().join("ckpt").display().to_string();
+    let (status, job) = put_checkpoint(&sock, json!({"out": out, "strategy": "fork"}));
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let writers = children(child.id());
+    assert_eq!(writers.len(), 1, "one forked writer: {writers:?} ({job})");
+    child.kill().expect("kill -9 the VMM");
+    child.wait().expect("reap");
+    let gone = Instant::now() + Duration::from_secs(1);
+    let writer = format!("/proc/{}", writers[0]);
+    while Path::new(&writer).exists() {
+        assert!(
+            Instant::now() < gone,
+            "the forked writer outlived the VMM by a second"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
