@@ -1016,8 +1016,16 @@ fn the_fork_writer_dies_with_the_vmm() {
     child.kill().expect("kill -9 the VMM");
     child.wait().expect("reap");
     let gone = Instant::now() + Duration::from_secs(1);
-    let writer = format!("/proc/{}", writers[0]);
-    while Path::new(&writer).exists() {
+    // Dead once gone or a zombie (reparented, it waits for a reaper that may be slow).
+    let stat = format!("/proc/{}/stat", writers[0]);
+    let alive = || {
+        std::fs::read_to_string(&stat).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    while alive() {
         assert!(
             Instant::now() < gone,
             "the forked writer outlived the VMM by a second"
