@@ -78,8 +78,30 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard limit: the API server, disks, stores and
+/// clones each hold descriptors, and the soft limit (often 1024) is a historical default.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::debug!("getrlimit: {}", std::io::Error::last_os_error());
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads one rlimit from the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            tracing::debug!("setrlimit: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_open_file_limit();
     let result = init_logging(&cli.log_level, cli.log_format).and_then(|()| match cli.command {
         Command::Run(args) => cli::run(args),
         Command::Checkpoint(args) => cli::checkpoint(args),

@@ -826,3 +826,210 @@ fn periodic_checkpoints_keep_the_newest_complete_ones() {
         assert!(st.success(), "{stderr}");
     }
 }
+
+/// Runs `f` on its own thread; `None` if it has not answered within `limit`.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// Raises this process's soft limit on open files to the hard limit.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+}
+
+#[test]
+fn idle_and_slow_connections_do_not_starve_the_api() {
+    raise_open_file_limit();
+    let vm = Running::start("dirty mem=32M every=50", &[]);
+    let sock = vm.sock.clone();
+    // 1100 connections that never send a byte: more than the server's file limit by default.
+    let idle: Vec<StdUnixStream> = (0..1100)
+        .map(|_| StdUnixStream::connect(&sock).expect("connect"))
+        .collect();
+    // A few slowloris clients: one header byte a second, never ending the header. Each reports
+    // how long the server kept it open.
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let mut conn = StdUnixStream::connect(&sock).expect("connect");
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let header = b"GET /vm HTTP/1.1\r\nHost: localhost\r\nX-Slow: ";
+                for byte in header.iter().chain(std::iter::repeat(&b'a')) {
+                    if conn.write_all(&[*byte]).is_err()
+                        || started.elapsed() > Duration::from_secs(60)
+                    {
+                        return started.elapsed();
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                unreachable!("the header never ends")
+            })
+        })
+        .collect();
+
+    // The VM's own clients are still served: a bounded wait, which without a connection limit
+    // is exceeded forever.
+    let s = sock.clone();
+    let (status, info) = within(Duration::from_secs(30), move || get(&s, "/vm"))
+        .expect("GET /vm answered with 1100 idle connections open");
+    assert_eq!(status, StatusCode::OK, "{info}");
+    assert_eq!(info["state"], "Running", "{info}");
+    let s = sock.clone();
+    let (status, job) = within(Duration::from_secs(60), move || {
+        send_json(
+            &s,
+            Method::PUT,
+            "/checkpoints?wait=true",
+            r#"{"out":"mem:starved","strategy":"stop"}"#,
+        )
+    })
+    .expect("PUT /checkpoints answered with 1100 idle connections open");
+    assert_eq!(status, StatusCode::OK, "{job}");
+    assert_eq!(job["status"], "complete", "{job}");
+
+    // A slowloris is cut by the header timeout (10 s), long before its header would end.
+    for client in slow {
+        let open_for = client.join().expect("slowloris thread");
+        assert!(
+            open_for < Duration::from_secs(30),
+            "a slowloris connection stayed open {open_for:?}"
+        );
+    }
+    // Idle connections are closed: by eviction or by the header timeout.
+    for mut conn in idle {
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut byte = [0u8; 1];
+        assert_eq!(conn.read(&mut byte).expect("closed, not timed out"), 0);
+    }
+    assert_eq!(vm_state(&sock), "Running");
+}
+
+#[test]
+fn type_errors_in_bodies_name_the_field_and_the_type() {
+    let vm = Running::start("dirty mem=32M every=50", &[]);
+    let s = vm.sock.as_path();
+    for (path, body, field, expected) in [
+        (
+            "/checkpoints",
+            r#"{"out":1}"#,
+            "out",
+            "out: expected a string",
+        ),
+        (
+            "/checkpoints",
+            r#"{"out":"/x","strategy":1}"#,
+            "strategy",
+            "strategy: expected a string (one of uffd, fork, stop)",
+        ),
+        (
+            "/checkpoints",
+            r#"{"out":"/x","io":false}"#,
+            "io",
+            "io: expected a string (one of live, drain)",
+        ),
+        (
+            "/checkpoints",
+            r#"{"out":"/x","disk":2}"#,
+            "disk",
+            "disk: expected a string (one of keep, copy-commit)",
+        ),
+        (
+            "/rollback",
+            r#"{"from":[]}"#,
+            "from",
+            "from: expected a string",
+        ),
+        (
+            "/rollback",
+            r#"{"from":"/x","eager":"yes"}"#,
+            "eager",
+            "eager: expected a boolean",
+        ),
+    ] {
+        let answer = send_json(s, Method::PUT, path, body);
+        assert_refused(answer.clone(), StatusCode::BAD_REQUEST, Some(field), body);
+        let message = answer.1["message"].as_str().expect("message");
+        assert!(message.starts_with(expected), "{body}: {message}");
+        assert_eq!(answer.1["error"], "invalid_field", "{body}");
+    }
+}
+
+/// The pids of `pid`'s child processes.
+fn children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+    {
+        let path = task.expect("task").path().join("children");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        found.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    found
+}
+
+#[test]
+fn the_fork_writer_dies_with_the_vmm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("api.sock");
+    // 1 GiB dirtied: the forked writer runs for a while.
+    let mut child = Command::new(COWVM)
+        .args(["run", "--kernel"])
+        .arg(guests::pvh_guest())
+        .args(["--cmdline", "dirty mem=1024M every=50", "--mem", "1280M"])
+        .arg("--console")
+        .arg(dir.path().join("console.txt"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn cowvm");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while StdUnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "the API socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Let the guest dirty its memory.
+    std::thread::sleep(Duration::from_secs(3));
+    let out = dir.path().join("ckpt").display().to_string();
+    let (status, job) = put_checkpoint(&sock, json!({"out": out, "strategy": "fork"}));
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let writers = children(child.id());
+    assert_eq!(writers.len(), 1, "one forked writer: {writers:?} ({job})");
+    child.kill().expect("kill -9 the VMM");
+    child.wait().expect("reap");
+    let gone = Instant::now() + Duration::from_secs(1);
+    // Dead once gone or a zombie (reparented, it waits for a reaper that may be slow).
+    let stat = format!("/proc/{}/stat", writers[0]);
+    let alive = || {
+        std::fs::read_to_string(&stat).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    while alive() {
+        assert!(
+            Instant::now() < gone,
+            "the forked writer outlived the VMM by a second"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -7,10 +7,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ckpt_format::{AddressError, StoreAddress};
-use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use vmm::ErrorKind;
 
-use super::model::ErrorBody;
+use super::model::{ErrorBody, RequestBody};
 use super::MAX_BODY;
 use crate::control::{chain, ControlError};
 
@@ -98,7 +98,7 @@ fn invalid(e: &AddressError, field: &str) -> ApiError {
 /// JSON value whose unknown fields are refused. Errors name the field at fault.
 pub struct JsonBody<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl<S: Send + Sync, T: RequestBody> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
@@ -134,18 +134,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Parses one JSON value, naming the field at fault in the error.
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+/// Parses one JSON value, naming the field at fault in the error; a value of the wrong type
+/// is answered with the type its field expects.
+fn parse_json<T: RequestBody>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let json = serde_json::Value::deserialize(&mut de)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
+    de.end().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("trailing characters after the JSON value: {e}"),
+        )
+    })?;
+    serde_path_to_error::deserialize(&json).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        let message = inner.to_string();
-        // Within a field, a value of the wrong kind can read as a syntax error to serde_json
-        // (an integer where an enum's string is expected): name the field all the same.
-        if !inner.is_data() && path == "." {
-            return ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", message);
-        }
+        let message = e.into_inner().to_string();
         // A missing field is named only in serde's message; the path is then that of the
         // enclosing object.
         let named = message
@@ -158,17 +162,32 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                     format!("{path}.{name}")
                 }
             });
+        // An object where an enum's string is expected reads as an "invalid value" to serde.
+        let value = json.get(&path);
+        let wrong_type = message.starts_with("invalid type")
+            || (message.starts_with("invalid value") && value.is_some_and(|v| !v.is_string()));
+        let expected = (T::FIELDS.iter()).find(|&&(name, _)| name == path);
+        let message = match (wrong_type, expected, value) {
+            (true, Some((name, expected)), Some(value)) => {
+                format!("{name}: expected {expected}, found {}", kind_of(value))
+            }
+            _ => message,
+        };
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", message)
             .field(named.unwrap_or(path))
-    })?;
-    de.end().map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("trailing characters after the JSON value: {e}"),
-        )
-    })?;
-    Ok(value)
+    })
+}
+
+/// What kind of JSON value `value` is, for an error message.
+fn kind_of(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -183,7 +202,7 @@ mod fuzz;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::model::{CheckpointBody, VmPatch};
+    use crate::api::model::{CheckpointBody, RollbackBody, VmPatch};
 
     #[test]
     fn store_paths() {
@@ -248,5 +267,64 @@ mod tests {
         let e = parse_json::<VmPatch>(br#"{"state":"Paused"} {}"#).expect_err("trailing");
         assert_eq!(e.body.error, "invalid_json");
         assert!(parse_json::<VmPatch>(br#" {"state":"Running"} "#).is_ok());
+    }
+
+    /// A value of the wrong type names its field and the type the field expects.
+    #[test]
+    fn type_errors_name_the_expected_type() {
+        let cases: [(&[u8], &str, &str); 8] = [
+            (
+                br#"{"out":7}"#,
+                "out",
+                "out: expected a string (a directory, raw:PATH or mem:NAME), found a number",
+            ),
+            (
+                br#"{"out":"/x","strategy":1}"#,
+                "strategy",
+                "strategy: expected a string (one of uffd, fork, stop), found a number",
+            ),
+            (
+                br#"{"out":"/x","io":true}"#,
+                "io",
+                "io: expected a string (one of live, drain), found a boolean",
+            ),
+            (
+                br#"{"out":"/x","disk":[]}"#,
+                "disk",
+                "disk: expected a string (one of keep, copy-commit), found an array",
+            ),
+            (
+                br#"{"from":null}"#,
+                "from",
+                "from: expected a string (a directory, raw:PATH or mem:NAME), found null",
+            ),
+            (
+                br#"{"from":"/x","eager":"yes"}"#,
+                "eager",
+                "eager: expected a boolean, found a string",
+            ),
+            (
+                br#"{"from":"/x","eager":1}"#,
+                "eager",
+                "eager: expected a boolean, found a number",
+            ),
+            (
+                br#"{"state":{}}"#,
+                "state",
+                "state: expected a string (one of Paused, Running), found an object",
+            ),
+        ];
+        for (body, field, message) in cases {
+            let text = String::from_utf8_lossy(body);
+            let e = match field {
+                "from" | "eager" => parse_json::<RollbackBody>(body).map(|_| ()),
+                "state" => parse_json::<VmPatch>(body).map(|_| ()),
+                _ => parse_json::<CheckpointBody>(body).map(|_| ()),
+            }
+            .expect_err(&text);
+            assert_eq!(e.body.error, "invalid_field", "{text}");
+            assert_eq!(e.body.field.as_deref(), Some(field), "{text}");
+            assert_eq!(e.body.message, message, "{text}");
+        }
     }
 }

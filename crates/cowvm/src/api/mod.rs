@@ -7,6 +7,7 @@
 //! off the async workers, so a slow request never stalls another client.
 
 mod error;
+mod listen;
 pub mod model;
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -423,7 +424,7 @@ fn bind_owner_only(path: &Path) -> Result<std::os::unix::net::UnixListener, Serv
 pub struct ApiServer {
     path: PathBuf,
     stop: oneshot::Sender<()>,
-    task: JoinHandle<std::io::Result<()>>,
+    task: JoinHandle<()>,
 }
 
 impl ApiServer {
@@ -443,11 +444,7 @@ impl ApiServer {
         listener.set_nonblocking(true).map_err(cleanup)?;
         let listener = tokio::net::UnixListener::from_std(listener).map_err(cleanup)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let serve = axum::serve(listener, router(controller)).with_graceful_shutdown(async {
-            // A dropped sender stops the server too.
-            let _ = stopped.await;
-        });
-        let task = tokio::spawn(async move { serve.await });
+        let task = tokio::spawn(listen::serve(listener, router(controller), stopped));
         info!(socket = %path.display(), "API server listening");
         Ok(ApiServer {
             path: path.to_path_buf(),
@@ -466,8 +463,7 @@ impl ApiServer {
         let _ = self.stop.send(());
         let mut task = self.task;
         match tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => warn!("API server failed: {e}"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => warn!("API server task failed: {e}"),
             Err(_) => {
                 warn!("API requests still in flight after {SHUTDOWN_GRACE:?}; closing them");

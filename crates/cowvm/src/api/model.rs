@@ -6,6 +6,12 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::control::{Counters as CheckpointCounters, PausedBy};
 
+/// A request body: JSON whose top-level fields each expect one type.
+pub trait RequestBody: serde::de::DeserializeOwned {
+    /// Each field, and what it expects, for error messages ("a string (one of ...)").
+    const FIELDS: &'static [(&'static str, &'static str)];
+}
+
 /// Whether the vCPUs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmState {
@@ -21,6 +27,11 @@ pub enum VmState {
 pub struct VmPatch {
     /// The state wanted.
     pub state: VmState,
+}
+
+impl RequestBody for VmPatch {
+    const FIELDS: &'static [(&'static str, &'static str)] =
+        &[("state", "a string (one of Paused, Running)")];
 }
 
 /// `GET /vm`.
@@ -139,6 +150,15 @@ pub struct CheckpointBody {
     pub disk: DiskArg,
 }
 
+impl RequestBody for CheckpointBody {
+    const FIELDS: &'static [(&'static str, &'static str)] = &[
+        ("out", "a string (a directory, raw:PATH or mem:NAME)"),
+        ("strategy", "a string (one of uffd, fork, stop)"),
+        ("io", "a string (one of live, drain)"),
+        ("disk", "a string (one of keep, copy-commit)"),
+    ];
+}
+
 impl CheckpointBody {
     /// The options in the checkpoint format's terms.
     pub fn options(&self) -> CheckpointOptions {
@@ -169,6 +189,13 @@ pub struct RollbackBody {
     /// Read and verify all memory before the restored VM runs.
     #[serde(default)]
     pub eager: bool,
+}
+
+impl RequestBody for RollbackBody {
+    const FIELDS: &'static [(&'static str, &'static str)] = &[
+        ("from", "a string (a directory, raw:PATH or mem:NAME)"),
+        ("eager", "a boolean"),
+    ];
 }
 
 /// The answer to `PUT /rollback`, once the restored VM runs.

@@ -34,15 +34,27 @@ fn pipe() -> Result<(File, File), CowError> {
     Ok((File::from(r), File::from(w)))
 }
 
+/// An error and its causes on one line, for the report: the parent gets text, not the error.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The child's work: write memory, finish the memory part of the checkpoint, report.
 fn child_main(regions: &[RamRegion], writer: &mut CheckpointWriter, mut out: File) -> i32 {
     let counters = SaveCounters::default();
     // SAFETY: in the forked child, guest memory is this process's private copy as of the fork;
     // no vCPU or device runs here.
     let result = unsafe { write_all(regions, writer.memory(), &counters) }
-        .map_err(|e| e.to_string())
-        .and_then(|()| writer.finish_memory().map_err(|e| e.to_string()))
-        .and_then(|report| serde_json::to_vec(&report).map_err(|e| e.to_string()));
+        .map_err(|e| causes(&e))
+        .and_then(|()| writer.finish_memory().map_err(|e| causes(&e)))
+        .and_then(|report| serde_json::to_vec(&report).map_err(|e| causes(&e)));
     let (payload, status) = match result {
         Ok(json) => (json, 0),
         Err(msg) => (format!("ERR {msg}").into_bytes(), 1),
@@ -59,12 +71,25 @@ pub fn fork_writer(
     writer: &mut CheckpointWriter,
 ) -> Result<ForkedWriter, CowError> {
     let (report_r, report_w) = pipe()?;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
     // SAFETY: fork duplicates the process; the child runs only `child_main` (see the module
     // documentation for why that is sound in a multi-threaded parent) and leaves with `_exit`.
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(CowError::Fork(std::io::Error::last_os_error())),
         0 => {
+            // The child dies with the VMM: a writer left behind would hold the store and
+            // memory for nothing. If the VMM died before the request, the parent is already
+            // another process.
+            // SAFETY: prctl and getppid are plain system calls, safe in a forked child.
+            let orphan = unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent
+            };
+            if orphan {
+                // SAFETY: as below.
+                unsafe { libc::_exit(3) }
+            }
             drop(report_r);
             let status = child_main(regions, writer, report_w);
             // SAFETY: `_exit` ends the child without running the parent's atexit handlers or
