@@ -301,9 +301,15 @@ fn boot_pause_resume_checkpoint_poll_inspect() {
         .expect("list")
         .iter()
         .any(|j| j["id"] == id.as_str()));
+    // The guest writes its console through port I/O, so once its first line is out the VM
+    // has taken I/O exits (a slow host may not have printed one yet).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vm.console_len() == 0 {
+        assert!(Instant::now() < deadline, "the guest printed nothing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (_, metrics) = get(&sock, "/metrics");
     assert_eq!(metrics["checkpoints"]["complete"], 1, "{metrics}");
-    // The guest writes its console through port I/O, so the VM has taken I/O exits.
     assert!(metrics["exits"]["io"].as_u64().unwrap() > 0, "{metrics}");
     assert!(metrics["disks"].is_array(), "{metrics}");
 
