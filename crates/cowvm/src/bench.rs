@@ -20,9 +20,9 @@ pub enum BenchCommand {
     Restore(crate::bench_restore::RestoreBenchArgs),
     /// Live checkpoints of a guest dirtying memory at full speed, per size and strategy.
     Checkpoint(crate::bench_checkpoint::CheckpointBenchArgs),
-    /// cowvm's checkpoints side by side with QEMU's on the same guest (issue 7).
+    /// cowvm's checkpoints side by side with QEMU's on the same guest.
     Compare(crate::bench_compare::CompareArgs),
-    /// Guest disk IOPS through virtio-blk on raw and qcow2, next to the host (issue 4).
+    /// Guest disk IOPS through virtio-blk on raw and qcow2, next to the host.
     Disk(crate::disk_cmd::DiskBenchArgs),
 }
 

@@ -112,7 +112,7 @@ pub enum VmError {
     /// An eventfd for an interrupt cannot be created.
     #[error("cannot create an interrupt eventfd")]
     EventFd(#[source] std::io::Error),
-    /// A disk cannot be set up (issue 4).
+    /// A disk cannot be set up.
     #[error("disk {index}")]
     Disk {
         /// Position of the disk in the configuration.
