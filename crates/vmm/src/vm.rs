@@ -366,7 +366,7 @@ impl Vm {
         &self.serial
     }
 
-    /// The virtio-blk disks, in configuration order (issue 4).
+    /// The virtio-blk disks, in configuration order.
     pub fn disks(&self) -> &[BlockHandle] {
         self.disks.handles()
     }
