@@ -293,7 +293,7 @@ impl Vm {
             config.mem_size,
             config.hugepages,
         )?)?;
-        // issue 4 (disks): images are opened before anything runs; each disk adds its
+        // Disks: images are opened before anything runs; each disk adds its
         // `virtio_mmio.device=` word to the command line.
         let blocks = DiskSet::open(&config.disks, &parts.memory)
             .map_err(|(index, source)| VmError::Disk { index, source })?;
