@@ -279,6 +279,7 @@ fn boot_pause_resume_checkpoint_poll_inspect() {
     let id = job["id"].as_str().expect("id").to_string();
     let done = poll_until_done(&sock, &id);
     assert_eq!(done["status"], "complete", "{done}");
+    assert_eq!(done["strategy_used"], "uffd", "{done}");
     let metrics = &done["metrics"];
     for key in [
         "pause_us",
@@ -350,6 +351,7 @@ fn boot_pause_resume_checkpoint_poll_inspect() {
         assert!(report[key].is_u64(), "{key}: {report}");
     }
     assert_eq!(report["strategy"], "fork");
+    assert_eq!(report["strategy_used"], "fork");
     assert_eq!(report["io"], "drain");
     let (st, stdout, stderr) = cowvm(&["status", "--api-sock", sock_arg]);
     assert!(st.success(), "{stderr}");
@@ -380,7 +382,7 @@ fn boot_pause_resume_checkpoint_poll_inspect() {
     assert!(stdout.contains("pages saved by fault"), "{stdout}");
 
     let status = vm.stop();
-    assert!(status.success(), "{status:?}");
+    assert_eq!(status.code(), Some(143), "stopped by SIGTERM: {status:?}");
     assert!(!sock.exists(), "the socket is removed at exit");
 }
 
@@ -677,7 +679,7 @@ fn hostile_requests_get_4xx_and_the_vm_survives() {
         "{list}"
     );
 
-    assert!(vm.stop().success());
+    assert_eq!(vm.stop().code(), Some(143), "stopped by SIGTERM");
 }
 
 #[test]
@@ -734,7 +736,7 @@ fn openapi_document_matches_the_served_routes() {
         }
     }
     assert!(operations >= 9);
-    assert!(vm.stop().success());
+    assert_eq!(vm.stop().code(), Some(143), "stopped by SIGTERM");
 }
 
 #[test]
@@ -772,7 +774,7 @@ fn the_process_exits_with_the_guest_status_and_removes_the_socket() {
     assert!(!st.success());
     assert!(stderr.contains("in use"), "{stderr}");
     assert_eq!(vm_state(&vm.sock), "Running");
-    assert!(vm.stop().success());
+    assert_eq!(vm.stop().code(), Some(143), "stopped by SIGTERM");
 }
 
 #[test]
@@ -810,7 +812,7 @@ fn periodic_checkpoints_keep_the_newest_complete_ones() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(metrics["checkpoints"]["failed"], 0, "{metrics}");
-    assert!(vm.stop().success());
+    assert_eq!(vm.stop().code(), Some(143), "stopped by SIGTERM");
     let dir = vm.path("periodic");
     let kept = complete(&dir);
     // Two kept, plus possibly one that completed after the trigger stopped pruning.

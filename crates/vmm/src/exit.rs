@@ -26,11 +26,16 @@ pub enum VmExit {
     Stopped,
 }
 
+/// The largest guest status passed on as it is: 125 and above are the VMM's own (a VMM-side
+/// failure, and 128 plus a signal's number), so a larger status a guest writes is reported as
+/// this one.
+const GUEST_STATUS_MAX: i32 = 124;
+
 impl VmExit {
     /// The process exit status `cowvm run` returns for this exit.
     pub fn status(&self) -> i32 {
         match self {
-            VmExit::Guest(v) => i32::try_from(*v).unwrap_or(i32::MAX).min(255),
+            VmExit::Guest(v) => i32::try_from(*v).unwrap_or(i32::MAX).min(GUEST_STATUS_MAX),
             VmExit::Stopped => 0,
             VmExit::TripleFault { .. } | VmExit::SystemEvent(_) | VmExit::Fatal(_) => 125,
         }

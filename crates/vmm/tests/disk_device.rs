@@ -217,6 +217,48 @@ fn raw_disk(dir: &Path, name: &str, size: u64) -> DiskConfig {
     }
 }
 
+/// A log sink the test reads back.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_driver_that_errs_in_a_loop_is_logged_within_a_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = idle_vm(vec![raw_disk(dir.path(), "d.raw", 1 << 20)]);
+    let log = Log::default();
+    let sink = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    // The MMIO writes run the device's register handler on this thread, under this subscriber.
+    tracing::subscriber::with_default(subscriber, || {
+        let bus = vm.mmio_bus();
+        for _ in 0..1000 {
+            // Not a power of two, and no driver has acknowledged the device: refused each time.
+            bus.write(mmio_base(0) + reg::QUEUE_NUM, &3u32.to_le_bytes());
+        }
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let refused = text.lines().filter(|l| l.contains("queue size")).count();
+    assert_eq!(refused, 10, "{text}");
+    assert!(text.contains("counted, not logged"), "{text}");
+    // The device still answers.
+    let mut magic = [0u8; 4];
+    vm.mmio_bus().read(mmio_base(0) + reg::MAGIC, &mut magic);
+    assert_eq!(u32::from_le_bytes(magic), 0x7472_6976);
+}
+
 #[test]
 fn malformed_chains_fail_cleanly_and_the_vmm_survives() {
     let dir = tempfile::tempdir().unwrap();

@@ -87,10 +87,15 @@ async fn blocking<T: Send + 'static>(
 fn job_view(job: &Job) -> CheckpointJob {
     let (done, total) = job.progress().pages();
     let page = ckpt_format::PAGE_SIZE as u64;
-    let (status, metrics, error) = match job.end() {
-        None => (JobStatus::Running, None, None),
-        Some((Outcome::Complete(m), _)) => (JobStatus::Complete, Some(m.metrics), None),
-        Some((Outcome::Failed(e), _)) => (JobStatus::Failed, None, Some(chain(&e))),
+    let (status, metrics, strategy_used, error) = match job.end() {
+        None => (JobStatus::Running, None, None, None),
+        Some((Outcome::Complete(m), _)) => (
+            JobStatus::Complete,
+            Some(m.metrics),
+            Some(m.options.strategy),
+            None,
+        ),
+        Some((Outcome::Failed(e), _)) => (JobStatus::Failed, None, None, Some(chain(&e))),
     };
     let phase = match job.progress().phase() {
         Phase::Pending => JobPhase::Pending,
@@ -106,6 +111,7 @@ fn job_view(job: &Job) -> CheckpointJob {
         phase,
         out: spec.store.to_string(),
         strategy: spec.options.strategy,
+        strategy_used,
         io: spec.options.io,
         disk: spec.options.disk,
         started_unix_ms: job.started_unix_ms(),

@@ -272,8 +272,11 @@ pub struct CheckpointJob {
     pub phase: JobPhase,
     /// The store, as requested.
     pub out: String,
-    /// Memory COW mechanism.
+    /// Memory COW mechanism, as asked for.
     pub strategy: Strategy,
+    /// The mechanism that ran, once complete: the one asked for, except that a clone on a
+    /// shared image runs `uffd` as `fork` (userfaultfd cannot write-protect its mapping).
+    pub strategy_used: Option<Strategy>,
     /// Disk I/O policy.
     pub io: IoPolicy,
     /// Disk retention.

@@ -46,6 +46,7 @@ struct Report<'a> {
     id: &'a str,
     out: &'a str,
     strategy: Strategy,
+    strategy_used: Strategy,
     io: IoPolicy,
     disk: DiskPolicy,
     #[serde(flatten)]
@@ -111,8 +112,8 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
         bar.finish_and_clear();
         Ok(job)
     })?;
-    let metrics = match (&job.status, &job.metrics) {
-        (JobStatus::Complete, Some(m)) => m,
+    let (metrics, used) = match (&job.status, &job.metrics) {
+        (JobStatus::Complete, Some(m)) => (m, job.strategy_used.unwrap_or(job.strategy)),
         _ => bail!(
             "checkpoint {} failed: {}",
             job.id,
@@ -124,6 +125,7 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
             id: &job.id,
             out: &job.out,
             strategy: job.strategy,
+            strategy_used: used,
             io: job.io,
             disk: job.disk,
             metrics,
@@ -136,8 +138,13 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
             (
                 "options",
                 format!(
-                    "strategy {}, io {}, disk {}",
-                    name(&job.strategy),
+                    "strategy {}{}, io {}, disk {}",
+                    name(&used),
+                    if used == job.strategy {
+                        String::new()
+                    } else {
+                        format!(" ({} asked)", name(&job.strategy))
+                    },
                     name(&job.io),
                     name(&job.disk)
                 ),

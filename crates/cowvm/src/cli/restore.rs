@@ -137,7 +137,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             },
         )?
     } else {
-        vm.wait()
+        vm.wait().into()
     };
     Ok(super::exit_code(&exit))
 }

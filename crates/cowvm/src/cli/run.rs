@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::ValueEnum;
 use vmm::{Console, HugePages, MemSize, Vm, VmConfig, VmExit};
 
-use crate::control::supervise::{self, ControlArgs, Origin};
+use crate::control::supervise::{self, ControlArgs, Ended, Origin};
 use crate::control::RollbackSettings;
 
 /// Transparent huge pages for guest memory.
@@ -100,17 +100,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         };
         supervise::run(vm, &args.control, origin)?
     } else {
-        vm.wait()
+        vm.wait().into()
     };
     Ok(exit_code(&exit))
 }
 
-/// The process status for how the VM ended (the guest's own status, or 125 for a VMM-side
-/// failure, which is reported on standard error).
-pub fn exit_code(exit: &VmExit) -> ExitCode {
-    match exit {
+/// The process status for how the VM ended: the guest's own status (0 to 124), 125 for a
+/// VMM-side failure (reported on standard error), or 128 plus the signal's number when SIGINT
+/// or SIGTERM stopped it (130, 143), as a shell reports a process that a signal ended.
+pub fn exit_code(ended: &Ended) -> ExitCode {
+    if let Some(signal) = ended.signal {
+        return ExitCode::from(128 + signal as u8);
+    }
+    match &ended.exit {
         VmExit::Guest(_) | VmExit::Stopped => {}
         other => eprintln!("cowvm: {other}"),
     }
-    ExitCode::from(exit.status() as u8)
+    ExitCode::from(ended.exit.status() as u8)
 }

@@ -41,9 +41,24 @@ impl ControlArgs {
     }
 }
 
+/// How the process's VM ended.
+#[derive(Debug)]
+pub struct Ended {
+    /// How the current VM ended.
+    pub exit: VmExit,
+    /// The signal (SIGINT or SIGTERM) that stopped it, if one did.
+    pub signal: Option<i32>,
+}
+
+impl From<VmExit> for Ended {
+    fn from(exit: VmExit) -> Ended {
+        Ended { exit, signal: None }
+    }
+}
+
 /// Waits for the current VM to end, stopping it on SIGINT or SIGTERM. The exit of a VM that a
 /// rollback has replaced (it is no longer current when it stops) does not count.
-async fn wait_for_exit(controller: Arc<Controller>) -> anyhow::Result<VmExit> {
+async fn wait_for_exit(controller: Arc<Controller>) -> anyhow::Result<Ended> {
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let waiter = controller.clone();
@@ -57,11 +72,23 @@ async fn wait_for_exit(controller: Arc<Controller>) -> anyhow::Result<VmExit> {
             info!("the VM was rolled back: following the restored VM");
         }
     });
+    let mut signal = None;
     loop {
         tokio::select! {
-            exit = &mut exit => return exit.context("waiting for the VM"),
-            _ = int.recv() => { info!("SIGINT: stopping the VM"); controller.stop(); }
-            _ = term.recv() => { info!("SIGTERM: stopping the VM"); controller.stop(); }
+            exit = &mut exit => {
+                let exit = exit.context("waiting for the VM")?;
+                return Ok(Ended { exit, signal });
+            }
+            _ = int.recv() => {
+                info!("SIGINT: stopping the VM");
+                signal.get_or_insert(libc::SIGINT);
+                controller.stop();
+            }
+            _ = term.recv() => {
+                info!("SIGTERM: stopping the VM");
+                signal.get_or_insert(libc::SIGTERM);
+                controller.stop();
+            }
         }
     }
 }
@@ -77,7 +104,7 @@ pub struct Origin {
 
 /// Runs `vm` with its control plane until the current VM (`vm`, or the VM of the latest
 /// rollback) ends; returns how it ended.
-pub fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<VmExit> {
+pub fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("cowvm-api")

@@ -1,6 +1,7 @@
 //! Emulated devices and the buses that route guest port I/O and MMIO to them.
 
 pub(crate) mod debug_exit;
+pub(crate) mod guest_warn;
 pub(crate) mod manager;
 pub(crate) mod serial;
 pub(crate) mod virtio;

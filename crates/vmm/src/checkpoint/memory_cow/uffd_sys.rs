@@ -198,14 +198,7 @@ impl Uffd {
             done += copied;
             installed += copied as u64;
             if rc < 0 {
-                let err = io::Error::last_os_error();
-                match err.raw_os_error() {
-                    // Present already (installed before, or a racing copy): skip that page.
-                    Some(libc::EEXIST) => done += PAGE,
-                    // The mm is changing (e.g. a fork): retry.
-                    Some(libc::EAGAIN) => {}
-                    _ => return Err(err),
-                }
+                done += skip_after_failure()?;
             }
         }
         Ok(installed)
@@ -229,12 +222,7 @@ impl Uffd {
             let rc = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut op) };
             done += usize::try_from(op.zeropage.max(0)).unwrap_or(0);
             if rc < 0 {
-                let err = io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::EEXIST) => done += PAGE,
-                    Some(libc::EAGAIN) => {}
-                    _ => return Err(err),
-                }
+                done += skip_after_failure()?;
             }
         }
         Ok(())
@@ -324,5 +312,18 @@ impl Uffd {
 impl AsRawFd for Uffd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// After a failed `UFFDIO_COPY` or `UFFDIO_ZEROPAGE`: how far to skip before trying again, or
+/// the error.
+fn skip_after_failure() -> io::Result<usize> {
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        // Present already (installed before, or a racing copy): skip that page.
+        Some(libc::EEXIST) => Ok(PAGE),
+        // The mm is changing (e.g. a fork): retry.
+        Some(libc::EAGAIN) => Ok(0),
+        _ => Err(err),
     }
 }

@@ -12,6 +12,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::guest_warn::{guest_warn, GuestWarnings};
 use crate::devices::BusDevice;
 
 /// "virt", little endian.
@@ -136,6 +137,8 @@ pub struct MmioTransport {
     mem: GuestMemoryMmap,
     /// Bumped by every device reset, so completions of requests popped before it are dropped.
     reset_epoch: u64,
+    /// What the driver gets wrong, logged within a limit.
+    warnings: GuestWarnings,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -186,6 +189,7 @@ impl MmioTransport {
             notify,
             mem,
             reset_epoch: 0,
+            warnings: GuestWarnings::new("virtio-mmio"),
         })
     }
 
@@ -282,7 +286,11 @@ impl MmioTransport {
     /// per request; the driver must reset it.
     pub fn mark_broken(&mut self, why: &str) {
         if self.status & status::DEVICE_NEEDS_RESET == 0 {
-            warn!(device = self.device_id, "virtio device needs reset: {why}");
+            guest_warn!(
+                self.warnings,
+                device = self.device_id,
+                "virtio device needs reset: {why}"
+            );
             self.status |= status::DEVICE_NEEDS_RESET;
             self.signal(INT_CONFIG);
         }
@@ -314,7 +322,8 @@ impl MmioTransport {
             return;
         }
         if v & self.status != self.status {
-            warn!(
+            guest_warn!(
+                self.warnings,
                 old = self.status,
                 new = v,
                 "driver cleared device status bits without a reset; ignored"
@@ -329,7 +338,11 @@ impl MmioTransport {
         ];
         for (bit, required) in needs {
             if added & bit != 0 && v & required == 0 {
-                warn!(status = v, "driver skipped a device status step; ignored");
+                guest_warn!(
+                    self.warnings,
+                    status = v,
+                    "driver skipped a device status step; ignored"
+                );
                 return;
             }
         }
@@ -337,7 +350,8 @@ impl MmioTransport {
         if added & status::FEATURES_OK != 0 {
             let unknown = self.driver_features & !self.device_features;
             if unknown != 0 || self.driver_features & F_VERSION_1 == 0 {
-                warn!(
+                guest_warn!(
+                    self.warnings,
                     driver = self.driver_features,
                     device = self.device_features,
                     "feature negotiation failed (unknown bits or no VERSION_1)"
@@ -396,30 +410,40 @@ impl MmioTransport {
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             reg::DRIVER_FEATURES => {
                 if self.status & status::FEATURES_OK != 0 || self.status & status::DRIVER == 0 {
-                    warn!("driver features written outside negotiation; ignored");
+                    guest_warn!(
+                        self.warnings,
+                        "driver features written outside negotiation; ignored"
+                    );
                     return;
                 }
                 match self.driver_features_sel {
                     0 => set_half(&mut self.driver_features, false, v),
                     1 => set_half(&mut self.driver_features, true, v),
-                    sel => warn!(sel, "driver features page out of range; ignored"),
+                    sel => guest_warn!(
+                        self.warnings,
+                        sel,
+                        "driver features page out of range; ignored"
+                    ),
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = v,
             reg::QUEUE_NUM => match (self.selected_queue(), u16::try_from(v)) {
                 (Some(q), Ok(size)) => {
                     if let Err(e) = q.try_set_size(size) {
-                        warn!(size = v, "invalid queue size: {e}");
+                        guest_warn!(self.warnings, size = v, "invalid queue size: {e}");
                     }
                 }
-                _ => warn!(size = v, "queue size write ignored"),
+                _ => guest_warn!(self.warnings, size = v, "queue size write ignored"),
             },
             reg::QUEUE_READY => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(v == 1);
                 } else if v == 0 {
                     // Disabling a running queue needs the reset path in this device.
-                    warn!("queue disable without reset is not supported; ignored");
+                    guest_warn!(
+                        self.warnings,
+                        "queue disable without reset is not supported; ignored"
+                    );
                 }
             }
             reg::QUEUE_DESC_LOW
@@ -429,7 +453,7 @@ impl MmioTransport {
             | reg::QUEUE_DEVICE_LOW
             | reg::QUEUE_DEVICE_HIGH => {
                 let Some(q) = self.selected_queue() else {
-                    warn!(offset, "queue address write ignored");
+                    guest_warn!(self.warnings, offset, "queue address write ignored");
                     return;
                 };
                 let (low, high) = if offset & 4 == 0 {

@@ -21,6 +21,7 @@ use super::generations::Images;
 use super::request::{in_memory, parse, validate, Parsed};
 use super::submit::{pair, Submitter};
 use super::{status, Block, DiskConfig, InflightRequest, RequestKind, ID_LEN, SECTOR_SIZE};
+use crate::devices::guest_warn::{guest_warn, GuestWarnings};
 use crate::devices::virtio::mmio::{MmioTransport, INT_USED_BUFFER};
 use crate::devices::virtio::DmaObserver;
 
@@ -76,6 +77,8 @@ pub(super) struct DiskState {
     pub drain_waiters: Vec<Sender<()>>,
     /// The GET_ID answer.
     id: [u8; ID_LEN],
+    /// What the driver gets wrong, logged within a limit.
+    warnings: GuestWarnings,
 }
 
 impl DiskState {
@@ -97,6 +100,7 @@ impl DiskState {
             observer: None,
             drain_waiters: Vec::new(),
             id,
+            warnings: GuestWarnings::new("virtio-blk"),
         };
         (disk, block.restored)
     }
@@ -174,7 +178,12 @@ impl DiskState {
                     status,
                     why,
                 } => {
-                    warn!(disk = d, head, "malformed virtio-blk request: {why}");
+                    guest_warn!(
+                        self.warnings,
+                        disk = d,
+                        head,
+                        "malformed virtio-blk request: {why}"
+                    );
                     let info = InflightRequest {
                         head,
                         kind: RequestKind::GetId,
@@ -195,7 +204,8 @@ impl DiskState {
     fn admit(&mut self, mem: &GuestMemoryMmap, info: InflightRequest, epoch: u64) {
         let d = self.index;
         let refused = if let Err(why) = validate(&info, mem, self.images.capacity()) {
-            warn!(
+            guest_warn!(
+                self.warnings,
                 disk = d,
                 head = info.head,
                 sector = info.sector,
@@ -203,7 +213,7 @@ impl DiskState {
             );
             true
         } else if info.kind == RequestKind::Write && self.config.readonly {
-            warn!(disk = d, sector = info.sector, path = %self.config.path.display(), "write to a read-only disk refused");
+            guest_warn!(self.warnings, disk = d, sector = info.sector, path = %self.config.path.display(), "write to a read-only disk refused");
             true
         } else {
             false
