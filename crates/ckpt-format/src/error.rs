@@ -130,6 +130,9 @@ pub enum Error {
     /// Refusing to write over an existing checkpoint.
     #[error("{} already holds {} checkpoint", path.display(), if *complete { "a complete" } else { "an incomplete" })]
     CheckpointExists { path: PathBuf, complete: bool },
+    /// An error of the S3 store.
+    #[error(transparent)]
+    S3(Box<crate::store::S3Error>),
 
     // ---- state encoding helpers ----
     /// Encoding the device state to CBOR failed.
