@@ -333,9 +333,13 @@ impl S3Config {
     fn classify(&self, op: &'static str, object: &str, e: object_store::Error) -> S3Error {
         let text = error_chain_text(&e);
         let code = s3_code(&text);
-        match &e {
+        let denied = matches!(
+            e,
             object_store::Error::PermissionDenied { .. }
-            | object_store::Error::Unauthenticated { .. } => S3Error::AccessDenied {
+                | object_store::Error::Unauthenticated { .. }
+        ) || code.as_deref().is_some_and(|c| ACCESS_CODES.contains(&c));
+        match &e {
+            _ if denied => S3Error::AccessDenied {
                 bucket: self.location.bucket.clone(),
                 endpoint: self.endpoint_name(),
                 code: code.unwrap_or_else(|| "AccessDenied".to_string()),
@@ -358,6 +362,17 @@ impl S3Config {
         }
     }
 }
+
+/// S3 error codes that mean the credentials or their rights are wrong.
+const ACCESS_CODES: [&str; 7] = [
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+];
 
 /// Every message of an error's chain, joined.
 fn error_chain_text(e: &(dyn std::error::Error + 'static)) -> String {
