@@ -2,7 +2,7 @@
 //! parallel multipart upload of the same bytes with the same client crate, both to a local
 //! SeaweedFS server.
 //!
-//! `COWVM_S3_PROBE_MIB=256 cargo test --release -p ckpt-format --test s3_throughput -- --ignored --nocapture`
+//! `COWVM_S3_PROBE_MIB=256 COWVM_S3_PROBE_CHUNK_MIB=8 cargo test --release -p ckpt-format --test s3_throughput -- --ignored --nocapture`
 
 mod s3_server;
 
@@ -43,14 +43,46 @@ fn s3_store_upload_throughput_against_plain_multipart() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
+    let chunk_mib: u64 = std::env::var("COWVM_S3_PROBE_CHUNK_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
     let weed = Weed::start();
     let mem = Arc::new(memory(mib));
+
+    // The plain client, and a warm-up upload so that neither run pays for the server's
+    // first volume allocation.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = AmazonS3Builder::new()
+        .with_bucket_name(BUCKET)
+        .with_endpoint(weed.endpoint())
+        .with_region("us-east-1")
+        .with_access_key_id(ACCESS_KEY)
+        .with_secret_access_key(SECRET_KEY)
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for i in 0..4 {
+            let part = mem[..PART_SIZE].to_vec();
+            client
+                .put(&ObjectPath::from(format!("warm-up/{i}")), part.into())
+                .await
+                .unwrap();
+        }
+    });
 
     // Through the store: pages written by several threads, in runs, interleaved.
     let store = S3Store::new(S3Location::parse(&format!("s3://{BUCKET}/probe")).unwrap())
         .endpoint(weed.endpoint())
         .region("us-east-1")
-        .credentials(ACCESS_KEY, SECRET_KEY);
+        .credentials(ACCESS_KEY, SECRET_KEY)
+        .chunk_size(chunk_mib << 20)
+        .unwrap();
     let start = Instant::now();
     let mut w = CheckpointWriter::create(
         &store,
@@ -79,20 +111,6 @@ fn s3_store_upload_throughput_against_plain_multipart() {
     let store_secs = start.elapsed().as_secs_f64();
 
     // Plain multipart upload of the same bytes, same client crate, same server.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = AmazonS3Builder::new()
-        .with_bucket_name(BUCKET)
-        .with_endpoint(weed.endpoint())
-        .with_region("us-east-1")
-        .with_access_key_id(ACCESS_KEY)
-        .with_secret_access_key(SECRET_KEY)
-        .with_allow_http(true)
-        .build()
-        .unwrap();
     let plain_secs = rt.block_on(async {
         let start = Instant::now();
         let upload = client
@@ -109,7 +127,7 @@ fn s3_store_upload_throughput_against_plain_multipart() {
     });
     let bytes = mem.len();
     println!(
-        "S3 store: {mib} MiB in {store_secs:.2} s = {:.0} MiB/s (4 MiB chunks, {THREADS} writer threads)",
+        "S3 store: {mib} MiB in {store_secs:.2} s = {:.0} MiB/s ({chunk_mib} MiB chunks, {THREADS} writer threads)",
         mib_per_s(bytes, store_secs)
     );
     println!(
