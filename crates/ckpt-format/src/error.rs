@@ -153,6 +153,9 @@ pub enum Error {
     /// Initialising a raw store would destroy existing content, or cannot be done.
     #[error("refusing to initialise raw store {}: {reason}", path.display())]
     RawInitRefused { path: PathBuf, reason: String },
+    /// An error of the S3 store.
+    #[error(transparent)]
+    S3(Box<crate::store::S3Error>),
 
     // ---- state encoding helpers ----
     /// Encoding the device state to CBOR failed.

@@ -11,7 +11,7 @@
 //!   threads, out of order, each exactly once (see [`writer`] for the `fork` split).
 //! * Reading: [`Checkpoint::open`] verifies before use; memory is verified per page or whole.
 //! * Stores: [`DirStore`] (default), [`RawStore`] (file or block device), [`MemStore`] (memfd),
-//!   behind the [`Store`] trait.
+//!   [`S3Store`] (objects in an S3 bucket), behind the [`Store`] trait.
 //!
 //! Pure library: no KVM, no unsafe code.
 #![forbid(unsafe_code)]
@@ -33,8 +33,8 @@ pub use manifest::{
 pub use page_index::{PageEntry, PageIndex, PageState};
 pub use reader::{Checkpoint, VerifyReport};
 pub use store::{
-    AddressError, DirStore, Layout, MemStore, MemorySource, Overwrite, RawStore, Store,
-    StoreAddress,
+    AddressError, DirStore, Layout, MemStore, MemorySource, Overwrite, RawStore, S3Error,
+    S3Location, S3Store, Store, StoreAddress,
 };
 pub use writer::{CheckpointWriter, MemoryReport, MemoryWriter, Progress};
 

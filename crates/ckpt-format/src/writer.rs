@@ -159,6 +159,19 @@ impl MemoryWriter {
                 .write_memory((first + s as u64) * PAGE, &data[s * PAGE_SIZE..])?;
             written += data.len() - s * PAGE_SIZE;
         }
+        let mut i = 0;
+        while i < hashes.len() {
+            let start = i;
+            while i < hashes.len() && hashes[i].is_none() {
+                i += 1;
+            }
+            if i > start {
+                self.store
+                    .zero_memory((first + start as u64) * PAGE, (i - start) as u64 * PAGE)?;
+            } else {
+                i += 1;
+            }
+        }
         // Recorded only once the bytes are in the store: a page whose state is final is saved.
         for (i, hash) in hashes.into_iter().enumerate() {
             let page = first + i as u64;

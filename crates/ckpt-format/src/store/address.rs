@@ -3,17 +3,19 @@
 //! * `raw:PATH` — one raw file or block device;
 //! * `mem:NAME` — RAM inside the process that took the checkpoint, NAME of 1 to 64 ASCII
 //!   letters, digits, `-`, `_` or `.`;
+//! * `s3://BUCKET/PREFIX` — objects under PREFIX in an S3-protocol bucket;
 //! * anything else — a directory.
 //!
 //! Any other `SCHEME://` form is refused with the scheme named, so that a store address of a
-//! store this build does not know (object storage, a network peer) is never taken for a
-//! directory.
+//! store this build does not know (a network peer) is never taken for a directory.
 
 use std::fmt;
 use std::path::{Component, PathBuf};
 use std::str::FromStr;
 
 use thiserror::Error;
+
+use super::{S3Error, S3Location};
 
 /// Longest name of a RAM store.
 const MAX_MEM_NAME: usize = 64;
@@ -27,6 +29,14 @@ pub enum StoreAddress {
     Raw(PathBuf),
     /// RAM inside the process that took the checkpoint (`mem:NAME`).
     Mem(String),
+    /// Objects under `prefix` (no leading or trailing `/`, possibly empty) in an S3-protocol
+    /// bucket (`s3://BUCKET/PREFIX`).
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// The prefix inside the bucket.
+        prefix: String,
+    },
 }
 
 /// Why a text is not a usable store address. The messages read after the name of the field or
@@ -39,6 +49,9 @@ pub enum AddressError {
     /// `mem:` with a name outside the rules.
     #[error("a RAM store is mem:NAME, NAME of 1 to 64 letters, digits, '-', '_' or '.'")]
     MemName,
+    /// An `s3://` URL that is not `s3://BUCKET/PREFIX` with a valid bucket and prefix.
+    #[error("is not a valid s3://BUCKET/PREFIX: {0}")]
+    S3Url(&'static str),
     /// A `SCHEME://` this build has no store for.
     #[error("names a store of unknown kind {0}://")]
     UnknownScheme(String),
@@ -71,7 +84,7 @@ impl StoreAddress {
     pub fn require_absolute(&self) -> Result<(), AddressError> {
         let path = match self {
             StoreAddress::Dir(p) | StoreAddress::Raw(p) => p,
-            StoreAddress::Mem(_) => return Ok(()),
+            StoreAddress::Mem(_) | StoreAddress::S3 { .. } => return Ok(()),
         };
         if !path.starts_with("/") {
             return Err(AddressError::NotAbsolute);
@@ -117,6 +130,16 @@ impl FromStr for StoreAddress {
         if text.contains('\0') {
             return Err(AddressError::Nul);
         }
+        if text.starts_with("s3://") {
+            return match S3Location::parse(text) {
+                Ok(l) => Ok(StoreAddress::S3 {
+                    bucket: l.bucket().to_string(),
+                    prefix: l.prefix().to_string(),
+                }),
+                Err(S3Error::InvalidUrl { reason, .. }) => Err(AddressError::S3Url(reason)),
+                Err(_) => Err(AddressError::S3Url("not an S3 URL")),
+            };
+        }
         if let Some(scheme) = scheme(text) {
             return Err(AddressError::UnknownScheme(scheme.to_string()));
         }
@@ -133,6 +156,8 @@ impl fmt::Display for StoreAddress {
             StoreAddress::Dir(p) => write!(f, "{}", p.display()),
             StoreAddress::Raw(p) => write!(f, "raw:{}", p.display()),
             StoreAddress::Mem(name) => write!(f, "mem:{name}"),
+            StoreAddress::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            StoreAddress::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
         }
     }
 }
@@ -149,6 +174,13 @@ mod tests {
     fn forms() {
         assert_eq!(parse("/a/b"), Ok(StoreAddress::Dir("/a/b".into())));
         assert_eq!(parse("ckpt"), Ok(StoreAddress::Dir("ckpt".into())));
+        assert_eq!(
+            parse("s3://bucket/vm/1/"),
+            Ok(StoreAddress::S3 {
+                bucket: "bucket".into(),
+                prefix: "vm/1".into()
+            })
+        );
         assert_eq!(
             parse("raw:/dev/sdb"),
             Ok(StoreAddress::Raw("/dev/sdb".into()))
@@ -175,22 +207,38 @@ mod tests {
         );
         assert_eq!(parse("/a\0b"), Err(AddressError::Nul));
         assert_eq!(
-            parse("s3://bucket/key"),
-            Err(AddressError::UnknownScheme("s3".into()))
+            parse("gs://bucket/key"),
+            Err(AddressError::UnknownScheme("gs".into()))
         );
         assert_eq!(
             parse("tcp://host:1234"),
             Err(AddressError::UnknownScheme("tcp".into()))
         );
-        let e = parse("s3://bucket/key").unwrap_err().to_string();
-        assert!(e.contains("s3://"), "{e}");
+        let e = parse("gs://bucket/key").unwrap_err().to_string();
+        assert!(e.contains("gs://"), "{e}");
+        for bad in [
+            "s3://ab/x",
+            "s3://Bucket/x",
+            "s3://bucket/a/../b",
+            "s3://bucket/a//b",
+        ] {
+            assert!(matches!(parse(bad), Err(AddressError::S3Url(_))), "{bad}");
+        }
         // Not a scheme: a directory whose name has "://" after a slash.
         assert_eq!(parse("a/b://c"), Ok(StoreAddress::Dir("a/b://c".into())));
     }
 
     #[test]
     fn round_trip() {
-        for text in ["/a/b", "rel/dir", "raw:/dev/sdb", "raw:img", "mem:first"] {
+        for text in [
+            "/a/b",
+            "rel/dir",
+            "raw:/dev/sdb",
+            "raw:img",
+            "mem:first",
+            "s3://bucket",
+            "s3://bucket/vm/1",
+        ] {
             let address = parse(text).expect(text);
             assert_eq!(address.to_string(), text);
             assert_eq!(parse(&address.to_string()), Ok(address));
@@ -199,7 +247,7 @@ mod tests {
 
     #[test]
     fn absolute_paths() {
-        for good in ["/a/b", "raw:/dev/sdb", "mem:x", "/a/./b"] {
+        for good in ["/a/b", "raw:/dev/sdb", "mem:x", "/a/./b", "s3://bucket/x"] {
             assert_eq!(
                 parse(good).expect(good).require_absolute(),
                 Ok(()),

@@ -9,7 +9,8 @@
 //! Contract of a store writer, in the order the checkpoint writer uses it:
 //! 1. `write_memory` at any offset inside the memory section, from many threads at once;
 //!    never called twice for one page, never called for zero pages (which must read back as
-//!    zero where [`MemorySource::File::holes_read_as_zero`] says so);
+//!    zero where [`MemorySource::File::holes_read_as_zero`] says so), which are announced with
+//!    `zero_memory` instead;
 //! 2. `write_section` once per section (`state`, `page-index`, then `manifest`);
 //! 3. `sync`: everything written so far is durable;
 //! 4. `commit`: writes the completion marker and makes it durable. Before `commit` returns,
@@ -24,10 +25,12 @@
 mod address;
 mod dir;
 mod raw;
+mod s3;
 
 pub use address::{AddressError, StoreAddress};
 pub use dir::{DirStore, Overwrite};
 pub use raw::{MemStore, RawStore};
+pub use s3::{S3Error, S3Location, S3Store};
 
 /// Opens `path` with `options`, never following a symbolic link, and checks that it is a
 /// regular file (`O_NONBLOCK` keeps a planted FIFO from blocking the open).
@@ -129,6 +132,12 @@ pub trait StoreWriter: Send + Sync + fmt::Debug {
     /// Positional write of whole pages at `offset` bytes into the memory section. Called
     /// concurrently from many threads (and from a forked child) for distinct pages.
     fn write_memory(&self, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Pages at `offset..offset + len` of the memory section were found zero and are not
+    /// written. Stores that assemble memory in objects of many pages learn from it that an
+    /// object is whole; others ignore it.
+    fn zero_memory(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
     /// Makes the memory section durable.
     fn sync_memory(&self) -> Result<()>;
     /// Writes a whole section (`state`, `page-index` or `manifest`).

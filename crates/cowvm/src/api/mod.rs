@@ -230,6 +230,7 @@ async fn put_checkpoint(
     let wait = query(wait)?.wait;
     let spec = CheckpointSpec {
         store: store_address(&body.out, "out")?,
+        s3_endpoint: body.s3_endpoint.clone(),
         options: body.options(),
     };
     let ctl = c.clone();
@@ -269,7 +270,8 @@ async fn put_rollback(
 ) -> Result<Json<RollbackDone>, ApiError> {
     let from = store_address(&body.from, "from")?;
     let ctl = c.clone();
-    let took = blocking(move || ctl.rollback(&from, body.eager))
+    let endpoint = body.s3_endpoint.clone();
+    let took = blocking(move || ctl.rollback(&from, endpoint.as_deref(), body.eager))
         .await?
         .map_err(|e| ApiError::for_store(e, "from"))?;
     Ok(Json(RollbackDone {

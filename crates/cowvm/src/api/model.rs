@@ -137,8 +137,12 @@ pub enum DiskArg {
 #[serde(deny_unknown_fields)]
 pub struct CheckpointBody {
     /// The store: an absolute directory path, `raw:` and the absolute path of a file or block
-    /// device, or `mem:NAME` for RAM inside the server's process.
+    /// device, `mem:NAME` for RAM inside the server's process, or `s3://BUCKET/PREFIX`.
     pub out: String,
+    /// The endpoint URL of an `s3://` store (default: the server's environment,
+    /// `AWS_ENDPOINT_URL`, else AWS S3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
     /// Memory COW mechanism.
     #[serde(default)]
     pub strategy: StrategyArg,
@@ -184,8 +188,12 @@ impl CheckpointBody {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackBody {
-    /// The checkpoint: an absolute directory path, `raw:` and an absolute path, or `mem:NAME`.
+    /// The checkpoint: an absolute directory path, `raw:` and an absolute path, `mem:NAME`, or
+    /// `s3://BUCKET/PREFIX`.
     pub from: String,
+    /// The endpoint URL of an `s3://` store (default: the server's environment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
     /// Read and verify all memory before the restored VM runs.
     #[serde(default)]
     pub eager: bool,

@@ -25,10 +25,15 @@ const POLL: Duration = Duration::from_millis(100);
 pub struct CheckpointArgs {
     #[command(flatten)]
     api: ApiArgs,
-    /// The store: a directory, raw:PATH for a file or block device, or mem:NAME for RAM inside
-    /// the VM's process (for the fastest rollback; it lives as long as that process).
+    /// The store: a directory, raw:PATH for a file or block device, mem:NAME for RAM inside
+    /// the VM's process (for the fastest rollback; it lives as long as that process), or
+    /// s3://BUCKET/PREFIX for an S3-protocol object store.
     #[arg(long, value_name = "DIR")]
     out: String,
+    /// The endpoint URL of an s3:// store (default: AWS_ENDPOINT_URL in the VM's process's
+    /// environment, else AWS S3).
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// Memory copy-on-write mechanism.
     #[arg(long, value_enum, default_value_t)]
     strategy: StrategyArg,
@@ -55,7 +60,7 @@ struct Report<'a> {
 
 /// The store argument `what` with its path made absolute and free of `.` and `..` (resolved
 /// lexically, as a shell user means them), since the server takes only absolute, normal paths.
-/// A RAM store (`mem:NAME`) names no file and is passed on as it is.
+/// A RAM store (`mem:NAME`) and an S3 store name no file and are passed on as they are.
 pub fn absolute(arg: &str, what: &str) -> anyhow::Result<String> {
     let address: StoreAddress = arg
         .parse()
@@ -77,7 +82,7 @@ pub fn absolute(arg: &str, what: &str) -> anyhow::Result<String> {
     let address = match address {
         StoreAddress::Dir(p) => StoreAddress::Dir(normal(p)?),
         StoreAddress::Raw(p) => StoreAddress::Raw(normal(p)?),
-        mem @ StoreAddress::Mem(_) => mem,
+        other @ (StoreAddress::Mem(_) | StoreAddress::S3 { .. }) => other,
     };
     Ok(address.to_string())
 }
@@ -87,6 +92,7 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
     let client = args.api.client();
     let body = CheckpointBody {
         out: absolute(&args.out, "--out")?,
+        s3_endpoint: args.s3_endpoint.clone(),
         strategy: args.strategy,
         io: args.io,
         disk: args.disk,
@@ -175,6 +181,7 @@ mod tests {
         assert_eq!(absolute("/a/./b/../c", "--out").unwrap(), "/a/c");
         assert_eq!(absolute("raw:/dev/sdb", "--out").unwrap(), "raw:/dev/sdb");
         assert_eq!(absolute("mem:a", "--out").unwrap(), "mem:a");
+        assert_eq!(absolute("s3://ckpt/a", "--out").unwrap(), "s3://ckpt/a");
         assert_eq!(
             absolute("x", "--out").unwrap(),
             cwd.join("x").display().to_string()

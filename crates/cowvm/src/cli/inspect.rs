@@ -16,9 +16,12 @@ use super::output::{byte_bar, bytes, metric_rows, table};
 /// Arguments of `cowvm inspect`.
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// The checkpoint: a directory, or raw:PATH.
+    /// The checkpoint: a directory, raw:PATH, or s3://BUCKET/PREFIX.
     #[arg(value_name = "DIR")]
     dir: String,
+    /// The endpoint URL of an s3:// checkpoint (default: AWS_ENDPOINT_URL, else AWS S3).
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -54,10 +57,12 @@ struct Report<'a> {
 
 /// Runs `cowvm inspect`.
 pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let store: Box<dyn Store> = match super::restore::store_spec(&args.dir)?.1 {
-        StoreSpec::Raw(path) => Box::new(RawStore::new(path)),
-        _ => Box::new(DirStore::new(&args.dir)),
-    };
+    let store: Box<dyn Store> =
+        match super::restore::store_spec(&args.dir, args.s3_endpoint.as_deref())?.1 {
+            StoreSpec::Raw(path) => Box::new(RawStore::new(path)),
+            StoreSpec::S3(s3) => Box::new(s3),
+            _ => Box::new(DirStore::new(&args.dir)),
+        };
     let ckpt = Checkpoint::open(store.as_ref()).with_context(|| args.dir.clone())?;
     let m = ckpt.manifest();
     let verified = if args.verify {

@@ -24,9 +24,13 @@ use crate::control::{self, RollbackSettings};
 /// Arguments of `cowvm restore`.
 #[derive(clap::Args, Debug)]
 pub struct RestoreArgs {
-    /// The checkpoint: a directory, or raw:PATH for a file or block device.
+    /// The checkpoint: a directory, raw:PATH for a file or block device, or
+    /// s3://BUCKET/PREFIX.
     #[arg(value_name = "DIR")]
     from: String,
+    /// The endpoint URL of an s3:// checkpoint (default: AWS_ENDPOINT_URL, else AWS S3).
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// Write the serial console to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
@@ -48,9 +52,13 @@ pub struct RestoreArgs {
 /// Arguments of `cowvm clone`.
 #[derive(clap::Args, Debug)]
 pub struct CloneArgs {
-    /// The checkpoint: a directory, or raw:PATH for a file or block device.
+    /// The checkpoint: a directory, raw:PATH for a file or block device, or
+    /// s3://BUCKET/PREFIX.
     #[arg(value_name = "DIR")]
     from: String,
+    /// The endpoint URL of an s3:// checkpoint (default: AWS_ENDPOINT_URL, else AWS S3).
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// How many VMs to start.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     count: u32,
@@ -75,13 +83,17 @@ pub struct CloneArgs {
     json: bool,
 }
 
-/// The store a command-line checkpoint argument names: `raw:PATH` or a directory. A RAM store
-/// (`mem:NAME`) exists only inside the process that took it, which alone can use it.
-pub fn store_spec(arg: &str) -> anyhow::Result<(StoreAddress, StoreSpec)> {
+/// The store a command-line checkpoint argument names: `raw:PATH`, `s3://BUCKET/PREFIX` (at
+/// `s3_endpoint`, if given) or a directory. A RAM store (`mem:NAME`) exists only inside the
+/// process that took it, which alone can use it.
+pub fn store_spec(
+    arg: &str,
+    s3_endpoint: Option<&str>,
+) -> anyhow::Result<(StoreAddress, StoreSpec)> {
     let address: StoreAddress = arg
         .parse()
         .map_err(|e: AddressError| anyhow!(e.about(arg)))?;
-    match control::file_store(&address) {
+    match control::named_store(&address, s3_endpoint) {
         Some(spec) => Ok((address, spec)),
         None => bail!(
             "{arg} is a RAM checkpoint: it exists only inside the cowvm process that took it \
@@ -104,7 +116,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         Some(path) => Console::File(path.clone()),
         None => Console::Stdout,
     };
-    let (from, store) = store_spec(&args.from)?;
+    let (from, store) = store_spec(&args.from, args.s3_endpoint.as_deref())?;
     let start = Instant::now();
     let vm = Vm::restore(
         &store,
@@ -172,7 +184,7 @@ pub fn clone(args: CloneArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.disk_dir {
         make_dir(dir, "--disk-dir")?;
     }
-    let (_, store) = store_spec(&args.from)?;
+    let (_, store) = store_spec(&args.from, args.s3_endpoint.as_deref())?;
     let all = Instant::now();
     let shared = if args.eager {
         None
@@ -275,15 +287,21 @@ mod tests {
     #[test]
     fn store_arguments() {
         assert!(
-            matches!(store_spec("raw:/dev/sdb"), Ok((_, StoreSpec::Raw(p))) if p == Path::new("/dev/sdb"))
+            matches!(store_spec("raw:/dev/sdb", None), Ok((_, StoreSpec::Raw(p))) if p == Path::new("/dev/sdb"))
         );
-        assert!(matches!(store_spec("ckpt"), Ok((_, StoreSpec::Dir(p))) if p == Path::new("ckpt")));
-        let e = store_spec("mem:a").unwrap_err().to_string();
+        assert!(
+            matches!(store_spec("ckpt", None), Ok((_, StoreSpec::Dir(p))) if p == Path::new("ckpt"))
+        );
+        assert!(matches!(
+            store_spec("s3://bucket/key", Some("http://127.0.0.1:1")),
+            Ok((_, StoreSpec::S3(s))) if s.location().to_string() == "s3://bucket/key"
+        ));
+        let e = store_spec("mem:a", None).unwrap_err().to_string();
         assert!(
             e.contains("RAM checkpoint") && e.contains("rollback"),
             "{e}"
         );
-        let e = store_spec("s3://bucket/key").unwrap_err().to_string();
+        let e = store_spec("s3://ab/key", None).unwrap_err().to_string();
         assert!(e.contains("s3://"), "{e}");
     }
 }

@@ -17,10 +17,14 @@ use crate::api::model::{RollbackBody, RollbackDone};
 pub struct RollbackArgs {
     #[command(flatten)]
     api: ApiArgs,
-    /// The checkpoint: a directory, raw:PATH for a file or block device, or mem:NAME for one
-    /// taken into RAM by this VM's process.
+    /// The checkpoint: a directory, raw:PATH for a file or block device, mem:NAME for one
+    /// taken into RAM by this VM's process, or s3://BUCKET/PREFIX.
     #[arg(value_name = "DIR")]
     from: String,
+    /// The endpoint URL of an s3:// store (default: AWS_ENDPOINT_URL in the VM's process's
+    /// environment, else AWS S3).
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// Read and verify all memory before the restored VM runs (a corrupt page is then refused
     /// while the VM still runs on, instead of stopping the restored VM later).
     #[arg(long)]
@@ -32,6 +36,7 @@ pub fn rollback(args: RollbackArgs) -> anyhow::Result<ExitCode> {
     let client = args.api.client();
     let body = RollbackBody {
         from: absolute(&args.from, "DIR")?,
+        s3_endpoint: args.s3_endpoint.clone(),
         eager: args.eager,
     };
     let done: RollbackDone = block_on(async {

@@ -15,6 +15,8 @@ use super::lock;
 pub struct CheckpointSpec {
     /// The store, as the client named it.
     pub store: StoreAddress,
+    /// The endpoint of an S3 store, if not the environment's.
+    pub s3_endpoint: Option<String>,
     /// Strategy and policies.
     pub options: CheckpointOptions,
 }

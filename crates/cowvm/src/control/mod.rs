@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ckpt_format::{
-    DirStore, DiskPolicy, Manifest, MemStore, Metrics, RawStore, Store, StoreAddress,
+    DirStore, DiskPolicy, Manifest, MemStore, Metrics, RawStore, S3Location, S3Store, Store,
+    StoreAddress,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -185,13 +186,23 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// The store of a directory or raw address. A RAM store exists only in the controller of the
-/// process that took it: none here.
-pub fn file_store(address: &StoreAddress) -> Option<StoreSpec> {
+/// The store of a directory, raw or S3 address; an S3 store reaches `s3_endpoint` if given,
+/// else the endpoint of the environment (`AWS_ENDPOINT_URL`, else AWS). A RAM store exists
+/// only in the controller of the process that took it: none here.
+pub fn named_store(address: &StoreAddress, s3_endpoint: Option<&str>) -> Option<StoreSpec> {
     match address {
         StoreAddress::Dir(p) => Some(StoreSpec::Dir(p.clone())),
         StoreAddress::Raw(p) => Some(StoreSpec::Raw(p.clone())),
         StoreAddress::Mem(_) => None,
+        StoreAddress::S3 { .. } => {
+            let location = S3Location::parse(&address.to_string())
+                .expect("a parsed s3:// address is a valid location");
+            let store = S3Store::new(location);
+            Some(StoreSpec::S3(match s3_endpoint {
+                Some(url) => store.endpoint(url),
+                None => store,
+            }))
+        }
     }
 }
 
@@ -270,16 +281,24 @@ impl Controller {
 
     /// The store a new checkpoint writes `address` into, refused if it already holds a
     /// complete checkpoint (the store refuses too, but only once the job has started).
-    fn store_for_checkpoint(&self, address: &StoreAddress) -> Result<StoreSpec, ControlError> {
+    fn store_for_checkpoint(
+        &self,
+        address: &StoreAddress,
+        s3_endpoint: Option<&str>,
+    ) -> Result<StoreSpec, ControlError> {
         let (complete, path) = match address {
             StoreAddress::Mem(name) => return self.fresh_mem_store(address, name),
+            // One request fewer to a remote store: its own refusal comes as early.
+            StoreAddress::S3 { .. } => {
+                return Ok(named_store(address, s3_endpoint).expect("an S3 store"))
+            }
             StoreAddress::Dir(p) => (DirStore::new(p).is_complete(), p),
             StoreAddress::Raw(p) => (holds_checkpoint(&RawStore::new(p)), p),
         };
         if complete {
             return Err(ControlError::StoreComplete(path.display().to_string()));
         }
-        Ok(file_store(address).expect("a directory or raw store is a file store"))
+        Ok(named_store(address, None).expect("a directory or raw store is a named store"))
     }
 
     /// A fresh RAM store `name`, unless that name holds a complete checkpoint already or one
@@ -305,12 +324,16 @@ impl Controller {
     }
 
     /// The store of a checkpoint to roll back to.
-    fn store_for_rollback(&self, address: &StoreAddress) -> Result<StoreSpec, ControlError> {
+    fn store_for_rollback(
+        &self,
+        address: &StoreAddress,
+        s3_endpoint: Option<&str>,
+    ) -> Result<StoreSpec, ControlError> {
         let spec = match address {
             StoreAddress::Mem(name) => lock(&self.mem_stores)
                 .get(name)
                 .map(|s| StoreSpec::Mem(s.clone())),
-            _ => file_store(address),
+            _ => named_store(address, s3_endpoint),
         };
         spec.ok_or_else(|| ControlError::NoMemStore(address.clone()))
     }
@@ -422,7 +445,7 @@ impl Controller {
         {
             return Err(ControlError::CopyCommitNeedsDir);
         }
-        let store = self.store_for_checkpoint(&spec.store)?;
+        let store = self.store_for_checkpoint(&spec.store, spec.s3_endpoint.as_deref())?;
         self.check_alive()?;
         let mut gate = lock(&self.gate);
         self.refuse_if_busy(&gate, Wants::Checkpoint)?;
@@ -555,8 +578,13 @@ impl Controller {
     /// checkpoint is restored into a new VM, which becomes current, and the old VM is stopped.
     /// Refused while a checkpoint runs or a client holds a pause. If the checkpoint is
     /// incomplete or corrupt, `Vm::restore` refuses it and the old VM resumes as it was.
-    pub fn rollback(&self, from: &StoreAddress, eager: bool) -> Result<RolledBack, ControlError> {
-        let store = self.store_for_rollback(from)?;
+    pub fn rollback(
+        &self,
+        from: &StoreAddress,
+        s3_endpoint: Option<&str>,
+        eager: bool,
+    ) -> Result<RolledBack, ControlError> {
+        let store = self.store_for_rollback(from, s3_endpoint)?;
         self.check_alive()?;
         let old = {
             let gate = lock(&self.gate);

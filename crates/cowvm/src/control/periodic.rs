@@ -84,6 +84,7 @@ async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
     let out = next_dir(&cfg.dir);
     let spec = CheckpointSpec {
         store: StoreAddress::Dir(out.clone()),
+        s3_endpoint: None,
         options: cfg.options,
     };
     let ctl = controller.clone();

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ckpt_format::{
     CheckpointOptions, CheckpointWriter, DeviceConfig, DirStore, DiskPolicy, IoPolicy, Layout,
-    Manifest, MemStore, MemoryWriter, Metrics, RawStore, Store, Strategy,
+    Manifest, MemStore, MemoryWriter, Metrics, RawStore, S3Store, Store, Strategy,
 };
 use thiserror::Error;
 use tracing::{info, info_span, warn};
@@ -154,6 +154,9 @@ pub enum StoreSpec {
     Raw(PathBuf),
     /// RAM (a memfd), for the fastest clone within one host.
     Mem(Arc<MemStore>),
+    /// Objects in an S3-protocol bucket (the store carries its endpoint, if not the
+    /// environment's).
+    S3(S3Store),
 }
 
 impl StoreSpec {
@@ -162,6 +165,7 @@ impl StoreSpec {
             StoreSpec::Dir(p) => Box::new(DirStore::new(p.clone())),
             StoreSpec::Raw(p) => Box::new(RawStore::new(p.clone())),
             StoreSpec::Mem(m) => Box::new(MemStoreRef(m)),
+            StoreSpec::S3(s) => Box::new(s.clone()),
         }
     }
 
@@ -169,6 +173,7 @@ impl StoreSpec {
         match self {
             StoreSpec::Dir(p) | StoreSpec::Raw(p) => p.display().to_string(),
             StoreSpec::Mem(_) => "memory store".to_string(),
+            StoreSpec::S3(s) => s.location().to_string(),
         }
     }
 }

@@ -310,7 +310,7 @@ fn trusted_dirs(
 ) -> Result<Vec<PathBuf>, RestoreError> {
     let own = match store {
         StoreSpec::Dir(dir) => Some(dir.as_path()),
-        StoreSpec::Raw(_) | StoreSpec::Mem(_) => None,
+        StoreSpec::Raw(_) | StoreSpec::Mem(_) | StoreSpec::S3(_) => None,
     };
     let mut trusted: Vec<PathBuf> = own
         .into_iter()
