@@ -5,7 +5,7 @@
 //! measures the VMM-reported and guest-visible pause, guest progress during the checkpoint,
 //! total time and bytes against `dd`, and restore to the guest's next progress line.
 
-mod qemu;
+pub(super) mod qemu;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -193,11 +193,7 @@ fn measure_qemu(
         .len();
 
     let start = Instant::now();
-    let mut restored = Qemu::start(&QemuConfig {
-        incoming: Some(&file),
-        ..config
-    })?;
-    restored.finish_incoming()?;
+    let restored = Qemu::restore(&config, &file)?;
     let ran = restored.stamps.wait_for(1, BOOT_WAIT);
     let first = restored.stamps.snapshot().first().map(|s| s.at);
     drop(restored);
