@@ -51,11 +51,13 @@ pub struct PageEntry {
     pub hash: u64,
 }
 
-/// The decoded page index of a checkpoint.
+/// The decoded page index of a checkpoint, kept in its on-disk layout (checked once when
+/// decoded): a restore needs it before the first guest instruction, and decoding it into
+/// other vectors would cost a second allocation and copy of 8 MiB at 4 GiB of memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageIndex {
-    states: Vec<u8>,
-    hashes: Vec<u64>,
+    encoded: Vec<u8>,
+    pages: usize,
 }
 
 fn states_len(pages: u64) -> u64 {
@@ -70,41 +72,51 @@ impl PageIndex {
 
     /// Number of pages.
     pub fn pages(&self) -> u64 {
-        self.states.len() as u64
+        self.pages as u64
+    }
+
+    fn states(&self) -> &[u8] {
+        &self.encoded[HEADER_LEN as usize..HEADER_LEN as usize + self.pages]
+    }
+
+    fn hash_at(&self, i: usize) -> u64 {
+        let at = (HEADER_LEN + states_len(self.pages as u64)) as usize + 8 * i;
+        u64::from_le_bytes(self.encoded[at..at + 8].try_into().expect("8 bytes"))
     }
 
     /// The entry of `page`, or `None` past the end.
     pub fn entry(&self, page: u64) -> Option<PageEntry> {
         let i = usize::try_from(page).ok()?;
-        let state = match *self.states.get(i)? {
+        let state = match *self.states().get(i)? {
             STATE_ZERO => PageState::Zero,
             _ => PageState::Present,
         };
         Some(PageEntry {
             state,
-            hash: self.hashes[i],
+            hash: self.hash_at(i),
         })
     }
 
     /// Number of zero pages.
     pub fn zero_pages(&self) -> u64 {
-        self.states.iter().filter(|&&s| s == STATE_ZERO).count() as u64
+        self.states().iter().filter(|&&s| s == STATE_ZERO).count() as u64
     }
 
     /// Maximal runs of zero pages, in increasing order (a restore that maps a raw device whose
     /// holes are not guaranteed zero overlays these with anonymous zero memory).
     pub fn zero_runs(&self) -> impl Iterator<Item = Range<u64>> + '_ {
-        let n = self.states.len();
+        let states = self.states();
+        let n = states.len();
         let mut i = 0;
         std::iter::from_fn(move || {
-            while i < n && self.states[i] != STATE_ZERO {
+            while i < n && states[i] != STATE_ZERO {
                 i += 1;
             }
             if i == n {
                 return None;
             }
             let start = i;
-            while i < n && self.states[i] == STATE_ZERO {
+            while i < n && states[i] == STATE_ZERO {
                 i += 1;
             }
             Some(start as u64..i as u64)
@@ -113,24 +125,37 @@ impl PageIndex {
 
     /// Encodes the index in its on-disk layout.
     pub fn encode(&self) -> Vec<u8> {
-        let pages = self.pages();
+        self.encoded.clone()
+    }
+
+    /// The index of `states` and `hashes` (one each per page) in its on-disk layout.
+    fn from_parts(states: &[u8], hashes: impl Iterator<Item = u64>) -> PageIndex {
+        let pages = states.len() as u64;
         let mut out = Vec::with_capacity(Self::encoded_len(pages) as usize);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
         out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
         out.extend_from_slice(&pages.to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes());
-        out.extend_from_slice(&self.states);
+        out.extend_from_slice(states);
         out.resize((HEADER_LEN + states_len(pages)) as usize, 0);
-        for h in &self.hashes {
+        for h in hashes {
             out.extend_from_slice(&h.to_le_bytes());
         }
-        out
+        PageIndex {
+            encoded: out,
+            pages: states.len(),
+        }
     }
 
     /// Decodes an index, checking its header and every entry, and that it describes
     /// `expected_pages` pages.
     pub fn decode(bytes: &[u8], expected_pages: u64) -> Result<PageIndex> {
+        PageIndex::decode_owned(bytes.to_vec(), expected_pages)
+    }
+
+    /// As [`decode`](Self::decode), keeping `bytes` as the index (no copy).
+    pub fn decode_owned(bytes: Vec<u8>, expected_pages: u64) -> Result<PageIndex> {
         let bad = |detail: String| Error::corrupt("section page-index", detail);
         if bytes.len() < HEADER_LEN as usize {
             return Err(bad(format!(
@@ -171,7 +196,7 @@ impl PageIndex {
         }
         let n = pages as usize;
         let states_at = HEADER_LEN as usize;
-        let states = bytes[states_at..states_at + n].to_vec();
+        let states = &bytes[states_at..states_at + n];
         if let Some(page) = states
             .iter()
             .position(|&s| s != STATE_ZERO && s != STATE_PRESENT)
@@ -181,12 +206,10 @@ impl PageIndex {
                 states[page]
             )));
         }
-        let hashes_at = states_at + states_len(pages) as usize;
-        let hashes: Vec<u64> = bytes[hashes_at..]
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        Ok(PageIndex { states, hashes })
+        Ok(PageIndex {
+            encoded: bytes,
+            pages: n,
+        })
     }
 }
 
@@ -277,26 +300,22 @@ impl PageTable {
                 pages: self.pages(),
             });
         }
-        let hashes = self
-            .hashes
-            .iter()
-            .map(|h| h.load(Ordering::Relaxed))
-            .collect();
-        Ok(PageIndex { states, hashes })
+        let hashes = self.hashes.iter().map(|h| h.load(Ordering::Relaxed));
+        Ok(PageIndex::from_parts(&states, hashes))
     }
 }
 
 impl PageIndex {
     /// Builds an index from entries (tests and tools).
     pub fn from_entries(entries: impl IntoIterator<Item = PageEntry>) -> PageIndex {
-        let (states, hashes) = entries
+        let (states, hashes): (Vec<u8>, Vec<u64>) = entries
             .into_iter()
             .map(|e| match e.state {
                 PageState::Zero => (STATE_ZERO, zero_page_hash()),
                 PageState::Present => (STATE_PRESENT, e.hash),
             })
             .unzip();
-        PageIndex { states, hashes }
+        PageIndex::from_parts(&states, hashes.into_iter())
     }
 }
 

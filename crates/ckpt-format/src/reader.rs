@@ -139,7 +139,7 @@ impl Checkpoint {
             return Ok(index);
         }
         let bytes = read_checked(self.store.as_ref(), &self.index_entry)?;
-        let index = PageIndex::decode(&bytes, self.manifest.memory.pages)?;
+        let index = PageIndex::decode_owned(bytes, self.manifest.memory.pages)?;
         Ok(self.page_index.get_or_init(|| index))
     }
 

@@ -59,7 +59,9 @@ pub fn live_checkpoint(
         bail!("the guest printed no progress in {boot_wait:?}");
     }
     let base_start = Instant::now();
-    std::thread::sleep(SETTLE);
+    if !stamps.settle(boot_wait) {
+        bail!("the guest made fewer than 2 passes in {boot_wait:?}");
+    }
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
     }
@@ -251,6 +253,15 @@ impl Stamps {
             .unwrap_or_else(|p| p.into_inner())
             .stamps
             .clone()
+    }
+
+    /// Lets the guest run undisturbed for [`SETTLE`], and on until it has printed two more
+    /// stamps (a pass can take longer than that on a loaded host), so that the interval shows
+    /// its rate; false if that takes longer than `timeout`.
+    pub fn settle(&self, timeout: Duration) -> bool {
+        let n = self.snapshot().len();
+        std::thread::sleep(SETTLE);
+        self.wait_for(n + 2, timeout)
     }
 
     /// Waits until `n` stamps have arrived; false after `timeout`.

@@ -24,7 +24,7 @@ use crate::cli::VmArgs;
 pub enum BenchCommand {
     /// Pause/resume latency of a running guest: the floor of every checkpoint pause.
     Pause(PauseArgs),
-    /// Restore latency (lazy vs eager) and clone density.
+    /// Restore latency (lazy, eager, and QEMU on the same guest) and clone density.
     Restore(restore::RestoreBenchArgs),
     /// Live checkpoints of a guest dirtying memory at full speed, per size and strategy.
     Checkpoint(checkpoint::CheckpointBenchArgs),

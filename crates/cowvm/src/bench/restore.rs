@@ -1,6 +1,8 @@
-//! `cowvm bench restore`: restore latency (to the first guest instruction and to the guest's next
-//! output line), lazy vs eager, per memory size; and clone density: time and host memory (RSS
-//! and PSS of this process) to run 1, 10 and 50 clones of one checkpoint whose guest only reads.
+//! `cowvm bench restore`: restore latency per memory size — cowvm with its page service (lazy)
+//! and eagerly, and QEMU restoring the same guest from its migration stream — to the first
+//! guest instruction and to the guest's next full pass over its memory, by the guest's own
+//! progress lines; and clone density: time and host memory (RSS and PSS of this process) to run
+//! 1, 10 and 50 clones of one checkpoint whose guest only reads.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,16 +13,20 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ckpt_format::Strategy;
 use serde::Serialize;
-use vmm::RestoreOptions;
-use vmm::{Console, MemSize, Vm};
-use vmm::{Progress, StoreSpec};
+use vmm::{Console, MemSize, Progress, RestoreOptions, StoreSpec, Vm};
 
-use super::common::{dir_checkpoint, guest_args, memory_sizes};
-use super::plot::{line_chart, Chart, Series};
+use super::common::{dir_checkpoint, guest_args, memory_sizes, working_set, Stamps};
+use super::compare::qemu::{self, Qemu, QemuConfig};
+use super::plot::{line_chart, line_chart_log_y, Chart, Series};
+
+/// Boot (QEMU runs its firmware first) and the passes that populate memory.
+const BOOT_WAIT: Duration = Duration::from_secs(120);
+/// Passes the guest completes before its checkpoint: the first one populates memory.
+const WARM_PASSES: usize = 3;
 
 #[derive(clap::Args, Debug)]
 pub struct RestoreBenchArgs {
-    /// The test guest kernel.
+    /// The test guest kernel (the same binary boots under QEMU).
     #[arg(long)]
     kernel: PathBuf,
     /// Guest memory sizes for the latency measurement.
@@ -32,37 +38,82 @@ pub struct RestoreBenchArgs {
     /// Only 256 MiB and 1 and 10 clones.
     #[arg(long)]
     quick: bool,
-    /// Directory for the checkpoints (removed afterwards).
+    /// Leave QEMU out (it is measured by default, and needed then).
+    #[arg(long)]
+    no_qemu: bool,
+    /// Directory for the checkpoints and QEMU's migration files (removed afterwards).
     #[arg(long, default_value = "target/bench/restore")]
     store_dir: PathBuf,
     /// Directory for the plots.
     #[arg(long, default_value = "target/bench")]
     plot_dir: PathBuf,
-    /// Restores per size and mode; the time to the first instruction is their median (the
-    /// time to the next line is that of the last one).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    /// Restores per size and mode; every figure shown is the median.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     repeat: u32,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
 }
 
-/// Restore latency of one checkpoint.
+/// How a restore was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Mode {
+    /// cowvm, memory served by the page service.
+    Lazy,
+    /// cowvm, memory read and verified before the first instruction.
+    Eager,
+    /// QEMU `-incoming` from the migration stream of a stopped VM.
+    QemuIncoming,
+}
+
+impl Mode {
+    fn system(self) -> &'static str {
+        match self {
+            Mode::Lazy | Mode::Eager => "cowvm",
+            Mode::QemuIncoming => "qemu",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Lazy => "lazy",
+            Mode::Eager => "eager",
+            Mode::QemuIncoming => "incoming",
+        }
+    }
+}
+
+/// Restore latency of one checkpoint in one mode (medians over `--repeat` restores).
 #[derive(Debug, Serialize)]
 struct LatencyRow {
     mem_mib: u64,
-    mode: &'static str,
-    /// From the restore call until the vCPU threads run (the next instruction is the guest's).
+    system: &'static str,
+    mode: Mode,
+    restores: u32,
+    /// From the restore request until the guest runs: cowvm's restore call (it returns with the
+    /// vCPU threads running); QEMU from its spawn until `query-status` says `running`.
     to_first_instruction_us: u64,
-    /// From the restore call until the guest's next complete console line.
-    to_next_line_us: u64,
+    /// From the restore request until the guest's next progress line. The checkpoint was taken
+    /// just after a line, so this line ends a pass that rewrote (nearly) all of the working set.
+    to_next_pass_us: u64,
+    /// The pass after that one: equal to `undisturbed_pass_us` once the guest runs at full speed.
+    following_pass_us: u64,
+    /// One pass of the guest before the checkpoint.
+    undisturbed_pass_us: u64,
+    /// Faults the page service served (lazy only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    faults_served: Option<u64>,
+    /// From the restore until the prefetcher had made all memory resident (lazy only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resident_after_us: Option<u64>,
 }
 
 /// Memory and time for a number of clones.
 #[derive(Debug, Serialize)]
 struct DensityRow {
     clones: usize,
-    /// Wall time to restore all of them.
+    /// Wall time to load the shared image and restore all of them.
     start_ms: u64,
     /// Resident memory of this process with every clone running.
     rss_mib: f64,
@@ -77,6 +128,202 @@ struct Report {
     latency: Vec<LatencyRow>,
     density: Vec<DensityRow>,
     booted_vm_pss_mib: f64,
+}
+
+/// One timed restore.
+struct Timing {
+    first_instruction: Duration,
+    next_pass: Duration,
+    following_pass: Duration,
+    faults_served: Option<u64>,
+    resident_after: Option<Duration>,
+}
+
+/// The `dirty` guest of `mem` bytes rewriting all of low RAM, a progress line after every pass.
+fn workload(mem: u64) -> String {
+    format!("dirty mem={}K fill=1 every=1", working_set(mem, 100) >> 10)
+}
+
+/// Waits until the guest has made [`WARM_PASSES`] passes and then for its next progress line, so
+/// that a checkpoint taken at once finds it at the start of a pass. Returns the last pass's
+/// duration.
+fn at_start_of_pass(stamps: &Stamps) -> anyhow::Result<Duration> {
+    if !stamps.wait_for(WARM_PASSES, BOOT_WAIT) {
+        bail!("the guest made fewer than {WARM_PASSES} passes in {BOOT_WAIT:?}");
+    }
+    let n = stamps.snapshot().len();
+    if !stamps.wait_for(n + 1, BOOT_WAIT) {
+        bail!("the guest made no pass in {BOOT_WAIT:?}");
+    }
+    let s = stamps.snapshot();
+    Ok(s[n].at - s[n - 1].at)
+}
+
+/// The next pass and the following one after a restore requested at `start`, from the
+/// restored guest's progress lines.
+fn passes_after(stamps: &Stamps, start: Instant) -> anyhow::Result<(Duration, Duration)> {
+    if !stamps.wait_for(2, BOOT_WAIT) {
+        bail!("the restored guest made fewer than 2 passes in {BOOT_WAIT:?}");
+    }
+    let s = stamps.snapshot();
+    Ok((s[0].at - start, s[1].at - s[0].at))
+}
+
+fn median(mut values: Vec<Duration>) -> u64 {
+    values.sort();
+    values[values.len() / 2].as_micros() as u64
+}
+
+fn row(mem: u64, mode: Mode, undisturbed: Duration, timings: Vec<Timing>) -> LatencyRow {
+    let pick = |f: fn(&Timing) -> Duration| median(timings.iter().map(f).collect());
+    let last = timings.last().expect("at least one restore");
+    LatencyRow {
+        mem_mib: mem >> 20,
+        system: mode.system(),
+        mode,
+        restores: timings.len() as u32,
+        to_first_instruction_us: pick(|t| t.first_instruction),
+        to_next_pass_us: pick(|t| t.next_pass),
+        following_pass_us: pick(|t| t.following_pass),
+        undisturbed_pass_us: undisturbed.as_micros() as u64,
+        faults_served: last.faults_served,
+        resident_after_us: last.resident_after.map(|d| d.as_micros() as u64),
+    }
+}
+
+fn boot(kernel: &Path, mem: u64, cmdline: String, console: &Stamps) -> anyhow::Result<Vm> {
+    let vm_args = guest_args(kernel, cmdline, mem);
+    Ok(Vm::boot(
+        vm_args.config(Console::Writer(Box::new(console.clone())))?,
+    )?)
+}
+
+/// Takes a stopped-VM checkpoint of `vm` into `dir` and writes the image back to disk.
+fn checkpoint(vm: &Vm, dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    vm.checkpoint(&dir_checkpoint(dir, Strategy::Stop), &Progress::default())?;
+    // A restore usually comes long after its checkpoint: the image is written back before a
+    // restore is timed, so the kernel's write-back does not compete with it.
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("sync {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn restore_options(console: Console, eager: bool) -> RestoreOptions {
+    RestoreOptions {
+        console,
+        eager,
+        disk_dir: None,
+        allow_dirs: Vec::new(),
+    }
+}
+
+fn time_cowvm_restore(dir: &Path, eager: bool) -> anyhow::Result<Timing> {
+    let stamps = Stamps::default();
+    let start = Instant::now();
+    let vm = Vm::restore(
+        &StoreSpec::Dir(dir.to_path_buf()),
+        restore_options(Console::Writer(Box::new(stamps.clone())), eager),
+    )?;
+    let first_instruction = start.elapsed();
+    let passes = passes_after(&stamps, start);
+    let stats = vm.restore_stats().filter(|s| s.lazy);
+    vm.stop();
+    drop(vm);
+    let (next_pass, following_pass) = passes?;
+    Ok(Timing {
+        first_instruction,
+        next_pass,
+        following_pass,
+        faults_served: stats.map(|s| s.pages.faults_served),
+        resident_after: stats
+            .and_then(|s| s.pages.resident_after_us)
+            .map(Duration::from_micros),
+    })
+}
+
+fn cowvm_latency(args: &RestoreBenchArgs, mem: u64) -> anyhow::Result<Vec<LatencyRow>> {
+    let stamps = Stamps::default();
+    let vm = boot(&args.kernel, mem, workload(mem), &stamps)?;
+    let dir = args.store_dir.join(format!("cowvm-{}", mem >> 20));
+    let undisturbed = at_start_of_pass(&stamps)?;
+    checkpoint(&vm, &dir)?;
+    vm.stop();
+    drop(vm);
+    let mut rows = Vec::new();
+    for mode in [Mode::Lazy, Mode::Eager] {
+        let timings = (0..args.repeat)
+            .map(|_| time_cowvm_restore(&dir, mode == Mode::Eager))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        rows.push(row(mem, mode, undisturbed, timings));
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(rows)
+}
+
+fn time_qemu_restore(config: &QemuConfig<'_>, file: &Path) -> anyhow::Result<Timing> {
+    let start = Instant::now();
+    let vm = Qemu::restore(config, file)?;
+    let first_instruction = start.elapsed();
+    let (next_pass, following_pass) = passes_after(&vm.stamps, start)?;
+    drop(vm);
+    Ok(Timing {
+        first_instruction,
+        next_pass,
+        following_pass,
+        faults_served: None,
+        resident_after: None,
+    })
+}
+
+/// The same guest under QEMU: stopped just after a progress line, saved to a file (migration
+/// of the stopped VM, at full speed), restored from it with `-incoming`.
+fn qemu_latency(args: &RestoreBenchArgs, mem: u64) -> anyhow::Result<LatencyRow> {
+    let cmdline = workload(mem);
+    let config = QemuConfig {
+        kernel: &args.kernel,
+        mem,
+        cmdline: &cmdline,
+        dir: &args.store_dir,
+        incoming: None,
+    };
+    let file = args.store_dir.join(format!("qemu-{}.mig", mem >> 20));
+    let mut vm = Qemu::start(&config)?;
+    vm.unthrottle_migration()?;
+    let undisturbed = at_start_of_pass(&vm.stamps)?;
+    vm.stop()?;
+    vm.migrate_to_file(&file)?;
+    drop(vm);
+    std::fs::File::open(&file)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("sync {}", file.display()))?;
+    let timings = (0..args.repeat)
+        .map(|_| time_qemu_restore(&config, &file))
+        .collect::<anyhow::Result<Vec<_>>>();
+    std::fs::remove_file(&file).ok();
+    Ok(row(mem, Mode::QemuIncoming, undisturbed, timings?))
+}
+
+/// (RSS, PSS) of this process in MiB, from /proc/self/smaps_rollup.
+fn memory_use() -> anyhow::Result<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").context("read smaps_rollup")?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    };
+    match (field("Rss:"), field("Pss:")) {
+        (Some(rss), Some(pss)) => Ok((rss, pss)),
+        _ => bail!("no Rss/Pss in /proc/self/smaps_rollup"),
+    }
 }
 
 /// A console that counts complete lines and wakes waiters.
@@ -100,6 +347,10 @@ impl Write for LineCounter {
 }
 
 impl LineCounter {
+    fn console(&self) -> Console {
+        Console::Writer(Box::new(self.clone()))
+    }
+
     fn wait_for(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
         let (count, cv) = &*self.0;
         let guard = count.lock().unwrap_or_else(|p| p.into_inner());
@@ -116,126 +367,34 @@ impl LineCounter {
     }
 }
 
-fn boot(
-    args: &RestoreBenchArgs,
-    mem: u64,
-    cmdline: String,
-    console: &LineCounter,
-) -> anyhow::Result<Vm> {
-    let vm_args = guest_args(&args.kernel, cmdline, mem);
-    Ok(Vm::boot(
-        vm_args.config(Console::Writer(Box::new(console.clone())))?,
-    )?)
-}
-
-fn checkpoint(vm: &Vm, dir: &Path) -> anyhow::Result<()> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
-    }
-    vm.checkpoint(&dir_checkpoint(dir, Strategy::Stop), &Progress::default())?;
-    // A restore usually comes long after its checkpoint: the image is written back before a
-    // restore is timed, so the kernel's write-back does not compete with it.
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        std::fs::File::open(&path)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("sync {}", path.display()))?;
-    }
-    Ok(())
-}
-
-fn restore(dir: &Path, eager: bool, console: &LineCounter) -> anyhow::Result<Vm> {
-    Ok(Vm::restore(
-        &StoreSpec::Dir(dir.to_path_buf()),
-        RestoreOptions {
-            console: Console::Writer(Box::new(console.clone())),
-            eager,
-            disk_dir: None,
-            allow_dirs: Vec::new(),
-        },
-    )?)
-}
-
-/// (RSS, PSS) of this process in MiB, from /proc/self/smaps_rollup.
-fn memory_use() -> anyhow::Result<(f64, f64)> {
-    let text = std::fs::read_to_string("/proc/self/smaps_rollup").context("read smaps_rollup")?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map(|kb| kb / 1024.0)
-    };
-    match (field("Rss:"), field("Pss:")) {
-        (Some(rss), Some(pss)) => Ok((rss, pss)),
-        _ => bail!("no Rss/Pss in /proc/self/smaps_rollup"),
-    }
-}
-
-fn latency(args: &RestoreBenchArgs, mem: u64) -> anyhow::Result<Vec<LatencyRow>> {
-    let ws = (mem.min(3 << 30) - (32 << 20)) & !((2 << 20) - 1);
-    let console = LineCounter::default();
-    let vm = boot(
-        args,
-        mem,
-        format!("dirty mem={}K fill=1 every=1", ws >> 10),
-        &console,
-    )?;
-    console.wait_for(3, Duration::from_secs(120))?;
-    let dir = args.store_dir.join(format!("latency-{}", mem >> 20));
-    checkpoint(&vm, &dir)?;
-    vm.stop();
-    drop(vm);
-    let mut rows = Vec::new();
-    for (mode, eager) in [("lazy", false), ("eager", true)] {
-        let mut firsts = Vec::new();
-        let mut line = Duration::ZERO;
-        for i in 1..=args.repeat {
-            let console = LineCounter::default();
-            let start = Instant::now();
-            let vm = restore(&dir, eager, &console)?;
-            firsts.push(start.elapsed());
-            if i == args.repeat {
-                console.wait_for(1, Duration::from_secs(120))?;
-                line = start.elapsed();
-            }
-            vm.stop();
-            drop(vm);
-        }
-        firsts.sort();
-        rows.push(LatencyRow {
-            mem_mib: mem >> 20,
-            mode,
-            to_first_instruction_us: firsts[firsts.len() / 2].as_micros() as u64,
-            to_next_line_us: line.as_micros() as u64,
-        });
-    }
-    std::fs::remove_dir_all(&dir).ok();
-    Ok(rows)
-}
-
+/// Clones as `cowvm clone` makes them: one verified, sealed image of the checkpoint's memory,
+/// mapped copy-on-write by every clone.
 fn density(args: &RestoreBenchArgs, counts: &[usize]) -> anyhow::Result<(f64, Vec<DensityRow>)> {
     const MEM: u64 = 256 << 20;
-    let cmdline = "scan mem=192M every=1".to_string();
     let console = LineCounter::default();
     let (_, pss_before) = memory_use()?;
-    let vm = boot(args, MEM, cmdline, &console)?;
+    let vm = Vm::boot(
+        guest_args(&args.kernel, "scan mem=192M every=1".into(), MEM).config(console.console())?,
+    )?;
     // "scan filled" and two full read passes.
-    console.wait_for(3, Duration::from_secs(120))?;
+    console.wait_for(3, BOOT_WAIT)?;
     let (_, pss_booted) = memory_use()?;
     let one_vm = pss_booted - pss_before;
     let dir = args.store_dir.join("density");
     checkpoint(&vm, &dir)?;
     vm.stop();
     drop(vm);
+    let store = StoreSpec::Dir(dir.clone());
     let mut rows = Vec::new();
     for &n in counts {
         let (_, base) = memory_use()?;
         let start = Instant::now();
+        let image = Vm::load_shared_image(&store)?;
         let clones = (0..n)
             .map(|_| {
                 let c = LineCounter::default();
-                restore(&dir, false, &c).map(|vm| (vm, c))
+                let options = restore_options(c.console(), false);
+                Ok((Vm::restore_clone(&store, &image, options)?, c))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let start_ms = start.elapsed().as_millis() as u64;
@@ -248,6 +407,7 @@ fn density(args: &RestoreBenchArgs, counts: &[usize]) -> anyhow::Result<(f64, Ve
             vm.stop();
         }
         drop(clones);
+        drop(image);
         rows.push(DensityRow {
             clones: n,
             start_ms,
@@ -261,6 +421,9 @@ fn density(args: &RestoreBenchArgs, counts: &[usize]) -> anyhow::Result<(f64, Ve
 }
 
 pub fn run(args: RestoreBenchArgs) -> anyhow::Result<ExitCode> {
+    if !args.no_qemu {
+        qemu::check_installed()?;
+    }
     let sizes = memory_sizes(args.quick, &args.sizes)?;
     let counts: Vec<usize> = if args.quick {
         vec![1, 10]
@@ -271,8 +434,12 @@ pub fn run(args: RestoreBenchArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("create {}", args.store_dir.display()))?;
     let mut latency_rows = Vec::new();
     for &mem in &sizes {
-        eprintln!("restore latency at {}...", MemSize(mem));
-        latency_rows.extend(latency(&args, mem)?);
+        eprintln!("cowvm restore latency at {}...", MemSize(mem));
+        latency_rows.extend(cowvm_latency(&args, mem)?);
+        if !args.no_qemu {
+            eprintln!("QEMU restore latency at {}...", MemSize(mem));
+            latency_rows.push(qemu_latency(&args, mem).context("QEMU")?);
+        }
     }
     eprintln!("clone density...");
     let (one_vm, density_rows) = density(&args, &counts)?;
@@ -284,56 +451,119 @@ pub fn run(args: RestoreBenchArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
-            "{:>6} {:>6} {:>22} {:>18}",
-            "MiB", "mode", "to first instruction", "to next line"
-        );
-        for r in &report.latency {
-            println!(
-                "{:>6} {:>6} {:>19.2} ms {:>15.2} ms",
-                r.mem_mib,
-                r.mode,
-                r.to_first_instruction_us as f64 / 1e3,
-                r.to_next_line_us as f64 / 1e3
-            );
-        }
-        println!();
-        println!("one booted 256 MiB VM (192 MiB touched): {one_vm:.1} MiB PSS");
-        println!(
-            "{:>7} {:>10} {:>10} {:>10} {:>14}",
-            "clones", "start ms", "RSS MiB", "PSS MiB", "PSS / one VM"
-        );
-        for r in &report.density {
-            println!(
-                "{:>7} {:>10} {:>10.1} {:>10.1} {:>13.2}x",
-                r.clones, r.start_ms, r.rss_mib, r.pss_mib, r.pss_vs_one_booted_vm
-            );
-        }
+        print!("{}", tables(&report));
     }
-    let series = ["lazy", "eager"]
-        .iter()
-        .map(|mode| Series {
-            label: format!("{mode} restore"),
-            points: report
-                .latency
-                .iter()
-                .filter(|r| r.mode == *mode)
-                .map(|r| (r.mem_mib as f64, r.to_next_line_us as f64 / 1e3))
-                .collect(),
-        })
-        .collect::<Vec<_>>();
-    line_chart(
-        &args.plot_dir.join("restore-latency.svg"),
+    plot(&args.plot_dir, &report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1e3
+}
+
+fn find(rows: &[LatencyRow], mem_mib: u64, mode: Mode) -> Option<&LatencyRow> {
+    rows.iter().find(|r| r.mem_mib == mem_mib && r.mode == mode)
+}
+
+/// The report as Markdown tables: latency, the ratios the targets are about, density.
+fn tables(report: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    t.push_str("| MiB | system | restore | first instruction ms | next pass ms | following pass ms | undisturbed pass ms | all resident ms | faults served |\n");
+    t.push_str("|--:|---|---|--:|--:|--:|--:|--:|--:|\n");
+    let opt = |v: Option<u64>, f: fn(u64) -> String| v.map_or_else(|| "-".into(), f);
+    for r in &report.latency {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            r.mem_mib,
+            r.system,
+            r.mode.name(),
+            ms(r.to_first_instruction_us),
+            ms(r.to_next_pass_us),
+            ms(r.following_pass_us),
+            ms(r.undisturbed_pass_us),
+            opt(r.resident_after_us, |us| format!("{:.0}", ms(us))),
+            opt(r.faults_served, |n| n.to_string()),
+        );
+    }
+    let mut sizes: Vec<u64> = report.latency.iter().map(|r| r.mem_mib).collect();
+    sizes.dedup();
+    t.push_str("\nTo the next pass, ratios (above 1: lazy restore ahead):\n\n");
+    t.push_str("| MiB | eager ÷ lazy | QEMU ÷ lazy | QEMU ÷ eager |\n|--:|--:|--:|--:|\n");
+    for mem in sizes {
+        let pass = |mode| find(&report.latency, mem, mode).map(|r| r.to_next_pass_us as f64);
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        let (lazy, eager, qemu) = (
+            pass(Mode::Lazy),
+            pass(Mode::Eager),
+            pass(Mode::QemuIncoming),
+        );
+        let _ = writeln!(
+            t,
+            "| {mem} | {} | {} | {} |",
+            ratio(eager, lazy),
+            ratio(qemu, lazy),
+            ratio(qemu, eager)
+        );
+    }
+    let _ = writeln!(
+        t,
+        "\nOne booted 256 MiB VM (192 MiB touched): {:.1} MiB PSS\n",
+        report.booted_vm_pss_mib
+    );
+    t.push_str("| clones | start ms | RSS MiB | PSS MiB | PSS / one VM |\n|--:|--:|--:|--:|--:|\n");
+    for r in &report.density {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {:.0} | {:.0} | {:.2}x |",
+            r.clones, r.start_ms, r.rss_mib, r.pss_mib, r.pss_vs_one_booted_vm
+        );
+    }
+    t
+}
+
+fn plot(dir: &Path, report: &Report) -> anyhow::Result<()> {
+    let per_mode = |y: fn(&LatencyRow) -> u64| {
+        [Mode::Lazy, Mode::Eager, Mode::QemuIncoming]
+            .iter()
+            .map(|&mode| Series {
+                label: format!("{} {}", mode.system(), mode.name()),
+                points: report
+                    .latency
+                    .iter()
+                    .filter(|r| r.mode == mode)
+                    .map(|r| (r.mem_mib as f64, ms(y(r))))
+                    .collect(),
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect::<Vec<_>>()
+    };
+    line_chart_log_y(
+        &dir.join("restore-first-instruction.svg"),
         &Chart {
-            title: "restore to the guest's next output line",
+            title: "restore to the first guest instruction",
+            x_label: "guest memory (MiB, log scale)",
+            y_label: "latency (ms, log scale)",
+            log_x: true,
+        },
+        &per_mode(|r| r.to_first_instruction_us),
+    )?;
+    line_chart(
+        &dir.join("restore-next-pass.svg"),
+        &Chart {
+            title: "restore to the end of the guest's next full pass over its memory",
             x_label: "guest memory (MiB, log scale)",
             y_label: "latency (ms)",
             log_x: true,
         },
-        &series,
+        &per_mode(|r| r.to_next_pass_us),
     )?;
     line_chart(
-        &args.plot_dir.join("clone-density.svg"),
+        &dir.join("clone-density.svg"),
         &Chart {
             title: "host memory (PSS) of N clones of a 256 MiB checkpoint",
             x_label: "clones",
@@ -349,5 +579,6 @@ pub fn run(args: RestoreBenchArgs) -> anyhow::Result<ExitCode> {
                 .collect(),
         }],
     )?;
-    Ok(ExitCode::SUCCESS)
+    eprintln!("plots written to {}", dir.display());
+    Ok(())
 }

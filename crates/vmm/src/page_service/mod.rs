@@ -4,7 +4,8 @@
 //! Memory is cut into blocks of [`BLOCK_PAGES`] pages. Each block is fetched exactly once,
 //! by whoever claims it first (a compare-and-swap on its state, missing → claimed → resident):
 //! - the **fault handler** ([`fault`]) claims the block of a page a vCPU, the VMM's device code
-//!   or the kernel on its behalf touched first;
+//!   or the kernel on its behalf touched first, and between faults reads ahead: the missing
+//!   blocks after the last faulting one;
 //! - the **prefetcher** ([`prefetch`]) claims every other block, the checkpoint's hot set first,
 //!   at store speed.
 //!

@@ -3,9 +3,10 @@
 //! working set, or 10% of memory, at full speed) and each method — cowvm `uffd`, `fork`,
 //! `stop`; QEMU `background-snapshot` (userfaultfd write-protect) and stop-and-copy — it
 //! measures the VMM-reported and guest-visible pause, guest progress during the checkpoint,
-//! total time and bytes against `dd`, and restore to the guest's next progress line.
+//! total time and bytes against `dd`, and restore to the guest's next progress line (cowvm:
+//! the default restore, memory served by the page service; QEMU: `-incoming`).
 
-mod qemu;
+pub(super) mod qemu;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -123,7 +124,8 @@ fn measure_cowvm(
     let dir = store.join(format!("cowvm-{}-{strategy}", mem >> 20));
     let (taken, stamps) = live_checkpoint(&vm_args, &dir, parse_strategy(strategy)?, BOOT_WAIT)?;
 
-    // Restore from the checkpoint just taken, timed to the guest's next progress line.
+    // Restore from the checkpoint just taken (memory served by the page service), timed to the
+    // guest's next progress line.
     let restored = Stamps::default();
     let start = Instant::now();
     let vm = Vm::restore(
@@ -169,7 +171,9 @@ fn measure_qemu(
         vm.enable_background_snapshot()?;
     }
     let base_start = Instant::now();
-    std::thread::sleep(SETTLE);
+    if !vm.stamps.settle(BOOT_WAIT) {
+        bail!("the guest under QEMU made fewer than 2 passes in {BOOT_WAIT:?}");
+    }
     let file = store.join(format!("qemu-{}-{}.mig", mem >> 20, method.name()));
     let t0 = Instant::now();
     let (pause_us, t1) = if method == Method::QemuStopCopy {
@@ -193,11 +197,7 @@ fn measure_qemu(
         .len();
 
     let start = Instant::now();
-    let mut restored = Qemu::start(&QemuConfig {
-        incoming: Some(&file),
-        ..config
-    })?;
-    restored.finish_incoming()?;
+    let restored = Qemu::restore(&config, &file)?;
     let ran = restored.stamps.wait_for(1, BOOT_WAIT);
     let first = restored.stamps.snapshot().first().map(|s| s.at);
     drop(restored);

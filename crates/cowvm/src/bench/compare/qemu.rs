@@ -19,6 +19,8 @@ pub const QEMU: &str = "qemu-system-x86_64";
 
 /// How long QEMU may take to open its QMP socket.
 const QMP_WAIT: Duration = Duration::from_secs(30);
+/// `max-bandwidth` for a migration without limit: 1 TiB/s, in bytes per second.
+const UNTHROTTLED: u64 = 1 << 40;
 /// How long a migration to a file may take.
 const MIGRATE_WAIT: Duration = Duration::from_secs(300);
 
@@ -158,6 +160,7 @@ pub struct Qemu {
 }
 
 /// How to start QEMU.
+#[derive(Clone, Copy)]
 pub struct QemuConfig<'a> {
     /// The guest kernel (PVH ELF).
     pub kernel: &'a Path,
@@ -235,6 +238,27 @@ impl Qemu {
             console,
             stamps,
         })
+    }
+
+    /// Starts QEMU restoring the migration stream in `file` (`-incoming`) and returns once the
+    /// VM runs (all of the stream read).
+    pub fn restore(config: &QemuConfig<'_>, file: &Path) -> Result<Qemu, QemuError> {
+        let mut vm = Qemu::start(&QemuConfig {
+            incoming: Some(file),
+            ..*config
+        })?;
+        vm.finish_incoming()?;
+        Ok(vm)
+    }
+
+    /// Lifts QEMU's migration bandwidth limit (`max-bandwidth`, 128 MiB/s by default), so that
+    /// saving a stopped VM runs at the speed of the host.
+    pub fn unthrottle_migration(&mut self) -> Result<(), QemuError> {
+        self.qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": UNTHROTTLED })),
+        )?;
+        Ok(())
     }
 
     /// Enables QEMU's live snapshot: migration with userfaultfd write-protect of guest memory.
