@@ -218,6 +218,13 @@ mod tests {
             store_address("mem:x", "from").ok(),
             Some(StoreAddress::Mem("x".into()))
         );
+        assert_eq!(
+            store_address("s3://bucket/x", "out").ok(),
+            Some(StoreAddress::S3 {
+                bucket: "bucket".into(),
+                prefix: "x".into()
+            })
+        );
         for bad in [
             "",
             "rel/dir",
@@ -226,7 +233,7 @@ mod tests {
             "/a/..",
             "raw:rel",
             "raw:/a/../b",
-            "s3://bucket/x",
+            "s3://bucket/a/../b",
             "/a\0b",
             "/",
         ] {

@@ -108,7 +108,8 @@ struct Gate {
     held: Option<HeldPause>,
     /// The job whose checkpoint is running.
     running: Option<Arc<Job>>,
-    /// The process is stopping the VM (a signal): no rollback may start another.
+    /// The process is stopping the VM (a signal) or its VM has ended: no checkpoint, pause or
+    /// rollback may start.
     stopping: bool,
 }
 
@@ -381,7 +382,9 @@ impl Controller {
     /// Refuses what a request `wants` while a checkpoint, a rollback or a client's pause
     /// holds the VM (at most one of them does).
     fn refuse_if_busy(&self, gate: &Gate, wants: Wants) -> Result<(), ControlError> {
-        let busy = if let Some(job) = &gate.running {
+        let busy = if gate.stopping {
+            "the VM is stopping".to_string()
+        } else if let Some(job) = &gate.running {
             let then = match wants {
                 Wants::Pause => "; pause after it completes",
                 Wants::Checkpoint => "",
@@ -566,6 +569,12 @@ impl Controller {
         lock(&self.gate).held = None;
     }
 
+    /// Lets nothing new start once the process's VM has ended, so that the checkpoint in
+    /// progress, if any, is the last: the process waits for it before it exits.
+    pub fn close(&self) {
+        lock(&self.gate).stopping = true;
+    }
+
     /// Stops the current VM for good (a signal): a rollback in progress stops the VM it
     /// restores, and no other may start.
     pub fn stop(&self) {
@@ -588,9 +597,6 @@ impl Controller {
         self.check_alive()?;
         let old = {
             let gate = lock(&self.gate);
-            if gate.stopping {
-                return Err(ControlError::Conflict("the VM is stopping".into()));
-            }
             self.refuse_if_busy(&gate, Wants::Rollback)?;
             self.rolling_back.store(true, Ordering::Release);
             self.vm()

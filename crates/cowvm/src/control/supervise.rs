@@ -149,8 +149,10 @@ pub fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> 
         if let Some(trigger) = trigger {
             trigger.abort();
         }
-        // A checkpoint in progress finishes (its write-out does not need running vCPUs), so
+        // Nothing starts from here on (a request or a periodic tick may have been under way);
+        // a checkpoint in progress finishes (its write-out does not need running vCPUs), so
         // that it is not left incomplete for no reason.
+        controller.close();
         if let Some(job) = controller.running() {
             info!(id = %job.id(), "waiting for the checkpoint in progress");
             job.finished().await;
