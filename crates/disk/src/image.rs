@@ -448,7 +448,7 @@ impl Image {
 
     /// The old content of top-image cluster `guest` (aligned) from the backing chain, or
     /// `None` if it reads as zeros there.
-    fn backing_cluster(&mut self, guest: u64, cs: u64) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn backing_cluster(&mut self, guest: u64, cs: u64) -> Result<Option<Vec<u8>>> {
         if self.layers.len() < 2 {
             return Ok(None);
         }
@@ -688,6 +688,15 @@ impl Image {
         match &mut self.layers[0] {
             Layer::Qcow2(q) => q.allocated_clusters().map(Some),
             Layer::Raw(_) => Ok(None),
+        }
+    }
+
+    /// The clusters layer `index` of the chain defines itself (data or zero) and its cluster
+    /// size, or `None` for a raw layer or past the end of the chain.
+    pub(crate) fn layer_allocated(&mut self, index: usize) -> Result<Option<(u64, Vec<(u64, L2Entry)>)>> {
+        match self.layers.get_mut(index) {
+            Some(Layer::Qcow2(q)) => Ok(Some((q.cluster_size(), q.allocated_clusters()?))),
+            _ => Ok(None),
         }
     }
 

@@ -87,6 +87,15 @@ impl DirStore {
     pub fn is_complete(&self) -> bool {
         fs::symlink_metadata(self.dir.join(COMPLETE)).is_ok_and(|m| m.is_file())
     }
+
+    /// Deletes the checkpoint and its directory. The completion marker goes first (synced):
+    /// interrupted at any point, the directory holds an incomplete checkpoint, never one
+    /// whose files are partly gone.
+    pub fn delete(&self) -> Result<()> {
+        remove_if_present(&self.dir.join(COMPLETE))?;
+        sync_dir(&self.dir)?;
+        fs::remove_dir_all(&self.dir).map_err(|e| Error::io("remove directory", &self.dir, e))
+    }
 }
 
 /// Resolves `dir` one symbolic link at a time and refuses it if any step of the way lies in
