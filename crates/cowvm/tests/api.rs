@@ -1121,7 +1121,9 @@ fn deleting_checkpoints_merges_the_disk_layers_they_alone_needed() {
         "a raw store",
     );
 
-    // The command line: c0 needed the user's image, which is never merged.
+    // The command line: c0 needed the user's image, which is never merged; a file of the
+    // user's in the checkpoint's directory stays.
+    std::fs::write(c[0].join("notes.txt"), b"mine").unwrap();
     let (st, out, err) = cowvm(&[
         "checkpoint",
         "delete",
@@ -1133,6 +1135,7 @@ fn deleting_checkpoints_merges_the_disk_layers_they_alone_needed() {
     assert!(st.success(), "{out}{err}");
     let done: Value = serde_json::from_str(&out).expect("--json");
     assert_eq!(done["merged"], json!([]), "{done}");
-    assert!(!c[0].exists() && base.exists());
+    assert!(!c[0].join("manifest.json").exists() && c[0].join("notes.txt").exists());
+    assert!(base.exists());
     assert!(vm.stop().success());
 }

@@ -44,7 +44,7 @@ pub use error::{Error, Result};
 pub use header::HeaderError;
 pub use image::{Image, OpenOptions};
 pub use policy::{PathPolicy, BACKING_RULE};
-pub use stream::{stream, StreamStats};
+pub use stream::{stream, stream_with, StreamStats};
 
 /// Deepest backing chain accepted (also stops loops).
 pub const MAX_CHAIN_DEPTH: usize = 32;

@@ -46,13 +46,22 @@ fn invalid(path: &Path, reason: &str) -> Error {
 /// documentation): afterwards `child` shows the same content with B's backing file as its own.
 /// B must be a qcow2 image with a backing file; the chain must satisfy `policy`.
 pub fn stream(child: &Path, policy: &PathPolicy) -> Result<StreamStats> {
-    let mut image = Image::open_with(
+    stream_with(
         child,
         &OpenOptions {
             backing_policy: policy.clone(),
             ..OpenOptions::default()
         },
-    )?;
+    )
+}
+
+/// [`stream`], with `child` opened as `opts` say (for instance with `ordered_sync`, or a test's
+/// crash point). `opts.read_only` is refused.
+pub fn stream_with(child: &Path, opts: &OpenOptions) -> Result<StreamStats> {
+    if opts.read_only {
+        return Err(invalid(child, "streaming writes the image: it cannot be read-only"));
+    }
+    let mut image = Image::open_with(child, opts)?;
     let Some((removed, _)) = image.layer_path(1).map(|(p, f)| (p.to_owned(), f)) else {
         return Err(invalid(child, "image has no backing file to stream"));
     };

@@ -84,14 +84,23 @@ fn retire(controller: &Controller, dir: &Path) -> std::io::Result<()> {
             for m in merges {
                 debug!(layer = %m.layer.display(), into = %m.into.display(), bytes = m.bytes, "disk layer merged");
             }
-            Ok(())
+            remove_rest(dir)
         }
         Err(ControlError::Merge(e)) => {
             warn!("{}: checkpoint deleted, but its disk layers stay: {}", dir.display(), chain(&e));
-            Ok(())
+            remove_rest(dir)
         }
         Err(ControlError::NotACheckpoint { .. }) => std::fs::remove_dir_all(dir),
         Err(e) => Err(std::io::Error::other(chain(&e))),
+    }
+}
+
+/// What is left in a checkpoint directory the trigger made (a restore's COW files, say) goes
+/// with it.
+fn remove_rest(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 

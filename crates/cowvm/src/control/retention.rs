@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use ckpt_format::{Checkpoint, DirStore, Store, StoreAddress};
-use tracing::info;
+use tracing::{info, warn};
 use vmm::LayerMerge;
 
 use super::{lock, ControlError, Controller};
@@ -42,10 +42,19 @@ impl Controller {
             StoreAddress::Dir(dir) => {
                 let store = DirStore::new(dir);
                 let disks = manifest_disks(&store, address)?;
-                store.delete().map_err(|source| ControlError::Delete {
+                let failed = |source| ControlError::Delete {
                     store: address.to_string(),
                     source,
-                })?;
+                };
+                store.delete().map_err(failed)?;
+                // A `copy-commit` checkpoint's disk copies live in its directory.
+                let own_dir = std::fs::canonicalize(dir).ok();
+                for disk in disks.iter().filter(|d| d.parent() == own_dir.as_deref()) {
+                    if let Err(e) = std::fs::remove_file(disk) {
+                        warn!("cannot remove {}: {e}", disk.display());
+                    }
+                }
+                store.remove_if_empty().map_err(failed)?;
                 disks
             }
             StoreAddress::Mem(name) => {
