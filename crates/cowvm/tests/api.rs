@@ -1038,7 +1038,11 @@ fn the_fork_writer_dies_with_the_vmm() {
 fn manifest_disk(ckpt: &Path) -> PathBuf {
     let text = std::fs::read_to_string(ckpt.join("manifest.json")).expect("manifest");
     let manifest: Value = serde_json::from_str(&text).expect("manifest JSON");
-    PathBuf::from(manifest["vm"]["disks"][0]["path"].as_str().expect("disk path"))
+    PathBuf::from(
+        manifest["vm"]["disks"][0]["path"]
+            .as_str()
+            .expect("disk path"),
+    )
 }
 
 #[test]
@@ -1115,7 +1119,12 @@ fn deleting_checkpoints_merges_the_disk_layers_they_alone_needed() {
         "a deleted checkpoint",
     );
     assert_refused(
-        send_json(&vm.sock, Method::DELETE, "/checkpoints", r#"{"path":"raw:/x"}"#),
+        send_json(
+            &vm.sock,
+            Method::DELETE,
+            "/checkpoints",
+            r#"{"path":"raw:/x"}"#,
+        ),
         StatusCode::BAD_REQUEST,
         Some("path"),
         "a raw store",

@@ -187,12 +187,20 @@ fn kill_9_during_retention_leaves_every_complete_checkpoint_restorable() {
         // Once retention has begun deleting and merging, a random instant.
         let start = Instant::now();
         while complete(&ckpts).len() < 3 {
-            assert!(!vm.exited(), "trial {t}: the VM ended before 3 checkpoints\n{}", vm.log());
+            assert!(
+                !vm.exited(),
+                "trial {t}: the VM ended before 3 checkpoints\n{}",
+                vm.log()
+            );
             assert!(start.elapsed() < LIMIT, "trial {t}: no checkpoints");
             std::thread::sleep(Duration::from_millis(5));
         }
         std::thread::sleep(Duration::from_millis(50 + rng.below(1500)));
-        assert!(!vm.exited(), "trial {t}: the VM ended before the kill\n{}", vm.log());
+        assert!(
+            !vm.exited(),
+            "trial {t}: the VM ended before the kill\n{}",
+            vm.log()
+        );
         vm.kill();
         let left = complete(&ckpts);
         eprintln!(

@@ -189,6 +189,9 @@ fn open_backing_chain(
     }
 }
 
+/// The clusters an image file defines itself, by guest offset.
+pub(crate) type Clusters = Vec<(u64, L2Entry)>;
+
 /// A disk image and its backing chain. `layers[0]` is the image the guest writes to.
 pub struct Image {
     layers: Vec<Layer>,
@@ -693,7 +696,7 @@ impl Image {
 
     /// The clusters layer `index` of the chain defines itself (data or zero) and its cluster
     /// size, or `None` for a raw layer or past the end of the chain.
-    pub(crate) fn layer_allocated(&mut self, index: usize) -> Result<Option<(u64, Vec<(u64, L2Entry)>)>> {
+    pub(crate) fn layer_allocated(&mut self, index: usize) -> Result<Option<(u64, Clusters)>> {
         match self.layers.get_mut(index) {
             Some(Layer::Qcow2(q)) => Ok(Some((q.cluster_size(), q.allocated_clusters()?))),
             _ => Ok(None),

@@ -59,7 +59,10 @@ pub fn stream(child: &Path, policy: &PathPolicy) -> Result<StreamStats> {
 /// crash point). `opts.read_only` is refused.
 pub fn stream_with(child: &Path, opts: &OpenOptions) -> Result<StreamStats> {
     if opts.read_only {
-        return Err(invalid(child, "streaming writes the image: it cannot be read-only"));
+        return Err(invalid(
+            child,
+            "streaming writes the image: it cannot be read-only",
+        ));
     }
     let mut image = Image::open_with(child, opts)?;
     let Some((removed, _)) = image.layer_path(1).map(|(p, f)| (p.to_owned(), f)) else {
@@ -93,7 +96,8 @@ pub fn stream_with(child: &Path, opts: &OpenOptions) -> Result<StreamStats> {
             c += cs;
         }
     }
-    let span = tracing::info_span!("stream", child = %child.display(), removed = %removed.display());
+    let span =
+        tracing::info_span!("stream", child = %child.display(), removed = %removed.display());
     let _enter = span.enter();
     let mut bytes = 0;
     for &guest in &take {
@@ -119,4 +123,3 @@ pub fn stream_with(child: &Path, opts: &OpenOptions) -> Result<StreamStats> {
         bytes,
     })
 }
-

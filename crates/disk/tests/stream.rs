@@ -84,7 +84,11 @@ fn stream_case(mid_bits: u32, top_bits: u32) {
         reference.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
-    assert_eq!(std::fs::read(&base).unwrap(), data, "the base is never written");
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        data,
+        "the base is never written"
+    );
 }
 
 #[test]
@@ -127,10 +131,18 @@ fn a_long_chain_streamed_layer_by_layer_stays_identical() {
         let stats = stream(&chain[i + 1], &PathPolicy::same_dir()).unwrap();
         assert_eq!(stats.removed, chain[i]);
         std::fs::remove_file(&chain[i]).unwrap();
-        assert_eq!(content(&top), before, "after streaming {}", chain[i].display());
+        assert_eq!(
+            content(&top),
+            before,
+            "after streaming {}",
+            chain[i].display()
+        );
         assert_clean(&chain[i + 1]);
     }
-    assert_eq!(Image::open_read_only(&top).unwrap().backing_chain().len(), 2);
+    assert_eq!(
+        Image::open_read_only(&top).unwrap().backing_chain().len(),
+        2
+    );
     assert_clean(&base);
 }
 
@@ -176,7 +188,10 @@ fn a_crash_at_any_write_of_a_stream_keeps_the_content() {
         assert_eq!(content(&top), before, "crash after {n} writes");
         assert_not_corrupt(&top);
         if finished {
-            assert_eq!(Image::open_read_only(&top).unwrap().backing_chain().len(), 2);
+            assert_eq!(
+                Image::open_read_only(&top).unwrap().backing_chain().len(),
+                2
+            );
             break;
         }
         n += 1;

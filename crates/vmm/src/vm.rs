@@ -10,10 +10,10 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::boot::BootSpec;
 use crate::builder::{self, Console, Machine, Parts, Start, VmError, VmSummary, MAX_VCPUS};
+use crate::checkpoint::disk_chain::{self, ChainError, ChainLayers, LayerMerge};
 use crate::checkpoint::restore::{
     self, MemoryMode, RestoreError, RestoreOptions, RestoreRecord, RestoreStats,
 };
-use crate::checkpoint::disk_chain::{self, ChainError, ChainLayers, LayerMerge};
 use crate::checkpoint::{self, CheckpointError, CheckpointRequest, Progress, StoreSpec};
 use crate::devices::virtio::block::{BlockHandle, DiskConfig};
 use crate::devices::Bus;
@@ -67,7 +67,12 @@ impl Vm {
         let mut layers = ChainLayers::default();
         if restore.is_some() {
             // A restore runs each disk on a COW file of its own over the checkpoint's disk.
-            for info in machine.devices.disks().iter().filter_map(|d| d.image_info().ok()) {
+            for info in machine
+                .devices
+                .disks()
+                .iter()
+                .filter_map(|d| d.image_info().ok())
+            {
                 layers.made(&info.path);
             }
         }
@@ -184,10 +189,7 @@ impl Vm {
         &self,
         disks: &[PathBuf],
     ) -> Result<Vec<LayerMerge>, ChainError> {
-        let mut layers = self
-            .checkpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut layers = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
         for disk in disks {
             layers.release(disk);
         }

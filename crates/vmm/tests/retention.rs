@@ -97,7 +97,10 @@ fn restores_identically(original: &Capture, dir: &Path, restores: &Path, disks: 
     let start = Instant::now();
     let reference = loop {
         let text = original.text();
-        if text.get(at..).is_some_and(|after| after.matches('\n').count() >= 2) {
+        if text
+            .get(at..)
+            .is_some_and(|after| after.matches('\n').count() >= 2)
+        {
             break text;
         }
         assert!(start.elapsed() < LIMIT, "the VM stopped printing: {text}");
@@ -193,7 +196,11 @@ fn a_thousand_checkpoints_with_retention_keep_the_chain_short() {
             let old = retained.pop_front().unwrap();
             DirStore::new(&old.dir).delete().unwrap();
             for m in vm.release_checkpoint_disks(&[old.disk]).unwrap() {
-                assert!(!m.layer.exists(), "{} merged but still there", m.layer.display());
+                assert!(
+                    !m.layer.exists(),
+                    "{} merged but still there",
+                    m.layer.display()
+                );
                 merged_bytes += m.bytes;
             }
             // The oldest retained disk took over the merged layer's clusters: it must read

@@ -87,7 +87,11 @@ fn retire(controller: &Controller, dir: &Path) -> std::io::Result<()> {
             remove_rest(dir)
         }
         Err(ControlError::Merge(e)) => {
-            warn!("{}: checkpoint deleted, but its disk layers stay: {}", dir.display(), chain(&e));
+            warn!(
+                "{}: checkpoint deleted, but its disk layers stay: {}",
+                dir.display(),
+                chain(&e)
+            );
             remove_rest(dir)
         }
         Err(ControlError::NotACheckpoint { .. }) => std::fs::remove_dir_all(dir),
@@ -141,9 +145,10 @@ async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
             if let Some(keep) = cfg.keep {
                 let ctl = controller.clone();
                 let dir = cfg.dir.clone();
-                let pruned =
-                    tokio::task::spawn_blocking(move || prune(&dir, keep, &mut |d| retire(&ctl, d)))
-                        .await;
+                let pruned = tokio::task::spawn_blocking(move || {
+                    prune(&dir, keep, &mut |d| retire(&ctl, d))
+                })
+                .await;
                 match pruned {
                     Ok(Ok(deleted)) => {
                         for d in deleted {

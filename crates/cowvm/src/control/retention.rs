@@ -46,9 +46,9 @@ impl Controller {
                     store: address.to_string(),
                     source,
                 };
-                store.delete().map_err(failed)?;
                 // A `copy-commit` checkpoint's disk copies live in its directory.
                 let own_dir = std::fs::canonicalize(dir).ok();
+                store.delete().map_err(failed)?;
                 for disk in disks.iter().filter(|d| d.parent() == own_dir.as_deref()) {
                     if let Err(e) = std::fs::remove_file(disk) {
                         warn!("cannot remove {}: {e}", disk.display());

@@ -212,8 +212,7 @@ pub(crate) fn merge_unneeded(
         // Writes issued before the last switch may still allocate in the layer below the top
         // (after a checkpoint that failed before waiting for them): the device must be its
         // only writer before it is merged into.
-        disk.wait_older_images(OLDER_IMAGES_TIMEOUT)
-            .map_err(err)?;
+        disk.wait_older_images(OLDER_IMAGES_TIMEOUT).map_err(err)?;
         loop {
             let info = disk.image_info().map_err(err)?;
             let chain: Vec<PathBuf> = info.chain.iter().map(|e| canonical(&e.path)).collect();
