@@ -33,7 +33,7 @@ pub struct CheckpointCommand {
     #[command(subcommand)]
     action: Option<CheckpointAction>,
     #[command(flatten)]
-    take: Option<CheckpointArgs>,
+    take: CheckpointArgs,
 }
 
 /// What `cowvm checkpoint` does besides taking one.
@@ -54,15 +54,20 @@ pub struct DeleteArgs {
     path: String,
 }
 
-/// Arguments of `cowvm checkpoint` (taking one).
+/// Arguments of `cowvm checkpoint` (taking one). Required unless `delete` is given, hence
+/// options here (and the API arguments spelt out rather than flattened).
 #[derive(clap::Args, Debug)]
 pub struct CheckpointArgs {
-    #[command(flatten)]
-    api: ApiArgs,
+    /// The API socket of the VM (`cowvm run --api-sock`).
+    #[arg(long, value_name = "PATH", required = true)]
+    api_sock: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
     /// The store: a directory, raw:PATH for a file or block device, or mem:NAME for RAM inside
     /// the VM's process (for the fastest rollback; it lives as long as that process).
-    #[arg(long, value_name = "DIR")]
-    out: String,
+    #[arg(long, value_name = "DIR", required = true)]
+    out: Option<String>,
     /// Memory copy-on-write mechanism.
     #[arg(long, value_enum, default_value_t)]
     strategy: StrategyArg,
@@ -117,10 +122,9 @@ pub fn absolute(arg: &str, what: &str) -> anyhow::Result<String> {
 
 /// Runs `cowvm checkpoint` and `cowvm checkpoint delete`.
 pub fn checkpoint(command: CheckpointCommand) -> anyhow::Result<ExitCode> {
-    match (command.action, command.take) {
-        (Some(CheckpointAction::Delete(args)), _) => delete(args),
-        (None, Some(args)) => take(args),
-        (None, None) => bail!("cowvm checkpoint needs --api-sock and --out, or delete"),
+    match command.action {
+        Some(CheckpointAction::Delete(args)) => delete(args),
+        None => take(command.take),
     }
 }
 
@@ -156,9 +160,16 @@ fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
 
 /// Takes a checkpoint.
 fn take(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
-    let client = args.api.client();
+    let (Some(api_sock), Some(out)) = (args.api_sock, args.out) else {
+        bail!("cowvm checkpoint needs --api-sock and --out, or delete");
+    };
+    let api = ApiArgs {
+        api_sock,
+        json: args.json,
+    };
+    let client = api.client();
     let body = CheckpointBody {
-        out: absolute(&args.out, "--out")?,
+        out: absolute(&out, "--out")?,
         strategy: args.strategy,
         io: args.io,
         disk: args.disk,
@@ -192,7 +203,7 @@ fn take(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
             job.error.as_deref().unwrap_or("no reason given")
         ),
     };
-    if args.api.json {
+    if api.json {
         let report = Report {
             id: &job.id,
             out: &job.out,
@@ -245,11 +256,11 @@ mod tests {
     fn take_or_delete() {
         let take = Cli::try_parse_from(["checkpoint", "--api-sock", "s", "--out", "/c"]).unwrap();
         assert!(take.command.action.is_none());
-        assert_eq!(take.command.take.unwrap().out, "/c");
+        assert_eq!(take.command.take.out.as_deref(), Some("/c"));
         let delete =
             Cli::try_parse_from(["checkpoint", "delete", "--api-sock", "s", "/c", "--json"])
                 .unwrap();
-        assert!(delete.command.take.is_none());
+        assert!(delete.command.take.out.is_none());
         match delete.command.action {
             Some(CheckpointAction::Delete(args)) => {
                 assert_eq!(args.path, "/c");
