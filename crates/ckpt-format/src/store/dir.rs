@@ -104,7 +104,9 @@ impl DirStore {
     /// Removes the directory if it is empty; a directory that still holds files stays.
     pub fn remove_if_empty(&self) -> Result<()> {
         match fs::remove_dir(&self.dir) {
-            Err(e) if e.kind() == ErrorKind::DirectoryNotEmpty => Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::DirectoryNotEmpty | ErrorKind::NotFound) => {
+                Ok(())
+            }
             other => other.map_err(|e| Error::io("remove directory", &self.dir, e)),
         }
     }
