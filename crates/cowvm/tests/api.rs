@@ -1035,3 +1035,118 @@ fn the_fork_writer_dies_with_the_vmm() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The disk file a checkpoint's manifest names.
+fn manifest_disk(ckpt: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(ckpt.join("manifest.json")).expect("manifest");
+    let manifest: Value = serde_json::from_str(&text).expect("manifest JSON");
+    PathBuf::from(
+        manifest["vm"]["disks"][0]["path"]
+            .as_str()
+            .expect("disk path"),
+    )
+}
+
+#[test]
+fn deleting_checkpoints_merges_the_disk_layers_they_alone_needed() {
+    let disks = tempfile::tempdir().unwrap();
+    let base = disks.path().join("base.qcow2");
+    let base_arg = base.to_str().unwrap();
+    let (st, _, err) = cowvm(&["disk", "create", "--size", "2M", base_arg]);
+    assert!(st.success(), "{err}");
+    let mut vm = Running::start(
+        "disk blocks=32 rounds=1000000 qd=4 mem=4M seed=5 area=2M",
+        &["--disk", &format!("{base_arg},delay_ms=1")],
+    );
+    let take = |name: &str| -> PathBuf {
+        let out = vm.path(name);
+        let (status, job) = send_json(
+            &vm.sock,
+            Method::PUT,
+            "/checkpoints?wait=true",
+            &json!({ "out": out }).to_string(),
+        );
+        assert_eq!(status, StatusCode::OK, "{job}");
+        assert_eq!(job["status"], "complete", "{job}");
+        out
+    };
+    let delete = |path: &Path| {
+        send_json(
+            &vm.sock,
+            Method::DELETE,
+            "/checkpoints",
+            &json!({ "path": path }).to_string(),
+        )
+    };
+    // base ← o0 ← o1 ← o2 (the running top); c0 needs base, c1 o0, c2 o1.
+    let c: Vec<PathBuf> = (0..3).map(|i| take(&format!("c{i}"))).collect();
+    let layers: Vec<PathBuf> = c.iter().map(|p| manifest_disk(p)).collect();
+    assert_eq!(layers[0], base.canonicalize().unwrap());
+
+    // o0 is needed by no one once c1 is gone: merged into o1 (c2's disk) and deleted.
+    let (status, done) = delete(&c[1]);
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert!(!c[1].exists());
+    let merged = done["merged"].as_array().expect("merged");
+    assert_eq!(merged.len(), 1, "{done}");
+    assert_eq!(merged[0]["layer"], layers[1].to_str().unwrap(), "{done}");
+    assert_eq!(merged[0]["into"], layers[2].to_str().unwrap(), "{done}");
+    assert!(!layers[1].exists());
+
+    // o1's child is the running top: merged after the next checkpoint.
+    let (status, done) = delete(&c[2]);
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(done["merged"], json!([]), "{done}");
+    assert!(layers[2].exists());
+    let c3 = take("c3");
+    assert!(!layers[2].exists(), "the deferred merge did not happen");
+    let (st, out, err) = cowvm(&["inspect", c3.to_str().unwrap(), "--verify"]);
+    assert!(st.success(), "{out}{err}");
+
+    // Refusals delete nothing.
+    let not_a_checkpoint = vm.path("plain");
+    std::fs::create_dir(&not_a_checkpoint).unwrap();
+    std::fs::write(not_a_checkpoint.join("data"), b"mine").unwrap();
+    assert_refused(
+        delete(&not_a_checkpoint),
+        StatusCode::BAD_REQUEST,
+        Some("path"),
+        "a directory without a checkpoint",
+    );
+    assert!(not_a_checkpoint.join("data").exists());
+    assert_refused(
+        delete(&c[1]),
+        StatusCode::BAD_REQUEST,
+        Some("path"),
+        "a deleted checkpoint",
+    );
+    assert_refused(
+        send_json(
+            &vm.sock,
+            Method::DELETE,
+            "/checkpoints",
+            r#"{"path":"raw:/x"}"#,
+        ),
+        StatusCode::BAD_REQUEST,
+        Some("path"),
+        "a raw store",
+    );
+
+    // The command line: c0 needed the user's image, which is never merged; a file of the
+    // user's in the checkpoint's directory stays.
+    std::fs::write(c[0].join("notes.txt"), b"mine").unwrap();
+    let (st, out, err) = cowvm(&[
+        "checkpoint",
+        "delete",
+        "--api-sock",
+        vm.sock.to_str().unwrap(),
+        c[0].to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(st.success(), "{out}{err}");
+    let done: Value = serde_json::from_str(&out).expect("--json");
+    assert_eq!(done["merged"], json!([]), "{done}");
+    assert!(!c[0].join("manifest.json").exists() && c[0].join("notes.txt").exists());
+    assert!(base.exists());
+    assert!(vm.stop().success());
+}

@@ -189,6 +189,9 @@ fn open_backing_chain(
     }
 }
 
+/// The clusters an image file defines itself, by guest offset.
+pub(crate) type Clusters = Vec<(u64, L2Entry)>;
+
 /// A disk image and its backing chain. `layers[0]` is the image the guest writes to.
 pub struct Image {
     layers: Vec<Layer>,
@@ -448,7 +451,7 @@ impl Image {
 
     /// The old content of top-image cluster `guest` (aligned) from the backing chain, or
     /// `None` if it reads as zeros there.
-    fn backing_cluster(&mut self, guest: u64, cs: u64) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn backing_cluster(&mut self, guest: u64, cs: u64) -> Result<Option<Vec<u8>>> {
         if self.layers.len() < 2 {
             return Ok(None);
         }
@@ -688,6 +691,15 @@ impl Image {
         match &mut self.layers[0] {
             Layer::Qcow2(q) => q.allocated_clusters().map(Some),
             Layer::Raw(_) => Ok(None),
+        }
+    }
+
+    /// The clusters layer `index` of the chain defines itself (data or zero) and its cluster
+    /// size, or `None` for a raw layer or past the end of the chain.
+    pub(crate) fn layer_allocated(&mut self, index: usize) -> Result<Option<(u64, Clusters)>> {
+        match self.layers.get_mut(index) {
+            Some(Layer::Qcow2(q)) => Ok(Some((q.cluster_size(), q.allocated_clusters()?))),
+            _ => Ok(None),
         }
     }
 

@@ -9,6 +9,7 @@
 //!   [`Image::map_read`]/[`Image::prepare_write`] for io_uring, [`Image::set_backing`].
 //! * [`create_qcow2`], [`create_raw`] — new images, e.g. the COW file of a checkpoint (§2.1).
 //! * [`commit()`] — write an overlay's clusters into its parent (§2.8).
+//! * [`stream()`] — merge a backing file into its child, which then skips it in the chain.
 //! * [`PathPolicy`] — where backing files named by an image may live: the image's own
 //!   directory and directories the caller allows, symlinks followed.
 //!
@@ -27,6 +28,7 @@ mod policy;
 mod qcow2;
 mod raw;
 mod refcount;
+mod stream;
 pub mod table;
 
 use std::fmt;
@@ -42,6 +44,7 @@ pub use error::{Error, Result};
 pub use header::HeaderError;
 pub use image::{Image, OpenOptions};
 pub use policy::{PathPolicy, BACKING_RULE};
+pub use stream::{stream, stream_with, StreamStats};
 
 /// Deepest backing chain accepted (also stops loops).
 pub const MAX_CHAIN_DEPTH: usize = 32;

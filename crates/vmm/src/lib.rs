@@ -19,7 +19,7 @@ mod persist;
 mod vm;
 
 pub use builder::{Console, MachineState, VmError, VmSummary, MAX_VCPUS};
-pub use checkpoint::disk_chain::{commit_and_rebase, CommitReport};
+pub use checkpoint::disk_chain::{commit_and_rebase, ChainError, CommitReport, LayerMerge};
 pub use checkpoint::restore::{RestoreError, RestoreOptions, RestoreStats};
 pub use checkpoint::{
     CheckpointError, CheckpointRequest, PauseProbe, Phase, Progress, Refusal, StoreSpec,

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tracing::{info, info_span};
+use tracing::{info, info_span, warn};
 use vm_memory::GuestMemoryMmap;
 
 use crate::boot::BootSpec;
 use crate::builder::{self, Console, Machine, Parts, Start, VmError, VmSummary, MAX_VCPUS};
+use crate::checkpoint::disk_chain::{self, ChainError, ChainLayers, LayerMerge};
 use crate::checkpoint::restore::{
     self, MemoryMode, RestoreError, RestoreOptions, RestoreRecord, RestoreStats,
 };
@@ -45,8 +46,9 @@ pub struct VmConfig {
 /// A VM whose vCPUs are running.
 pub struct Vm {
     machine: Machine,
-    /// Held by the checkpoint in progress: one at a time.
-    checkpoints: Mutex<()>,
+    /// Held by the checkpoint in progress (one at a time) and by retention's merges: the
+    /// layers of the disk chains the VM made, and those its retained checkpoints need.
+    checkpoints: Mutex<ChainLayers>,
     /// How a restored VM got its memory; its page service while it may still serve memory.
     restore: Option<RestoreRecord>,
 }
@@ -62,9 +64,21 @@ impl std::fmt::Debug for Vm {
 
 impl Vm {
     fn new(machine: Machine, restore: Option<RestoreRecord>) -> Vm {
+        let mut layers = ChainLayers::default();
+        if restore.is_some() {
+            // A restore runs each disk on a COW file of its own over the checkpoint's disk.
+            for info in machine
+                .devices
+                .disks()
+                .iter()
+                .filter_map(|d| d.image_info().ok())
+            {
+                layers.made(&info.path);
+            }
+        }
         Vm {
             machine,
-            checkpoints: Mutex::new(()),
+            checkpoints: Mutex::new(layers),
             restore,
         }
     }
@@ -148,11 +162,38 @@ impl Vm {
         request: &CheckpointRequest,
         progress: &Progress,
     ) -> Result<ckpt_format::Manifest, CheckpointError> {
-        let _busy = self
+        let mut layers = self
             .checkpoints
             .try_lock()
             .map_err(|_| CheckpointError::Busy)?;
-        checkpoint::checkpoint(&self.machine, self.page_service(), request, progress)
+        let result = checkpoint::checkpoint(
+            &self.machine,
+            self.page_service(),
+            request,
+            progress,
+            &mut layers,
+        );
+        // A layer left for later (its child was the running top) has a new child now.
+        if let Err(e) = disk_chain::merge_unneeded(self.disks(), &mut layers) {
+            warn!("cannot merge disk layers no checkpoint needs: {e}");
+        }
+        result
+    }
+
+    /// Retention: checkpoints naming `disks` as their disk files (from their manifests) were
+    /// deleted. Every layer of the disk chains that this VM made and that no retained
+    /// checkpoint needs any more is merged into the layer above it and deleted; one whose
+    /// child is the running top is merged after the next checkpoint. Waits for a checkpoint
+    /// in progress. The user's own images are never merged or deleted.
+    pub fn release_checkpoint_disks(
+        &self,
+        disks: &[PathBuf],
+    ) -> Result<Vec<LayerMerge>, ChainError> {
+        let mut layers = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        for disk in disks {
+            layers.release(disk);
+        }
+        disk_chain::merge_unneeded(self.disks(), &mut layers)
     }
 
     /// What the VM was built from.

@@ -87,6 +87,29 @@ impl DirStore {
     pub fn is_complete(&self) -> bool {
         fs::symlink_metadata(self.dir.join(COMPLETE)).is_ok_and(|m| m.is_file())
     }
+
+    /// Deletes the checkpoint's files, and the directory if nothing else is left in it (other
+    /// files are not the store's to delete). The completion marker goes first (synced):
+    /// interrupted at any point, the directory holds an incomplete checkpoint, never one
+    /// whose files are partly gone.
+    pub fn delete(&self) -> Result<()> {
+        remove_if_present(&self.dir.join(COMPLETE))?;
+        sync_dir(&self.dir)?;
+        for name in ALL_FILES {
+            remove_if_present(&self.dir.join(name))?;
+        }
+        self.remove_if_empty()
+    }
+
+    /// Removes the directory if it is empty; a directory that still holds files stays.
+    pub fn remove_if_empty(&self) -> Result<()> {
+        match fs::remove_dir(&self.dir) {
+            Err(e) if matches!(e.kind(), ErrorKind::DirectoryNotEmpty | ErrorKind::NotFound) => {
+                Ok(())
+            }
+            other => other.map_err(|e| Error::io("remove directory", &self.dir, e)),
+        }
+    }
 }
 
 /// Resolves `dir` one symbolic link at a time and refuses it if any step of the way lies in

@@ -29,9 +29,9 @@ use tracing::{debug, info, warn};
 
 use self::error::{query, store_address, ApiError, JsonBody};
 use self::model::{
-    CheckpointBody, CheckpointJob, DiskMetrics, Health, JobPhase, JobProgress, JobStatus,
-    RollbackBody, RollbackDone, VersionInfo, VmConfigInfo, VmInfo, VmMetrics, VmPatch, VmState,
-    WaitQuery,
+    CheckpointBody, CheckpointDeleted, CheckpointJob, DeleteBody, DiskMetrics, Health, JobPhase,
+    JobProgress, JobStatus, MergedLayer, RollbackBody, RollbackDone, VersionInfo, VmConfigInfo,
+    VmInfo, VmMetrics, VmPatch, VmState, WaitQuery,
 };
 use vmm::Phase;
 
@@ -282,6 +282,29 @@ async fn put_rollback(
     }))
 }
 
+async fn delete_checkpoint(
+    State(c): State<Ctl>,
+    JsonBody(body): JsonBody<DeleteBody>,
+) -> Result<Json<CheckpointDeleted>, ApiError> {
+    let address = store_address(&body.path, "path")?;
+    let ctl = c.clone();
+    let merges = blocking(move || ctl.delete_checkpoint(&address))
+        .await?
+        .map_err(|e| ApiError::for_store(e, "path"))?;
+    Ok(Json(CheckpointDeleted {
+        path: body.path,
+        merged: merges
+            .into_iter()
+            .map(|m| MergedLayer {
+                disk: m.disk,
+                layer: m.layer.display().to_string(),
+                into: m.into.display().to_string(),
+                bytes: m.bytes,
+            })
+            .collect(),
+    }))
+}
+
 async fn get_checkpoint(
     State(c): State<Ctl>,
     id: Result<UrlPath<String>, PathRejection>,
@@ -355,6 +378,11 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Ctl>)> {
             on(MethodFilter::GET, list_checkpoints),
         ),
         ("PUT", "/checkpoints", on(MethodFilter::PUT, put_checkpoint)),
+        (
+            "DELETE",
+            "/checkpoints",
+            on(MethodFilter::DELETE, delete_checkpoint),
+        ),
         (
             "GET",
             "/checkpoints/{id}",

@@ -206,6 +206,41 @@ impl RequestBody for RollbackBody {
     ];
 }
 
+/// `DELETE /checkpoints`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteBody {
+    /// The checkpoint: an absolute directory path or `mem:NAME`.
+    pub path: String,
+}
+
+impl RequestBody for DeleteBody {
+    const FIELDS: &'static [(&'static str, &'static str)] =
+        &[("path", "a string (a directory or mem:NAME)")];
+}
+
+/// A disk layer merged into the layer above it and deleted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MergedLayer {
+    /// Index of the disk.
+    pub disk: usize,
+    /// The layer deleted.
+    pub layer: String,
+    /// The layer above it, which took over its clusters.
+    pub into: String,
+    /// Bytes copied into `into`.
+    pub bytes: u64,
+}
+
+/// The answer to `DELETE /checkpoints`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointDeleted {
+    /// The checkpoint deleted, as requested.
+    pub path: String,
+    /// Disk layers no retained checkpoint needed any more, merged away.
+    pub merged: Vec<MergedLayer>,
+}
+
 /// The answer to `PUT /rollback`, once the restored VM runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RollbackDone {

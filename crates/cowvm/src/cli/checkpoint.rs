@@ -1,6 +1,7 @@
 //! `cowvm checkpoint --api-sock SOCK --out DIR [--strategy] [--io] [--disk] [--json]`: takes a
 //! checkpoint of a running VM, shows its progress, waits until it is complete and prints its
-//! metrics.
+//! metrics. `cowvm checkpoint delete --api-sock SOCK DIR [--json]`: deletes a checkpoint of
+//! the VM and merges away the disk layers it alone needed.
 
 use std::path::{Component, PathBuf};
 use std::process::ExitCode;
@@ -14,22 +15,60 @@ use serde::Serialize;
 use super::output::{byte_bar, metric_rows, table};
 use super::{block_on, ApiArgs};
 use crate::api::model::{
-    CheckpointBody, CheckpointJob, DiskArg, IoArg, JobPhase, JobStatus, StrategyArg,
+    CheckpointBody, CheckpointDeleted, CheckpointJob, DeleteBody, DiskArg, IoArg, JobPhase,
+    JobStatus, StrategyArg,
 };
 
 /// How often progress is polled.
 const POLL: Duration = Duration::from_millis(100);
 
-/// Arguments of `cowvm checkpoint`.
+/// `cowvm checkpoint`: take one, or `delete` one.
 #[derive(clap::Args, Debug)]
-pub struct CheckpointArgs {
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    flatten_help = true
+)]
+pub struct CheckpointCommand {
+    #[command(subcommand)]
+    action: Option<CheckpointAction>,
+    #[command(flatten)]
+    take: CheckpointArgs,
+}
+
+/// What `cowvm checkpoint` does besides taking one.
+#[derive(clap::Subcommand, Debug)]
+pub enum CheckpointAction {
+    /// Delete a checkpoint of the VM (through its API socket); the disk layers no retained
+    /// checkpoint needs any more are merged into the layer above them and deleted.
+    Delete(DeleteArgs),
+}
+
+/// Arguments of `cowvm checkpoint delete`.
+#[derive(clap::Args, Debug)]
+pub struct DeleteArgs {
     #[command(flatten)]
     api: ApiArgs,
+    /// The checkpoint: a directory, or mem:NAME for one taken into RAM by the VM's process.
+    #[arg(value_name = "DIR")]
+    path: String,
+}
+
+/// Arguments of `cowvm checkpoint` (taking one). Required unless `delete` is given, hence
+/// options here (and the API arguments spelt out rather than flattened).
+#[derive(clap::Args, Debug)]
+pub struct CheckpointArgs {
+    /// The API socket of the VM (`cowvm run --api-sock`).
+    #[arg(long, value_name = "PATH", required = true)]
+    api_sock: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
     /// The store: a directory, raw:PATH for a file or block device, mem:NAME for RAM inside
     /// the VM's process (for the fastest rollback; it lives as long as that process), or
     /// s3://BUCKET/PREFIX for an S3-protocol object store.
-    #[arg(long, value_name = "DIR")]
-    out: String,
+    #[arg(long, value_name = "DIR", required = true)]
+    out: Option<String>,
     /// The endpoint URL of an s3:// store (default: AWS_ENDPOINT_URL in the VM's process's
     /// environment, else AWS S3).
     #[arg(long, value_name = "URL")]
@@ -87,11 +126,56 @@ pub fn absolute(arg: &str, what: &str) -> anyhow::Result<String> {
     Ok(address.to_string())
 }
 
-/// Runs `cowvm checkpoint`.
-pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
+/// Runs `cowvm checkpoint` and `cowvm checkpoint delete`.
+pub fn checkpoint(command: CheckpointCommand) -> anyhow::Result<ExitCode> {
+    match command.action {
+        Some(CheckpointAction::Delete(args)) => delete(args),
+        None => take(command.take),
+    }
+}
+
+/// Runs `cowvm checkpoint delete`.
+fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let client = args.api.client();
+    let body = DeleteBody {
+        path: absolute(&args.path, "DIR")?,
+    };
+    let done: CheckpointDeleted = block_on(async {
+        client
+            .call(Method::DELETE, "/checkpoints", Some(&body))
+            .await
+            .with_context(|| format!("cannot delete {}", body.path))
+    })?;
+    if args.api.json {
+        println!("{}", serde_json::to_string(&done)?);
+    } else {
+        let mut rows = vec![("deleted", done.path.clone())];
+        for m in &done.merged {
+            rows.push((
+                "merged",
+                format!(
+                    "disk {}: {} into {} ({} bytes)",
+                    m.disk, m.layer, m.into, m.bytes
+                ),
+            ));
+        }
+        table(&rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Takes a checkpoint.
+fn take(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
+    let (Some(api_sock), Some(out)) = (args.api_sock, args.out) else {
+        bail!("cowvm checkpoint needs --api-sock and --out, or delete");
+    };
+    let api = ApiArgs {
+        api_sock,
+        json: args.json,
+    };
+    let client = api.client();
     let body = CheckpointBody {
-        out: absolute(&args.out, "--out")?,
+        out: absolute(&out, "--out")?,
         s3_endpoint: args.s3_endpoint.clone(),
         strategy: args.strategy,
         io: args.io,
@@ -126,7 +210,7 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
             job.error.as_deref().unwrap_or("no reason given")
         ),
     };
-    if args.api.json {
+    if api.json {
         let report = Report {
             id: &job.id,
             out: &job.out,
@@ -173,6 +257,33 @@ pub fn name(v: &impl Serialize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        command: CheckpointCommand,
+    }
+
+    #[test]
+    fn take_or_delete() {
+        let take = Cli::try_parse_from(["checkpoint", "--api-sock", "s", "--out", "/c"]).unwrap();
+        assert!(take.command.action.is_none());
+        assert_eq!(take.command.take.out.as_deref(), Some("/c"));
+        let delete =
+            Cli::try_parse_from(["checkpoint", "delete", "--api-sock", "s", "/c", "--json"])
+                .unwrap();
+        assert!(delete.command.take.out.is_none());
+        match delete.command.action {
+            Some(CheckpointAction::Delete(args)) => {
+                assert_eq!(args.path, "/c");
+                assert!(args.api.json);
+            }
+            None => panic!("no delete"),
+        }
+        assert!(Cli::try_parse_from(["checkpoint", "--api-sock", "s"]).is_err());
+        assert!(Cli::try_parse_from(["checkpoint", "delete", "--api-sock", "s"]).is_err());
+    }
 
     #[test]
     fn out_is_made_absolute_and_normal() {

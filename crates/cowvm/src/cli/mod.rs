@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-pub use self::checkpoint::{checkpoint, CheckpointArgs};
+pub use self::checkpoint::{checkpoint, CheckpointCommand};
 pub use self::disk::{run as disk, DiskCommand};
 pub use self::inspect::{inspect, InspectArgs};
 pub use self::output::ms;

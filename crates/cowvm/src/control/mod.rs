@@ -12,6 +12,7 @@
 
 pub mod job;
 pub mod periodic;
+mod retention;
 pub mod supervise;
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
 use vmm::HeldPause;
-use vmm::{CheckpointError, CheckpointRequest, StoreSpec};
+use vmm::{ChainError, CheckpointError, CheckpointRequest, StoreSpec};
 use vmm::{Console, ErrorKind, Vm, VmError, VmExit};
 use vmm::{RestoreError, RestoreOptions};
 
@@ -73,6 +74,30 @@ pub enum ControlError {
     /// The checkpoint to roll back to cannot be restored; the VM runs on.
     #[error("cannot roll back")]
     Restore(#[source] RestoreError),
+    /// The store to delete holds no complete checkpoint (nothing is deleted).
+    #[error("{store} holds no complete checkpoint")]
+    NotACheckpoint {
+        /// The store, as the client named it.
+        store: String,
+        /// Why it cannot be read as one.
+        #[source]
+        source: ckpt_format::Error,
+    },
+    /// Only directory and RAM checkpoints are deleted.
+    #[error("{0} is not a directory or RAM checkpoint: cowvm deletes only those")]
+    NotDeletable(StoreAddress),
+    /// The checkpoint's files cannot be removed.
+    #[error("cannot delete {store}")]
+    Delete {
+        /// The store.
+        store: String,
+        /// Cause.
+        #[source]
+        source: ckpt_format::Error,
+    },
+    /// The checkpoint is deleted, but merging the disk layers it needed failed.
+    #[error("checkpoint deleted; merging its disk layers failed")]
+    Merge(#[source] ChainError),
 }
 
 impl ControlError {
@@ -84,7 +109,11 @@ impl ControlError {
             ControlError::StoreComplete(_) | ControlError::StoreBusy(_) => ErrorKind::AlreadyExists,
             ControlError::NoMemStore(_)
             | ControlError::MemStore(_)
-            | ControlError::CopyCommitNeedsDir => ErrorKind::InvalidInput,
+            | ControlError::CopyCommitNeedsDir
+            | ControlError::NotACheckpoint { .. }
+            | ControlError::NotDeletable(_) => ErrorKind::InvalidInput,
+            ControlError::Delete { .. } => ErrorKind::Internal,
+            ControlError::Merge(e) => e.kind(),
             ControlError::Pause(e) => e.kind(),
             ControlError::Spawn(_) => ErrorKind::Internal,
             ControlError::Checkpoint(e) => e.kind(),

@@ -50,9 +50,13 @@ fn sequence(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// Deletes all but the newest `keep` complete checkpoints the trigger made in `dir`. Returns
-/// the directories deleted.
-pub fn prune(dir: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
+/// Deletes, with `delete`, all but the newest `keep` complete checkpoints the trigger made in
+/// `dir`, oldest first. Returns the directories deleted.
+pub fn prune(
+    dir: &Path,
+    keep: usize,
+    delete: &mut dyn FnMut(&Path) -> std::io::Result<()>,
+) -> std::io::Result<Vec<PathBuf>> {
     let mut complete: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .filter_map(|e| {
@@ -65,10 +69,43 @@ pub fn prune(dir: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
     let excess = complete.len().saturating_sub(keep);
     let mut deleted = Vec::new();
     for (_, path) in complete.into_iter().take(excess) {
-        std::fs::remove_dir_all(&path)?;
+        delete(&path)?;
         deleted.push(path);
     }
     Ok(deleted)
+}
+
+/// Deletes one old checkpoint of the trigger through the controller, which merges away the
+/// disk layers it alone needed. A merge that fails leaves the chain as it was (logged); a
+/// directory whose checkpoint cannot be read is removed all the same.
+fn retire(controller: &Controller, dir: &Path) -> std::io::Result<()> {
+    match controller.delete_checkpoint(&StoreAddress::Dir(dir.to_path_buf())) {
+        Ok(merges) => {
+            for m in merges {
+                debug!(layer = %m.layer.display(), into = %m.into.display(), bytes = m.bytes, "disk layer merged");
+            }
+            remove_rest(dir)
+        }
+        Err(ControlError::Merge(e)) => {
+            warn!(
+                "{}: checkpoint deleted, but its disk layers stay: {}",
+                dir.display(),
+                chain(&e)
+            );
+            remove_rest(dir)
+        }
+        Err(ControlError::NotACheckpoint { .. }) => std::fs::remove_dir_all(dir),
+        Err(e) => Err(std::io::Error::other(chain(&e))),
+    }
+}
+
+/// What is left in a checkpoint directory the trigger made (a restore's COW files, say) goes
+/// with it.
+fn remove_rest(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn next_dir(dir: &Path) -> PathBuf {
@@ -107,12 +144,19 @@ async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
         Some((Outcome::Complete(m), _)) => {
             info!(out = %out.display(), pause_us = m.metrics.pause_us, "periodic checkpoint complete");
             if let Some(keep) = cfg.keep {
-                match prune(&cfg.dir, keep) {
-                    Ok(deleted) => {
+                let ctl = controller.clone();
+                let dir = cfg.dir.clone();
+                let pruned = tokio::task::spawn_blocking(move || {
+                    prune(&dir, keep, &mut |d| retire(&ctl, d))
+                })
+                .await;
+                match pruned {
+                    Ok(Ok(deleted)) => {
                         for d in deleted {
                             info!(dir = %d.display(), "old checkpoint deleted");
                         }
                     }
+                    Ok(Err(e)) => warn!("pruning {} failed: {e}", cfg.dir.display()),
                     Err(e) => warn!("pruning {} failed: {e}", cfg.dir.display()),
                 }
             }
@@ -188,13 +232,16 @@ mod tests {
         let other = tmp.path().join("mine");
         std::fs::create_dir(&other).unwrap();
         std::fs::write(other.join("COMPLETE"), b"x").unwrap();
-        let deleted = prune(tmp.path(), 2).unwrap();
+        let deleted = prune(tmp.path(), 2, &mut |p| std::fs::remove_dir_all(p)).unwrap();
         assert_eq!(deleted, vec![a.clone()]);
         assert!(!a.exists());
         for kept in [&b, &c, &d, &e, &other] {
             assert!(kept.exists(), "{}", kept.display());
         }
-        assert_eq!(prune(tmp.path(), 1).unwrap(), vec![c]);
+        assert_eq!(
+            prune(tmp.path(), 1, &mut |p| std::fs::remove_dir_all(p)).unwrap(),
+            vec![c]
+        );
         assert!(d.exists() && b.exists() && e.exists());
     }
 }

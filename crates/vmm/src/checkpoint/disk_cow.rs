@@ -22,7 +22,7 @@ use ckpt_format::{DiskConfig, DiskFormat, DiskPolicy, IoPolicy};
 use disk::{Format, Image};
 use tracing::info;
 
-use super::disk_chain::commit_and_rebase;
+use super::disk_chain::{commit_and_rebase, ChainLayers};
 use super::{CheckpointError, Refusal};
 use crate::devices::virtio::block::{BlockHandle, BlockState};
 
@@ -170,6 +170,13 @@ pub(super) fn switch_disks(
         h.switch_image(image).map_err(disk_err(i))?;
     }
     Ok(())
+}
+
+/// After the switch: the COW files switched to are layers the VM made.
+pub(super) fn record_layers(preps: &[DiskPrep], layers: &mut ChainLayers) {
+    for prep in preps.iter().filter(|p| p.image.is_none()) {
+        layers.made(&prep.overlay);
+    }
 }
 
 fn format_of(format: Format) -> DiskFormat {

@@ -34,6 +34,7 @@ use tracing::{info, info_span, warn};
 use vm_memory::GuestMemoryMmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use self::disk_chain::ChainLayers;
 use self::memory_cow::fork::{fork_writer, ForkedWriter};
 use self::memory_cow::uffd::UffdCow;
 use self::memory_cow::{stop, CowError, SaveCounters};
@@ -340,10 +341,11 @@ pub(crate) fn checkpoint(
     page_service: Option<&PageService>,
     request: &CheckpointRequest,
     progress: &Progress,
+    layers: &mut ChainLayers,
 ) -> Result<Manifest, CheckpointError> {
     let span = info_span!("checkpoint", store = %request.store.describe(), strategy = ?request.options.strategy);
     let _enter = span.enter();
-    let result = take_checkpoint(machine, page_service, request, progress);
+    let result = take_checkpoint(machine, page_service, request, progress, layers);
     progress.set_phase(if result.is_ok() {
         Phase::Done
     } else {
@@ -364,6 +366,7 @@ fn take_checkpoint(
     page_service: Option<&PageService>,
     request: &CheckpointRequest,
     progress: &Progress,
+    layers: &mut ChainLayers,
 ) -> Result<Manifest, CheckpointError> {
     let options = request.options;
     let disks = machine.devices.disks();
@@ -412,7 +415,9 @@ fn take_checkpoint(
     if let Some(probe) = &request.pause_probe {
         probe(&machine.memory);
     }
-    timeline.time("switch_disks", || disk_cow::switch_disks(disks, &mut preps))?;
+    let switched = timeline.time("switch_disks", || disk_cow::switch_disks(disks, &mut preps));
+    disk_cow::record_layers(&preps, layers);
+    switched?;
     timeline.time("resume", || {
         drop(frozen);
         guard.resume()
@@ -467,6 +472,9 @@ fn take_checkpoint(
     metrics.total_us = started.elapsed().as_micros() as u64;
     writer.set_metrics(metrics);
     let manifest = writer.finish().map_err(store_err(&request.store))?;
+    for disk in &manifest.vm.disks {
+        layers.retain(&disk.path);
+    }
     info!(
         pause_us,
         total_us = manifest.metrics.total_us,
