@@ -28,7 +28,8 @@ pub use checksum::{checksum, page_is_zero, zero_page_hash, Checksum};
 pub use error::{Error, Result};
 pub use manifest::{
     decode_state, encode_state, CheckpointOptions, DeviceConfig, DiskConfig, DiskFormat,
-    DiskPolicy, IoPolicy, Manifest, MemoryInfo, Metrics, Section, SectionEntry, Strategy, VmConfig,
+    DiskPolicy, IoPolicy, Manifest, MemoryInfo, Metrics, ParentRef, Section, SectionEntry,
+    Strategy, VmConfig,
 };
 pub use page_index::{PageEntry, PageIndex, PageState};
 pub use reader::{Checkpoint, VerifyReport};

@@ -6,15 +6,17 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `b"CVPGIDX\0"` |
-//! | 8 | 4 | index layout version (1) |
+//! | 8 | 4 | index layout version (1, or 2 when a page is in the parent) |
 //! | 12 | 4 | page size (4096) |
 //! | 16 | 8 | page count `n` |
 //! | 24 | 8 | reserved (0) |
-//! | 32 | `n` rounded up to 8 | one state byte per page: 0 = zero, 1 = present |
-//! | … | `8 n` | one u64 hash per page (the hash of a zero page for zero pages) |
+//! | 32 | `n` rounded up to 8 | one state byte per page: 0 = zero, 1 = present, 2 = in parent |
+//! | … | `8 n` | one u64 hash per page (the hash of a zero page for zero pages, 0 in parent) |
 //!
-//! A state *byte* (not a bit) leaves room for later states, such as "unchanged since the
-//! parent checkpoint" for incremental checkpoints.
+//! An incremental checkpoint marks the pages the guest has not written since its parent's
+//! instant "in parent": the image does not hold them, the parent's index (resolved down its own
+//! chain) says what they are. Such an index has layout version 2, which readers that know only
+//! version 1 refuse naming both versions; an index without such a page stays version 1.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -25,10 +27,13 @@ use crate::PAGE_SIZE;
 
 const MAGIC: &[u8; 8] = b"CVPGIDX\0";
 const INDEX_VERSION: u32 = 1;
+/// The layout of an index with pages in the parent.
+const INDEX_VERSION_CHAINED: u32 = 2;
 const HEADER_LEN: u64 = 32;
 
 const STATE_ZERO: u8 = 0;
 const STATE_PRESENT: u8 = 1;
+const STATE_PARENT: u8 = 2;
 /// Writer-only states, never on disk.
 const STATE_UNWRITTEN: u8 = 0xff;
 const STATE_CLAIMED: u8 = 0xfe;
@@ -40,6 +45,9 @@ pub enum PageState {
     Zero,
     /// Written to the image at `page * 4096` of the memory section.
     Present,
+    /// Not written since the parent checkpoint's instant: the parent holds it (its hash here
+    /// is 0; the parent's index has it).
+    Parent,
 }
 
 /// One page's entry.
@@ -78,6 +86,7 @@ impl PageIndex {
         let i = usize::try_from(page).ok()?;
         let state = match *self.states.get(i)? {
             STATE_ZERO => PageState::Zero,
+            STATE_PARENT => PageState::Parent,
             _ => PageState::Present,
         };
         Some(PageEntry {
@@ -89,6 +98,42 @@ impl PageIndex {
     /// Number of zero pages.
     pub fn zero_pages(&self) -> u64 {
         self.states.iter().filter(|&&s| s == STATE_ZERO).count() as u64
+    }
+
+    /// Number of pages in the parent.
+    pub fn parent_pages(&self) -> u64 {
+        self.states.iter().filter(|&&s| s == STATE_PARENT).count() as u64
+    }
+
+    /// Whether page `page` is in the parent (false past the end).
+    pub fn in_parent(&self, page: u64) -> bool {
+        usize::try_from(page)
+            .ok()
+            .and_then(|i| self.states.get(i))
+            .is_some_and(|&s| s == STATE_PARENT)
+    }
+
+    /// Resolves an incremental checkpoint's index against its parent's (itself resolved): every
+    /// page in the parent takes the parent's entry. Fails if the page counts differ.
+    pub fn resolve(&self, parent: &PageIndex) -> Result<PageIndex> {
+        if parent.pages() != self.pages() {
+            return Err(Error::corrupt(
+                "section page-index",
+                format!(
+                    "{} pages, its parent's has {}",
+                    self.pages(),
+                    parent.pages()
+                ),
+            ));
+        }
+        let mut resolved = self.clone();
+        for (i, state) in resolved.states.iter_mut().enumerate() {
+            if *state == STATE_PARENT {
+                *state = parent.states[i];
+                resolved.hashes[i] = parent.hashes[i];
+            }
+        }
+        Ok(resolved)
     }
 
     /// Maximal runs of zero pages, in increasing order (a restore that maps a raw device whose
@@ -116,7 +161,12 @@ impl PageIndex {
         let pages = self.pages();
         let mut out = Vec::with_capacity(Self::encoded_len(pages) as usize);
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        let version = if self.states.contains(&STATE_PARENT) {
+            INDEX_VERSION_CHAINED
+        } else {
+            INDEX_VERSION
+        };
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
         out.extend_from_slice(&pages.to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes());
@@ -146,11 +196,12 @@ impl PageIndex {
                 found: String::from_utf8_lossy(&bytes[..8]).into_owned(),
             });
         }
-        if u32_at(8) != INDEX_VERSION {
+        let version = u32_at(8);
+        if version != INDEX_VERSION && version != INDEX_VERSION_CHAINED {
             return Err(Error::UnsupportedVersion {
                 what: "page index",
-                found: u32_at(8),
-                supported: INDEX_VERSION,
+                found: version,
+                supported: INDEX_VERSION_CHAINED,
             });
         }
         if u32_at(12) as usize != PAGE_SIZE {
@@ -172,10 +223,12 @@ impl PageIndex {
         let n = pages as usize;
         let states_at = HEADER_LEN as usize;
         let states = bytes[states_at..states_at + n].to_vec();
-        if let Some(page) = states
-            .iter()
-            .position(|&s| s != STATE_ZERO && s != STATE_PRESENT)
-        {
+        let known = |s: u8| {
+            s == STATE_ZERO
+                || s == STATE_PRESENT
+                || (s == STATE_PARENT && version == INDEX_VERSION_CHAINED)
+        };
+        if let Some(page) = states.iter().position(|&s| !known(s)) {
             return Err(bad(format!(
                 "page {page} has unknown state {}",
                 states[page]
@@ -226,6 +279,13 @@ impl PageTable {
         .map_err(|_| Error::PageWrittenTwice { page })
     }
 
+    /// Records `page`, not yet claimed, as in the parent; fails if it was claimed before.
+    pub(crate) fn keep_in_parent(&self, page: u64) -> Result<()> {
+        self.claim(page)?;
+        self.states[page as usize].store(STATE_PARENT, Ordering::Release);
+        Ok(())
+    }
+
     /// Returns a claimed page to unwritten (its write failed).
     pub(crate) fn unclaim(&self, page: u64) {
         self.states[page as usize].store(STATE_UNWRITTEN, Ordering::Release);
@@ -262,14 +322,12 @@ impl PageTable {
             .iter()
             .map(|s| s.load(Ordering::Acquire))
             .collect();
-        let missing = states
-            .iter()
-            .filter(|&&s| s != STATE_ZERO && s != STATE_PRESENT)
-            .count() as u64;
+        let unwritten = |s: u8| s == STATE_UNWRITTEN || s == STATE_CLAIMED;
+        let missing = states.iter().filter(|&&s| unwritten(s)).count() as u64;
         if missing > 0 {
             let page = states
                 .iter()
-                .position(|&s| s != STATE_ZERO && s != STATE_PRESENT)
+                .position(|&s| unwritten(s))
                 .expect("a missing page exists") as u64;
             return Err(Error::PageMissing {
                 page,
@@ -294,6 +352,7 @@ impl PageIndex {
             .map(|e| match e.state {
                 PageState::Zero => (STATE_ZERO, zero_page_hash()),
                 PageState::Present => (STATE_PRESENT, e.hash),
+                PageState::Parent => (STATE_PARENT, 0),
             })
             .unzip();
         PageIndex { states, hashes }
@@ -328,6 +387,40 @@ mod tests {
         bad[32 + 2] = 7;
         assert!(matches!(
             PageIndex::decode(&bad, 13),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn parent_pages_need_version_2_and_resolve() {
+        let entry = |state, hash| PageEntry { state, hash };
+        let parent = PageIndex::from_entries([
+            entry(PageState::Present, 1),
+            entry(PageState::Zero, 0),
+            entry(PageState::Present, 3),
+        ]);
+        assert_eq!(
+            u32::from_le_bytes(parent.encode()[8..12].try_into().unwrap()),
+            1
+        );
+        let child = PageIndex::from_entries([
+            entry(PageState::Parent, 0),
+            entry(PageState::Present, 7),
+            entry(PageState::Parent, 0),
+        ]);
+        let mut bytes = child.encode();
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
+        assert_eq!(PageIndex::decode(&bytes, 3).unwrap(), child);
+        assert_eq!(child.parent_pages(), 2);
+        let resolved = child.resolve(&parent).unwrap();
+        assert_eq!(resolved.entry(0), Some(entry(PageState::Present, 1)));
+        assert_eq!(resolved.entry(1), Some(entry(PageState::Present, 7)));
+        assert_eq!(resolved.entry(2), Some(entry(PageState::Present, 3)));
+        assert!(child.resolve(&PageIndex::from_entries([])).is_err());
+        // A version 1 index has no parent pages.
+        bytes[8] = 1;
+        assert!(matches!(
+            PageIndex::decode(&bytes, 3),
             Err(Error::Corrupt { .. })
         ));
     }

@@ -35,7 +35,8 @@ use serde::{Deserialize, Serialize};
 use crate::checksum::{checksum, page_is_zero, zero_page_hash, Checksum};
 use crate::error::{Error, Result};
 use crate::manifest::{
-    now, CheckpointOptions, Manifest, MemoryInfo, Metrics, Section, SectionEntry, VmConfig,
+    now, CheckpointOptions, Manifest, MemoryInfo, Metrics, ParentRef, Section, SectionEntry,
+    VmConfig,
 };
 use crate::page_index::{PageIndex, PageTable};
 use crate::store::{Layout, Store, StoreWriter};
@@ -55,6 +56,9 @@ pub struct MemoryReport {
     pub zero_pages: u64,
     /// Bytes of memory written.
     pub bytes_written: u64,
+    /// Pages left in the parent checkpoint.
+    #[serde(default)]
+    pub pages_in_parent: u64,
 }
 
 /// Progress of the memory write-out, for a progress bar.
@@ -188,6 +192,25 @@ impl MemoryWriter {
         Ok(())
     }
 
+    /// Records pages `first..first + count` as unchanged since the parent checkpoint's instant:
+    /// not written, the parent holds them. Fails if any of them was saved already.
+    pub fn keep_in_parent(&self, first: u64, count: u64) -> Result<()> {
+        let pages = self.table.pages();
+        if first >= pages || pages - first < count {
+            return Err(Error::PageOutOfRange {
+                page: first.saturating_add(count).saturating_sub(1).max(first),
+                pages,
+            });
+        }
+        for page in first..first + count {
+            self.table.keep_in_parent(page)?;
+        }
+        // A store that assembles objects of many pages learns that these need no bytes.
+        self.store.zero_memory(first * PAGE, count * PAGE)?;
+        self.pages_done.fetch_add(count, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Progress so far (cheap: three relaxed loads).
     pub fn progress(&self) -> Progress {
         Progress {
@@ -214,6 +237,7 @@ pub struct CheckpointWriter {
     options: CheckpointOptions,
     metrics: Metrics,
     hot_pages: Vec<u64>,
+    parent: Option<ParentRef>,
     created: (u64, String),
     /// The process whose writer this is, and which alone discards an unfinished checkpoint;
     /// `None` once finished or discarded, and in a [`fork_copy`](Self::fork_copy).
@@ -257,6 +281,7 @@ impl CheckpointWriter {
             options: CheckpointOptions::default(),
             metrics: Metrics::default(),
             hot_pages: Vec::new(),
+            parent: None,
             created: now(),
             discarder: Some(std::process::id()),
         })
@@ -317,6 +342,12 @@ impl CheckpointWriter {
         self.hot_pages = pages;
     }
 
+    /// Records the checkpoint this one is incremental to (whose pages the memory writer kept
+    /// with [`MemoryWriter::keep_in_parent`]).
+    pub fn set_parent(&mut self, parent: ParentRef) {
+        self.parent = Some(parent);
+    }
+
     /// Overrides the creation time (milliseconds since the Unix epoch).
     pub fn set_created_unix_ms(&mut self, ms: u64) {
         self.created = (ms, crate::manifest::rfc3339_utc(ms));
@@ -350,6 +381,7 @@ impl CheckpointWriter {
             pages: index.pages(),
             zero_pages: index.zero_pages(),
             bytes_written: progress.bytes_written,
+            pages_in_parent: index.parent_pages(),
         };
         self.memory_report = Some(report.clone());
         Ok(report)
@@ -385,6 +417,13 @@ impl CheckpointWriter {
             });
         }
         let index = PageIndex::decode(&bytes, pages)?;
+        if index.parent_pages() != report.pages_in_parent {
+            return Err(bad(format!(
+                "{} pages in the parent reported, index has {}",
+                report.pages_in_parent,
+                index.parent_pages()
+            )));
+        }
         if index.zero_pages() != report.zero_pages {
             return Err(bad(format!(
                 "{} zero pages reported, index has {}",
@@ -418,6 +457,7 @@ impl CheckpointWriter {
             options: self.options,
             metrics: self.metrics.clone(),
             hot_pages: self.hot_pages.clone(),
+            parent: self.parent.clone(),
             created: self.created.clone(),
             discarder: None,
         }
@@ -447,6 +487,16 @@ impl CheckpointWriter {
         let mut metrics = std::mem::take(&mut self.metrics);
         metrics.bytes_written = report.bytes_written + state.length + report.page_index.length;
         metrics.zero_pages = report.zero_pages;
+        metrics.pages_in_parent = report.pages_in_parent;
+        if report.pages_in_parent > 0 && self.parent.is_none() {
+            return Err(Error::corrupt(
+                "section page-index",
+                format!(
+                    "{} pages in the parent, but no parent is named",
+                    report.pages_in_parent
+                ),
+            ));
+        }
         let manifest = Manifest {
             format: FORMAT_NAME.to_string(),
             format_version: FORMAT_VERSION,
@@ -462,6 +512,7 @@ impl CheckpointWriter {
                 std::mem::take(&mut self.hot_pages),
             ),
             sections: vec![state, report.page_index, memory],
+            parent: self.parent.take(),
         };
         let bytes = manifest.to_json()?;
         let location = self.store.write_section(Section::Manifest, &bytes)?;
