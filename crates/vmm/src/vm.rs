@@ -13,6 +13,7 @@ use crate::builder::{self, Console, Machine, Parts, Start, VmError, VmSummary, M
 use crate::checkpoint::restore::{
     self, MemoryMode, RestoreError, RestoreOptions, RestoreRecord, RestoreStats,
 };
+use crate::checkpoint::dirty::DirtyLog;
 use crate::checkpoint::{self, CheckpointError, CheckpointRequest, Progress, StoreSpec};
 use crate::devices::virtio::block::{BlockHandle, DiskConfig};
 use crate::devices::Bus;
@@ -49,6 +50,8 @@ pub struct Vm {
     checkpoints: Mutex<()>,
     /// How a restored VM got its memory; its page service while it may still serve memory.
     restore: Option<RestoreRecord>,
+    /// The pages written since each recent checkpoint, for incremental ones.
+    dirty: DirtyLog,
 }
 
 impl std::fmt::Debug for Vm {
@@ -63,6 +66,7 @@ impl std::fmt::Debug for Vm {
 impl Vm {
     fn new(machine: Machine, restore: Option<RestoreRecord>) -> Vm {
         Vm {
+            dirty: DirtyLog::new(&memory::ram_regions(&machine.memory)),
             machine,
             checkpoints: Mutex::new(()),
             restore,
@@ -152,7 +156,13 @@ impl Vm {
             .checkpoints
             .try_lock()
             .map_err(|_| CheckpointError::Busy)?;
-        checkpoint::checkpoint(&self.machine, self.page_service(), request, progress)
+        checkpoint::checkpoint(
+            &self.machine,
+            self.page_service(),
+            &self.dirty,
+            request,
+            progress,
+        )
     }
 
     /// What the VM was built from.

@@ -1,6 +1,6 @@
-//! `cowvm checkpoint --api-sock SOCK --out DIR [--strategy] [--io] [--disk] [--json]`: takes a
-//! checkpoint of a running VM, shows its progress, waits until it is complete and prints its
-//! metrics.
+//! `cowvm checkpoint --api-sock SOCK --out DIR [--parent STORE] [--strategy] [--io] [--disk]
+//! [--json]`: takes a checkpoint of a running VM, shows its progress, waits until it is complete
+//! and prints its metrics.
 
 use std::path::{Component, PathBuf};
 use std::process::ExitCode;
@@ -43,6 +43,11 @@ pub struct CheckpointArgs {
     /// What happens to the parent disk image.
     #[arg(long, value_enum, default_value_t)]
     disk: DiskArg,
+    /// Take an incremental checkpoint: only the pages written since this checkpoint (a complete
+    /// checkpoint of this VM taken by the same process) are written; a restore reads the others
+    /// from it.
+    #[arg(long, value_name = "STORE")]
+    parent: Option<String>,
 }
 
 /// What `--json` prints: the job, its options, and its metrics at top level.
@@ -95,6 +100,11 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
         strategy: args.strategy,
         io: args.io,
         disk: args.disk,
+        parent: args
+            .parent
+            .as_deref()
+            .map(|p| absolute(p, "--parent"))
+            .transpose()?,
     };
     let job = block_on(async {
         let mut job: CheckpointJob = client

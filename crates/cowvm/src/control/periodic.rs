@@ -86,6 +86,7 @@ async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
         store: StoreAddress::Dir(out.clone()),
         s3_endpoint: None,
         options: cfg.options,
+        parent: None,
     };
     let ctl = controller.clone();
     let started = tokio::task::spawn_blocking(move || ctl.start_checkpoint(spec)).await;

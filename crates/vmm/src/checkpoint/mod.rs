@@ -17,6 +17,7 @@
 
 pub mod disk_chain;
 mod disk_cow;
+pub mod dirty;
 pub(crate) mod memory_cow;
 pub(crate) mod restore;
 
@@ -26,20 +27,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ckpt_format::{
-    CheckpointOptions, CheckpointWriter, DeviceConfig, DirStore, DiskPolicy, IoPolicy, Layout,
-    Manifest, MemStore, MemoryWriter, Metrics, RawStore, S3Store, Store, Strategy,
+    CheckpointOptions, CheckpointWriter, Checksum, DeviceConfig, DirStore, DiskPolicy, IoPolicy,
+    Layout, Manifest, MemStore, MemoryWriter, Metrics, ParentRef, RawStore, S3Store, Store,
+    Strategy,
 };
 use thiserror::Error;
 use tracing::{info, info_span, warn};
 use vm_memory::GuestMemoryMmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use self::dirty::{BothObservers, DirtyLog, DirtyLogRefusal, PageBits};
 use self::memory_cow::fork::{fork_writer, ForkedWriter};
 use self::memory_cow::uffd::UffdCow;
 use self::memory_cow::{stop, CowError, SaveCounters};
 use crate::builder::{Machine, MachineState, VmError, VmSummary};
 use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::virtio::block::BlockHandle;
+use crate::devices::virtio::DmaObserver;
 use crate::error::ErrorKind;
 use crate::exit::VmExit;
 use crate::kvm::vcpu::{PauseGuard, VcpuControl};
@@ -96,6 +100,15 @@ pub enum CheckpointError {
         #[source]
         source: crate::devices::virtio::block::BlockError,
     },
+    /// The parent of an incremental checkpoint cannot be read.
+    #[error("parent checkpoint {address}")]
+    Parent {
+        /// The parent's address.
+        address: String,
+        /// Cause.
+        #[source]
+        source: ckpt_format::Error,
+    },
     /// A disk has no image to put a COW file over.
     #[error("disk {0} has no image")]
     NoImage(usize),
@@ -138,11 +151,19 @@ impl CheckpointError {
 }
 
 /// Why a checkpoint request is refused before anything is done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum Refusal {
     /// `copy-commit` copies the disks into the store, which only a directory store can hold.
     #[error("disk copy-commit needs a directory store to hold the disk copy")]
     CopyCommitNeedsDirectory,
+    /// The parent of an incremental checkpoint cannot be one.
+    #[error("parent checkpoint {address} cannot be the parent: {reason}")]
+    Parent {
+        /// The parent's address.
+        address: String,
+        /// Why.
+        reason: DirtyLogRefusal,
+    },
 }
 
 /// Where a checkpoint goes.
@@ -208,6 +229,18 @@ pub struct CheckpointRequest {
     pub options: CheckpointOptions,
     /// Optional observer of the checkpoint instant.
     pub pause_probe: Option<PauseProbe>,
+    /// For an incremental checkpoint, its parent: a complete checkpoint of this VM taken by this
+    /// process. Only the pages written since the parent's instant are written.
+    pub parent: Option<ParentSpec>,
+}
+
+/// The parent of an incremental checkpoint.
+#[derive(Debug, Clone)]
+pub struct ParentSpec {
+    /// Its address, as the manifest records it (`DIR`, `raw:PATH` or `s3://BUCKET/PREFIX`).
+    pub address: String,
+    /// Its store.
+    pub store: StoreSpec,
 }
 
 impl CheckpointRequest {
@@ -229,6 +262,7 @@ impl std::fmt::Debug for CheckpointRequest {
             .field("store", &self.store)
             .field("options", &self.options)
             .field("pause_probe", &self.pause_probe.is_some())
+            .field("parent", &self.parent.as_ref().map(|p| &p.address))
             .finish()
     }
 }
@@ -338,12 +372,13 @@ enum MemoryCow {
 pub(crate) fn checkpoint(
     machine: &Machine,
     page_service: Option<&PageService>,
+    dirty: &DirtyLog,
     request: &CheckpointRequest,
     progress: &Progress,
 ) -> Result<Manifest, CheckpointError> {
     let span = info_span!("checkpoint", store = %request.store.describe(), strategy = ?request.options.strategy);
     let _enter = span.enter();
-    let result = take_checkpoint(machine, page_service, request, progress);
+    let result = take_checkpoint(machine, page_service, dirty, request, progress);
     progress.set_phase(if result.is_ok() {
         Phase::Done
     } else {
@@ -359,9 +394,38 @@ fn store_err(store: &StoreSpec) -> impl FnOnce(ckpt_format::Error) -> Checkpoint
     }
 }
 
+/// The manifest checksum of the complete checkpoint in the parent's store, refused unless this
+/// VM's dirty log knows it.
+fn check_parent(parent: &ParentSpec, dirty: &DirtyLog) -> Result<u64, CheckpointError> {
+    let unreadable = |source| CheckpointError::Parent {
+        address: parent.address.clone(),
+        source,
+    };
+    let commit = parent
+        .store
+        .store()
+        .open()
+        .and_then(|r| r.read_commit())
+        .map_err(unreadable)?
+        .ok_or_else(|| {
+            unreadable(ckpt_format::Error::Incomplete {
+                store: parent.store.describe(),
+            })
+        })?;
+    let checksum = commit.checksum.map_or(0, |c| c.0);
+    dirty
+        .check_parent(checksum)
+        .map_err(|reason| Refusal::Parent {
+            address: parent.address.clone(),
+            reason,
+        })?;
+    Ok(checksum)
+}
+
 fn take_checkpoint(
     machine: &Machine,
     page_service: Option<&PageService>,
+    dirty: &DirtyLog,
     request: &CheckpointRequest,
     progress: &Progress,
 ) -> Result<Manifest, CheckpointError> {
@@ -371,6 +435,10 @@ fn take_checkpoint(
         return Err(CheckpointError::Exited(exit));
     }
     request.validate(disks.len())?;
+    let parent = match &request.parent {
+        Some(p) => Some((p, check_parent(p, dirty)?)),
+        None => None,
+    };
     let started = Instant::now();
     let mut timeline = Timeline::default();
     let regions = ram_regions(&machine.memory);
@@ -398,17 +466,32 @@ fn take_checkpoint(
         strategy: cow.strategy(),
         ..options
     };
+    timeline.time("prepare_dirty_log", || {
+        dirty.prepare(&machine.vm, &machine.memory)
+    });
 
     progress.set_phase(Phase::Paused);
     let pause_start = Instant::now();
     let (guard, frozen) = timeline.time("quiesce", || quiesce(machine, options.io))?;
+    let in_parent = timeline.time("dirty_log", || {
+        in_parent_pages(dirty, machine, parent.map(|(p, sum)| (p.address.as_str(), sum)))
+    })?;
     let counters = SaveCounters::default();
     timeline.time("mark_memory_cow", || {
-        mark_memory_cow(disks, &mut cow, &regions, &mut writer, &counters)
+        mark_memory_cow(
+            disks,
+            &mut cow,
+            &regions,
+            &mut writer,
+            &counters,
+            in_parent.as_ref(),
+            dirty,
+        )
     })?;
     let state = timeline.time("save_state", || {
         save_state(&machine.vm, &machine.devices, &guard)
     })?;
+    dirty.in_flight(&state.devices.blocks);
     if let Some(probe) = &request.pause_probe {
         probe(&machine.memory);
     }
@@ -427,7 +510,7 @@ fn take_checkpoint(
         .map_err(store_err(&request.store))?;
     progress.watch(Some(writer.memory().clone()));
     let written = timeline.time("write_out", || {
-        write_out(disks, cow, &mut writer, &counters)
+        write_out(disks, cow, &mut writer, &counters, dirty.observer())
     });
     progress.watch(None);
     let (by_fault, in_background) = written?;
@@ -446,6 +529,12 @@ fn take_checkpoint(
         )
     })?;
 
+    if let Some((p, sum)) = parent {
+        writer.set_parent(ParentRef {
+            address: p.address.clone(),
+            manifest_checksum: Checksum(sum),
+        });
+    }
     writer.set_vm_config(vm_config(&machine.summary, disk_configs));
     writer.set_options(options);
     writer.set_created_unix_ms(
@@ -467,6 +556,8 @@ fn take_checkpoint(
     metrics.total_us = started.elapsed().as_micros() as u64;
     writer.set_metrics(metrics);
     let manifest = writer.finish().map_err(store_err(&request.store))?;
+    let json = manifest.to_json().map_err(store_err(&request.store))?;
+    dirty.completed(Checksum::of(&json).0);
     info!(
         pause_us,
         total_us = manifest.metrics.total_us,
@@ -547,25 +638,55 @@ fn quiesce(
     Ok((guard, frozen))
 }
 
-/// Phase 3, in the pause: make memory copy-on-write (or, for `stop`, copy it now).
+/// In the pause, before memory is marked: the instant of the dirty log. For an incremental
+/// checkpoint, the pages unchanged since its parent's instant (kept in the parent).
+fn in_parent_pages(
+    dirty: &DirtyLog,
+    machine: &Machine,
+    parent: Option<(&str, u64)>,
+) -> Result<Option<Arc<PageBits>>, CheckpointError> {
+    let written = dirty
+        .instant(&machine.vm, parent.map(|(_, sum)| sum))
+        .map_err(|reason| Refusal::Parent {
+            address: parent.map(|(a, _)| a.to_string()).unwrap_or_default(),
+            reason,
+        })?;
+    Ok(written.map(|w| Arc::new(w.complement())))
+}
+
+/// Phase 3, in the pause: make memory copy-on-write (or, for `stop`, copy it now), keeping the
+/// pages of `in_parent` in the parent checkpoint. Every disk carries the dirty log's observer
+/// from now on (with the `uffd` saver while the checkpoint runs).
 fn mark_memory_cow(
     disks: &[BlockHandle],
     cow: &mut MemoryCow,
     regions: &[RamRegion],
     writer: &mut CheckpointWriter,
     counters: &SaveCounters,
+    in_parent: Option<&Arc<PageBits>>,
+    dirty: &DirtyLog,
 ) -> Result<(), CheckpointError> {
-    match cow {
+    let first = dirty.observer_first_installed();
+    let observer: Option<Arc<dyn DmaObserver>> = match cow {
         MemoryCow::Uffd(u) => {
-            u.seal(writer.memory().clone())?;
+            u.seal(writer.memory().clone(), in_parent.cloned())?;
             // New disk reads must not overwrite originals: they are saved first (M11).
-            for (i, h) in disks.iter().enumerate() {
-                h.set_dma_observer(Some(u.observer()))
-                    .map_err(|source| CheckpointError::Disk { index: i, source })?;
-            }
+            Some(Arc::new(BothObservers(u.observer(), dirty.observer())))
         }
-        MemoryCow::Fork(child) => *child = Some(fork_writer(regions, writer)?),
-        MemoryCow::Stop => stop::copy_while_paused(regions, writer.memory(), counters)?,
+        MemoryCow::Fork(child) => {
+            *child = Some(fork_writer(regions, writer, in_parent.map(|k| &**k))?);
+            first.then(|| dirty.observer())
+        }
+        MemoryCow::Stop => {
+            stop::copy_while_paused(regions, writer.memory(), counters, in_parent.map(|k| &**k))?;
+            first.then(|| dirty.observer())
+        }
+    };
+    for (i, h) in disks.iter().enumerate() {
+        if let Some(o) = &observer {
+            h.set_dma_observer(Some(o.clone()))
+                .map_err(|source| CheckpointError::Disk { index: i, source })?;
+        }
     }
     Ok(())
 }
@@ -594,6 +715,7 @@ fn write_out(
     cow: MemoryCow,
     writer: &mut CheckpointWriter,
     counters: &SaveCounters,
+    tracker: Arc<dyn DmaObserver>,
 ) -> Result<(u64, u64), CheckpointError> {
     match cow {
         MemoryCow::Uffd(mut u) => {
@@ -601,9 +723,9 @@ fn write_out(
             u.wait_background()?;
             // Every block is saved: the hot set is complete.
             writer.set_hot_pages(u.hot_pages());
-            // The observers hold the store writer's queue open.
+            // The observers hold the store writer's queue open; the dirty log's stays.
             for h in disks {
-                if let Err(e) = h.set_dma_observer(None) {
+                if let Err(e) = h.set_dma_observer(Some(tracker.clone())) {
                     warn!("cannot remove a disk's DMA observer: {e}");
                 }
             }
