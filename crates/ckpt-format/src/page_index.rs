@@ -282,8 +282,14 @@ impl PageTable {
     /// Records `page`, not yet claimed, as in the parent; fails if it was claimed before.
     pub(crate) fn keep_in_parent(&self, page: u64) -> Result<()> {
         self.claim(page)?;
-        self.states[page as usize].store(STATE_PARENT, Ordering::Release);
+        self.complete_in_parent(page);
         Ok(())
+    }
+
+    /// Records a claimed page as in the parent.
+    pub(crate) fn complete_in_parent(&self, page: u64) {
+        self.hashes[page as usize].store(0, Ordering::Relaxed);
+        self.states[page as usize].store(STATE_PARENT, Ordering::Release);
     }
 
     /// Returns a claimed page to unwritten (its write failed).

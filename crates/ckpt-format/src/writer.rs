@@ -28,7 +28,7 @@
 //! child must report progress itself (e.g. over the same pipe).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -38,7 +38,7 @@ use crate::manifest::{
     now, CheckpointOptions, Manifest, MemoryInfo, Metrics, ParentRef, Section, SectionEntry,
     VmConfig,
 };
-use crate::page_index::{PageIndex, PageTable};
+use crate::page_index::{PageIndex, PageState, PageTable};
 use crate::store::{Layout, Store, StoreWriter};
 use crate::{FORMAT_NAME, FORMAT_VERSION, PAGE_SIZE};
 
@@ -85,6 +85,9 @@ pub struct MemoryWriter {
     pages_done: AtomicU64,
     zero_pages: AtomicU64,
     bytes_written: AtomicU64,
+    /// The parent checkpoint's index, resolved: a page saved with the content it had there is
+    /// kept in the parent rather than written.
+    parent: OnceLock<Arc<PageIndex>>,
 }
 
 impl std::fmt::Debug for PageTable {
@@ -136,15 +139,47 @@ impl MemoryWriter {
         result
     }
 
+    /// Compares the pages saved from now on with `parent`, the resolved index of the parent
+    /// of an incremental checkpoint: a page whose hash equals its hash there (a page written
+    /// back with the same content, or reported written when only read) is kept in the parent.
+    /// Once per writer, before any page is saved.
+    pub fn compare_with_parent(&self, parent: Arc<PageIndex>) -> Result<()> {
+        if parent.pages() != self.table.pages() {
+            return Err(Error::corrupt(
+                "parent page index",
+                format!(
+                    "{} pages, the checkpoint has {}",
+                    parent.pages(),
+                    self.table.pages()
+                ),
+            ));
+        }
+        self.parent
+            .set(parent)
+            .map_err(|_| Error::SectionWrittenTwice {
+                section: "parent page index",
+            })
+    }
+
     fn write_claimed(&self, first: u64, data: &[u8]) -> Result<()> {
+        // Per page: None = zero, Some((hash, false)) = written, Some((hash, true)) = in parent.
         let mut hashes = Vec::with_capacity(data.len() / PAGE_SIZE);
         let mut run_start: Option<usize> = None;
         let mut zeros = 0;
         let mut written = 0;
+        let parent = self.parent.get();
         for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
             let zero = page_is_zero(page);
-            hashes.push(if zero { None } else { Some(checksum(page)) });
-            match (zero, run_start) {
+            let hash = (!zero).then(|| checksum(page));
+            let unchanged = hash.is_some_and(|h| {
+                parent
+                    .and_then(|p| p.entry(first + i as u64))
+                    .is_some_and(|e| e.state == PageState::Present && e.hash == h)
+            });
+            hashes.push(hash.map(|h| (h, unchanged)));
+            // Pages not written: zero, or unchanged since the parent.
+            let skip = zero || unchanged;
+            match (skip, run_start) {
                 (true, Some(s)) => {
                     self.store.write_memory(
                         (first + s as u64) * PAGE,
@@ -164,9 +199,10 @@ impl MemoryWriter {
             written += data.len() - s * PAGE_SIZE;
         }
         let mut i = 0;
+        let skipped = |h: &Option<(u64, bool)>| h.is_none_or(|(_, unchanged)| unchanged);
         while i < hashes.len() {
             let start = i;
-            while i < hashes.len() && hashes[i].is_none() {
+            while i < hashes.len() && skipped(&hashes[i]) {
                 i += 1;
             }
             if i > start {
@@ -180,7 +216,8 @@ impl MemoryWriter {
         for (i, hash) in hashes.into_iter().enumerate() {
             let page = first + i as u64;
             match hash {
-                Some(h) => self.table.complete(page, false, h),
+                Some((_, true)) => self.table.complete_in_parent(page),
+                Some((h, false)) => self.table.complete(page, false, h),
                 None => self.table.complete(page, true, zero_page_hash()),
             }
         }
@@ -233,6 +270,8 @@ pub struct CheckpointWriter {
     mem_size: u64,
     state: Option<SectionEntry>,
     memory_report: Option<MemoryReport>,
+    /// The page index, once memory is finished or adopted.
+    index: Option<PageIndex>,
     vm: VmConfig,
     options: CheckpointOptions,
     metrics: Metrics,
@@ -270,6 +309,7 @@ impl CheckpointWriter {
             pages_done: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
+            parent: OnceLock::new(),
         });
         Ok(CheckpointWriter {
             store,
@@ -277,6 +317,7 @@ impl CheckpointWriter {
             mem_size: layout.mem_size,
             state: None,
             memory_report: None,
+            index: None,
             vm: VmConfig::default(),
             options: CheckpointOptions::default(),
             metrics: Metrics::default(),
@@ -384,7 +425,18 @@ impl CheckpointWriter {
             pages_in_parent: index.parent_pages(),
         };
         self.memory_report = Some(report.clone());
+        self.index = Some(index);
         Ok(report)
+    }
+
+    /// The page index as written (pages in the parent marked so), finishing the memory
+    /// write-out first if need be (see [`finish_memory`](Self::finish_memory)).
+    pub fn memory_index(&mut self) -> Result<&PageIndex> {
+        self.finish_memory()?;
+        Ok(self
+            .index
+            .as_ref()
+            .expect("set with the memory report, by finish_memory or adopt_memory"))
     }
 
     /// Takes over the memory write-out done by another process (the `fork` child) from its
@@ -432,6 +484,7 @@ impl CheckpointWriter {
             )));
         }
         self.memory_report = Some(report);
+        self.index = Some(index);
         Ok(())
     }
 
@@ -446,6 +499,7 @@ impl CheckpointWriter {
             pages_done: AtomicU64::new(self.memory.pages_done.load(Ordering::Relaxed)),
             zero_pages: AtomicU64::new(self.memory.zero_pages.load(Ordering::Relaxed)),
             bytes_written: AtomicU64::new(self.memory.bytes_written.load(Ordering::Relaxed)),
+            parent: self.memory.parent.clone(),
         });
         CheckpointWriter {
             store: Arc::clone(&self.store),
@@ -453,6 +507,7 @@ impl CheckpointWriter {
             mem_size: self.mem_size,
             state: self.state.clone(),
             memory_report: self.memory_report.clone(),
+            index: self.index.clone(),
             vm: self.vm.clone(),
             options: self.options,
             metrics: self.metrics.clone(),

@@ -10,10 +10,10 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::boot::BootSpec;
 use crate::builder::{self, Console, Machine, Parts, Start, VmError, VmSummary, MAX_VCPUS};
+use crate::checkpoint::dirty::DirtyLog;
 use crate::checkpoint::restore::{
     self, MemoryMode, RestoreError, RestoreOptions, RestoreRecord, RestoreStats,
 };
-use crate::checkpoint::dirty::DirtyLog;
 use crate::checkpoint::{self, CheckpointError, CheckpointRequest, Progress, StoreSpec};
 use crate::devices::virtio::block::{BlockHandle, DiskConfig};
 use crate::devices::Bus;

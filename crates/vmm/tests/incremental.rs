@@ -122,8 +122,13 @@ fn a_chain_of_ten_incremental_checkpoints_restores_without_divergence() {
     let mut manifests = Vec::new();
     for i in 0..11 {
         let dir = work.path().join(format!("ckpt{i}"));
-        let m = checkpoint(&vm, &dir, strategies[i % 3], dirs.last().map(PathBuf::as_path))
-            .unwrap_or_else(|e| panic!("checkpoint {i}: {e:?}"));
+        let m = checkpoint(
+            &vm,
+            &dir,
+            strategies[i % 3],
+            dirs.last().map(PathBuf::as_path),
+        )
+        .unwrap_or_else(|e| panic!("checkpoint {i}: {e:?}"));
         assert_eq!(m.parent.is_some(), i > 0);
         eprintln!(
             "checkpoint {i} ({:?}): {} bytes, {} pages in parent, pause {} us, phases {:?}",
@@ -166,7 +171,9 @@ fn a_chain_of_ten_incremental_checkpoints_restores_without_divergence() {
 
     // A missing parent refuses the restore, naming it.
     std::fs::rename(&dirs[4], work.path().join("moved")).unwrap();
-    let err = restore(&dirs[10], false).err().expect("a missing parent refused");
+    let err = restore(&dirs[10], false)
+        .err()
+        .expect("a missing parent refused");
     let text = format!("{:#}", anyhow_chain(&err));
     assert!(
         text.contains(&dirs[4].display().to_string()),
@@ -196,8 +203,7 @@ fn an_incremental_checkpoint_of_a_quiet_guest_is_small() {
     let full = checkpoint(&vm, &full_dir, Strategy::Uffd, None).expect("full checkpoint");
     console.wait_for("scan pass=", 2, RUN_LIMIT);
     let incr_dir = work.path().join("incr");
-    let incr =
-        checkpoint(&vm, &incr_dir, Strategy::Uffd, Some(&full_dir)).expect("incremental");
+    let incr = checkpoint(&vm, &incr_dir, Strategy::Uffd, Some(&full_dir)).expect("incremental");
     eprintln!(
         "full: {} bytes, {:?}; incremental: {} bytes, {} pages in parent, {:?}",
         full.metrics.bytes_written,
@@ -223,8 +229,13 @@ fn an_incremental_checkpoint_of_a_quiet_guest_is_small() {
 
     // A parent this VM did not take is refused before anything is written.
     let (other, _other_console) = boot_guest("scan mem=4M passes=0 every=50", 128 << 20, 1);
-    let err = checkpoint(&other, &work.path().join("foreign"), Strategy::Uffd, Some(&full_dir))
-        .expect_err("a foreign parent is refused");
+    let err = checkpoint(
+        &other,
+        &work.path().join("foreign"),
+        Strategy::Uffd,
+        Some(&full_dir),
+    )
+    .expect_err("a foreign parent is refused");
     assert!(
         matches!(err, CheckpointError::Refused(Refusal::Parent { .. })),
         "{err:?}"
@@ -235,7 +246,11 @@ fn an_incremental_checkpoint_of_a_quiet_guest_is_small() {
 
     let (restored, restored_console) = restore_plain(&incr_dir);
     let text = restored_console.wait_for("scan pass=", 1, RUN_LIMIT);
-    assert_eq!(sum(&text), expected, "the restored guest reads other memory");
+    assert_eq!(
+        sum(&text),
+        expected,
+        "the restored guest reads other memory"
+    );
     restored.stop();
 }
 

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use ckpt_format::PageIndex;
 use tracing::{debug, warn};
 use vm_memory::GuestMemoryMmap;
 
@@ -32,7 +33,8 @@ use crate::kvm::KvmVm;
 use crate::memory::{RamRegion, PAGE_SIZE};
 
 /// Complete checkpoints of this VM an incremental checkpoint may name as parent (the newest).
-pub(crate) const PARENTS_KEPT: usize = 16;
+/// Each costs a bit and a resolved page-index entry (9 bytes) per guest page.
+pub(crate) const PARENTS_KEPT: usize = 4;
 
 /// One bit per image page.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,9 +170,18 @@ struct LogState {
     logging: Logging,
     /// Pages written since the last instant, read from KVM so far.
     pending: PageBits,
-    /// For each recent complete checkpoint (its manifest checksum), the pages written since its
-    /// instant, newest last.
-    since: VecDeque<(u64, PageBits)>,
+    /// The recent complete checkpoints, newest last.
+    since: VecDeque<Since>,
+}
+
+/// A recent complete checkpoint of this VM.
+struct Since {
+    /// Its manifest checksum.
+    manifest_checksum: u64,
+    /// Its page index resolved down its chain: what each page held at its instant.
+    index: Arc<PageIndex>,
+    /// The pages written since its instant.
+    written: PageBits,
 }
 
 /// The dirty-page tracker of one VM.
@@ -222,17 +233,22 @@ impl DirtyLog {
         !self.observing.swap(true, Ordering::AcqRel)
     }
 
-    /// Refuses a parent that is not a recent complete checkpoint of this VM, or a host that
-    /// cannot log.
-    pub(crate) fn check_parent(&self, manifest_checksum: u64) -> Result<(), DirtyLogRefusal> {
+    /// The resolved page index of the parent, unless it is not a recent complete checkpoint of
+    /// this VM or this host cannot log.
+    pub(crate) fn check_parent(
+        &self,
+        manifest_checksum: u64,
+    ) -> Result<Arc<PageIndex>, DirtyLogRefusal> {
         let state = self.lock();
         if let Logging::Unsupported(why) = &state.logging {
             return Err(DirtyLogRefusal::Unsupported(why.clone()));
         }
-        if !state.since.iter().any(|(c, _)| *c == manifest_checksum) {
-            return Err(DirtyLogRefusal::UnknownParent);
-        }
-        Ok(())
+        state
+            .since
+            .iter()
+            .find(|s| s.manifest_checksum == manifest_checksum)
+            .map(|s| s.index.clone())
+            .ok_or(DirtyLogRefusal::UnknownParent)
     }
 
     /// While the VM runs, before the pause: turns logging on (first checkpoint), or reads and
@@ -240,13 +256,15 @@ impl DirtyLog {
     pub(crate) fn prepare(&self, vm: &KvmVm, memory: &GuestMemoryMmap) {
         let mut state = self.lock();
         match state.logging {
-            Logging::Off => match vm.log_dirty_pages(memory) {
-                Ok(()) => state.logging = Logging::On,
-                Err(e) => {
-                    warn!("KVM cannot log dirty pages, incremental checkpoints are unavailable: {e}");
-                    state.logging = Logging::Unsupported(e.to_string());
+            Logging::Off => {
+                match vm.log_dirty_pages(memory) {
+                    Ok(()) => state.logging = Logging::On,
+                    Err(e) => {
+                        warn!("KVM cannot log dirty pages, incremental checkpoints are unavailable: {e}");
+                        state.logging = Logging::Unsupported(e.to_string());
+                    }
                 }
-            },
+            }
             Logging::On => {
                 if let Err(e) = self.read_kvm(vm, &mut state) {
                     self.give_up(&mut state, e.to_string());
@@ -303,8 +321,8 @@ impl DirtyLog {
         for (w, word) in self.device.bits.iter().enumerate() {
             written.words[w] |= word.swap(0, Ordering::AcqRel);
         }
-        for (_, since) in state.since.iter_mut() {
-            since.or(&written);
+        for since in state.since.iter_mut() {
+            since.written.or(&written);
         }
         let result = match parent {
             None => None,
@@ -312,8 +330,8 @@ impl DirtyLog {
                 state
                     .since
                     .iter()
-                    .find(|(c, _)| *c == p)
-                    .map(|(_, s)| s.clone())
+                    .find(|s| s.manifest_checksum == p)
+                    .map(|s| s.written.clone())
                     .ok_or(DirtyLogRefusal::UnknownParent)?,
             ),
         };
@@ -337,15 +355,18 @@ impl DirtyLog {
         }
     }
 
-    /// A checkpoint whose instant was the last one completed: it may be a parent from now on.
-    pub(crate) fn completed(&self, manifest_checksum: u64) {
+    /// A checkpoint whose instant was the last one completed, with its resolved page index: it
+    /// may be a parent from now on.
+    pub(crate) fn completed(&self, manifest_checksum: u64, index: Arc<PageIndex>) {
         let mut state = self.lock();
         if !matches!(state.logging, Logging::On) {
             return;
         }
-        state
-            .since
-            .push_back((manifest_checksum, PageBits::new(self.pages)));
+        state.since.push_back(Since {
+            manifest_checksum,
+            index,
+            written: PageBits::new(self.pages),
+        });
         while state.since.len() > PARENTS_KEPT {
             state.since.pop_front();
         }

@@ -15,9 +15,9 @@
 //! checkpoint's memory, or in neither. vCPU state is read in the pause, after the vCPUs are
 //! parked, so no instruction retires between the register read and the memory freeze.
 
+pub mod dirty;
 pub mod disk_chain;
 mod disk_cow;
-pub mod dirty;
 pub(crate) mod memory_cow;
 pub(crate) mod restore;
 
@@ -28,8 +28,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ckpt_format::{
     CheckpointOptions, CheckpointWriter, Checksum, DeviceConfig, DirStore, DiskPolicy, IoPolicy,
-    Layout, Manifest, MemStore, MemoryWriter, Metrics, ParentRef, RawStore, S3Store, Store,
-    Strategy,
+    Layout, Manifest, MemStore, MemoryWriter, Metrics, PageIndex, ParentRef, RawStore, S3Store,
+    Store, Strategy,
 };
 use thiserror::Error;
 use tracing::{info, info_span, warn};
@@ -394,9 +394,12 @@ fn store_err(store: &StoreSpec) -> impl FnOnce(ckpt_format::Error) -> Checkpoint
     }
 }
 
-/// The manifest checksum of the complete checkpoint in the parent's store, refused unless this
-/// VM's dirty log knows it.
-fn check_parent(parent: &ParentSpec, dirty: &DirtyLog) -> Result<u64, CheckpointError> {
+/// The manifest checksum and resolved page index of the complete checkpoint in the parent's
+/// store, refused unless this VM's dirty log knows it.
+fn check_parent(
+    parent: &ParentSpec,
+    dirty: &DirtyLog,
+) -> Result<(u64, Arc<PageIndex>), CheckpointError> {
     let unreadable = |source| CheckpointError::Parent {
         address: parent.address.clone(),
         source,
@@ -413,13 +416,13 @@ fn check_parent(parent: &ParentSpec, dirty: &DirtyLog) -> Result<u64, Checkpoint
             })
         })?;
     let checksum = commit.checksum.map_or(0, |c| c.0);
-    dirty
+    let index = dirty
         .check_parent(checksum)
         .map_err(|reason| Refusal::Parent {
             address: parent.address.clone(),
             reason,
         })?;
-    Ok(checksum)
+    Ok((checksum, index))
 }
 
 fn take_checkpoint(
@@ -435,9 +438,12 @@ fn take_checkpoint(
         return Err(CheckpointError::Exited(exit));
     }
     request.validate(disks.len())?;
-    let parent = match &request.parent {
-        Some(p) => Some((p, check_parent(p, dirty)?)),
-        None => None,
+    let (parent, parent_index) = match &request.parent {
+        Some(p) => {
+            let (sum, index) = check_parent(p, dirty)?;
+            (Some((p, sum)), Some(index))
+        }
+        None => (None, None),
     };
     let started = Instant::now();
     let mut timeline = Timeline::default();
@@ -466,6 +472,12 @@ fn take_checkpoint(
         strategy: cow.strategy(),
         ..options
     };
+    if let Some(index) = &parent_index {
+        writer
+            .memory()
+            .compare_with_parent(index.clone())
+            .map_err(store_err(&request.store))?;
+    }
     timeline.time("prepare_dirty_log", || {
         dirty.prepare(&machine.vm, &machine.memory)
     });
@@ -474,7 +486,11 @@ fn take_checkpoint(
     let pause_start = Instant::now();
     let (guard, frozen) = timeline.time("quiesce", || quiesce(machine, options.io))?;
     let in_parent = timeline.time("dirty_log", || {
-        in_parent_pages(dirty, machine, parent.map(|(p, sum)| (p.address.as_str(), sum)))
+        in_parent_pages(
+            dirty,
+            machine,
+            parent.map(|(p, sum)| (p.address.as_str(), sum)),
+        )
     })?;
     let counters = SaveCounters::default();
     timeline.time("mark_memory_cow", || {
@@ -555,9 +571,15 @@ fn take_checkpoint(
         .collect();
     metrics.total_us = started.elapsed().as_micros() as u64;
     writer.set_metrics(metrics);
+    let own_index = writer.memory_index().map_err(store_err(&request.store))?;
+    let resolved = match &parent_index {
+        Some(p) => own_index.resolve(p),
+        None => Ok(own_index.clone()),
+    }
+    .map_err(store_err(&request.store))?;
     let manifest = writer.finish().map_err(store_err(&request.store))?;
     let json = manifest.to_json().map_err(store_err(&request.store))?;
-    dirty.completed(Checksum::of(&json).0);
+    dirty.completed(Checksum::of(&json).0, Arc::new(resolved));
     info!(
         pause_us,
         total_us = manifest.metrics.total_us,
