@@ -39,8 +39,9 @@ enum LogFormat {
 enum Command {
     /// Boot a kernel and run it until the guest exits; the exit status is the guest's.
     Run(cli::RunArgs),
-    /// Take a checkpoint of a running VM (through its API socket), wait, print its metrics.
-    Checkpoint(cli::CheckpointArgs),
+    /// Take a checkpoint of a running VM (through its API socket), wait, print its metrics;
+    /// or flatten an incremental checkpoint's chain.
+    Checkpoint(cli::CheckpointCommand),
     /// Pause a running VM.
     Pause(cli::VmCommandArgs),
     /// Resume a VM paused with `cowvm pause`.

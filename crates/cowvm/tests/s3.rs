@@ -190,7 +190,11 @@ fn checkpoint_to_s3_then_inspect_restore_and_clone_from_it() {
     assert_eq!(clones.len(), 2, "{report}");
     for (i, clone) in clones.iter().enumerate() {
         assert_eq!(clone["status"], 0, "{report}");
-        assert_eq!(read(&consoles.join(format!("clone-{i}.log"))), suffix, "clone {i}");
+        assert_eq!(
+            read(&consoles.join(format!("clone-{i}.log"))),
+            suffix,
+            "clone {i}"
+        );
     }
 
     // The environment names the endpoint as well as the option does.

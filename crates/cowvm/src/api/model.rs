@@ -161,7 +161,10 @@ pub struct CheckpointBody {
 impl RequestBody for CheckpointBody {
     const FIELDS: &'static [(&'static str, &'static str)] = &[
         ("out", "a string (a directory, raw:PATH or mem:NAME)"),
-        ("parent", "a string (a directory, raw:PATH or s3://BUCKET/PREFIX)"),
+        (
+            "parent",
+            "a string (a directory, raw:PATH or s3://BUCKET/PREFIX)",
+        ),
         ("strategy", "a string (one of uffd, fork, stop)"),
         ("io", "a string (one of live, drain)"),
         ("disk", "a string (one of keep, copy-commit)"),

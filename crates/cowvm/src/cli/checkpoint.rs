@@ -20,6 +20,32 @@ use crate::api::model::{
 /// How often progress is polled.
 const POLL: Duration = Duration::from_millis(100);
 
+/// `cowvm checkpoint`: take a checkpoint, or `cowvm checkpoint flatten`.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct CheckpointCommand {
+    #[command(subcommand)]
+    action: Option<CheckpointAction>,
+    #[command(flatten)]
+    take: Option<CheckpointArgs>,
+}
+
+/// What else `cowvm checkpoint` does.
+#[derive(clap::Subcommand, Debug)]
+enum CheckpointAction {
+    /// Write one full checkpoint equal to an incremental checkpoint's chain (no VM needed).
+    Flatten(super::flatten::FlattenArgs),
+}
+
+/// Runs `cowvm checkpoint` or its subcommand.
+pub fn run(cmd: CheckpointCommand) -> anyhow::Result<ExitCode> {
+    match (cmd.action, cmd.take) {
+        (Some(CheckpointAction::Flatten(args)), _) => super::flatten::flatten(args),
+        (None, Some(args)) => checkpoint(args),
+        (None, None) => bail!("--api-sock and --out are required (or a subcommand)"),
+    }
+}
+
 /// Arguments of `cowvm checkpoint`.
 #[derive(clap::Args, Debug)]
 pub struct CheckpointArgs {
@@ -91,8 +117,8 @@ pub fn absolute(arg: &str, what: &str) -> anyhow::Result<String> {
     Ok(address.to_string())
 }
 
-/// Runs `cowvm checkpoint`.
-pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
+/// Takes a checkpoint.
+fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
     let client = args.api.client();
     let body = CheckpointBody {
         out: absolute(&args.out, "--out")?,

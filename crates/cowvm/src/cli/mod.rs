@@ -5,6 +5,7 @@
 
 mod checkpoint;
 mod disk;
+mod flatten;
 mod inspect;
 mod output;
 mod restore;
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-pub use self::checkpoint::{checkpoint, CheckpointArgs};
+pub use self::checkpoint::{run as checkpoint, CheckpointCommand};
 pub use self::disk::{run as disk, DiskCommand};
 pub use self::inspect::{inspect, InspectArgs};
 pub use self::output::ms;
