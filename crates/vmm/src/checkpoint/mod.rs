@@ -137,7 +137,7 @@ impl CheckpointError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             CheckpointError::Busy => ErrorKind::Conflict,
-            CheckpointError::Refused(_) => ErrorKind::InvalidInput,
+            CheckpointError::Refused(_) | CheckpointError::Parent { .. } => ErrorKind::InvalidInput,
             CheckpointError::Store { source, .. } => match source {
                 ckpt_format::Error::CheckpointExists { .. } => ErrorKind::AlreadyExists,
                 ckpt_format::Error::StoreFull { .. } => ErrorKind::Internal,
