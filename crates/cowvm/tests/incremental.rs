@@ -277,7 +277,7 @@ fn incremental_checkpoints_restore_clone_and_flatten() {
 fn periodic_checkpoints_alternate_and_keep_needed_parents() {
     let dir = tempfile::tempdir().unwrap();
     let ckpts = dir.path().join("periodic");
-    let (vm, _sock, console) = run_guest(
+    let (mut vm, _sock, console) = run_guest(
         dir.path(),
         "scan mem=8M passes=0 every=20",
         &[
@@ -308,7 +308,14 @@ fn periodic_checkpoints_alternate_and_keep_needed_parents() {
         seen.extend(complete());
         std::thread::sleep(Duration::from_millis(50));
     }
-    drop(vm);
+    // SIGTERM: the VM stops, a checkpoint or pruning in progress finishes.
+    let pid = vm.0.as_ref().expect("running").id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    vm.wait();
     let left = complete();
     let mut incremental = 0;
     for d in &left {

@@ -11,11 +11,12 @@ use ckpt_format::{AddressError, DiskPolicy, IoPolicy, Metrics, StoreAddress, Str
 use hyper::Method;
 use serde::Serialize;
 
+use super::block_on;
 use super::output::{byte_bar, metric_rows, table};
-use super::{block_on, ApiArgs};
 use crate::api::model::{
     CheckpointBody, CheckpointJob, DiskArg, IoArg, JobPhase, JobStatus, StrategyArg,
 };
+use crate::client::ApiClient;
 
 /// How often progress is polled.
 const POLL: Duration = Duration::from_millis(100);
@@ -49,8 +50,12 @@ pub fn run(cmd: CheckpointCommand) -> anyhow::Result<ExitCode> {
 /// Arguments of `cowvm checkpoint`.
 #[derive(clap::Args, Debug)]
 pub struct CheckpointArgs {
-    #[command(flatten)]
-    api: ApiArgs,
+    /// The API socket of the VM (`cowvm run --api-sock`).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
     /// The store: a directory, raw:PATH for a file or block device, mem:NAME for RAM inside
     /// the VM's process (for the fastest rollback; it lives as long as that process), or
     /// s3://BUCKET/PREFIX for an S3-protocol object store.
@@ -119,7 +124,7 @@ pub fn absolute(arg: &str, what: &str) -> anyhow::Result<String> {
 
 /// Takes a checkpoint.
 fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
-    let client = args.api.client();
+    let client = ApiClient::new(&args.api_sock);
     let body = CheckpointBody {
         out: absolute(&args.out, "--out")?,
         s3_endpoint: args.s3_endpoint.clone(),
@@ -161,7 +166,7 @@ fn checkpoint(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
             job.error.as_deref().unwrap_or("no reason given")
         ),
     };
-    if args.api.json {
+    if args.json {
         let report = Report {
             id: &job.id,
             out: &job.out,

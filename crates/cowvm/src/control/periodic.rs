@@ -91,6 +91,9 @@ pub fn prune(dir: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
         if needed.contains(&path) {
             continue;
         }
+        // The marker first: a deletion cut short leaves an incomplete checkpoint, never a
+        // complete one with files missing.
+        std::fs::remove_file(path.join("COMPLETE"))?;
         std::fs::remove_dir_all(&path)?;
         deleted.push(path);
     }
