@@ -16,6 +16,29 @@ pub enum Error {
     /// The completion marker is absent: the writing was interrupted or is still under way.
     #[error("checkpoint in {store} is incomplete: no completion marker")]
     Incomplete { store: String },
+    /// The parent of an incremental checkpoint cannot be opened (missing, incomplete, corrupt).
+    #[error("parent checkpoint {address}")]
+    Parent {
+        address: String,
+        #[source]
+        source: Box<Error>,
+    },
+    /// The parent's address holds a checkpoint other than the one recorded.
+    #[error(
+        "parent checkpoint {address} is not the one this checkpoint was taken against \
+         (manifest checksum {found:#018x}, {expected:#018x} recorded)"
+    )]
+    ParentMismatch {
+        address: String,
+        expected: u64,
+        found: u64,
+    },
+    /// A parent address that no reader outside the writing process can reach.
+    #[error("parent checkpoint {address} cannot be opened here: {reason}")]
+    ParentUnreachable { address: String, reason: String },
+    /// More incremental checkpoints in a chain than a reader follows.
+    #[error("a chain of more than {0} checkpoints (incremental ones and their full one)")]
+    ChainTooLong(usize),
     /// A magic number or format name is not ours.
     #[error("bad magic in {what}: found {found:?}")]
     BadMagic { what: &'static str, found: String },

@@ -10,6 +10,8 @@
 //! * Writing: [`CheckpointWriter`], whose [`MemoryWriter`] saves pages concurrently from many
 //!   threads, out of order, each exactly once (see [`writer`] for the `fork` split).
 //! * Reading: [`Checkpoint::open`] verifies before use; memory is verified per page or whole.
+//!   An incremental checkpoint names its parent; it is opened with its chain and reads as the
+//!   chain resolved. [`flatten`] writes one full checkpoint equal to a chain.
 //! * Stores: [`DirStore`] (default), [`RawStore`] (file or block device), [`MemStore`] (memfd),
 //!   [`S3Store`] (objects in an S3 bucket), behind the [`Store`] trait.
 //!
@@ -18,6 +20,7 @@
 
 mod checksum;
 mod error;
+mod flatten;
 mod manifest;
 mod page_index;
 mod reader;
@@ -26,12 +29,14 @@ pub mod writer;
 
 pub use checksum::{checksum, page_is_zero, zero_page_hash, Checksum};
 pub use error::{Error, Result};
+pub use flatten::flatten;
 pub use manifest::{
     decode_state, encode_state, CheckpointOptions, DeviceConfig, DiskConfig, DiskFormat,
-    DiskPolicy, IoPolicy, Manifest, MemoryInfo, Metrics, Section, SectionEntry, Strategy, VmConfig,
+    DiskPolicy, IoPolicy, Manifest, MemoryInfo, Metrics, ParentRef, Section, SectionEntry,
+    Strategy, VmConfig,
 };
 pub use page_index::{PageEntry, PageIndex, PageState};
-pub use reader::{Checkpoint, VerifyReport};
+pub use reader::{Checkpoint, VerifyReport, MAX_CHAIN};
 pub use store::{
     AddressError, DirStore, Layout, MemStore, MemorySource, Overwrite, RawStore, S3Error,
     S3Location, S3Store, Store, StoreAddress,

@@ -90,6 +90,21 @@ pub struct Manifest {
     pub memory: MemoryInfo,
     /// The sections: `state`, `page-index`, `memory`.
     pub sections: Vec<SectionEntry>,
+    /// The checkpoint this one is incremental to: its page index marks the pages the guest
+    /// did not write since the parent's instant "in parent". Absent for a full checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// The parent of an incremental checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// The parent's store address (a directory, `raw:PATH` or `s3://BUCKET/PREFIX`), as the
+    /// command line and the API write it.
+    pub address: String,
+    /// The checksum of the parent's manifest: a different checkpoint later written at the same
+    /// address is refused.
+    pub manifest_checksum: Checksum,
 }
 
 impl Manifest {
@@ -334,6 +349,8 @@ pub struct Metrics {
     pub pages_saved_in_background: u64,
     /// Zero pages, not written (filled by the writer).
     pub zero_pages: u64,
+    /// Pages left in the parent checkpoint, not written (filled by the writer).
+    pub pages_in_parent: u64,
     /// Duration of each named phase, in microseconds.
     pub phases_us: BTreeMap<String, u64>,
 }

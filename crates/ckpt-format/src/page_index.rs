@@ -6,15 +6,17 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `b"CVPGIDX\0"` |
-//! | 8 | 4 | index layout version (1) |
+//! | 8 | 4 | index layout version (1, or 2 when a page is in the parent) |
 //! | 12 | 4 | page size (4096) |
 //! | 16 | 8 | page count `n` |
 //! | 24 | 8 | reserved (0) |
-//! | 32 | `n` rounded up to 8 | one state byte per page: 0 = zero, 1 = present |
-//! | … | `8 n` | one u64 hash per page (the hash of a zero page for zero pages) |
+//! | 32 | `n` rounded up to 8 | one state byte per page: 0 = zero, 1 = present, 2 = in parent |
+//! | … | `8 n` | one u64 hash per page (the hash of a zero page for zero pages, 0 in parent) |
 //!
-//! A state *byte* (not a bit) leaves room for later states, such as "unchanged since the
-//! parent checkpoint" for incremental checkpoints.
+//! An incremental checkpoint marks the pages the guest has not written since its parent's
+//! instant "in parent": the image does not hold them, the parent's index (resolved down its own
+//! chain) says what they are. Such an index has layout version 2, which readers that know only
+//! version 1 refuse naming both versions; an index without such a page stays version 1.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -25,10 +27,13 @@ use crate::PAGE_SIZE;
 
 const MAGIC: &[u8; 8] = b"CVPGIDX\0";
 const INDEX_VERSION: u32 = 1;
+/// The layout of an index with pages in the parent.
+const INDEX_VERSION_CHAINED: u32 = 2;
 const HEADER_LEN: u64 = 32;
 
 const STATE_ZERO: u8 = 0;
 const STATE_PRESENT: u8 = 1;
+const STATE_PARENT: u8 = 2;
 /// Writer-only states, never on disk.
 const STATE_UNWRITTEN: u8 = 0xff;
 const STATE_CLAIMED: u8 = 0xfe;
@@ -40,6 +45,9 @@ pub enum PageState {
     Zero,
     /// Written to the image at `page * 4096` of the memory section.
     Present,
+    /// Not written since the parent checkpoint's instant: the parent holds it (its hash here
+    /// is 0; the parent's index has it).
+    Parent,
 }
 
 /// One page's entry.
@@ -79,8 +87,12 @@ impl PageIndex {
         &self.encoded[HEADER_LEN as usize..HEADER_LEN as usize + self.pages]
     }
 
+    fn hashes_at(&self) -> usize {
+        (HEADER_LEN + states_len(self.pages as u64)) as usize
+    }
+
     fn hash_at(&self, i: usize) -> u64 {
-        let at = (HEADER_LEN + states_len(self.pages as u64)) as usize + 8 * i;
+        let at = self.hashes_at() + 8 * i;
         u64::from_le_bytes(self.encoded[at..at + 8].try_into().expect("8 bytes"))
     }
 
@@ -89,6 +101,7 @@ impl PageIndex {
         let i = usize::try_from(page).ok()?;
         let state = match *self.states().get(i)? {
             STATE_ZERO => PageState::Zero,
+            STATE_PARENT => PageState::Parent,
             _ => PageState::Present,
         };
         Some(PageEntry {
@@ -100,6 +113,52 @@ impl PageIndex {
     /// Number of zero pages.
     pub fn zero_pages(&self) -> u64 {
         self.states().iter().filter(|&&s| s == STATE_ZERO).count() as u64
+    }
+
+    /// Number of pages in the parent.
+    pub fn parent_pages(&self) -> u64 {
+        self.states().iter().filter(|&&s| s == STATE_PARENT).count() as u64
+    }
+
+    /// Whether page `page` is in the parent (false past the end).
+    pub fn in_parent(&self, page: u64) -> bool {
+        usize::try_from(page)
+            .ok()
+            .and_then(|i| self.states().get(i))
+            .is_some_and(|&s| s == STATE_PARENT)
+    }
+
+    /// Resolves an incremental checkpoint's index against its parent's (itself resolved): every
+    /// page in the parent takes the parent's entry. Fails if the page counts differ.
+    pub fn resolve(&self, parent: &PageIndex) -> Result<PageIndex> {
+        if parent.pages() != self.pages() {
+            return Err(Error::corrupt(
+                "section page-index",
+                format!(
+                    "{} pages, its parent's has {}",
+                    self.pages(),
+                    parent.pages()
+                ),
+            ));
+        }
+        let states = self.states();
+        if !states.contains(&STATE_PARENT) {
+            return Ok(self.clone());
+        }
+        let parent_states = parent.states();
+        let merged: Vec<u8> = states
+            .iter()
+            .zip(parent_states)
+            .map(|(&s, &p)| if s == STATE_PARENT { p } else { s })
+            .collect();
+        let hashes = (0..self.pages).map(|i| {
+            if states[i] == STATE_PARENT {
+                parent.hash_at(i)
+            } else {
+                self.hash_at(i)
+            }
+        });
+        Ok(PageIndex::from_parts(&merged, hashes))
     }
 
     /// Maximal runs of zero pages, in increasing order (a restore that maps a raw device whose
@@ -133,7 +192,12 @@ impl PageIndex {
         let pages = states.len() as u64;
         let mut out = Vec::with_capacity(Self::encoded_len(pages) as usize);
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        let version = if states.contains(&STATE_PARENT) {
+            INDEX_VERSION_CHAINED
+        } else {
+            INDEX_VERSION
+        };
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
         out.extend_from_slice(&pages.to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes());
@@ -171,11 +235,12 @@ impl PageIndex {
                 found: String::from_utf8_lossy(&bytes[..8]).into_owned(),
             });
         }
-        if u32_at(8) != INDEX_VERSION {
+        let version = u32_at(8);
+        if version != INDEX_VERSION && version != INDEX_VERSION_CHAINED {
             return Err(Error::UnsupportedVersion {
                 what: "page index",
-                found: u32_at(8),
-                supported: INDEX_VERSION,
+                found: version,
+                supported: INDEX_VERSION_CHAINED,
             });
         }
         if u32_at(12) as usize != PAGE_SIZE {
@@ -197,10 +262,12 @@ impl PageIndex {
         let n = pages as usize;
         let states_at = HEADER_LEN as usize;
         let states = &bytes[states_at..states_at + n];
-        if let Some(page) = states
-            .iter()
-            .position(|&s| s != STATE_ZERO && s != STATE_PRESENT)
-        {
+        let known = |s: u8| {
+            s == STATE_ZERO
+                || s == STATE_PRESENT
+                || (s == STATE_PARENT && version == INDEX_VERSION_CHAINED)
+        };
+        if let Some(page) = states.iter().position(|&s| !known(s)) {
             return Err(bad(format!(
                 "page {page} has unknown state {}",
                 states[page]
@@ -249,6 +316,19 @@ impl PageTable {
         .map_err(|_| Error::PageWrittenTwice { page })
     }
 
+    /// Records `page`, not yet claimed, as in the parent; fails if it was claimed before.
+    pub(crate) fn keep_in_parent(&self, page: u64) -> Result<()> {
+        self.claim(page)?;
+        self.complete_in_parent(page);
+        Ok(())
+    }
+
+    /// Records a claimed page as in the parent.
+    pub(crate) fn complete_in_parent(&self, page: u64) {
+        self.hashes[page as usize].store(0, Ordering::Relaxed);
+        self.states[page as usize].store(STATE_PARENT, Ordering::Release);
+    }
+
     /// Returns a claimed page to unwritten (its write failed).
     pub(crate) fn unclaim(&self, page: u64) {
         self.states[page as usize].store(STATE_UNWRITTEN, Ordering::Release);
@@ -285,14 +365,12 @@ impl PageTable {
             .iter()
             .map(|s| s.load(Ordering::Acquire))
             .collect();
-        let missing = states
-            .iter()
-            .filter(|&&s| s != STATE_ZERO && s != STATE_PRESENT)
-            .count() as u64;
+        let unwritten = |s: u8| s == STATE_UNWRITTEN || s == STATE_CLAIMED;
+        let missing = states.iter().filter(|&&s| unwritten(s)).count() as u64;
         if missing > 0 {
             let page = states
                 .iter()
-                .position(|&s| s != STATE_ZERO && s != STATE_PRESENT)
+                .position(|&s| unwritten(s))
                 .expect("a missing page exists") as u64;
             return Err(Error::PageMissing {
                 page,
@@ -313,6 +391,7 @@ impl PageIndex {
             .map(|e| match e.state {
                 PageState::Zero => (STATE_ZERO, zero_page_hash()),
                 PageState::Present => (STATE_PRESENT, e.hash),
+                PageState::Parent => (STATE_PARENT, 0),
             })
             .unzip();
         PageIndex::from_parts(&states, hashes.into_iter())
@@ -347,6 +426,40 @@ mod tests {
         bad[32 + 2] = 7;
         assert!(matches!(
             PageIndex::decode(&bad, 13),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn parent_pages_need_version_2_and_resolve() {
+        let entry = |state, hash| PageEntry { state, hash };
+        let parent = PageIndex::from_entries([
+            entry(PageState::Present, 1),
+            entry(PageState::Zero, 0),
+            entry(PageState::Present, 3),
+        ]);
+        assert_eq!(
+            u32::from_le_bytes(parent.encode()[8..12].try_into().unwrap()),
+            1
+        );
+        let child = PageIndex::from_entries([
+            entry(PageState::Parent, 0),
+            entry(PageState::Present, 7),
+            entry(PageState::Parent, 0),
+        ]);
+        let mut bytes = child.encode();
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
+        assert_eq!(PageIndex::decode(&bytes, 3).unwrap(), child);
+        assert_eq!(child.parent_pages(), 2);
+        let resolved = child.resolve(&parent).unwrap();
+        assert_eq!(resolved.entry(0), Some(entry(PageState::Present, 1)));
+        assert_eq!(resolved.entry(1), Some(entry(PageState::Present, 7)));
+        assert_eq!(resolved.entry(2), Some(entry(PageState::Present, 3)));
+        assert!(child.resolve(&PageIndex::from_entries([])).is_err());
+        // A version 1 index has no parent pages.
+        bytes[8] = 1;
+        assert!(matches!(
+            PageIndex::decode(&bytes, 3),
             Err(Error::Corrupt { .. })
         ));
     }

@@ -25,9 +25,17 @@ pub struct VerifyReport {
     pub zero_pages: u64,
 }
 
+/// Longest chain of checkpoints a reader follows: an incremental checkpoint, its parents, and
+/// the full checkpoint at the end.
+pub const MAX_CHAIN: usize = 64;
+
 /// An open, complete checkpoint whose manifest and state have been verified, and its page
 /// index too unless it was opened with [`Checkpoint::open_deferred`]. Memory pages are
 /// verified on demand.
+///
+/// An incremental checkpoint is opened with its chain of parents (each complete, each the one
+/// recorded): its page index and memory read as the chain resolved, each page from the newest
+/// checkpoint of the chain that holds it, verified against that checkpoint's index.
 #[derive(Debug)]
 pub struct Checkpoint {
     store: Box<dyn StoreReader>,
@@ -35,8 +43,12 @@ pub struct Checkpoint {
     manifest_checksum: u64,
     state: Vec<u8>,
     index_entry: SectionEntry,
+    /// The index as stored (pages in the parent marked so).
+    own_index: OnceLock<PageIndex>,
+    /// The index resolved down the chain.
     page_index: OnceLock<PageIndex>,
     memory: SectionEntry,
+    parent: Option<Box<Checkpoint>>,
 }
 
 fn section(manifest: &Manifest, section: Section) -> Result<&SectionEntry> {
@@ -81,7 +93,15 @@ impl Checkpoint {
     /// index (8 bytes per guest page: 8 MiB at 4 GiB) to [`page_index`](Self::page_index) or
     /// the first use that needs it, so that a restore can do it alongside other work.
     pub fn open_deferred(store: &dyn Store) -> Result<Checkpoint> {
-        let store = store.open()?;
+        Checkpoint::open_link(store, 1)
+    }
+
+    /// Opens the checkpoint in `store`, the `depth`th of its chain, and its parents.
+    fn open_link(at: &dyn Store, depth: usize) -> Result<Checkpoint> {
+        if depth > MAX_CHAIN {
+            return Err(Error::ChainTooLong(MAX_CHAIN));
+        }
+        let store = at.open()?;
         let manifest_entry = store.read_commit()?.ok_or_else(|| Error::Incomplete {
             store: store.describe(),
         })?;
@@ -101,15 +121,76 @@ impl Checkpoint {
         }
         store.check_memory(&memory)?;
         let state = read_checked(store.as_ref(), &state_entry)?;
+        let parent = match &manifest.parent {
+            None => None,
+            Some(p) => {
+                let in_parent = |source: Error| Error::Parent {
+                    address: p.address.clone(),
+                    source: Box::new(source),
+                };
+                let parent = at
+                    .parent(&p.address)
+                    .and_then(|s| Checkpoint::open_link(s.as_ref(), depth + 1))
+                    .map_err(|e| match e {
+                        // The chain's end is refused once, not at every link.
+                        Error::ChainTooLong(_) | Error::Parent { .. } => e,
+                        e => in_parent(e),
+                    })?;
+                if parent.manifest_checksum != p.manifest_checksum.0 {
+                    return Err(Error::ParentMismatch {
+                        address: p.address.clone(),
+                        expected: p.manifest_checksum.0,
+                        found: parent.manifest_checksum,
+                    });
+                }
+                if parent.manifest.memory.mem_size != manifest.memory.mem_size {
+                    return Err(in_parent(Error::corrupt(
+                        "manifest",
+                        format!(
+                            "{} bytes of memory, its child has {}",
+                            parent.manifest.memory.mem_size, manifest.memory.mem_size
+                        ),
+                    )));
+                }
+                Some(Box::new(parent))
+            }
+        };
         Ok(Checkpoint {
             store,
             manifest,
             manifest_checksum: manifest_entry.checksum.map_or(0, |c| c.0),
             state,
             index_entry,
+            own_index: OnceLock::new(),
             page_index: OnceLock::new(),
             memory,
+            parent,
         })
+    }
+
+    /// The parent of an incremental checkpoint (opened, complete, the one recorded).
+    pub fn parent(&self) -> Option<&Checkpoint> {
+        self.parent.as_deref()
+    }
+
+    /// The page index as this checkpoint stores it: an incremental checkpoint's marks the pages
+    /// its parent holds.
+    pub fn own_page_index(&self) -> Result<&PageIndex> {
+        if let Some(index) = self.own_index.get() {
+            return Ok(index);
+        }
+        let bytes = read_checked(self.store.as_ref(), &self.index_entry)?;
+        let index = PageIndex::decode_owned(bytes, self.manifest.memory.pages)?;
+        if self.parent.is_none() && index.parent_pages() > 0 {
+            return Err(Error::corrupt(
+                "section page-index",
+                format!(
+                    "{} pages in the parent, but the manifest names no parent",
+                    index.parent_pages()
+                ),
+            ));
+        }
+        Ok(self.own_index.get_or_init(|| index))
     }
 
     /// The manifest.
@@ -133,14 +214,29 @@ impl Checkpoint {
         decode_state(&self.state)
     }
 
-    /// The page index, read and verified on first use.
+    /// The page index, read and verified on first use; an incremental checkpoint's resolved
+    /// down its chain (no page is "in parent").
     pub fn page_index(&self) -> Result<&PageIndex> {
+        let Some(parent) = &self.parent else {
+            return self.own_page_index();
+        };
         if let Some(index) = self.page_index.get() {
             return Ok(index);
         }
-        let bytes = read_checked(self.store.as_ref(), &self.index_entry)?;
-        let index = PageIndex::decode_owned(bytes, self.manifest.memory.pages)?;
+        let own = self.own_page_index()?;
+        let resolved = parent.page_index().map_err(|e| self.in_parent(e))?;
+        let index = own.resolve(resolved)?;
         Ok(self.page_index.get_or_init(|| index))
+    }
+
+    fn in_parent(&self, source: Error) -> Error {
+        match (&self.manifest.parent, source) {
+            (_, e @ Error::Parent { .. }) | (None, e) => e,
+            (Some(p), e) => Error::Parent {
+                address: p.address.clone(),
+                source: Box::new(e),
+            },
+        }
     }
 
     /// Number of guest pages.
@@ -148,8 +244,11 @@ impl Checkpoint {
         self.manifest.memory.pages
     }
 
-    /// How to map guest memory for a restore.
+    /// How to map guest memory for a restore: memory resolved from a chain is not one image.
     pub fn memory_source(&self) -> Result<MemorySource> {
+        if self.parent.is_some() {
+            return Ok(MemorySource::Pages);
+        }
         self.store.memory_source(&self.memory)
     }
 
@@ -181,6 +280,9 @@ impl Checkpoint {
         }
         let count = (buf.len() / PAGE_SIZE) as u64;
         self.check_range(first, count)?;
+        if let Some(parent) = &self.parent {
+            return self.read_chained(parent, first, buf);
+        }
         let index = self.page_index()?;
         let zero = |i: u64| {
             index
@@ -196,6 +298,39 @@ impl Checkpoint {
             if zero(i as u64) {
                 page.fill(0);
             }
+        }
+        Ok(())
+    }
+
+    /// Reads a run of an incremental checkpoint: each maximal run of pages the parent holds
+    /// from the parent, the others from this checkpoint's image (zero pages as zeros).
+    fn read_chained(&self, parent: &Checkpoint, first: u64, buf: &mut [u8]) -> Result<()> {
+        let own = self.own_page_index()?;
+        let count = (buf.len() / PAGE_SIZE) as u64;
+        let mut i = 0;
+        while i < count {
+            let from_parent = own.in_parent(first + i);
+            let mut end = i + 1;
+            while end < count && own.in_parent(first + end) == from_parent {
+                end += 1;
+            }
+            let run = &mut buf[(i * PAGE) as usize..(end * PAGE) as usize];
+            if from_parent {
+                parent
+                    .read_pages(first + i, run)
+                    .map_err(|e| self.in_parent(e))?;
+            } else {
+                let zero = |p: u64| own.entry(p).is_some_and(|e| e.state == PageState::Zero);
+                if !(first + i..first + end).all(zero) {
+                    self.store.read_memory((first + i) * PAGE, run)?;
+                }
+                for (j, page) in run.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                    if zero(first + i + j as u64) {
+                        page.fill(0);
+                    }
+                }
+            }
+            i = end;
         }
         Ok(())
     }
@@ -219,7 +354,8 @@ impl Checkpoint {
         match entry.state {
             PageState::Zero if page_is_zero(bytes) => Ok(()),
             PageState::Zero => Err(Error::ZeroPageMismatch { page }),
-            PageState::Present => {
+            // A resolved index holds no page in the parent.
+            PageState::Present | PageState::Parent => {
                 let actual = checksum(bytes);
                 if actual == entry.hash {
                     Ok(())
@@ -273,7 +409,7 @@ impl Checkpoint {
                         .is_some_and(|e| e.state == PageState::Present)
                 });
                 if any_present {
-                    if let Err(e) = self.store.read_memory(first * PAGE, buf) {
+                    if let Err(e) = self.read_pages(first, buf) {
                         fail(first, e);
                         break;
                     }

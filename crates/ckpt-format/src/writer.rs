@@ -28,16 +28,17 @@
 //! child must report progress itself (e.g. over the same pipe).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
 use crate::checksum::{checksum, page_is_zero, zero_page_hash, Checksum};
 use crate::error::{Error, Result};
 use crate::manifest::{
-    now, CheckpointOptions, Manifest, MemoryInfo, Metrics, Section, SectionEntry, VmConfig,
+    now, CheckpointOptions, Manifest, MemoryInfo, Metrics, ParentRef, Section, SectionEntry,
+    VmConfig,
 };
-use crate::page_index::{PageIndex, PageTable};
+use crate::page_index::{PageIndex, PageState, PageTable};
 use crate::store::{Layout, Store, StoreWriter};
 use crate::{FORMAT_NAME, FORMAT_VERSION, PAGE_SIZE};
 
@@ -55,6 +56,9 @@ pub struct MemoryReport {
     pub zero_pages: u64,
     /// Bytes of memory written.
     pub bytes_written: u64,
+    /// Pages left in the parent checkpoint.
+    #[serde(default)]
+    pub pages_in_parent: u64,
 }
 
 /// Progress of the memory write-out, for a progress bar.
@@ -81,6 +85,9 @@ pub struct MemoryWriter {
     pages_done: AtomicU64,
     zero_pages: AtomicU64,
     bytes_written: AtomicU64,
+    /// The parent checkpoint's index, resolved: a page saved with the content it had there is
+    /// kept in the parent rather than written.
+    parent: OnceLock<Arc<PageIndex>>,
 }
 
 impl std::fmt::Debug for PageTable {
@@ -132,15 +139,47 @@ impl MemoryWriter {
         result
     }
 
+    /// Compares the pages saved from now on with `parent`, the resolved index of the parent
+    /// of an incremental checkpoint: a page whose hash equals its hash there (a page written
+    /// back with the same content, or reported written when only read) is kept in the parent.
+    /// Once per writer, before any page is saved.
+    pub fn compare_with_parent(&self, parent: Arc<PageIndex>) -> Result<()> {
+        if parent.pages() != self.table.pages() {
+            return Err(Error::corrupt(
+                "parent page index",
+                format!(
+                    "{} pages, the checkpoint has {}",
+                    parent.pages(),
+                    self.table.pages()
+                ),
+            ));
+        }
+        self.parent
+            .set(parent)
+            .map_err(|_| Error::SectionWrittenTwice {
+                section: "parent page index",
+            })
+    }
+
     fn write_claimed(&self, first: u64, data: &[u8]) -> Result<()> {
+        // Per page: None = zero, Some((hash, false)) = written, Some((hash, true)) = in parent.
         let mut hashes = Vec::with_capacity(data.len() / PAGE_SIZE);
         let mut run_start: Option<usize> = None;
         let mut zeros = 0;
         let mut written = 0;
+        let parent = self.parent.get();
         for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
             let zero = page_is_zero(page);
-            hashes.push(if zero { None } else { Some(checksum(page)) });
-            match (zero, run_start) {
+            let hash = (!zero).then(|| checksum(page));
+            let unchanged = hash.is_some_and(|h| {
+                parent
+                    .and_then(|p| p.entry(first + i as u64))
+                    .is_some_and(|e| e.state == PageState::Present && e.hash == h)
+            });
+            hashes.push(hash.map(|h| (h, unchanged)));
+            // Pages not written: zero, or unchanged since the parent.
+            let skip = zero || unchanged;
+            match (skip, run_start) {
                 (true, Some(s)) => {
                     self.store.write_memory(
                         (first + s as u64) * PAGE,
@@ -160,9 +199,10 @@ impl MemoryWriter {
             written += data.len() - s * PAGE_SIZE;
         }
         let mut i = 0;
+        let skipped = |h: &Option<(u64, bool)>| h.is_none_or(|(_, unchanged)| unchanged);
         while i < hashes.len() {
             let start = i;
-            while i < hashes.len() && hashes[i].is_none() {
+            while i < hashes.len() && skipped(&hashes[i]) {
                 i += 1;
             }
             if i > start {
@@ -176,7 +216,8 @@ impl MemoryWriter {
         for (i, hash) in hashes.into_iter().enumerate() {
             let page = first + i as u64;
             match hash {
-                Some(h) => self.table.complete(page, false, h),
+                Some((_, true)) => self.table.complete_in_parent(page),
+                Some((h, false)) => self.table.complete(page, false, h),
                 None => self.table.complete(page, true, zero_page_hash()),
             }
         }
@@ -185,6 +226,25 @@ impl MemoryWriter {
         self.zero_pages.fetch_add(zeros, Ordering::Relaxed);
         self.bytes_written
             .fetch_add(written as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Records pages `first..first + count` as unchanged since the parent checkpoint's instant:
+    /// not written, the parent holds them. Fails if any of them was saved already.
+    pub fn keep_in_parent(&self, first: u64, count: u64) -> Result<()> {
+        let pages = self.table.pages();
+        if first >= pages || pages - first < count {
+            return Err(Error::PageOutOfRange {
+                page: first.saturating_add(count).saturating_sub(1).max(first),
+                pages,
+            });
+        }
+        for page in first..first + count {
+            self.table.keep_in_parent(page)?;
+        }
+        // A store that assembles objects of many pages learns that these need no bytes.
+        self.store.zero_memory(first * PAGE, count * PAGE)?;
+        self.pages_done.fetch_add(count, Ordering::Relaxed);
         Ok(())
     }
 
@@ -210,10 +270,13 @@ pub struct CheckpointWriter {
     mem_size: u64,
     state: Option<SectionEntry>,
     memory_report: Option<MemoryReport>,
+    /// The page index, once memory is finished or adopted.
+    index: Option<PageIndex>,
     vm: VmConfig,
     options: CheckpointOptions,
     metrics: Metrics,
     hot_pages: Vec<u64>,
+    parent: Option<ParentRef>,
     created: (u64, String),
     /// The process whose writer this is, and which alone discards an unfinished checkpoint;
     /// `None` once finished or discarded, and in a [`fork_copy`](Self::fork_copy).
@@ -246,6 +309,7 @@ impl CheckpointWriter {
             pages_done: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
+            parent: OnceLock::new(),
         });
         Ok(CheckpointWriter {
             store,
@@ -253,10 +317,12 @@ impl CheckpointWriter {
             mem_size: layout.mem_size,
             state: None,
             memory_report: None,
+            index: None,
             vm: VmConfig::default(),
             options: CheckpointOptions::default(),
             metrics: Metrics::default(),
             hot_pages: Vec::new(),
+            parent: None,
             created: now(),
             discarder: Some(std::process::id()),
         })
@@ -317,6 +383,12 @@ impl CheckpointWriter {
         self.hot_pages = pages;
     }
 
+    /// Records the checkpoint this one is incremental to (whose pages the memory writer kept
+    /// with [`MemoryWriter::keep_in_parent`]).
+    pub fn set_parent(&mut self, parent: ParentRef) {
+        self.parent = Some(parent);
+    }
+
     /// Overrides the creation time (milliseconds since the Unix epoch).
     pub fn set_created_unix_ms(&mut self, ms: u64) {
         self.created = (ms, crate::manifest::rfc3339_utc(ms));
@@ -350,9 +422,21 @@ impl CheckpointWriter {
             pages: index.pages(),
             zero_pages: index.zero_pages(),
             bytes_written: progress.bytes_written,
+            pages_in_parent: index.parent_pages(),
         };
         self.memory_report = Some(report.clone());
+        self.index = Some(index);
         Ok(report)
+    }
+
+    /// The page index as written (pages in the parent marked so), finishing the memory
+    /// write-out first if need be (see [`finish_memory`](Self::finish_memory)).
+    pub fn memory_index(&mut self) -> Result<&PageIndex> {
+        self.finish_memory()?;
+        Ok(self
+            .index
+            .as_ref()
+            .expect("set with the memory report, by finish_memory or adopt_memory"))
     }
 
     /// Takes over the memory write-out done by another process (the `fork` child) from its
@@ -385,6 +469,13 @@ impl CheckpointWriter {
             });
         }
         let index = PageIndex::decode(&bytes, pages)?;
+        if index.parent_pages() != report.pages_in_parent {
+            return Err(bad(format!(
+                "{} pages in the parent reported, index has {}",
+                report.pages_in_parent,
+                index.parent_pages()
+            )));
+        }
         if index.zero_pages() != report.zero_pages {
             return Err(bad(format!(
                 "{} zero pages reported, index has {}",
@@ -393,6 +484,7 @@ impl CheckpointWriter {
             )));
         }
         self.memory_report = Some(report);
+        self.index = Some(index);
         Ok(())
     }
 
@@ -407,6 +499,7 @@ impl CheckpointWriter {
             pages_done: AtomicU64::new(self.memory.pages_done.load(Ordering::Relaxed)),
             zero_pages: AtomicU64::new(self.memory.zero_pages.load(Ordering::Relaxed)),
             bytes_written: AtomicU64::new(self.memory.bytes_written.load(Ordering::Relaxed)),
+            parent: self.memory.parent.clone(),
         });
         CheckpointWriter {
             store: Arc::clone(&self.store),
@@ -414,10 +507,12 @@ impl CheckpointWriter {
             mem_size: self.mem_size,
             state: self.state.clone(),
             memory_report: self.memory_report.clone(),
+            index: self.index.clone(),
             vm: self.vm.clone(),
             options: self.options,
             metrics: self.metrics.clone(),
             hot_pages: self.hot_pages.clone(),
+            parent: self.parent.clone(),
             created: self.created.clone(),
             discarder: None,
         }
@@ -447,6 +542,16 @@ impl CheckpointWriter {
         let mut metrics = std::mem::take(&mut self.metrics);
         metrics.bytes_written = report.bytes_written + state.length + report.page_index.length;
         metrics.zero_pages = report.zero_pages;
+        metrics.pages_in_parent = report.pages_in_parent;
+        if report.pages_in_parent > 0 && self.parent.is_none() {
+            return Err(Error::corrupt(
+                "section page-index",
+                format!(
+                    "{} pages in the parent, but no parent is named",
+                    report.pages_in_parent
+                ),
+            ));
+        }
         let manifest = Manifest {
             format: FORMAT_NAME.to_string(),
             format_version: FORMAT_VERSION,
@@ -462,6 +567,7 @@ impl CheckpointWriter {
                 std::mem::take(&mut self.hot_pages),
             ),
             sections: vec![state, report.page_index, memory],
+            parent: self.parent.take(),
         };
         let bytes = manifest.to_json()?;
         let location = self.store.write_section(Section::Manifest, &bytes)?;

@@ -40,7 +40,7 @@ enum Command {
     /// Boot a kernel and run it until the guest exits; the exit status is the guest's.
     Run(cli::RunArgs),
     /// Take a checkpoint of a running VM (through its API socket), wait, print its metrics;
-    /// or delete one (`checkpoint delete`).
+    /// or delete one (`checkpoint delete`), or flatten an incremental one's chain.
     Checkpoint(cli::CheckpointCommand),
     /// Pause a running VM.
     Pause(cli::VmCommandArgs),

@@ -208,6 +208,107 @@ fn checkpoint_to_s3_then_inspect_restore_and_clone_from_it() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+/// An incremental checkpoint in the bucket, naming a full one there: restored, cloned and
+/// flattened from S3, with output identical to the uninterrupted run.
+#[test]
+fn incremental_checkpoints_in_s3_restore_clone_and_flatten() {
+    let weed = Weed::start();
+    let endpoint = weed.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let full_url = format!("s3://{BUCKET}/chain/full");
+    let incr_url = format!("s3://{BUCKET}/chain/incr");
+    let flat_url = format!("s3://{BUCKET}/chain/flat");
+
+    let (mut vm, sock, console) = run_guest(dir.path(), SECRET_KEY);
+    let take = |out: &str, parent: Option<&str>| {
+        let mut args = vec![
+            "checkpoint",
+            "--api-sock",
+            s(&sock),
+            "--out",
+            out,
+            "--s3-endpoint",
+            &endpoint,
+            "--json",
+        ];
+        if let Some(p) = parent {
+            args.extend(["--parent", p]);
+        }
+        let report: Value = serde_json::from_str(&cowvm_ok(&args)).expect("checkpoint --json");
+        report
+    };
+    wait_for_lines(&console, "round=", 3);
+    take(&full_url, None);
+    wait_for_lines(&console, "round=", 5);
+    let incr = take(&incr_url, Some(&full_url));
+    assert!(incr["pages_in_parent"].as_u64().unwrap() > 0, "{incr}");
+    assert!(vm.wait_success());
+    let whole = read(&console);
+    let out = cowvm_ok(&[
+        "inspect",
+        &incr_url,
+        "--s3-endpoint",
+        &endpoint,
+        "--json",
+        "--verify",
+    ]);
+    let report: Value = serde_json::from_str(&out).expect("inspect --json");
+    assert_eq!(
+        report["manifest"]["parent"]["address"],
+        full_url.as_str(),
+        "{report}"
+    );
+    let suffix = &whole[report["console_bytes"].as_u64().unwrap() as usize..];
+
+    let restored = dir.path().join("restored.txt");
+    cowvm_ok(&[
+        "restore",
+        &incr_url,
+        "--s3-endpoint",
+        &endpoint,
+        "--console",
+        s(&restored),
+    ]);
+    assert_eq!(read(&restored), suffix, "restored output");
+    let consoles = dir.path().join("consoles");
+    cowvm_ok(&[
+        "clone",
+        &incr_url,
+        "--s3-endpoint",
+        &endpoint,
+        "--count",
+        "2",
+        "--console-dir",
+        s(&consoles),
+    ]);
+    for i in 0..2 {
+        assert_eq!(
+            read(&consoles.join(format!("clone-{i}.log"))),
+            suffix,
+            "clone {i}"
+        );
+    }
+    cowvm_ok(&[
+        "checkpoint",
+        "flatten",
+        &incr_url,
+        "--out",
+        &flat_url,
+        "--s3-endpoint",
+        &endpoint,
+    ]);
+    let flat = dir.path().join("flat.txt");
+    cowvm_ok(&[
+        "restore",
+        &flat_url,
+        "--s3-endpoint",
+        &endpoint,
+        "--console",
+        s(&flat),
+    ]);
+    assert_eq!(read(&flat), suffix, "flattened restore");
+}
+
 /// A loopback URL where nothing listens.
 fn dead_endpoint() -> String {
     let port = TcpListener::bind("127.0.0.1:0")

@@ -19,10 +19,11 @@ mod persist;
 mod vm;
 
 pub use builder::{Console, MachineState, VmError, VmSummary, MAX_VCPUS};
+pub use checkpoint::dirty::DirtyLogRefusal;
 pub use checkpoint::disk_chain::{commit_and_rebase, ChainError, CommitReport, LayerMerge};
 pub use checkpoint::restore::{RestoreError, RestoreOptions, RestoreStats};
 pub use checkpoint::{
-    CheckpointError, CheckpointRequest, PauseProbe, Phase, Progress, Refusal, StoreSpec,
+    CheckpointError, CheckpointRequest, ParentSpec, PauseProbe, Phase, Progress, Refusal, StoreSpec,
 };
 pub use devices::virtio::block::{BlockError, BlockHandle, DiskConfig, ImageInfo};
 pub use error::ErrorKind;

@@ -10,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::boot::BootSpec;
 use crate::builder::{self, Console, Machine, Parts, Start, VmError, VmSummary, MAX_VCPUS};
+use crate::checkpoint::dirty::DirtyLog;
 use crate::checkpoint::disk_chain::{self, ChainError, ChainLayers, LayerMerge};
 use crate::checkpoint::restore::{
     self, MemoryMode, RestoreError, RestoreOptions, RestoreRecord, RestoreStats,
@@ -51,6 +52,8 @@ pub struct Vm {
     checkpoints: Mutex<ChainLayers>,
     /// How a restored VM got its memory; its page service while it may still serve memory.
     restore: Option<RestoreRecord>,
+    /// The pages written since each recent checkpoint, for incremental ones.
+    dirty: DirtyLog,
 }
 
 impl std::fmt::Debug for Vm {
@@ -77,6 +80,7 @@ impl Vm {
             }
         }
         Vm {
+            dirty: DirtyLog::new(&memory::ram_regions(&machine.memory)),
             machine,
             checkpoints: Mutex::new(layers),
             restore,
@@ -169,6 +173,7 @@ impl Vm {
         let result = checkpoint::checkpoint(
             &self.machine,
             self.page_service(),
+            &self.dirty,
             request,
             progress,
             &mut layers,

@@ -45,6 +45,7 @@ fn checkpoint_while_dirtying(strategy: Strategy) {
         pause_probe: Some(Arc::new(move |mem| {
             *recorded.lock().unwrap() = page_hashes(mem)
         })),
+        parent: None,
     };
     let before = passes(&console.text());
     let manifest = vm
@@ -149,6 +150,7 @@ fn a_vm_that_has_ended_is_not_checkpointed() {
                 ..Default::default()
             },
             pause_probe: None,
+            parent: None,
         };
         match vm.checkpoint(&request, &Progress::default()) {
             Err(vmm::CheckpointError::Exited(exit)) => {
@@ -178,6 +180,7 @@ fn a_refused_checkpoint_leaves_no_cow_file() {
         store: StoreSpec::Dir(work.path().join("ckpt")),
         options: CheckpointOptions::default(),
         pause_probe: None,
+        parent: None,
     };
     vm.checkpoint(&request, &Progress::default())
         .expect("first checkpoint");

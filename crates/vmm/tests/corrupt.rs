@@ -25,6 +25,7 @@ fn make_checkpoint(dir: &Path) {
                 ..Default::default()
             },
             pause_probe: None,
+            parent: None,
         },
         &Progress::default(),
     )

@@ -30,6 +30,7 @@ fn checkpoint(vm: &Vm, dir: &Path, strategy: Strategy) -> ckpt_format::Manifest 
                 ..Default::default()
             },
             pause_probe: None,
+            parent: None,
         },
         &Progress::default(),
     )

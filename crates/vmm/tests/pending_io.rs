@@ -54,6 +54,7 @@ fn checkpoint(
                     ..Default::default()
                 },
                 pause_probe: None,
+                parent: None,
             },
             &Progress::default(),
         )

@@ -129,6 +129,7 @@ fn try_checkpoint(
         store,
         options: CheckpointOptions { strategy, io, disk },
         pause_probe: None,
+        parent: None,
     };
     vm.checkpoint(&request, &Progress::default())
 }

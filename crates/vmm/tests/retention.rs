@@ -208,6 +208,7 @@ fn retention(total: usize) {
                 disk: DiskPolicy::Keep,
             },
             pause_probe: None,
+            parent: None,
         };
         let t0 = Instant::now();
         let manifest = vm

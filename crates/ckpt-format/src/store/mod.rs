@@ -112,6 +112,36 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn create(&self, layout: &Layout) -> Result<Box<dyn StoreWriter>>;
     /// Opens the checkpoint here for reading.
     fn open(&self) -> Result<Box<dyn StoreReader>>;
+    /// The store at `address`, the parent of an incremental checkpoint here, reached the way
+    /// this one is (an S3 store uses its own endpoint and credentials).
+    fn parent(&self, address: &str) -> Result<Box<dyn Store>> {
+        store_at(address)
+    }
+}
+
+/// The store at `address` (a directory, `raw:PATH`, or `s3://` reached through the
+/// environment's endpoint and credentials). A RAM store is reachable only inside the process
+/// that holds it: refused.
+pub fn store_at(address: &str) -> Result<Box<dyn Store>> {
+    let unreachable = |reason: String| Error::ParentUnreachable {
+        address: address.to_string(),
+        reason,
+    };
+    let parsed: StoreAddress = address
+        .parse()
+        .map_err(|e: AddressError| unreachable(e.about("the address")))?;
+    Ok(match parsed {
+        StoreAddress::Dir(p) => Box::new(DirStore::new(p)),
+        StoreAddress::Raw(p) => Box::new(RawStore::new(p)),
+        StoreAddress::Mem(_) => {
+            return Err(unreachable(
+                "a RAM store exists only inside the process that holds it".into(),
+            ))
+        }
+        StoreAddress::S3 { .. } => Box::new(S3Store::new(
+            S3Location::parse(address).map_err(|e| unreachable(e.to_string()))?,
+        )),
+    })
 }
 
 /// Where a section was put: the file (for stores of several files) and offset.

@@ -232,6 +232,11 @@ async fn put_checkpoint(
         store: store_address(&body.out, "out")?,
         s3_endpoint: body.s3_endpoint.clone(),
         options: body.options(),
+        parent: body
+            .parent
+            .as_deref()
+            .map(|p| store_address(p, "parent"))
+            .transpose()?,
     };
     let ctl = c.clone();
     let job = blocking(move || ctl.start_checkpoint(spec))

@@ -152,11 +152,19 @@ pub struct CheckpointBody {
     /// Disk retention.
     #[serde(default)]
     pub disk: DiskArg,
+    /// Makes the checkpoint incremental: the store of a complete checkpoint of this VM taken by
+    /// this process, whose pages the guest has not written since are not written again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 impl RequestBody for CheckpointBody {
     const FIELDS: &'static [(&'static str, &'static str)] = &[
         ("out", "a string (a directory, raw:PATH or mem:NAME)"),
+        (
+            "parent",
+            "a string (a directory, raw:PATH or s3://BUCKET/PREFIX)",
+        ),
         ("strategy", "a string (one of uffd, fork, stop)"),
         ("io", "a string (one of live, drain)"),
         ("disk", "a string (one of keep, copy-commit)"),

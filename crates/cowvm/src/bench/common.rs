@@ -40,6 +40,7 @@ pub fn dir_checkpoint(dir: &Path, strategy: Strategy) -> CheckpointRequest {
             ..Default::default()
         },
         pause_probe: None,
+        parent: None,
     }
 }
 

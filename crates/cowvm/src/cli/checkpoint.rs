@@ -1,7 +1,8 @@
 //! `cowvm checkpoint --api-sock SOCK --out DIR [--strategy] [--io] [--disk] [--json]`: takes a
 //! checkpoint of a running VM, shows its progress, waits until it is complete and prints its
-//! metrics. `cowvm checkpoint delete --api-sock SOCK DIR [--json]`: deletes a checkpoint of
-//! the VM and merges away the disk layers it alone needed.
+//! metrics; `--parent STORE` makes it incremental. `cowvm checkpoint delete --api-sock SOCK DIR
+//! [--json]`: deletes a checkpoint of the VM and merges away the disk layers it alone needed.
+//! `cowvm checkpoint flatten`: see [`super::flatten`].
 
 use std::path::{Component, PathBuf};
 use std::process::ExitCode;
@@ -42,6 +43,8 @@ pub enum CheckpointAction {
     /// Delete a checkpoint of the VM (through its API socket); the disk layers no retained
     /// checkpoint needs any more are merged into the layer above them and deleted.
     Delete(DeleteArgs),
+    /// Write one full checkpoint equal to an incremental checkpoint's chain (no VM needed).
+    Flatten(super::flatten::FlattenArgs),
 }
 
 /// Arguments of `cowvm checkpoint delete`.
@@ -82,6 +85,11 @@ pub struct CheckpointArgs {
     /// What happens to the parent disk image.
     #[arg(long, value_enum, default_value_t)]
     disk: DiskArg,
+    /// Take an incremental checkpoint: only the pages written since this checkpoint (a complete
+    /// checkpoint of this VM taken by the same process) are written; a restore reads the others
+    /// from it.
+    #[arg(long, value_name = "STORE")]
+    parent: Option<String>,
 }
 
 /// What `--json` prints: the job, its options, and its metrics at top level.
@@ -130,6 +138,7 @@ pub fn absolute(arg: &str, what: &str) -> anyhow::Result<String> {
 pub fn checkpoint(command: CheckpointCommand) -> anyhow::Result<ExitCode> {
     match command.action {
         Some(CheckpointAction::Delete(args)) => delete(args),
+        Some(CheckpointAction::Flatten(args)) => super::flatten::flatten(args),
         None => take(command.take),
     }
 }
@@ -167,7 +176,7 @@ fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
 /// Takes a checkpoint.
 fn take(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
     let (Some(api_sock), Some(out)) = (args.api_sock, args.out) else {
-        bail!("cowvm checkpoint needs --api-sock and --out, or delete");
+        bail!("cowvm checkpoint needs --api-sock and --out (or delete, or flatten)");
     };
     let api = ApiArgs {
         api_sock,
@@ -180,6 +189,11 @@ fn take(args: CheckpointArgs) -> anyhow::Result<ExitCode> {
         strategy: args.strategy,
         io: args.io,
         disk: args.disk,
+        parent: args
+            .parent
+            .as_deref()
+            .map(|p| absolute(p, "--parent"))
+            .transpose()?,
     };
     let job = block_on(async {
         let mut job: CheckpointJob = client
@@ -266,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn take_or_delete() {
+    fn take_delete_or_flatten() {
         let take = Cli::try_parse_from(["checkpoint", "--api-sock", "s", "--out", "/c"]).unwrap();
         assert!(take.command.action.is_none());
         assert_eq!(take.command.take.out.as_deref(), Some("/c"));
@@ -279,8 +293,15 @@ mod tests {
                 assert_eq!(args.path, "/c");
                 assert!(args.api.json);
             }
-            None => panic!("no delete"),
+            other => panic!("not delete: {other:?}"),
         }
+        let flatten =
+            Cli::try_parse_from(["checkpoint", "flatten", "/child", "--out", "/full"]).unwrap();
+        assert!(matches!(
+            flatten.command.action,
+            Some(CheckpointAction::Flatten(_))
+        ));
+        assert!(Cli::try_parse_from(["checkpoint", "flatten", "/child"]).is_err());
         assert!(Cli::try_parse_from(["checkpoint", "--api-sock", "s"]).is_err());
         assert!(Cli::try_parse_from(["checkpoint", "delete", "--api-sock", "s"]).is_err());
     }

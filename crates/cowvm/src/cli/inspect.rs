@@ -105,6 +105,13 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
             format!("{} {}.{}", m.format, m.format_version, m.format_minor),
         ),
         ("created", m.created_utc.clone()),
+        (
+            "parent",
+            match &m.parent {
+                Some(p) => format!("{} ({} pages there)", p.address, m.metrics.pages_in_parent),
+                None => "none (a full checkpoint)".into(),
+            },
+        ),
         ("manifest checksum", checksum),
         (
             "memory",

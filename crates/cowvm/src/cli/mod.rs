@@ -5,6 +5,7 @@
 
 mod checkpoint;
 mod disk;
+mod flatten;
 mod inspect;
 mod output;
 mod restore;

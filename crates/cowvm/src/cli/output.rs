@@ -38,6 +38,9 @@ pub fn metric_rows(m: &Metrics) -> Vec<(&'static str, String)> {
         ),
         ("zero pages", m.zero_pages.to_string()),
     ];
+    if m.pages_in_parent > 0 {
+        rows.push(("pages in parent", m.pages_in_parent.to_string()));
+    }
     if !m.phases_us.is_empty() {
         let phases: Vec<String> = m
             .phases_us

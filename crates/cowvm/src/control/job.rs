@@ -19,6 +19,8 @@ pub struct CheckpointSpec {
     pub s3_endpoint: Option<String>,
     /// Strategy and policies.
     pub options: CheckpointOptions,
+    /// The parent of an incremental checkpoint (reached through `s3_endpoint` too).
+    pub parent: Option<StoreAddress>,
 }
 
 /// How a job ended.

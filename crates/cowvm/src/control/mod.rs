@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
 use vmm::HeldPause;
-use vmm::{ChainError, CheckpointError, CheckpointRequest, StoreSpec};
+use vmm::{ChainError, CheckpointError, CheckpointRequest, ParentSpec, StoreSpec};
 use vmm::{Console, ErrorKind, Vm, VmError, VmExit};
 use vmm::{RestoreError, RestoreOptions};
 
@@ -62,6 +62,11 @@ pub enum ControlError {
     /// `copy-commit` copies the disks into the store, which must be a directory.
     #[error("disk copy-commit needs a directory store (out) to hold the disk copy")]
     CopyCommitNeedsDir,
+    /// A RAM store named as the parent of an incremental checkpoint.
+    #[error(
+        "a RAM checkpoint (mem:NAME) cannot be a parent: no other process could read the chain"
+    )]
+    MemParent,
     /// Pausing failed.
     #[error("cannot pause the VM")]
     Pause(#[source] VmError),
@@ -111,7 +116,8 @@ impl ControlError {
             | ControlError::MemStore(_)
             | ControlError::CopyCommitNeedsDir
             | ControlError::NotACheckpoint { .. }
-            | ControlError::NotDeletable(_) => ErrorKind::InvalidInput,
+            | ControlError::NotDeletable(_)
+            | ControlError::MemParent => ErrorKind::InvalidInput,
             ControlError::Delete { .. } => ErrorKind::Internal,
             ControlError::Merge(e) => e.kind(),
             ControlError::Pause(e) => e.kind(),
@@ -478,6 +484,14 @@ impl Controller {
             return Err(ControlError::CopyCommitNeedsDir);
         }
         let store = self.store_for_checkpoint(&spec.store, spec.s3_endpoint.as_deref())?;
+        let parent = match &spec.parent {
+            None => None,
+            Some(address) => Some(ParentSpec {
+                address: address.to_string(),
+                store: named_store(address, spec.s3_endpoint.as_deref())
+                    .ok_or(ControlError::MemParent)?,
+            }),
+        };
         self.check_alive()?;
         let mut gate = lock(&self.gate);
         self.refuse_if_busy(&gate, Wants::Checkpoint)?;
@@ -496,6 +510,7 @@ impl Controller {
             options,
             // Called in the pause: the store has accepted the checkpoint by then.
             pause_probe: Some(Arc::new(move |_| prepared.mark_prepared())),
+            parent,
         };
         let this = self.clone();
         let vm = self.vm();

@@ -1,16 +1,19 @@
-//! `cowvm run --checkpoint-every DURATION --checkpoint-dir DIR [--keep K]`: a checkpoint every
-//! DURATION into `DIR/ckpt-<unix ms>`, keeping the newest K complete ones.
+//! `cowvm run --checkpoint-every DURATION --checkpoint-dir DIR [--keep K] [--full-every N]`: a
+//! checkpoint every DURATION into `DIR/ckpt-<unix ms>`, keeping the newest K complete ones;
+//! with `--full-every N` every N-th is full and the others incremental, each naming the one
+//! before (after a failure, or a refused parent, the next one is full).
 //!
 //! Safety of the pruning: only complete checkpoints are deleted, only after the checkpoint
-//! just taken is complete, and only those older than the newest K. A checkpoint that fails is
-//! removed by the trigger that started it (nobody else writes there); any other incomplete
-//! directory is left alone, since it may be one another client is writing.
+//! just taken is complete, and only those older than the newest K that no kept checkpoint
+//! needs as a parent (directly or down its chain). A checkpoint that fails is removed by the
+//! trigger that started it (nobody else writes there); any other incomplete directory is left
+//! alone, since it may be one another client is writing.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ckpt_format::{CheckpointOptions, DirStore, StoreAddress};
+use ckpt_format::{CheckpointOptions, DirStore, Manifest, StoreAddress};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
@@ -28,6 +31,8 @@ pub struct Periodic {
     pub dir: PathBuf,
     /// How many complete checkpoints to keep (all if none).
     pub keep: Option<usize>,
+    /// Every N-th checkpoint is full, the others incremental (1: all full).
+    pub full_every: u32,
     /// Strategy and policies.
     pub options: CheckpointOptions,
 }
@@ -50,8 +55,16 @@ fn sequence(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The parent a checkpoint directory's manifest names, if it names one.
+fn parent_of(ckpt: &Path) -> Option<PathBuf> {
+    let bytes = std::fs::read(ckpt.join("manifest.json")).ok()?;
+    let manifest = Manifest::from_json(&bytes).ok()?;
+    Some(PathBuf::from(manifest.parent?.address))
+}
+
 /// Deletes, with `delete`, all but the newest `keep` complete checkpoints the trigger made in
-/// `dir`, oldest first. Returns the directories deleted.
+/// `dir`, oldest first, except the parents the kept ones need down their chains. Returns the
+/// directories deleted.
 pub fn prune(
     dir: &Path,
     keep: usize,
@@ -67,8 +80,22 @@ pub fn prune(
         .collect();
     complete.sort();
     let excess = complete.len().saturating_sub(keep);
+    let mut needed: Vec<PathBuf> = Vec::new();
+    for (_, kept) in &complete[excess..] {
+        let mut at = parent_of(kept);
+        while let Some(parent) = at {
+            if needed.contains(&parent) {
+                break;
+            }
+            at = parent_of(&parent);
+            needed.push(parent);
+        }
+    }
     let mut deleted = Vec::new();
     for (_, path) in complete.into_iter().take(excess) {
+        if needed.contains(&path) {
+            continue;
+        }
         delete(&path)?;
         deleted.push(path);
     }
@@ -116,13 +143,32 @@ fn next_dir(dir: &Path) -> PathBuf {
     dir.join(format!("{PREFIX}{ms:016}"))
 }
 
+/// Where the trigger is in its cycle of full and incremental checkpoints.
+#[derive(Debug, Default)]
+struct Cycle {
+    /// The latest complete checkpoint, and how many incremental ones followed the last full.
+    last: Option<(PathBuf, u32)>,
+}
+
+impl Cycle {
+    /// The parent of the next checkpoint, if it is to be incremental.
+    fn parent(&self, full_every: u32) -> Option<&PathBuf> {
+        match &self.last {
+            Some((path, since_full)) if since_full + 1 < full_every => Some(path),
+            _ => None,
+        }
+    }
+}
+
 /// Takes one checkpoint and prunes. Errors are logged: the VM goes on, and so does the trigger.
-async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
+async fn tick(controller: &Arc<Controller>, cfg: &Periodic, cycle: &mut Cycle) {
     let out = next_dir(&cfg.dir);
+    let parent = cycle.parent(cfg.full_every).cloned();
     let spec = CheckpointSpec {
         store: StoreAddress::Dir(out.clone()),
         s3_endpoint: None,
         options: cfg.options,
+        parent: parent.clone().map(StoreAddress::Dir),
     };
     let ctl = controller.clone();
     let started = tokio::task::spawn_blocking(move || ctl.start_checkpoint(spec)).await;
@@ -132,6 +178,7 @@ async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
         Ok(Err(ControlError::Exited(_))) => return,
         Ok(Err(e)) => {
             warn!("periodic checkpoint skipped: {e}");
+            cycle.last = None;
             return;
         }
         Err(e) => {
@@ -142,7 +189,12 @@ async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
     job.finished().await;
     match job.end() {
         Some((Outcome::Complete(m), _)) => {
-            info!(out = %out.display(), pause_us = m.metrics.pause_us, "periodic checkpoint complete");
+            info!(out = %out.display(), pause_us = m.metrics.pause_us, incremental = parent.is_some(), "periodic checkpoint complete");
+            let since_full = match (&cycle.last, &parent) {
+                (Some((_, n)), Some(_)) => n + 1,
+                _ => 0,
+            };
+            cycle.last = Some((out.clone(), since_full));
             if let Some(keep) = cfg.keep {
                 let ctl = controller.clone();
                 let dir = cfg.dir.clone();
@@ -163,6 +215,8 @@ async fn tick(controller: &Arc<Controller>, cfg: &Periodic) {
         }
         Some((Outcome::Failed(e), _)) => {
             warn!(out = %out.display(), "periodic checkpoint failed: {}", chain(&e));
+            // The next one is full: a refused parent (after a rollback) is not asked again.
+            cycle.last = None;
             // Ours, and no longer being written.
             if out.exists() {
                 if let Err(e) = std::fs::remove_dir_all(&out) {
@@ -180,9 +234,10 @@ pub async fn run(controller: Arc<Controller>, cfg: Periodic) {
     // The first tick is immediate: wait one period first.
     interval.tick().await;
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut cycle = Cycle::default();
     loop {
         interval.tick().await;
-        tick(&controller, &cfg).await;
+        tick(&controller, &cfg, &mut cycle).await;
     }
 }
 
@@ -243,5 +298,55 @@ mod tests {
             vec![c]
         );
         assert!(d.exists() && b.exists() && e.exists());
+    }
+
+    #[test]
+    fn prune_keeps_the_parents_of_kept_checkpoints() {
+        let tmp = tempfile::tempdir().unwrap();
+        let with_parent = |seq: u64, parent: Option<&Path>| {
+            let p = fake(tmp.path(), seq, true);
+            let mut m: serde_json::Value = serde_json::json!({
+                "format": ckpt_format::FORMAT_NAME,
+                "format_version": ckpt_format::FORMAT_VERSION,
+                "memory": {"page_size": 4096, "mem_size": 4096, "pages": 1},
+                "sections": [],
+            });
+            if let Some(parent) = parent {
+                m["parent"] = serde_json::json!({
+                    "address": parent.display().to_string(),
+                    "manifest_checksum": "xxh3:0000000000000001",
+                });
+            }
+            std::fs::write(p.join("manifest.json"), m.to_string()).unwrap();
+            p
+        };
+        let full1 = with_parent(1, None);
+        let incr2 = with_parent(2, Some(&full1));
+        let incr3 = with_parent(3, Some(&incr2));
+        let full4 = with_parent(4, None);
+        let incr5 = with_parent(5, Some(&full4));
+        // Keeping 3 keeps 3, 4, 5 and the chain 3 needs: 2 and 1.
+        assert!(prune(tmp.path(), 3, &mut |p| std::fs::remove_dir_all(p))
+            .unwrap()
+            .is_empty());
+        // Keeping 2 keeps 4 and 5: the first chain goes.
+        assert_eq!(
+            prune(tmp.path(), 2, &mut |p| std::fs::remove_dir_all(p)).unwrap(),
+            vec![full1, incr2, incr3]
+        );
+        assert!(full4.exists() && incr5.exists());
+    }
+
+    #[test]
+    fn every_nth_is_full() {
+        let mut cycle = Cycle::default();
+        assert_eq!(cycle.parent(3), None);
+        cycle.last = Some(("a".into(), 0));
+        assert_eq!(cycle.parent(3), Some(&PathBuf::from("a")));
+        assert_eq!(cycle.parent(1), None);
+        cycle.last = Some(("b".into(), 1));
+        assert_eq!(cycle.parent(3), Some(&PathBuf::from("b")));
+        cycle.last = Some(("c".into(), 2));
+        assert_eq!(cycle.parent(3), None);
     }
 }

@@ -29,9 +29,13 @@ pub struct ControlArgs {
     /// Where periodic checkpoints go, each in DIR/ckpt-<unix ms>.
     #[arg(long, value_name = "DIR", requires = "checkpoint_every")]
     pub checkpoint_dir: Option<PathBuf>,
-    /// Keep only the newest K complete periodic checkpoints.
+    /// Keep only the newest K complete periodic checkpoints (and the parents they need).
     #[arg(long, value_name = "K", requires = "checkpoint_every", value_parser = clap::value_parser!(u32).range(1..))]
     pub keep: Option<u32>,
+    /// Make every N-th periodic checkpoint a full one and the others incremental, each naming
+    /// the one before (1: all full, the default).
+    #[arg(long, value_name = "N", requires = "checkpoint_every", value_parser = clap::value_parser!(u32).range(1..))]
+    pub full_every: Option<u32>,
 }
 
 impl ControlArgs {
@@ -136,6 +140,7 @@ pub fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> 
                         every,
                         dir,
                         keep: args.keep.map(|k| k as usize),
+                        full_every: args.full_every.unwrap_or(1),
                         options: CheckpointOptions::default(),
                     },
                 )))

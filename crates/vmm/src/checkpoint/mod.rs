@@ -15,6 +15,7 @@
 //! checkpoint's memory, or in neither. vCPU state is read in the pause, after the vCPUs are
 //! parked, so no instruction retires between the register read and the memory freeze.
 
+pub mod dirty;
 pub mod disk_chain;
 mod disk_cow;
 pub(crate) mod memory_cow;
@@ -26,14 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ckpt_format::{
-    CheckpointOptions, CheckpointWriter, DeviceConfig, DirStore, DiskPolicy, IoPolicy, Layout,
-    Manifest, MemStore, MemoryWriter, Metrics, RawStore, S3Store, Store, Strategy,
+    CheckpointOptions, CheckpointWriter, Checksum, DeviceConfig, DirStore, DiskPolicy, IoPolicy,
+    Layout, Manifest, MemStore, MemoryWriter, Metrics, PageIndex, ParentRef, RawStore, S3Store,
+    Store, Strategy,
 };
 use thiserror::Error;
 use tracing::{info, info_span, warn};
 use vm_memory::GuestMemoryMmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use self::dirty::{BothObservers, DirtyLog, DirtyLogRefusal, PageBits};
 use self::disk_chain::ChainLayers;
 use self::memory_cow::fork::{fork_writer, ForkedWriter};
 use self::memory_cow::uffd::UffdCow;
@@ -41,6 +44,7 @@ use self::memory_cow::{stop, CowError, SaveCounters};
 use crate::builder::{Machine, MachineState, VmError, VmSummary};
 use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::virtio::block::BlockHandle;
+use crate::devices::virtio::DmaObserver;
 use crate::error::ErrorKind;
 use crate::exit::VmExit;
 use crate::kvm::vcpu::{PauseGuard, VcpuControl};
@@ -97,6 +101,15 @@ pub enum CheckpointError {
         #[source]
         source: crate::devices::virtio::block::BlockError,
     },
+    /// The parent of an incremental checkpoint cannot be read.
+    #[error("parent checkpoint {address}")]
+    Parent {
+        /// The parent's address.
+        address: String,
+        /// Cause.
+        #[source]
+        source: ckpt_format::Error,
+    },
     /// A disk has no image to put a COW file over.
     #[error("disk {0} has no image")]
     NoImage(usize),
@@ -125,7 +138,7 @@ impl CheckpointError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             CheckpointError::Busy => ErrorKind::Conflict,
-            CheckpointError::Refused(_) => ErrorKind::InvalidInput,
+            CheckpointError::Refused(_) | CheckpointError::Parent { .. } => ErrorKind::InvalidInput,
             CheckpointError::Store { source, .. } => match source {
                 ckpt_format::Error::CheckpointExists { .. } => ErrorKind::AlreadyExists,
                 ckpt_format::Error::StoreFull { .. } => ErrorKind::Internal,
@@ -139,11 +152,19 @@ impl CheckpointError {
 }
 
 /// Why a checkpoint request is refused before anything is done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum Refusal {
     /// `copy-commit` copies the disks into the store, which only a directory store can hold.
     #[error("disk copy-commit needs a directory store to hold the disk copy")]
     CopyCommitNeedsDirectory,
+    /// The parent of an incremental checkpoint cannot be one.
+    #[error("parent checkpoint {address} cannot be the parent: {reason}")]
+    Parent {
+        /// The parent's address.
+        address: String,
+        /// Why.
+        reason: DirtyLogRefusal,
+    },
 }
 
 /// Where a checkpoint goes.
@@ -209,6 +230,18 @@ pub struct CheckpointRequest {
     pub options: CheckpointOptions,
     /// Optional observer of the checkpoint instant.
     pub pause_probe: Option<PauseProbe>,
+    /// For an incremental checkpoint, its parent: a complete checkpoint of this VM taken by this
+    /// process. Only the pages written since the parent's instant are written.
+    pub parent: Option<ParentSpec>,
+}
+
+/// The parent of an incremental checkpoint.
+#[derive(Debug, Clone)]
+pub struct ParentSpec {
+    /// Its address, as the manifest records it (`DIR`, `raw:PATH` or `s3://BUCKET/PREFIX`).
+    pub address: String,
+    /// Its store.
+    pub store: StoreSpec,
 }
 
 impl CheckpointRequest {
@@ -230,6 +263,7 @@ impl std::fmt::Debug for CheckpointRequest {
             .field("store", &self.store)
             .field("options", &self.options)
             .field("pause_probe", &self.pause_probe.is_some())
+            .field("parent", &self.parent.as_ref().map(|p| &p.address))
             .finish()
     }
 }
@@ -339,13 +373,14 @@ enum MemoryCow {
 pub(crate) fn checkpoint(
     machine: &Machine,
     page_service: Option<&PageService>,
+    dirty: &DirtyLog,
     request: &CheckpointRequest,
     progress: &Progress,
     layers: &mut ChainLayers,
 ) -> Result<Manifest, CheckpointError> {
     let span = info_span!("checkpoint", store = %request.store.describe(), strategy = ?request.options.strategy);
     let _enter = span.enter();
-    let result = take_checkpoint(machine, page_service, request, progress, layers);
+    let result = take_checkpoint(machine, page_service, dirty, request, progress, layers);
     progress.set_phase(if result.is_ok() {
         Phase::Done
     } else {
@@ -361,9 +396,41 @@ fn store_err(store: &StoreSpec) -> impl FnOnce(ckpt_format::Error) -> Checkpoint
     }
 }
 
+/// The manifest checksum and resolved page index of the complete checkpoint in the parent's
+/// store, refused unless this VM's dirty log knows it.
+fn check_parent(
+    parent: &ParentSpec,
+    dirty: &DirtyLog,
+) -> Result<(u64, Arc<PageIndex>), CheckpointError> {
+    let unreadable = |source| CheckpointError::Parent {
+        address: parent.address.clone(),
+        source,
+    };
+    let commit = parent
+        .store
+        .store()
+        .open()
+        .and_then(|r| r.read_commit())
+        .map_err(unreadable)?
+        .ok_or_else(|| {
+            unreadable(ckpt_format::Error::Incomplete {
+                store: parent.store.describe(),
+            })
+        })?;
+    let checksum = commit.checksum.map_or(0, |c| c.0);
+    let index = dirty
+        .check_parent(checksum)
+        .map_err(|reason| Refusal::Parent {
+            address: parent.address.clone(),
+            reason,
+        })?;
+    Ok((checksum, index))
+}
+
 fn take_checkpoint(
     machine: &Machine,
     page_service: Option<&PageService>,
+    dirty: &DirtyLog,
     request: &CheckpointRequest,
     progress: &Progress,
     layers: &mut ChainLayers,
@@ -374,6 +441,13 @@ fn take_checkpoint(
         return Err(CheckpointError::Exited(exit));
     }
     request.validate(disks.len())?;
+    let (parent, parent_index) = match &request.parent {
+        Some(p) => {
+            let (sum, index) = check_parent(p, dirty)?;
+            (Some((p, sum)), Some(index))
+        }
+        None => (None, None),
+    };
     let started = Instant::now();
     let mut timeline = Timeline::default();
     let regions = ram_regions(&machine.memory);
@@ -401,17 +475,42 @@ fn take_checkpoint(
         strategy: cow.strategy(),
         ..options
     };
+    if let Some(index) = &parent_index {
+        writer
+            .memory()
+            .compare_with_parent(index.clone())
+            .map_err(store_err(&request.store))?;
+    }
+    timeline.time("prepare_dirty_log", || {
+        dirty.prepare(&machine.vm, &machine.memory)
+    });
 
     progress.set_phase(Phase::Paused);
     let pause_start = Instant::now();
     let (guard, frozen) = timeline.time("quiesce", || quiesce(machine, options.io))?;
+    let in_parent = timeline.time("dirty_log", || {
+        in_parent_pages(
+            dirty,
+            machine,
+            parent.map(|(p, sum)| (p.address.as_str(), sum)),
+        )
+    })?;
     let counters = SaveCounters::default();
     timeline.time("mark_memory_cow", || {
-        mark_memory_cow(disks, &mut cow, &regions, &mut writer, &counters)
+        mark_memory_cow(
+            disks,
+            &mut cow,
+            &regions,
+            &mut writer,
+            &counters,
+            in_parent.as_ref(),
+            dirty,
+        )
     })?;
     let state = timeline.time("save_state", || {
         save_state(&machine.vm, &machine.devices, &guard)
     })?;
+    dirty.in_flight(&state.devices.blocks);
     if let Some(probe) = &request.pause_probe {
         probe(&machine.memory);
     }
@@ -432,7 +531,7 @@ fn take_checkpoint(
         .map_err(store_err(&request.store))?;
     progress.watch(Some(writer.memory().clone()));
     let written = timeline.time("write_out", || {
-        write_out(disks, cow, &mut writer, &counters)
+        write_out(disks, cow, &mut writer, &counters, dirty.observer())
     });
     progress.watch(None);
     let (by_fault, in_background) = written?;
@@ -451,6 +550,12 @@ fn take_checkpoint(
         )
     })?;
 
+    if let Some((p, sum)) = parent {
+        writer.set_parent(ParentRef {
+            address: p.address.clone(),
+            manifest_checksum: Checksum(sum),
+        });
+    }
     writer.set_vm_config(vm_config(&machine.summary, disk_configs));
     writer.set_options(options);
     writer.set_created_unix_ms(
@@ -471,10 +576,18 @@ fn take_checkpoint(
         .collect();
     metrics.total_us = started.elapsed().as_micros() as u64;
     writer.set_metrics(metrics);
+    let own_index = writer.memory_index().map_err(store_err(&request.store))?;
+    let resolved = match &parent_index {
+        Some(p) => own_index.resolve(p),
+        None => Ok(own_index.clone()),
+    }
+    .map_err(store_err(&request.store))?;
     let manifest = writer.finish().map_err(store_err(&request.store))?;
     for disk in &manifest.vm.disks {
         layers.retain(&disk.path);
     }
+    let json = manifest.to_json().map_err(store_err(&request.store))?;
+    dirty.completed(Checksum::of(&json).0, Arc::new(resolved));
     info!(
         pause_us,
         total_us = manifest.metrics.total_us,
@@ -555,25 +668,55 @@ fn quiesce(
     Ok((guard, frozen))
 }
 
-/// Phase 3, in the pause: make memory copy-on-write (or, for `stop`, copy it now).
+/// In the pause, before memory is marked: the instant of the dirty log. For an incremental
+/// checkpoint, the pages unchanged since its parent's instant (kept in the parent).
+fn in_parent_pages(
+    dirty: &DirtyLog,
+    machine: &Machine,
+    parent: Option<(&str, u64)>,
+) -> Result<Option<Arc<PageBits>>, CheckpointError> {
+    let written = dirty
+        .instant(&machine.vm, parent.map(|(_, sum)| sum))
+        .map_err(|reason| Refusal::Parent {
+            address: parent.map(|(a, _)| a.to_string()).unwrap_or_default(),
+            reason,
+        })?;
+    Ok(written.map(|w| Arc::new(w.complement())))
+}
+
+/// Phase 3, in the pause: make memory copy-on-write (or, for `stop`, copy it now), keeping the
+/// pages of `in_parent` in the parent checkpoint. Every disk carries the dirty log's observer
+/// from now on (with the `uffd` saver while the checkpoint runs).
 fn mark_memory_cow(
     disks: &[BlockHandle],
     cow: &mut MemoryCow,
     regions: &[RamRegion],
     writer: &mut CheckpointWriter,
     counters: &SaveCounters,
+    in_parent: Option<&Arc<PageBits>>,
+    dirty: &DirtyLog,
 ) -> Result<(), CheckpointError> {
-    match cow {
+    let first = dirty.observer_first_installed();
+    let observer: Option<Arc<dyn DmaObserver>> = match cow {
         MemoryCow::Uffd(u) => {
-            u.seal(writer.memory().clone())?;
+            u.seal(writer.memory().clone(), in_parent.cloned())?;
             // New disk reads must not overwrite originals: they are saved first (M11).
-            for (i, h) in disks.iter().enumerate() {
-                h.set_dma_observer(Some(u.observer()))
-                    .map_err(|source| CheckpointError::Disk { index: i, source })?;
-            }
+            Some(Arc::new(BothObservers(u.observer(), dirty.observer())))
         }
-        MemoryCow::Fork(child) => *child = Some(fork_writer(regions, writer)?),
-        MemoryCow::Stop => stop::copy_while_paused(regions, writer.memory(), counters)?,
+        MemoryCow::Fork(child) => {
+            *child = Some(fork_writer(regions, writer, in_parent.map(|k| &**k))?);
+            first.then(|| dirty.observer())
+        }
+        MemoryCow::Stop => {
+            stop::copy_while_paused(regions, writer.memory(), counters, in_parent.map(|k| &**k))?;
+            first.then(|| dirty.observer())
+        }
+    };
+    for (i, h) in disks.iter().enumerate() {
+        if let Some(o) = &observer {
+            h.set_dma_observer(Some(o.clone()))
+                .map_err(|source| CheckpointError::Disk { index: i, source })?;
+        }
     }
     Ok(())
 }
@@ -602,6 +745,7 @@ fn write_out(
     cow: MemoryCow,
     writer: &mut CheckpointWriter,
     counters: &SaveCounters,
+    tracker: Arc<dyn DmaObserver>,
 ) -> Result<(u64, u64), CheckpointError> {
     match cow {
         MemoryCow::Uffd(mut u) => {
@@ -609,9 +753,9 @@ fn write_out(
             u.wait_background()?;
             // Every block is saved: the hot set is complete.
             writer.set_hot_pages(u.hot_pages());
-            // The observers hold the store writer's queue open.
+            // The observers hold the store writer's queue open; the dirty log's stays.
             for h in disks {
-                if let Err(e) = h.set_dma_observer(None) {
+                if let Err(e) = h.set_dma_observer(Some(tracker.clone())) {
                     warn!("cannot remove a disk's DMA observer: {e}");
                 }
             }

@@ -26,8 +26,23 @@ impl KvmVm {
     pub(crate) fn new(memory: &GuestMemoryMmap) -> Result<KvmVm, KvmError> {
         let kvm = open_kvm()?;
         let fd = create_vm(&kvm)?;
-        register_memory(&fd, memory)?;
+        register_memory(&fd, memory, 0)?;
         Ok(KvmVm { fd, kvm })
+    }
+
+    /// Turns KVM's dirty log on for every memory slot of `memory`, which must be the memory
+    /// the VM was created with. This write-protects the slots in KVM's page tables: a cost that
+    /// grows with memory, paid while the VM runs.
+    pub(crate) fn log_dirty_pages(&self, memory: &GuestMemoryMmap) -> Result<(), KvmError> {
+        register_memory(&self.fd, memory, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)
+    }
+
+    /// Reads and clears the dirty log of memory slot `slot` of `len` bytes: one bit per page,
+    /// set for each page written since the last read.
+    pub(crate) fn take_dirty_log(&self, slot: u32, len: usize) -> Result<Vec<u64>, KvmError> {
+        self.fd
+            .get_dirty_log(slot, len)
+            .map_err(KvmError::ioctl("get dirty log"))
     }
 }
 
@@ -134,15 +149,15 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
     Ok(vm)
 }
 
-/// Registers every region of `mem` as a KVM memory slot (slot i = region i).
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+/// Registers every region of `mem` as a KVM memory slot (slot i = region i) with `flags`.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(), KvmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(MemoryRegionAddress(0))
             .expect("offset 0 lies in every region");
         let desc = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,

@@ -554,6 +554,19 @@ impl Store for S3Store {
     fn open(&self) -> Result<Box<dyn StoreReader>> {
         Ok(Box::new(reader::S3Reader::open(Arc::clone(&self.config))?))
     }
+
+    fn parent(&self, address: &str) -> Result<Box<dyn Store>> {
+        if !address.starts_with("s3://") {
+            return super::store_at(address);
+        }
+        let location = S3Location::parse(address).map_err(|e| Error::ParentUnreachable {
+            address: address.to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut store = self.clone();
+        store.config_mut().location = location;
+        Ok(Box::new(store))
+    }
 }
 
 /// The completion marker's text.

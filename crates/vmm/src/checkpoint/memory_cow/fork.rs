@@ -14,6 +14,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use ckpt_format::{CheckpointWriter, MemoryReport};
 
 use super::{write_all, CowError, SaveCounters};
+use crate::checkpoint::dirty::PageBits;
 use crate::memory::RamRegion;
 
 /// A forked memory writer.
@@ -47,11 +48,16 @@ fn causes(e: &dyn std::error::Error) -> String {
 }
 
 /// The child's work: write memory, finish the memory part of the checkpoint, report.
-fn child_main(regions: &[RamRegion], writer: &mut CheckpointWriter, mut out: File) -> i32 {
+fn child_main(
+    regions: &[RamRegion],
+    writer: &mut CheckpointWriter,
+    in_parent: Option<&PageBits>,
+    mut out: File,
+) -> i32 {
     let counters = SaveCounters::default();
     // SAFETY: in the forked child, guest memory is this process's private copy as of the fork;
     // no vCPU or device runs here.
-    let result = unsafe { write_all(regions, writer.memory(), &counters) }
+    let result = unsafe { write_all(regions, writer.memory(), &counters, in_parent) }
         .map_err(|e| causes(&e))
         .and_then(|()| writer.finish_memory().map_err(|e| causes(&e)))
         .and_then(|report| serde_json::to_vec(&report).map_err(|e| causes(&e)));
@@ -65,10 +71,12 @@ fn child_main(regions: &[RamRegion], writer: &mut CheckpointWriter, mut out: Fil
     }
 }
 
-/// Forks the writer. Call while the VM is paused: the child's memory is the checkpoint's.
+/// Forks the writer. Call while the VM is paused: the child's memory is the checkpoint's. The
+/// pages of `in_parent` are kept in the parent checkpoint, not written.
 pub fn fork_writer(
     regions: &[RamRegion],
     writer: &mut CheckpointWriter,
+    in_parent: Option<&PageBits>,
 ) -> Result<ForkedWriter, CowError> {
     let (report_r, report_w) = pipe()?;
     // SAFETY: getpid has no preconditions.
@@ -91,7 +99,7 @@ pub fn fork_writer(
                 unsafe { libc::_exit(3) }
             }
             drop(report_r);
-            let status = child_main(regions, writer, report_w);
+            let status = child_main(regions, writer, in_parent, report_w);
             // SAFETY: `_exit` ends the child without running the parent's atexit handlers or
             // destructors, which belong to the parent's threads.
             unsafe { libc::_exit(status) }

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ckpt_format::MemoryWriter;
 use thiserror::Error;
 
+use super::dirty::PageBits;
 use crate::memory::{RamRegion, PAGE_SIZE};
 
 /// Errors of the memory COW mechanisms.
@@ -94,7 +95,9 @@ pub(crate) unsafe fn page_bytes(region: &RamRegion, first: u64, count: u64) -> &
     }
 }
 
-/// Writes every page of `regions` in runs of [`RUN_PAGES`], counting them as background saves.
+/// Writes every page of `regions` in runs of [`RUN_PAGES`], counting them as background saves;
+/// the pages of `in_parent` (an incremental checkpoint's pages unchanged since its parent) are
+/// recorded as kept in the parent instead.
 ///
 /// # Safety
 /// As [`page_bytes`]: nothing may write guest memory while this runs.
@@ -102,16 +105,30 @@ pub(crate) unsafe fn write_all(
     regions: &[RamRegion],
     writer: &MemoryWriter,
     counters: &SaveCounters,
+    in_parent: Option<&PageBits>,
 ) -> Result<(), CowError> {
     for region in regions {
         let end = region.first_page() + region.pages();
         let mut page = region.first_page();
         while page < end {
             let count = RUN_PAGES.min(end - page);
-            // SAFETY: the caller promises guest memory is frozen.
-            let bytes = unsafe { page_bytes(region, page, count) };
-            writer.write_pages(page, bytes).map_err(CowError::Store)?;
-            counters.in_background.fetch_add(count, Ordering::Relaxed);
+            let Some(kept) = in_parent else {
+                // SAFETY: the caller promises guest memory is frozen.
+                let bytes = unsafe { page_bytes(region, page, count) };
+                writer.write_pages(page, bytes).map_err(CowError::Store)?;
+                counters.in_background.fetch_add(count, Ordering::Relaxed);
+                page += count;
+                continue;
+            };
+            for (first, n) in kept.runs(page, page + count, true) {
+                writer.keep_in_parent(first, n).map_err(CowError::Store)?;
+            }
+            for (first, n) in kept.runs(page, page + count, false) {
+                // SAFETY: the caller promises guest memory is frozen.
+                let bytes = unsafe { page_bytes(region, first, n) };
+                writer.write_pages(first, bytes).map_err(CowError::Store)?;
+                counters.in_background.fetch_add(n, Ordering::Relaxed);
+            }
             page += count;
         }
     }

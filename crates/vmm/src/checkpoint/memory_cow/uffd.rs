@@ -24,7 +24,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ use tracing::{debug, error};
 
 use super::uffd_sys::{Uffd, WpFault, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED};
 use super::{page_bytes, CowError, SaveCounters};
+use crate::checkpoint::dirty::PageBits;
 use crate::devices::virtio::DmaObserver;
 use crate::memory::{RamRegion, PAGE_SIZE};
 
@@ -76,13 +77,28 @@ struct Shared {
     pool: Mutex<Vec<Vec<u8>>>,
     /// First page of each block a write fault saved, in fault order: the guest's hot set.
     hot: Mutex<Vec<u64>>,
+    /// An incremental checkpoint's pages unchanged since its parent: claimed like the others,
+    /// but only unprotected, never copied.
+    in_parent: OnceLock<Arc<PageBits>>,
 }
 
-/// A run of pages copied aside: its first image page and the bytes.
+/// A run of pages copied aside: its first image page and the bytes (none for a run kept in the
+/// parent checkpoint).
 struct Copied {
     first: u64,
     pages: u64,
-    buf: Vec<u8>,
+    buf: Option<Vec<u8>>,
+}
+
+impl Copied {
+    /// Pages whose bytes were copied (not kept in the parent).
+    fn saved(&self) -> u64 {
+        if self.buf.is_some() {
+            self.pages
+        } else {
+            0
+        }
+    }
 }
 
 /// Owns the write protection of guest memory for one checkpoint, the fault handler thread and
@@ -192,23 +208,52 @@ impl Shared {
             {
                 end += 1;
             }
-            let mut buf = self.take_buffer();
-            let len = ((end - page) * PAGE_SIZE) as usize;
-            // SAFETY: these pages are claimed by this thread and still write-protected: any
-            // writer blocks until `protect_pages(.., false)` below.
-            buf[..len].copy_from_slice(unsafe { page_bytes(&region, page, end - page) });
-            for p in page..end {
-                self.state[p as usize].store(SAVED, Ordering::Release);
+            let kept = |p: u64| self.in_parent.get().is_some_and(|k| k.get(p));
+            let mut run = page;
+            while run < end {
+                let keep = kept(run);
+                let mut run_end = run + 1;
+                while run_end < end && kept(run_end) == keep {
+                    run_end += 1;
+                }
+                self.save_run(&region, run, run_end, keep, out)?;
+                run = run_end;
             }
-            self.protect_pages(page, end - page, false)
-                .map_err(uffd_op("unprotect"))?;
-            out.push(Copied {
-                first: page,
-                pages: end - page,
-                buf,
-            });
             page = end;
         }
+        Ok(())
+    }
+
+    /// Copies the claimed pages `first..end` aside (unless they are kept in the parent), marks
+    /// them saved and lifts their protection.
+    fn save_run(
+        &self,
+        region: &RamRegion,
+        first: u64,
+        end: u64,
+        keep: bool,
+        out: &mut Vec<Copied>,
+    ) -> Result<(), CowError> {
+        let buf = if keep {
+            None
+        } else {
+            let mut buf = self.take_buffer();
+            let len = ((end - first) * PAGE_SIZE) as usize;
+            // SAFETY: these pages are claimed by this thread and still write-protected: any
+            // writer blocks until `protect_pages(.., false)` below.
+            buf[..len].copy_from_slice(unsafe { page_bytes(region, first, end - first) });
+            Some(buf)
+        };
+        for p in first..end {
+            self.state[p as usize].store(SAVED, Ordering::Release);
+        }
+        self.protect_pages(first, end - first, false)
+            .map_err(uffd_op("unprotect"))?;
+        out.push(Copied {
+            first,
+            pages: end - first,
+            buf,
+        });
         Ok(())
     }
 
@@ -222,14 +267,19 @@ impl Shared {
 
     /// Writes a copied run to the store and recycles its buffer.
     fn store(&self, writer: &MemoryWriter, copied: Copied) -> Result<(), CowError> {
+        let Some(buf) = copied.buf else {
+            return writer
+                .keep_in_parent(copied.first, copied.pages)
+                .map_err(CowError::Store);
+        };
         let len = (copied.pages * PAGE_SIZE) as usize;
         let result = writer
-            .write_pages(copied.first, &copied.buf[..len])
+            .write_pages(copied.first, &buf[..len])
             .map_err(CowError::Store);
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(copied.buf);
+            .push(buf);
         result
     }
 
@@ -252,7 +302,7 @@ impl Shared {
         let block_end = (block_start + BLOCK_PAGES).min(region.first_page() + region.pages());
         let mut copied = Vec::new();
         self.capture(block_start, block_end - block_start, &mut copied)?;
-        let saved: u64 = copied.iter().map(|c| c.pages).sum();
+        let saved: u64 = copied.iter().map(Copied::saved).sum();
         self.counters.by_fault.fetch_add(saved, Ordering::Relaxed);
         if saved > 0 {
             self.hot
@@ -322,7 +372,7 @@ impl Shared {
                 for c in copied.drain(..) {
                     self.counters
                         .in_background
-                        .fetch_add(c.pages, Ordering::Relaxed);
+                        .fetch_add(c.saved(), Ordering::Relaxed);
                     self.store(writer, c)?;
                 }
                 end = start;
@@ -382,6 +432,7 @@ impl UffdCow {
                     .collect(),
             ),
             hot: Mutex::new(Vec::new()),
+            in_parent: OnceLock::new(),
         });
         let queued = MAX_QUEUED_BLOCKS.min(pages / BLOCK_PAGES / 2).max(1) as usize;
         let (to_store, from_faults) = sync_channel(queued);
@@ -435,9 +486,18 @@ impl UffdCow {
     }
 
     /// In the pause: re-protects the last touched pages and switches to saving, so that from
-    /// now on every page is protected or saved. Returns the pages re-protected in the pause.
-    pub fn seal(&mut self, writer: Arc<MemoryWriter>) -> Result<u64, CowError> {
+    /// now on every page is protected or saved (the pages of `in_parent` are kept in the parent
+    /// checkpoint: only unprotected when claimed). Returns the pages re-protected in the pause.
+    pub fn seal(
+        &mut self,
+        writer: Arc<MemoryWriter>,
+        in_parent: Option<Arc<PageBits>>,
+    ) -> Result<u64, CowError> {
         *self.shared.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer);
+        if let Some(kept) = in_parent {
+            // Sealed once per checkpoint.
+            let _ = self.shared.in_parent.set(kept);
+        }
         let mut phase = self.shared.lock_phase();
         let n = self
             .shared
@@ -599,7 +659,7 @@ impl DmaSaver {
             self.shared
                 .counters
                 .by_fault
-                .fetch_add(c.pages, Ordering::Relaxed);
+                .fetch_add(c.saved(), Ordering::Relaxed);
             self.to_store
                 .send(c)
                 .map_err(|_| CowError::Panicked("store writer"))?;

@@ -1,0 +1,391 @@
+//! The pages written since each checkpoint of this VM, which an incremental checkpoint writes
+//! (the others stay in its parent).
+//!
+//! Two sources, which together see every write to guest memory:
+//! - **KVM's dirty log** (`KVM_MEM_LOG_DIRTY_PAGES` on every memory slot, read and cleared with
+//!   `KVM_GET_DIRTY_LOG`): the guest's writes, and KVM's own (clock and steal-time pages);
+//! - **the device code**: a [`DmaObserver`] installed on every disk from the first checkpoint on
+//!   marks the guest pages a device is about to write (disk reads, the status byte, the used
+//!   ring) in a bitmap of its own.
+//!
+//! Logging starts at the first checkpoint of the VM (its prepare phase, while the VM runs), so a
+//! VM never checkpointed pays nothing for it, and the first checkpoint, necessarily full, is the
+//! first possible parent. Each checkpoint reads the log twice: once while it prepares (the VM
+//! runs; clearing re-protects the pages written since the last checkpoint, a cost that grows
+//! with them), and once in the pause, which then only reads what the guest wrote during the
+//! prepare phase. At the instant T the pages read from both sources are the pages written since
+//! the previous instant; they are added to the set kept for each recent complete checkpoint, so
+//! an incremental checkpoint may name any of them as parent. The data of a disk read in flight
+//! at T lands after T: its pages are marked again for the next interval.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use ckpt_format::PageIndex;
+use tracing::{debug, warn};
+use vm_memory::GuestMemoryMmap;
+
+use crate::devices::virtio::block::{BlockState, RequestKind};
+use crate::devices::virtio::DmaObserver;
+use crate::kvm::KvmVm;
+use crate::memory::{RamRegion, PAGE_SIZE};
+
+/// Complete checkpoints of this VM an incremental checkpoint may name as parent (the newest).
+/// Each costs a bit and a resolved page-index entry (9 bytes) per guest page.
+pub(crate) const PARENTS_KEPT: usize = 4;
+
+/// One bit per image page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PageBits {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl PageBits {
+    pub(crate) fn new(pages: u64) -> PageBits {
+        PageBits {
+            words: vec![0; pages.div_ceil(64) as usize],
+            pages,
+        }
+    }
+
+    pub(crate) fn get(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    fn set(&mut self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
+    fn or(&mut self, other: &PageBits) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w |= o;
+        }
+    }
+
+    /// The pages not set.
+    pub(crate) fn complement(&self) -> PageBits {
+        let mut out = PageBits {
+            words: self.words.iter().map(|w| !w).collect(),
+            pages: self.pages,
+        };
+        if self.pages % 64 != 0 {
+            if let Some(last) = out.words.last_mut() {
+                *last &= (1u64 << (self.pages % 64)) - 1;
+            }
+        }
+        out
+    }
+
+    /// Number of pages set.
+    pub(crate) fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Maximal runs of pages inside `first..end` whose bit is `value`, in order.
+    pub(crate) fn runs(&self, first: u64, end: u64, value: bool) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut page = first;
+        while page < end {
+            if self.get(page) != value {
+                page += 1;
+                continue;
+            }
+            let start = page;
+            while page < end && self.get(page) == value {
+                page += 1;
+            }
+            out.push((start, page - start));
+        }
+        out
+    }
+}
+
+/// Why an incremental checkpoint cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirtyLogRefusal {
+    /// The host's KVM does not log dirty pages.
+    #[error("this host's KVM cannot log dirty pages: {0}")]
+    Unsupported(String),
+    /// The parent was not taken of this VM by this process (or is too old).
+    #[error(
+        "it is not one of the latest {PARENTS_KEPT} complete checkpoints taken of this VM by \
+         this process (since its start, restore or rollback)"
+    )]
+    UnknownParent,
+}
+
+/// Pages the device code wrote since the last instant, marked before each write.
+struct DeviceWrites {
+    regions: Vec<RamRegion>,
+    bits: Box<[AtomicU64]>,
+}
+
+impl DeviceWrites {
+    fn mark(&self, gpa: u64, len: u64) {
+        let end = gpa.saturating_add(len.max(1));
+        for r in &self.regions {
+            let (lo, hi) = (gpa.max(r.gpa), end.min(r.gpa + r.len));
+            if lo >= hi {
+                continue;
+            }
+            let first = r.first_page() + (lo - r.gpa) / PAGE_SIZE;
+            let last = r.first_page() + (hi - 1 - r.gpa) / PAGE_SIZE;
+            for page in first..=last {
+                self.bits[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+impl DmaObserver for DeviceWrites {
+    fn before_device_write(&self, gpa: u64, len: u64) {
+        self.mark(gpa, len);
+    }
+}
+
+/// Tells two observers, in order (the checkpoint's saver first: it must copy the page before the
+/// write).
+pub(crate) struct BothObservers(pub Arc<dyn DmaObserver>, pub Arc<dyn DmaObserver>);
+
+impl DmaObserver for BothObservers {
+    fn before_device_write(&self, gpa: u64, len: u64) {
+        self.0.before_device_write(gpa, len);
+        self.1.before_device_write(gpa, len);
+    }
+}
+
+#[derive(Debug)]
+enum Logging {
+    Off,
+    On,
+    Unsupported(String),
+}
+
+struct LogState {
+    logging: Logging,
+    /// Pages written since the last instant, read from KVM so far.
+    pending: PageBits,
+    /// The recent complete checkpoints, newest last.
+    since: VecDeque<Since>,
+}
+
+/// A recent complete checkpoint of this VM.
+struct Since {
+    /// Its manifest checksum.
+    manifest_checksum: u64,
+    /// Its page index resolved down its chain: what each page held at its instant.
+    index: Arc<PageIndex>,
+    /// The pages written since its instant.
+    written: PageBits,
+}
+
+/// The dirty-page tracker of one VM.
+pub(crate) struct DirtyLog {
+    device: Arc<DeviceWrites>,
+    /// Whether the disks carry the observer already.
+    observing: AtomicBool,
+    pages: u64,
+    state: Mutex<LogState>,
+}
+
+impl std::fmt::Debug for DirtyLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyLog")
+            .field("pages", &self.pages)
+            .finish()
+    }
+}
+
+impl DirtyLog {
+    pub(crate) fn new(regions: &[RamRegion]) -> DirtyLog {
+        let pages: u64 = regions.iter().map(RamRegion::pages).sum();
+        DirtyLog {
+            device: Arc::new(DeviceWrites {
+                regions: regions.to_vec(),
+                bits: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            }),
+            observing: AtomicBool::new(false),
+            pages,
+            state: Mutex::new(LogState {
+                logging: Logging::Off,
+                pending: PageBits::new(pages),
+                since: VecDeque::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LogState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The observer the disks must carry from the first checkpoint on.
+    pub(crate) fn observer(&self) -> Arc<dyn DmaObserver> {
+        self.device.clone()
+    }
+
+    /// Whether this is the first call: the disks do not carry the observer yet.
+    pub(crate) fn observer_first_installed(&self) -> bool {
+        !self.observing.swap(true, Ordering::AcqRel)
+    }
+
+    /// The resolved page index of the parent, unless it is not a recent complete checkpoint of
+    /// this VM or this host cannot log.
+    pub(crate) fn check_parent(
+        &self,
+        manifest_checksum: u64,
+    ) -> Result<Arc<PageIndex>, DirtyLogRefusal> {
+        let state = self.lock();
+        if let Logging::Unsupported(why) = &state.logging {
+            return Err(DirtyLogRefusal::Unsupported(why.clone()));
+        }
+        state
+            .since
+            .iter()
+            .find(|s| s.manifest_checksum == manifest_checksum)
+            .map(|s| s.index.clone())
+            .ok_or(DirtyLogRefusal::UnknownParent)
+    }
+
+    /// While the VM runs, before the pause: turns logging on (first checkpoint), or reads and
+    /// clears the log so that the pause reads little.
+    pub(crate) fn prepare(&self, vm: &KvmVm, memory: &GuestMemoryMmap) {
+        let mut state = self.lock();
+        match state.logging {
+            Logging::Off => {
+                match vm.log_dirty_pages(memory) {
+                    Ok(()) => state.logging = Logging::On,
+                    Err(e) => {
+                        warn!("KVM cannot log dirty pages, incremental checkpoints are unavailable: {e}");
+                        state.logging = Logging::Unsupported(e.to_string());
+                    }
+                }
+            }
+            Logging::On => {
+                if let Err(e) = self.read_kvm(vm, &mut state) {
+                    self.give_up(&mut state, e.to_string());
+                }
+            }
+            Logging::Unsupported(_) => {}
+        }
+    }
+
+    fn give_up(&self, state: &mut LogState, why: String) {
+        warn!("KVM dirty log failed, incremental checkpoints are unavailable: {why}");
+        state.logging = Logging::Unsupported(why);
+        state.since.clear();
+    }
+
+    fn read_kvm(&self, vm: &KvmVm, state: &mut LogState) -> Result<(), crate::kvm::KvmError> {
+        for (slot, region) in self.device.regions.iter().enumerate() {
+            let bits = vm.take_dirty_log(slot as u32, region.len as usize)?;
+            let first = region.first_page();
+            for (w, &word) in bits.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let bit = u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    state.pending.set(first + w as u64 * 64 + bit);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// In the pause, at the instant T (vCPUs parked, devices frozen): the pages written since
+    /// the previous instant join the set of every recent checkpoint. Returns the pages written
+    /// since the checkpoint whose manifest checksum is `parent`, if asked.
+    pub(crate) fn instant(
+        &self,
+        vm: &KvmVm,
+        parent: Option<u64>,
+    ) -> Result<Option<PageBits>, DirtyLogRefusal> {
+        let started = Instant::now();
+        let mut state = self.lock();
+        if let Logging::On = state.logging {
+            if let Err(e) = self.read_kvm(vm, &mut state) {
+                self.give_up(&mut state, e.to_string());
+            }
+        }
+        if let Logging::Unsupported(why) = &state.logging {
+            return match parent {
+                Some(_) => Err(DirtyLogRefusal::Unsupported(why.clone())),
+                None => Ok(None),
+            };
+        }
+        let mut written = std::mem::replace(&mut state.pending, PageBits::new(self.pages));
+        for (w, word) in self.device.bits.iter().enumerate() {
+            written.words[w] |= word.swap(0, Ordering::AcqRel);
+        }
+        for since in state.since.iter_mut() {
+            since.written.or(&written);
+        }
+        let result = match parent {
+            None => None,
+            Some(p) => Some(
+                state
+                    .since
+                    .iter()
+                    .find(|s| s.manifest_checksum == p)
+                    .map(|s| s.written.clone())
+                    .ok_or(DirtyLogRefusal::UnknownParent)?,
+            ),
+        };
+        debug!(
+            written = written.count(),
+            us = started.elapsed().as_micros() as u64,
+            "dirty pages read at the instant"
+        );
+        Ok(result)
+    }
+
+    /// In the pause, once the devices are saved: the disk reads in flight at T fill their
+    /// buffers after it, in the next interval.
+    pub(crate) fn in_flight(&self, disks: &[BlockState]) {
+        for request in disks.iter().flat_map(|d| &d.inflight) {
+            if matches!(request.kind, RequestKind::Read | RequestKind::GetId) {
+                for &(gpa, len) in &request.segments {
+                    self.device.mark(gpa, u64::from(len));
+                }
+            }
+        }
+    }
+
+    /// A checkpoint whose instant was the last one completed, with its resolved page index: it
+    /// may be a parent from now on.
+    pub(crate) fn completed(&self, manifest_checksum: u64, index: Arc<PageIndex>) {
+        let mut state = self.lock();
+        if !matches!(state.logging, Logging::On) {
+            return;
+        }
+        state.since.push_back(Since {
+            manifest_checksum,
+            index,
+            written: PageBits::new(self.pages),
+        });
+        while state.since.len() > PARENTS_KEPT {
+            state.since.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_bits_runs() {
+        let mut b = PageBits::new(130);
+        for p in [0, 1, 2, 64, 65, 129] {
+            b.set(p);
+        }
+        assert_eq!(b.count(), 6);
+        assert_eq!(b.runs(0, 130, true), vec![(0, 3), (64, 2), (129, 1)]);
+        assert_eq!(b.runs(1, 66, false), vec![(3, 61)]);
+        assert!(!b.get(130));
+    }
+}
