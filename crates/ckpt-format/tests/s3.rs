@@ -281,6 +281,67 @@ fn incomplete_and_corrupt_checkpoints_are_refused() {
     );
 }
 
+/// A restore through a cache directory fills it; a later one reads memory and sections from
+/// it (the chunks may be gone from the bucket), and a cached page that was changed is read from
+/// the bucket again, never returned.
+#[test]
+fn a_cache_directory_serves_later_restores_and_is_verified() {
+    let weed = Weed::start();
+    let cache = tempfile::tempdir().unwrap();
+    let s3 = weed.store("cached");
+    write_checkpoint(&s3, 8);
+    let cached = weed.store("cached").cache_dir(cache.path());
+    check_pages(&cached, 8);
+    let entries: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
+    assert_eq!(entries.len(), 1, "one checkpoint, one directory");
+    let dir = entries[0].as_ref().unwrap().path();
+    let memory = dir.join("memory");
+    assert_eq!(std::fs::metadata(&memory).unwrap().len(), MEM_SIZE);
+
+    // Every chunk gone from the bucket: the cache serves them all.
+    let chunks = PAGES.div_ceil(16);
+    let keys: Vec<String> = (0..chunks)
+        .map(|c| format!("cached/memory/{c:08}"))
+        .collect();
+    let saved: Vec<Vec<u8>> = keys.iter().map(|k| weed.get_object(k)).collect();
+    for k in &keys {
+        weed.delete_object(k);
+    }
+    check_pages(&cached, 8);
+    let e = Checkpoint::open(&s3)
+        .unwrap()
+        .verify_memory(1, &|_| {})
+        .unwrap_err();
+    assert!(e.to_string().ends_with("is missing"), "{e}");
+
+    // A changed page in the cache is not served: with its chunk gone from the bucket too, the
+    // read fails naming the chunk.
+    flip_byte(&memory, 41 * PAGE_SIZE as u64 + 9);
+    let ckpt = Checkpoint::open(&cached).unwrap();
+    let mut buf = [0u8; PAGE_SIZE];
+    let e = ckpt.read_page(41, &mut buf).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "memory chunk s3://ckpt/cached/memory/00000002 is missing"
+    );
+    // With the chunk back, the page is read from the bucket and the cache repaired.
+    for (k, bytes) in keys.iter().zip(&saved) {
+        weed.put_object(k, bytes);
+    }
+    ckpt.read_page(41, &mut buf).unwrap();
+    assert_eq!(buf, page(8, 41));
+    weed.delete_object(&keys[2]);
+    let ckpt = Checkpoint::open(&cached).unwrap();
+    ckpt.read_page(41, &mut buf).unwrap();
+    assert_eq!(buf, page(8, 41));
+
+    // The marker is always read from the bucket: a checkpoint no longer complete there is not
+    // restored from the cache.
+    weed.delete_object("cached/COMPLETE");
+    let e = Checkpoint::open(&cached).unwrap_err();
+    assert!(matches!(e, Error::Incomplete { .. }), "{e}");
+}
+
 /// The server dies while memory is being uploaded: the checkpoint fails, naming the
 /// endpoint, and once the server is back the checkpoint is incomplete.
 #[test]

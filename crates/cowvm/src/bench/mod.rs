@@ -13,6 +13,7 @@ mod checkpoint;
 mod common;
 mod compare;
 mod disk;
+mod incremental;
 mod plot;
 mod restore;
 
@@ -32,6 +33,9 @@ pub enum BenchCommand {
     Compare(compare::CompareArgs),
     /// Guest disk IOPS through virtio-blk on raw and qcow2, next to the host.
     Disk(disk::DiskBenchArgs),
+    /// Incremental checkpoints against full ones; with --s3, upload throughput and restores
+    /// from S3 with a cold and a warm cache.
+    Incremental(incremental::IncrementalBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -66,6 +70,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Compare(args) => compare::run(args),
         BenchCommand::Restore(args) => restore::run(args),
         BenchCommand::Disk(args) => disk::run(args),
+        BenchCommand::Incremental(args) => incremental::run(args),
     }
 }
 

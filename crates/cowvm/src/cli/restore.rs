@@ -31,6 +31,10 @@ pub struct RestoreArgs {
     /// The endpoint URL of an s3:// checkpoint (default: AWS_ENDPOINT_URL, else AWS S3).
     #[arg(long, value_name = "URL")]
     s3_endpoint: Option<String>,
+    /// Keep what is read from an s3:// checkpoint (and its parents) in DIR, and read it from
+    /// there when this host restores the same checkpoint again (verified again each time).
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
     /// Write the serial console to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
@@ -59,6 +63,10 @@ pub struct CloneArgs {
     /// The endpoint URL of an s3:// checkpoint (default: AWS_ENDPOINT_URL, else AWS S3).
     #[arg(long, value_name = "URL")]
     s3_endpoint: Option<String>,
+    /// Keep what is read from an s3:// checkpoint (and its parents) in DIR, and read it from
+    /// there when this host restores the same checkpoint again (verified again each time).
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
     /// How many VMs to start.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     count: u32,
@@ -102,6 +110,18 @@ pub fn store_spec(
     }
 }
 
+/// `store` reading through the local cache `dir`, if given (S3 stores only).
+fn cached(store: StoreSpec, dir: Option<&Path>) -> anyhow::Result<StoreSpec> {
+    match (store, dir) {
+        (store, None) => Ok(store),
+        (StoreSpec::S3(s3), Some(dir)) => {
+            make_dir(dir, "--cache")?;
+            Ok(StoreSpec::S3(s3.cache_dir(dir)))
+        }
+        (_, Some(_)) => bail!("--cache applies to s3:// checkpoints only (the others are local)"),
+    }
+}
+
 /// Creates `dir` (and its parents) for files a command writes there.
 fn make_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{flag} {}", dir.display()))
@@ -117,6 +137,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         None => Console::Stdout,
     };
     let (from, store) = store_spec(&args.from, args.s3_endpoint.as_deref())?;
+    let store = cached(store, args.cache.as_deref())?;
     let start = Instant::now();
     let vm = Vm::restore(
         &store,
@@ -185,6 +206,7 @@ pub fn clone(args: CloneArgs) -> anyhow::Result<ExitCode> {
         make_dir(dir, "--disk-dir")?;
     }
     let (_, store) = store_spec(&args.from, args.s3_endpoint.as_deref())?;
+    let store = cached(store, args.cache.as_deref())?;
     let all = Instant::now();
     let shared = if args.eager {
         None

@@ -1,5 +1,8 @@
-//! `dirty [mem=SIZE] [passes=N] [every=K] [fill=0|1]`: write every 4 KiB page of a working set,
-//! pass after pass — the guest that checkpoint benchmarks run against.
+//! `dirty [mem=SIZE] [passes=N] [every=K] [fill=0|1] [rest=SIZE]`: write every 4 KiB page of a
+//! working set, pass after pass — the guest that checkpoint benchmarks run against. `rest` fills
+//! that much more memory (after the working set) once, before the first pass, so that a
+//! benchmark can have a guest whose memory is all in use but only `mem` of it written over and
+//! over (incremental checkpoints).
 //!
 //! Output (host-side benchmarks parse it, keep it exact):
 //! `dirty pass=<n> tsc=<decimal>` after every K-th pass, and after N passes
@@ -21,6 +24,7 @@ pub fn run<'a>(
     let mut passes = 0;
     let mut every = 1;
     let mut fill = false;
+    let mut rest = 0;
     for option in options {
         let (key, value) = option?;
         match key {
@@ -28,6 +32,7 @@ pub fn run<'a>(
             "passes" => passes = parse_u64(key, value)?,
             "every" => every = parse_nonzero(key, value)?,
             "fill" => fill = parse_flag(key, value)?,
+            "rest" => rest = parse_mem_size(key, value)?,
             _ => {
                 return Err(CmdlineError::UnknownOption {
                     workload: "dirty",
@@ -36,7 +41,11 @@ pub fn run<'a>(
             }
         }
     }
-    let working_set = ram.working_set(bytes)?;
+    let mut ram = ram;
+    let working_set = ram.take(bytes)?;
+    if rest > 0 {
+        write_pass(ram.take(rest)?, 0, true);
+    }
 
     let mut pass = 0u64;
     while passes == 0 || pass < passes {

@@ -25,18 +25,22 @@
 //! `fork` strategy writes memory from a child process) it starts a runtime and client of its
 //! own on first use, since the parent's runtime threads do not exist there.
 
+mod cache;
 mod reader;
 mod writer;
 
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig, WriteMultipart,
+};
 use tokio::runtime::Runtime;
 
 use super::{Layout, Overwrite, Store, StoreReader, StoreWriter};
@@ -230,6 +234,7 @@ struct S3Config {
     uploads: usize,
     buffered_chunks: usize,
     overwrite: Overwrite,
+    cache: Option<PathBuf>,
 }
 
 impl S3Store {
@@ -245,6 +250,7 @@ impl S3Store {
                 uploads: DEFAULT_UPLOADS,
                 buffered_chunks: DEFAULT_BUFFERED_CHUNKS,
                 overwrite: Overwrite::Never,
+                cache: None,
             }),
         }
     }
@@ -257,6 +263,41 @@ impl S3Store {
     pub fn endpoint(mut self, url: impl Into<String>) -> S3Store {
         self.config_mut().endpoint = Some(url.into());
         self
+    }
+
+    /// Keeps what restores read in the local directory `dir` (see [`cache`]): a later restore
+    /// of the same checkpoint on this host reads it from there, each section and page verified
+    /// again. The parents of an incremental checkpoint are cached too.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> S3Store {
+        self.config_mut().cache = Some(dir.into());
+        self
+    }
+
+    /// Uploads `bytes` as the one object `name` under the prefix by a plain multipart upload
+    /// (parts of the chunk size, as many in flight as chunk uploads): the yardstick the
+    /// benchmarks compare this store's own write-out with, on the same client and server.
+    pub fn upload_plain(&self, name: &str, bytes: Arc<Vec<u8>>) -> Result<()> {
+        let config = &self.config;
+        let client = Client::connect(config)?;
+        let store = Arc::clone(&client.store);
+        let path = config.location.object(name);
+        let part = usize::try_from(config.chunk_size).expect("chunk size fits in memory");
+        let in_flight = config.uploads;
+        client
+            .run(async move {
+                let upload = store.put_multipart(&path).await?;
+                let mut writer = WriteMultipart::new_with_chunk_size(upload, part);
+                for piece in bytes.chunks(part) {
+                    writer.wait_for_capacity(in_flight).await?;
+                    writer.write(piece);
+                }
+                writer.finish().await.map(|_| ())
+            })
+            .map_err(|e| {
+                config
+                    .classify("upload", &config.location.url_of(name), e)
+                    .into()
+            })
     }
 
     /// Sets the region, overriding `AWS_REGION`.

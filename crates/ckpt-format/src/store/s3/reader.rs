@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use object_store::ObjectStoreExt;
 
+use super::cache::CheckpointCache;
 use super::{
     chunk_name, object_of, Client, S3Config, S3Error, COMPLETE, MARKER_HEADER, MEMORY_DIR,
 };
@@ -116,6 +117,8 @@ pub(super) struct S3Reader {
     chunk_size: OnceLock<u64>,
     memory_len: OnceLock<u64>,
     index: OnceLock<PageIndex>,
+    /// The local cache of this checkpoint, once the marker named its manifest.
+    cache: OnceLock<CheckpointCache>,
 }
 
 impl std::fmt::Debug for S3Reader {
@@ -134,6 +137,7 @@ impl S3Reader {
             chunk_size: OnceLock::new(),
             memory_len: OnceLock::new(),
             index: OnceLock::new(),
+            cache: OnceLock::new(),
         })
     }
 
@@ -151,6 +155,13 @@ impl S3Reader {
         {
             buf.fill(0);
             return Ok(());
+        }
+        let offset = chunk * chunk_size + within;
+        let cache = self.cache.get().zip(self.memory_len.get()).zip(index);
+        if let Some(((cache, &len), index)) = cache {
+            if cache.read_memory(len, offset, buf) && pages_match(index, first_page, buf) {
+                return Ok(());
+            }
         }
         let name = chunk_name(chunk);
         let object = self.config.location.url_of(&name);
@@ -185,8 +196,26 @@ impl S3Reader {
                 _ => {}
             }
         }
+        if let Some(((cache, &len), _)) = cache {
+            cache.put_memory(len, offset, buf);
+        }
         Ok(())
     }
+}
+
+/// Whether every page of `buf` (pages from `first` on) matches `index`; zero pages are zeroed
+/// instead of checked.
+fn pages_match(index: &PageIndex, first: u64, buf: &mut [u8]) -> bool {
+    buf.chunks_exact_mut(PAGE_SIZE)
+        .enumerate()
+        .all(|(i, page)| match index.entry(first + i as u64) {
+            Some(e) if e.state == PageState::Zero => {
+                page.fill(0);
+                true
+            }
+            Some(e) if e.state == PageState::Present => checksum(page) == e.hash,
+            _ => false,
+        })
 }
 
 impl StoreReader for S3Reader {
@@ -215,6 +244,9 @@ impl StoreReader for S3Reader {
         match marker {
             Some(m) => {
                 let _ = self.chunk_size.set(m.chunk_size);
+                if let (Some(root), Some(sum)) = (&self.config.cache, m.manifest.checksum) {
+                    let _ = self.cache.set(CheckpointCache::new(root, sum));
+                }
                 Ok(Some(m.manifest))
             }
             None => Err(Error::corrupt(
@@ -225,7 +257,17 @@ impl StoreReader for S3Reader {
     }
 
     fn read_section(&self, entry: &SectionEntry) -> Result<Vec<u8>> {
-        let bytes = get_section(&self.client, &self.config, entry)?;
+        let cache = self.cache.get();
+        let bytes = match cache.and_then(|c| c.section(entry)) {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = get_section(&self.client, &self.config, entry)?;
+                if let Some(cache) = cache {
+                    cache.put_section(entry, &bytes);
+                }
+                bytes
+            }
+        };
         // Keep the page index (once its checksum holds) to check every chunk read.
         if entry.name == Section::PageIndex.name()
             && entry.checksum == Some(Checksum(checksum(&bytes)))
