@@ -153,11 +153,10 @@ fn place(base: &str, mem: u64, rate: u64) -> String {
 fn boot(args: &IncrementalBenchArgs, mem: u64, rate: u64) -> anyhow::Result<(Vm, Stamps, u64)> {
     let all = working_set(mem, 100);
     let rewritten = working_set(mem, rate).max(2 << 20);
-    let cmdline = format!(
-        "dirty mem={}K rest={}K fill=1 every=1",
-        rewritten >> 10,
-        (all - rewritten) >> 10
-    );
+    let mut cmdline = format!("dirty mem={}K fill=1 every=1", rewritten >> 10);
+    if all > rewritten {
+        cmdline.push_str(&format!(" rest={}K", (all - rewritten) >> 10));
+    }
     let stamps = Stamps::default();
     let config =
         guest_args(&args.kernel, cmdline, mem).config(Console::Writer(Box::new(stamps.clone())))?;

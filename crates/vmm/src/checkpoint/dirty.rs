@@ -81,6 +81,11 @@ impl PageBits {
         out
     }
 
+    /// The bits, 64 pages per word (page `p` is bit `p % 64` of word `p / 64`).
+    pub(crate) fn words(&self) -> &[u64] {
+        &self.words
+    }
+
     /// Number of pages set.
     pub(crate) fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -294,6 +299,27 @@ impl DirtyLog {
             }
         }
         Ok(())
+    }
+
+    /// While the VM runs, after [`Self::prepare`]: the pages known written so far since the
+    /// checkpoint whose manifest checksum is `parent` (the pause adds those written meanwhile).
+    /// `None` if it is not a recent checkpoint of this VM or logging is off.
+    pub(crate) fn written_so_far(&self, parent: u64) -> Option<PageBits> {
+        let state = self.lock();
+        if !matches!(state.logging, Logging::On) {
+            return None;
+        }
+        let mut written = state
+            .since
+            .iter()
+            .find(|s| s.manifest_checksum == parent)?
+            .written
+            .clone();
+        written.or(&state.pending);
+        for (w, word) in self.device.bits.iter().enumerate() {
+            written.words[w] |= word.load(Ordering::Acquire);
+        }
+        Some(written)
     }
 
     /// In the pause, at the instant T (vCPUs parked, devices frozen): the pages written since

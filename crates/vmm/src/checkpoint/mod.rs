@@ -462,6 +462,12 @@ fn take_checkpoint(
             .map_or(0, |d| d.as_micros())
     );
     let mut preps = timeline.time("prepare_disks", || disk_cow::prepare_disks(disks, &tag))?;
+    timeline.time("prepare_dirty_log", || {
+        dirty.prepare(&machine.vm, &machine.memory)
+    });
+    // An incremental checkpoint saves only the pages written since its parent: `uffd` need not
+    // protect the others (those written from now until the pause are protected in it).
+    let candidates = parent.and_then(|(_, sum)| dirty.written_so_far(sum));
     let (mut writer, mut cow) = timeline.time("prepare", || {
         prepare(
             &machine.memory,
@@ -469,6 +475,7 @@ fn take_checkpoint(
             page_service,
             request,
             &regions,
+            candidates,
         )
     })?;
     let options = CheckpointOptions {
@@ -481,10 +488,6 @@ fn take_checkpoint(
             .compare_with_parent(index.clone())
             .map_err(store_err(&request.store))?;
     }
-    timeline.time("prepare_dirty_log", || {
-        dirty.prepare(&machine.vm, &machine.memory)
-    });
-
     progress.set_phase(Phase::Paused);
     let pause_start = Instant::now();
     let (guard, frozen) = timeline.time("quiesce", || quiesce(machine, options.io))?;
@@ -605,6 +608,7 @@ fn prepare(
     page_service: Option<&PageService>,
     request: &CheckpointRequest,
     regions: &[RamRegion],
+    candidates: Option<PageBits>,
 ) -> Result<(CheckpointWriter, MemoryCow), CheckpointError> {
     let store = request.store.store();
     let writer = CheckpointWriter::create(store.as_ref(), &Layout { mem_size })
@@ -625,7 +629,7 @@ fn prepare(
         // write-protect; the kernel's own copy-on-write (fork) protects it just as well. The
         // manifest records the strategy used.
         Strategy::Uffd if shared_image(memory) => MemoryCow::Fork(None),
-        Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions)?),
+        Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions, candidates)?),
         Strategy::Fork => MemoryCow::Fork(None),
         Strategy::Stop => MemoryCow::Stop,
     };

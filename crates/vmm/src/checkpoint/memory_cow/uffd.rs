@@ -13,6 +13,12 @@
 //! few. The arming handler and the final re-protection are serialised by a lock, so no page can
 //! be unprotected between the last re-protection and the switch to saving.
 //!
+//! An incremental checkpoint saves only the pages written since its parent, so only those are
+//! protected: the ones the dirty log knows of when arming starts, and in the pause the few
+//! written since. The pages kept in the parent are never protected (their content at the
+//! instant is the parent's whatever the guest writes afterwards), which makes an incremental
+//! checkpoint's cost follow what the guest wrote, not the size of memory.
+//!
 //! Faults are served a block at a time ([`BLOCK_PAGES`]): a guest writing memory sequentially
 //! takes one fault per block instead of one per page, since a fault round trip costs tens of
 //! microseconds here. And originals are *copied aside*: whoever claims a run copies it into a
@@ -78,8 +84,11 @@ struct Shared {
     /// First page of each block a write fault saved, in fault order: the guest's hot set.
     hot: Mutex<Vec<u64>>,
     /// An incremental checkpoint's pages unchanged since its parent: claimed like the others,
-    /// but only unprotected, never copied.
+    /// never copied (and never protected when `armed` is known).
     in_parent: OnceLock<Arc<PageBits>>,
+    /// The pages protected while arming, if not all of memory: an incremental checkpoint's
+    /// pages written since its parent as known before the pause.
+    armed: Option<PageBits>,
 }
 
 /// A run of pages copied aside: its first image page and the bytes (none for a run kept in the
@@ -247,8 +256,11 @@ impl Shared {
         for p in first..end {
             self.state[p as usize].store(SAVED, Ordering::Release);
         }
-        self.protect_pages(first, end - first, false)
-            .map_err(uffd_op("unprotect"))?;
+        // Pages kept in the parent were never protected when only the written ones were.
+        if !(keep && self.armed.is_some()) {
+            self.protect_pages(first, end - first, false)
+                .map_err(uffd_op("unprotect"))?;
+        }
         out.push(Copied {
             first,
             pages: end - first,
@@ -405,9 +417,11 @@ impl Shared {
 }
 
 impl UffdCow {
-    /// Registers guest memory, starts the fault handler, and write-protects all of memory while
-    /// the VM runs (arming). Call before the pause.
-    pub fn arm(regions: &[RamRegion]) -> Result<UffdCow, CowError> {
+    /// Registers guest memory, starts the fault handler, and write-protects memory while the VM
+    /// runs (arming): all of it, or only the pages of `only` (an incremental checkpoint's pages
+    /// written since its parent so far; [`Self::seal`] protects those written later). Call
+    /// before the pause.
+    pub fn arm(regions: &[RamRegion], only: Option<PageBits>) -> Result<UffdCow, CowError> {
         let uffd = Uffd::new(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED)
             .map_err(CowError::Userfaultfd)?;
         for r in regions {
@@ -415,6 +429,9 @@ impl UffdCow {
                 .map_err(uffd_op("register"))?;
         }
         let pages: u64 = regions.iter().map(RamRegion::pages).sum();
+        // Buffers for the pages that may be saved by fault: at most those armed.
+        let armed_pages = only.as_ref().map_or(pages, PageBits::count);
+        let prefaulted = PREFAULTED_BUFFERS.min(armed_pages.div_ceil(BLOCK_PAGES) as usize);
         let shared = Arc::new(Shared {
             uffd,
             regions: regions.to_vec(),
@@ -427,12 +444,13 @@ impl UffdCow {
             stop: AtomicBool::new(false),
             failed: Mutex::new(None),
             pool: Mutex::new(
-                (0..PREFAULTED_BUFFERS.min(pages.div_ceil(BLOCK_PAGES) as usize))
+                (0..prefaulted)
                     .map(|_| vec![0xa5; (BLOCK_PAGES * PAGE_SIZE) as usize])
                     .collect(),
             ),
             hot: Mutex::new(Vec::new()),
             in_parent: OnceLock::new(),
+            armed: only,
         });
         let queued = MAX_QUEUED_BLOCKS.min(pages / BLOCK_PAGES / 2).max(1) as usize;
         let (to_store, from_faults) = sync_channel(queued);
@@ -452,11 +470,25 @@ impl UffdCow {
             from_faults: Some(from_faults),
             to_store: Some(to_store),
         };
-        for r in regions {
-            cow.shared
-                .uffd
-                .write_protect(r.host, r.len as usize, true)
-                .map_err(uffd_op("write-protect"))?;
+        match &cow.shared.armed {
+            None => {
+                for r in regions {
+                    cow.shared
+                        .uffd
+                        .write_protect(r.host, r.len as usize, true)
+                        .map_err(uffd_op("write-protect"))?;
+                }
+            }
+            Some(only) => {
+                for r in regions {
+                    let end = r.first_page() + r.pages();
+                    for (first, count) in only.runs(r.first_page(), end, true) {
+                        cow.shared
+                            .protect_pages(first, count, true)
+                            .map_err(uffd_op("write-protect"))?;
+                    }
+                }
+            }
         }
         for round in 0..ARMING_ROUNDS {
             let n = cow
@@ -494,11 +526,38 @@ impl UffdCow {
         in_parent: Option<Arc<PageBits>>,
     ) -> Result<u64, CowError> {
         *self.shared.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer);
+        let mut phase = self.shared.lock_phase();
+        // Only some pages were armed: the others written since the parent (after arming looked)
+        // are protected now, with the last touched ones.
+        if let Some(armed) = &self.shared.armed {
+            match &in_parent {
+                Some(kept) => {
+                    let written = kept.complement();
+                    for ((touched, &w), &a) in self
+                        .shared
+                        .touched
+                        .iter()
+                        .zip(written.words())
+                        .zip(armed.words())
+                    {
+                        touched.fetch_or(w & !a, Ordering::AcqRel);
+                    }
+                }
+                // Not incremental after all: every page is saved, so every page is protected.
+                None => {
+                    for r in &self.shared.regions {
+                        self.shared
+                            .uffd
+                            .write_protect(r.host, r.len as usize, true)
+                            .map_err(uffd_op("write-protect"))?;
+                    }
+                }
+            }
+        }
         if let Some(kept) = in_parent {
             // Sealed once per checkpoint.
             let _ = self.shared.in_parent.set(kept);
         }
-        let mut phase = self.shared.lock_phase();
         let n = self
             .shared
             .reprotect_touched()
