@@ -147,7 +147,7 @@ fn console_bytes(ckpt: &Path) -> usize {
     report["console_bytes"].as_u64().expect("console_bytes") as usize
 }
 
-const CMDLINE: &str = "compute mem=8M rounds=900 seed=3";
+const CMDLINE: &str = "compute mem=4M rounds=900 seed=3";
 
 #[test]
 fn incremental_checkpoints_restore_clone_and_flatten() {
