@@ -206,6 +206,56 @@ fn checkpoint_to_s3_then_inspect_restore_and_clone_from_it() {
         .output()
         .expect("run cowvm");
     assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A restore through a cache directory, then one from the cache alone: the chunk the guest
+    // starts in is gone from the bucket, yet the output is the same.
+    let cache = dir.path().join("cache");
+    let cached_args = |console: &Path| {
+        vec![
+            "restore".to_string(),
+            url.clone(),
+            "--s3-endpoint".into(),
+            endpoint.clone(),
+            "--cache".into(),
+            s(&cache).into(),
+            "--console".into(),
+            s(console).into(),
+        ]
+    };
+    let first = dir.path().join("cached-1.txt");
+    let args = cached_args(&first);
+    cowvm_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(read(&first), suffix, "restored through the cache");
+    let chunk = "vm/first/memory/00000000";
+    let saved = weed.get_object(chunk);
+    weed.delete_object(chunk);
+    let second = dir.path().join("cached-2.txt");
+    let args = cached_args(&second);
+    cowvm_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(read(&second), suffix, "restored from the cache");
+
+    // Without the cache, the missing chunk stops the restored VM before the guest runs on it,
+    // naming the chunk.
+    let lost = dir.path().join("lost.txt");
+    let out = cowvm(&[
+        "restore",
+        &url,
+        "--s3-endpoint",
+        &endpoint,
+        "--console",
+        s(&lost),
+    ]);
+    assert!(!out.status.success(), "restored without its memory");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("memory chunk s3://ckpt/vm/first/memory/00000000 is missing"),
+        "{err}"
+    );
+    assert!(
+        !read(&lost).contains("compute"),
+        "the guest ran without its memory"
+    );
+    weed.put_object(chunk, &saved);
 }
 
 /// An incremental checkpoint in the bucket, naming a full one there: restored, cloned and

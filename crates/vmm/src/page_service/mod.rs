@@ -132,6 +132,9 @@ struct Shared {
     started: Instant,
     resident_after_us: AtomicU64,
     stop: AtomicBool,
+    /// The VM is being torn down: no vCPU can enter the guest again, so a block that fails is
+    /// filled with zeros at once, freeing whatever waits on it.
+    tearing_down: AtomicBool,
     /// Set once all memory is resident and unregistered, or on failure.
     finished: Mutex<Option<Result<(), String>>>,
     finished_cv: Condvar,
@@ -200,11 +203,24 @@ impl Shared {
                 }
             }
             Err(e) => {
-                self.blocks[block as usize].store(FAILED, Ordering::Release);
+                self.blocks[block as usize].store(FAILED, Ordering::SeqCst);
                 self.fail(e);
+                if self.tearing_down.load(Ordering::SeqCst) {
+                    self.release_block(block);
+                }
             }
         }
         result.map(|_| ())
+    }
+
+    /// Maps zero pages over a failed block (pages already there are left), waking what waits
+    /// on it. Only while the VM is torn down: the data is not the guest's.
+    fn release_block(&self, block: u64) {
+        let (first, end) = self.block_pages(block);
+        let host = self.region_of(first).host_of_page(first);
+        if let Err(e) = self.uffd.zero(host, ((end - first) * PAGE_SIZE) as usize) {
+            error!("cannot release a failed block of guest memory: {e}");
+        }
     }
 
     /// Installs the pages of `block` run by run: zero runs mapped, present runs read, verified
@@ -359,6 +375,7 @@ impl PageService {
             started: Instant::now(),
             resident_after_us: AtomicU64::new(u64::MAX),
             stop: AtomicBool::new(false),
+            tearing_down: AtomicBool::new(false),
             finished: Mutex::new(None),
             finished_cv: Condvar::new(),
             exit: spec.exit,
@@ -423,15 +440,14 @@ impl PageService {
     /// Maps zero pages over the blocks that failed, so threads waiting on them in the kernel
     /// can return. Call only once no vCPU can enter the guest again (the VM is being torn
     /// down): the data is not the guest's.
+    /// Blocks that fail from now on (a vCPU may still be waiting on one not fetched yet) are
+    /// filled as they fail.
     pub(crate) fn release_failed(&self) {
         let s = &self.shared;
+        s.tearing_down.store(true, Ordering::SeqCst);
         for block in 0..s.block_count() {
-            if s.state(block) == FAILED {
-                let (first, end) = s.block_pages(block);
-                let host = s.region_of(first).host_of_page(first);
-                if let Err(e) = s.uffd.zero(host, ((end - first) * PAGE_SIZE) as usize) {
-                    error!("cannot release a failed block of guest memory: {e}");
-                }
+            if s.blocks[block as usize].load(Ordering::SeqCst) == FAILED {
+                s.release_block(block);
             }
         }
     }
