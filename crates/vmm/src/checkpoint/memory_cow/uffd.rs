@@ -17,16 +17,22 @@
 //! takes one fault per block instead of one per page, since a fault round trip costs tens of
 //! microseconds here. And originals are *copied aside*: whoever claims a run copies it into a
 //! buffer and lifts the protection at once; hashing and writing to the store happen afterwards,
-//! off the faulting vCPU's path (a store writer thread for faults, bounded so the guest is slowed
-//! to store speed rather than memory growing without limit). The background writer walks memory
-//! from the top down, away from a guest that writes upwards.
+//! off the faulting vCPU's path (a store writer thread for faults). The copies waiting for the
+//! store are bounded by the copy-aside budget: while budget remains the guest never waits on the
+//! store; once it is spent, the guest is slowed to store speed rather than memory growing
+//! without limit. The background writer walks memory from the top down, away from a guest that
+//! writes upwards.
+//!
+//! The handler times each fault from reading it to its page being writable: the vCPU's stall,
+//! less the time the fault waited to be read (a lower bound, summed and maximised per
+//! checkpoint).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ckpt_format::MemoryWriter;
 use tracing::{debug, error};
@@ -41,10 +47,8 @@ use crate::memory::{RamRegion, PAGE_SIZE};
 /// round trip costs tens of microseconds and copying 2 MiB about a hundred and fifty, so a guest
 /// that writes everything still moves at several GB/s while the checkpoint runs.
 pub const BLOCK_PAGES: u64 = 512;
-/// Copied-aside blocks that may wait for the store writer (512 MiB, or half of guest memory if
-/// that is less): the guest runs at memory-copy speed until the queue is full, then at store
-/// speed.
-const MAX_QUEUED_BLOCKS: u64 = 256;
+/// Bytes of one block.
+const BLOCK_BYTES: u64 = BLOCK_PAGES * PAGE_SIZE;
 /// Copy-aside buffers allocated and touched while arming, so the first faults after the pause
 /// do not also pay for fresh memory (64 MiB).
 const PREFAULTED_BUFFERS: usize = 32;
@@ -80,6 +84,9 @@ struct Shared {
     /// An incremental checkpoint's pages unchanged since its parent: claimed like the others,
     /// but only unprotected, never copied.
     in_parent: OnceLock<Arc<PageBits>>,
+    /// Write-fault stalls: summed and longest, in nanoseconds.
+    stall_ns: AtomicU64,
+    max_stall_ns: AtomicU64,
 }
 
 /// A run of pages copied aside: its first image page and the bytes (none for a run kept in the
@@ -283,7 +290,19 @@ impl Shared {
         result
     }
 
-    fn handle_fault(&self, fault: WpFault, to_store: &SyncSender<Copied>) -> Result<(), CowError> {
+    /// Records a vCPU stall on a write fault read at `read_at`, now over.
+    fn stalled_since(&self, read_at: Instant) {
+        let ns = read_at.elapsed().as_nanos() as u64;
+        self.stall_ns.fetch_add(ns, Ordering::Relaxed);
+        self.max_stall_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    fn handle_fault(
+        &self,
+        fault: WpFault,
+        read_at: Instant,
+        to_store: &SyncSender<Copied>,
+    ) -> Result<(), CowError> {
         let Some(page) = self.page_of_host(fault.address as usize) else {
             return Ok(());
         };
@@ -293,6 +312,7 @@ impl Shared {
                 self.touched[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::AcqRel);
                 self.protect_pages(page, 1, false)
                     .map_err(uffd_op("unprotect"))?;
+                self.stalled_since(read_at);
                 return Ok(());
             }
         }
@@ -318,8 +338,9 @@ impl Shared {
                 .wake(region.host_of_page(page), PAGE_SIZE as usize)
                 .map_err(uffd_op("wake"))?;
         }
+        self.stalled_since(read_at);
         for c in copied {
-            // Blocks when the store writer is behind: the guest then runs at store speed.
+            // Blocks once the copy-aside budget is spent: the guest then runs at store speed.
             if to_store.send(c).is_err() {
                 return Err(CowError::Panicked("store writer"));
             }
@@ -348,8 +369,9 @@ impl Shared {
                 });
                 return;
             }
+            let read_at = Instant::now();
             for &fault in &faults {
-                if let Err(e) = self.handle_fault(fault, &to_store) {
+                if let Err(e) = self.handle_fault(fault, read_at, &to_store) {
                     self.fail(e);
                     // Never leave a vCPU blocked: lift all protection and stop.
                     self.unprotect_all();
@@ -406,8 +428,9 @@ impl Shared {
 
 impl UffdCow {
     /// Registers guest memory, starts the fault handler, and write-protects all of memory while
-    /// the VM runs (arming). Call before the pause.
-    pub fn arm(regions: &[RamRegion]) -> Result<UffdCow, CowError> {
+    /// the VM runs (arming). Call before the pause. At most `budget` bytes of copies (at least
+    /// one block) wait for the store before a write fault waits for it.
+    pub fn arm(regions: &[RamRegion], budget: u64) -> Result<UffdCow, CowError> {
         let uffd = Uffd::new(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED)
             .map_err(CowError::Userfaultfd)?;
         for r in regions {
@@ -415,6 +438,7 @@ impl UffdCow {
                 .map_err(uffd_op("register"))?;
         }
         let pages: u64 = regions.iter().map(RamRegion::pages).sum();
+        let queued = (budget / BLOCK_BYTES).clamp(1, pages.div_ceil(BLOCK_PAGES).max(1)) as usize;
         let shared = Arc::new(Shared {
             uffd,
             regions: regions.to_vec(),
@@ -427,14 +451,15 @@ impl UffdCow {
             stop: AtomicBool::new(false),
             failed: Mutex::new(None),
             pool: Mutex::new(
-                (0..PREFAULTED_BUFFERS.min(pages.div_ceil(BLOCK_PAGES) as usize))
-                    .map(|_| vec![0xa5; (BLOCK_PAGES * PAGE_SIZE) as usize])
+                (0..PREFAULTED_BUFFERS.min(queued))
+                    .map(|_| vec![0xa5; BLOCK_BYTES as usize])
                     .collect(),
             ),
             hot: Mutex::new(Vec::new()),
             in_parent: OnceLock::new(),
+            stall_ns: AtomicU64::new(0),
+            max_stall_ns: AtomicU64::new(0),
         });
-        let queued = MAX_QUEUED_BLOCKS.min(pages / BLOCK_PAGES / 2).max(1) as usize;
         let (to_store, from_faults) = sync_channel(queued);
         let handler_shared = shared.clone();
         let handler = std::thread::Builder::new()
@@ -560,6 +585,14 @@ impl UffdCow {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The vCPUs' write-fault stalls so far, in microseconds: (summed, longest).
+    pub fn stalls_us(&self) -> (u64, u64) {
+        (
+            self.shared.stall_ns.load(Ordering::Relaxed) / 1000,
+            self.shared.max_stall_ns.load(Ordering::Relaxed) / 1000,
+        )
     }
 
     /// Waits until the background writer has gone through all of memory: from then on every
