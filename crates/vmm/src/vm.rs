@@ -102,6 +102,12 @@ impl Vm {
             .store(bytes.map_or(0, |b| b.max(1)), Ordering::Relaxed);
     }
 
+    /// The copy-aside budget set by [`Self::set_cow_budget`] (`None`: the default).
+    pub fn cow_budget(&self) -> Option<u64> {
+        let budget = self.cow_budget.load(Ordering::Relaxed);
+        (budget > 0).then_some(budget)
+    }
+
     /// Builds the VM described by `config` and starts its vCPUs.
     pub fn boot(config: VmConfig) -> Result<Vm, VmError> {
         let span = info_span!("boot", mem = config.mem_size, vcpus = config.vcpus);
