@@ -13,6 +13,7 @@ mod checkpoint;
 mod common;
 mod compare;
 mod disk;
+mod pause_series;
 mod plot;
 mod restore;
 
