@@ -545,3 +545,59 @@ fn plot(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
         &progress,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject(system: &str, method: &str) -> Subject {
+        Subject {
+            system: system.into(),
+            method: method.into(),
+            mem: 256 << 20,
+            workload: Workload { percent: 100 }.name(),
+        }
+    }
+
+    /// A failed measurement is a row with its error; the others are printed and written.
+    #[test]
+    fn a_failed_row_keeps_the_others() {
+        let failed = Row::failed(
+            subject("qemu", "stop-and-copy"),
+            &anyhow::anyhow!("too few progress stamps before the checkpoint"),
+        );
+        let mut measured = Row::failed(subject("cowvm", "uffd"), &anyhow::anyhow!("unused"));
+        measured.error = None;
+        measured.guest_lost_us = 12_500;
+        measured.pause_us = 400;
+        measured.timeline = vec![(0.0, 1.0), (10.0, 0.5)];
+        let rows = [measured, failed];
+        let report = Report {
+            rows: &rows,
+            took: Duration::from_secs(1),
+            load: "0 0 0".into(),
+        };
+        let tables = report.tables();
+        assert!(
+            tables.contains("| cowvm | uffd | 256 | dirty 100% | 12.5 | 0.400 |"),
+            "{tables}"
+        );
+        assert!(
+            tables.contains("failed: too few progress stamps before the checkpoint"),
+            "{tables}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        write_outputs(dir.path(), &report).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap())
+                .unwrap();
+        assert_eq!(json.as_array().unwrap().len(), 2);
+        assert!(json[0].get("error").is_none(), "{json}");
+        assert_eq!(
+            json[1]["error"],
+            "too few progress stamps before the checkpoint"
+        );
+        assert!(dir.path().join("guest-lost-vs-memory.svg").exists());
+        assert!(dir.path().join("progress-across-checkpoint.svg").exists());
+    }
+}
