@@ -339,8 +339,23 @@ pub enum DiskPolicy {
 pub struct Metrics {
     /// How long the vCPUs were stopped.
     pub pause_us: u64,
-    /// From the pause to the completion marker.
+    /// From the start of the checkpoint until it is durable and marked complete. The manifest
+    /// is written before its completion marker, so the copy in the store holds the time up to
+    /// the manifest's own writing; the checkpoint's caller gets the full time.
     pub total_us: u64,
+    /// The write-out alone: from the resume until memory and state are durable in the store.
+    pub write_out_us: u64,
+    /// Time the vCPUs spent stalled on copy-on-write faults, summed (`uffd`: from the fault
+    /// handler reading a fault to the page being writable). `None` where the VMM cannot see
+    /// the stalls (`fork`: the kernel serves its copy-on-write faults).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stall_us: Option<u64>,
+    /// The longest single copy-on-write stall (as `stall_us`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_stall_us: Option<u64>,
+    /// What the guest lost, estimated: the pause plus the stall time (the pause alone where the
+    /// stalls are not measured).
+    pub guest_lost_us: u64,
     /// Bytes written to the store: memory pages, state and page index (filled by the writer).
     pub bytes_written: u64,
     /// Pages saved by the COW-fault path.

@@ -236,7 +236,7 @@ fn cowvm(args: &[&str]) -> (ExitStatus, String, String) {
 
 #[test]
 fn boot_pause_resume_checkpoint_poll_inspect() {
-    let mut vm = Running::start("dirty mem=32M every=50", &[]);
+    let mut vm = Running::start("dirty mem=32M every=50", &["--cow-budget", "4M"]);
     let sock = vm.sock.clone();
     let mode = std::fs::metadata(&sock)
         .expect("socket")
@@ -284,12 +284,22 @@ fn boot_pause_resume_checkpoint_poll_inspect() {
     for key in [
         "pause_us",
         "total_us",
+        "write_out_us",
+        "stall_us",
+        "max_stall_us",
+        "guest_lost_us",
         "bytes_written",
         "pages_saved_by_fault",
         "pages_saved_in_background",
     ] {
         assert!(metrics[key].is_u64(), "{key} missing: {done}");
     }
+    let us = |key: &str| metrics[key].as_u64().unwrap();
+    assert_eq!(
+        us("guest_lost_us"),
+        us("pause_us") + us("stall_us"),
+        "{done}"
+    );
     assert!(metrics["bytes_written"].as_u64().unwrap() > 0);
     assert_eq!(
         done["progress"]["pages_done"],
@@ -344,12 +354,17 @@ fn boot_pause_resume_checkpoint_poll_inspect() {
     for key in [
         "pause_us",
         "total_us",
+        "write_out_us",
+        "guest_lost_us",
         "bytes_written",
         "pages_saved_by_fault",
         "pages_saved_in_background",
     ] {
         assert!(report[key].is_u64(), "{key}: {report}");
     }
+    // The kernel serves `fork`'s copy-on-write faults: their stalls are not measured.
+    assert!(report.get("stall_us").is_none(), "{report}");
+    assert_eq!(report["guest_lost_us"], report["pause_us"], "{report}");
     assert_eq!(report["strategy"], "fork");
     assert_eq!(report["strategy_used"], "fork");
     assert_eq!(report["io"], "drain");

@@ -2,6 +2,7 @@
 //! exits, and can be paused, resumed and checkpointed from any thread while it runs.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +16,9 @@ use crate::checkpoint::disk_chain::{self, ChainError, ChainLayers, LayerMerge};
 use crate::checkpoint::restore::{
     self, MemoryMode, RestoreError, RestoreOptions, RestoreRecord, RestoreStats,
 };
-use crate::checkpoint::{self, CheckpointError, CheckpointRequest, Progress, StoreSpec};
+use crate::checkpoint::{
+    self, CheckpointContext, CheckpointError, CheckpointRequest, Progress, StoreSpec,
+};
 use crate::devices::virtio::block::{BlockHandle, DiskConfig};
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, VmExit};
@@ -54,6 +57,8 @@ pub struct Vm {
     restore: Option<RestoreRecord>,
     /// The pages written since each recent checkpoint, for incremental ones.
     dirty: DirtyLog,
+    /// The `uffd` copy-aside budget in bytes; 0 for the default.
+    cow_budget: AtomicU64,
 }
 
 impl std::fmt::Debug for Vm {
@@ -84,7 +89,23 @@ impl Vm {
             machine,
             checkpoints: Mutex::new(layers),
             restore,
+            cow_budget: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the copy-aside budget of this VM's `uffd` checkpoints: how many bytes of original
+    /// pages may be copied aside and wait for the store before a guest write waits for the
+    /// store (at least one 2 MiB block). `None` restores the default, a quarter of the host's
+    /// available memory at each checkpoint's start and at least 64 MiB.
+    pub fn set_cow_budget(&self, bytes: Option<u64>) {
+        self.cow_budget
+            .store(bytes.map_or(0, |b| b.max(1)), Ordering::Relaxed);
+    }
+
+    /// The copy-aside budget set by [`Self::set_cow_budget`] (`None`: the default).
+    pub fn cow_budget(&self) -> Option<u64> {
+        let budget = self.cow_budget.load(Ordering::Relaxed);
+        (budget > 0).then_some(budget)
     }
 
     /// Builds the VM described by `config` and starts its vCPUs.
@@ -170,13 +191,18 @@ impl Vm {
             .checkpoints
             .try_lock()
             .map_err(|_| CheckpointError::Busy)?;
+        let budget = self.cow_budget.load(Ordering::Relaxed);
+        let context = CheckpointContext {
+            dirty: &self.dirty,
+            layers: &mut layers,
+            cow_budget: (budget > 0).then_some(budget),
+        };
         let result = checkpoint::checkpoint(
             &self.machine,
             self.page_service(),
-            &self.dirty,
+            context,
             request,
             progress,
-            &mut layers,
         );
         // A layer left for later (its child was the running top) has a new child now.
         if let Err(e) = disk_chain::merge_unneeded(self.disks(), &mut layers) {

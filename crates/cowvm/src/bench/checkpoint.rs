@@ -14,6 +14,7 @@ use vmm::MemSize;
 use super::common::{
     guest_args, live_checkpoint, memory_sizes, parse_strategy, working_set, Row, Subject,
 };
+use super::pause_series;
 use super::plot::{line_chart, Chart, Series};
 use crate::cli::{HugePagesArg, VmArgs};
 
@@ -46,9 +47,18 @@ pub struct CheckpointBenchArgs {
     /// Print JSON rows instead of a table.
     #[arg(long)]
     json: bool,
+    /// Instead of one checkpoint per size and strategy, take this many in a row of one VM and
+    /// report the pause's median, 99th percentile and maximum, with the tails of its `quiesce`
+    /// and `resume` phases (20 for the pause target).
+    #[arg(long, value_name = "N")]
+    repeat: Option<usize>,
+    /// With --repeat: keep every other host core busy with a spinning thread meanwhile.
+    #[arg(long, requires = "repeat")]
+    cpu_hog: bool,
 }
 
-fn measure(args: &CheckpointBenchArgs, mem: u64, strategy: Strategy) -> anyhow::Result<Row> {
+/// The guest of a measurement and the directory its checkpoints go to.
+fn setup(args: &CheckpointBenchArgs, mem: u64, strategy: Strategy) -> (VmArgs, PathBuf) {
     let ws = working_set(mem, args.dirty_percent);
     let vm_args = VmArgs {
         hugepages: args.hugepages,
@@ -61,6 +71,11 @@ fn measure(args: &CheckpointBenchArgs, mem: u64, strategy: Strategy) -> anyhow::
     let dir = args
         .store_dir
         .join(format!("ckpt-{}-{:?}", mem >> 20, strategy).to_lowercase());
+    (vm_args, dir)
+}
+
+fn measure(args: &CheckpointBenchArgs, mem: u64, strategy: Strategy) -> anyhow::Result<Row> {
+    let (vm_args, dir) = setup(args, mem, strategy);
     let (taken, stamps) = live_checkpoint(&vm_args, &dir, strategy, Duration::from_secs(60))?;
     let subject = Subject {
         system: "cowvm".into(),
@@ -85,6 +100,28 @@ pub fn run(args: CheckpointBenchArgs) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     std::fs::create_dir_all(&args.store_dir)
         .with_context(|| format!("create {}", args.store_dir.display()))?;
+    if let Some(count) = args.repeat {
+        let mut series = Vec::new();
+        for &mem in &sizes {
+            for &strategy in &strategies {
+                eprintln!(
+                    "{count} checkpoints with {strategy:?} at {}...",
+                    MemSize(mem)
+                );
+                let (vm_args, dir) = setup(&args, mem, strategy);
+                series.push(pause_series::measure(
+                    &vm_args,
+                    mem,
+                    &dir,
+                    strategy,
+                    count,
+                    args.cpu_hog,
+                )?);
+            }
+        }
+        pause_series::print(&series, args.json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut rows = Vec::new();
     for &mem in &sizes {
         for &strategy in &strategies {

@@ -81,6 +81,7 @@ pub fn live_checkpoint(
         total_us: m.total_us,
         bytes: m.bytes_written,
         pages: Some((m.pages_saved_by_fault, m.pages_saved_in_background)),
+        vmm_guest_lost_us: Some(m.guest_lost_us),
     };
     Ok((taken, stamps))
 }
@@ -97,6 +98,8 @@ pub struct Taken {
     pub bytes: u64,
     /// Pages saved by fault and in the background (cowvm only).
     pub pages: Option<(u64, u64)>,
+    /// The VMM's own estimate of the guest time lost (cowvm only).
+    pub vmm_guest_lost_us: Option<u64>,
 }
 
 /// What a row measures: the system, its method, the guest memory size and the workload.
@@ -128,8 +131,11 @@ impl Row {
             method: subject.method,
             mem_mib: subject.mem >> 20,
             workload: subject.workload,
+            error: None,
             pause_us: taken.pause_us,
             guest_pause_us: view.guest_pause_us,
+            guest_lost_us: view.guest_lost_us,
+            vmm_guest_lost_us: taken.vmm_guest_lost_us,
             guest_progress: view.guest_progress,
             total_us: taken.total_us,
             bytes_written: taken.bytes,
@@ -140,6 +146,30 @@ impl Row {
             restore_us,
             timeline: view.timeline,
         })
+    }
+
+    /// The row of a measurement that failed with `error`: no figures, only the error.
+    pub fn failed(subject: Subject, error: &anyhow::Error) -> Row {
+        Row {
+            system: subject.system,
+            method: subject.method,
+            mem_mib: subject.mem >> 20,
+            workload: subject.workload,
+            error: Some(format!("{error:#}")),
+            pause_us: 0,
+            guest_pause_us: 0,
+            guest_lost_us: 0,
+            vmm_guest_lost_us: None,
+            guest_progress: 0.0,
+            total_us: 0,
+            bytes_written: 0,
+            dd_us: 0,
+            total_vs_dd: 0.0,
+            pages_saved_by_fault: None,
+            pages_saved_in_background: None,
+            restore_us: None,
+            timeline: Vec::new(),
+        }
     }
 }
 
@@ -169,13 +199,22 @@ pub struct Row {
     pub mem_mib: u64,
     /// Workload description.
     pub workload: String,
+    /// Why the measurement failed (then every figure is zero or absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// VMM-reported pause.
     pub pause_us: u64,
     /// Longest stall of the guest's progress stamps during the checkpoint, beyond a normal pass.
     pub guest_pause_us: u64,
+    /// Guest time lost, from its progress stamps: the passes it fell behind its undisturbed
+    /// rate, as time at that rate.
+    pub guest_lost_us: u64,
+    /// The VMM's estimate of the guest time lost (cowvm: pause plus fault stalls).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_guest_lost_us: Option<u64>,
     /// Guest progress during the checkpoint as a fraction of its undisturbed progress.
     pub guest_progress: f64,
-    /// From the checkpoint request to its completion.
+    /// From the checkpoint request until it is durable and complete.
     pub total_us: u64,
     /// Bytes written to the store.
     pub bytes_written: u64,
@@ -303,6 +342,7 @@ pub struct Window {
 pub struct GuestView {
     pub guest_progress: f64,
     pub guest_pause_us: u64,
+    pub guest_lost_us: u64,
     pub timeline: Vec<(f64, f64)>,
 }
 
@@ -323,6 +363,7 @@ pub fn guest_view(stamps: &[Stamp], w: &Window) -> anyhow::Result<GuestView> {
     let end = stamps.last().map_or(t1, |s| s.at.max(t1));
     let done = passes_at(stamps, end) - passes_at(stamps, t0);
     let lost = (base_rate * (end - t0).as_secs_f64() - done).max(0.0);
+    let guest_lost_us = (lost / base_rate * 1e6) as u64;
     let guest_progress = (1.0 - lost / (base_rate * (t1 - t0).as_secs_f64())).clamp(0.0, 1.0);
     let base: Vec<&Stamp> = stamps
         .iter()
@@ -361,6 +402,7 @@ pub fn guest_view(stamps: &[Stamp], w: &Window) -> anyhow::Result<GuestView> {
     Ok(GuestView {
         guest_progress,
         guest_pause_us,
+        guest_lost_us,
         timeline,
     })
 }
@@ -444,5 +486,10 @@ mod tests {
             view.guest_pause_us
         );
         assert!(view.guest_progress < 0.05, "{}", view.guest_progress);
+        assert!(
+            (490_000..=510_000).contains(&view.guest_lost_us),
+            "{}",
+            view.guest_lost_us
+        );
     }
 }

@@ -14,6 +14,7 @@ mod common;
 mod compare;
 mod disk;
 mod incremental;
+mod pause_series;
 mod plot;
 mod restore;
 

@@ -27,8 +27,20 @@ pub fn bytes(n: u64) -> String {
 
 /// The rows of a checkpoint's metrics.
 pub fn metric_rows(m: &Metrics) -> Vec<(&'static str, String)> {
-    let mut rows = vec![
+    let stall = |us: Option<u64>| us.map_or_else(|| "not measured".to_string(), ms);
+    let mut rows = Vec::new();
+    // A manifest written before the figure existed holds 0.
+    if m.guest_lost_us > 0 || m.pause_us == 0 {
+        rows.push((
+            "guest time lost",
+            format!("{} (estimate)", ms(m.guest_lost_us)),
+        ));
+    }
+    rows.extend([
         ("pause", ms(m.pause_us)),
+        ("fault stalls", stall(m.stall_us)),
+        ("longest stall", stall(m.max_stall_us)),
+        ("write-out", ms(m.write_out_us)),
         ("total", ms(m.total_us)),
         ("bytes written", bytes(m.bytes_written)),
         ("pages saved by fault", m.pages_saved_by_fault.to_string()),
@@ -37,7 +49,7 @@ pub fn metric_rows(m: &Metrics) -> Vec<(&'static str, String)> {
             m.pages_saved_in_background.to_string(),
         ),
         ("zero pages", m.zero_pages.to_string()),
-    ];
+    ]);
     if m.pages_in_parent > 0 {
         rows.push(("pages in parent", m.pages_in_parent.to_string()));
     }

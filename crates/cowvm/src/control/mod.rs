@@ -683,6 +683,7 @@ impl Controller {
         };
         let restore_start = Instant::now();
         let new = Arc::new(Vm::restore(store, options).map_err(ControlError::Restore)?);
+        new.set_cow_budget(old.cow_budget());
         let restore = restore_start.elapsed();
         let stopping = {
             let gate = lock(&self.gate);

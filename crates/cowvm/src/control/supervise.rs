@@ -36,6 +36,18 @@ pub struct ControlArgs {
     /// the one before (1: all full, the default).
     #[arg(long, value_name = "N", requires = "checkpoint_every", value_parser = clap::value_parser!(u32).range(1..))]
     pub full_every: Option<u32>,
+    /// Bytes of original pages a `uffd` checkpoint may copy aside while the store catches up
+    /// (512M, 2G, ...; at least one 2 MiB block): while budget remains a guest write never
+    /// waits for the store. Default: a quarter of the host's available memory at each
+    /// checkpoint's start, at least 64M.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub cow_budget: Option<u64>,
+}
+
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    text.parse::<vmm::MemSize>()
+        .map(|size| size.0)
+        .map_err(|e| e.to_string())
 }
 
 impl ControlArgs {
@@ -115,6 +127,7 @@ pub fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> 
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    vm.set_cow_budget(args.cow_budget);
     let controller = Arc::new(Controller::new(
         Arc::new(vm),
         origin.restored_from,

@@ -7,8 +7,9 @@
 //!    everything now (`stop`);
 //! 4. [`save_state`] — vCPUs, irqchip, PIT, clock and devices into memory;
 //! 5. resume — dropping the pause guard (the pause ends);
-//! 6. [`write_out`] — state and original memory pages to the store while the VM runs, then the
-//!    completion marker.
+//! 6. [`write_out`] — state and original memory pages to the store while the VM runs; then
+//!    memory is made durable, and the manifest and the completion marker are written. The
+//!    checkpoint's `total_us` ends there: a checkpoint is complete only once durable.
 //!
 //! Why this order: device state is saved after memory is marked copy-on-write, so that a device
 //! write to guest memory made between the two is either in the saved state and in the
@@ -368,19 +369,27 @@ enum MemoryCow {
     Stop,
 }
 
+/// What a checkpoint runs with besides its request: the VM's dirty log, the disk layers its
+/// checkpoints made, and the `uffd` copy-aside budget in bytes (`None`: the default, see
+/// [`memory_cow::default_cow_budget`]).
+pub(crate) struct CheckpointContext<'a> {
+    pub dirty: &'a DirtyLog,
+    pub layers: &'a mut ChainLayers,
+    pub cow_budget: Option<u64>,
+}
+
 /// Takes a live checkpoint of `machine` (whose memory `page_service` may still be filling)
 /// and waits until it is complete. The caller ensures only one runs at a time.
 pub(crate) fn checkpoint(
     machine: &Machine,
     page_service: Option<&PageService>,
-    dirty: &DirtyLog,
+    context: CheckpointContext<'_>,
     request: &CheckpointRequest,
     progress: &Progress,
-    layers: &mut ChainLayers,
 ) -> Result<Manifest, CheckpointError> {
     let span = info_span!("checkpoint", store = %request.store.describe(), strategy = ?request.options.strategy);
     let _enter = span.enter();
-    let result = take_checkpoint(machine, page_service, dirty, request, progress, layers);
+    let result = take_checkpoint(machine, page_service, context, request, progress);
     progress.set_phase(if result.is_ok() {
         Phase::Done
     } else {
@@ -430,11 +439,15 @@ fn check_parent(
 fn take_checkpoint(
     machine: &Machine,
     page_service: Option<&PageService>,
-    dirty: &DirtyLog,
+    context: CheckpointContext<'_>,
     request: &CheckpointRequest,
     progress: &Progress,
-    layers: &mut ChainLayers,
 ) -> Result<Manifest, CheckpointError> {
+    let CheckpointContext {
+        dirty,
+        layers,
+        cow_budget,
+    } = context;
     let options = request.options;
     let disks = machine.devices.disks();
     if let Some(exit) = machine.exit.get() {
@@ -476,6 +489,7 @@ fn take_checkpoint(
             request,
             &regions,
             candidates,
+            cow_budget.unwrap_or_else(memory_cow::default_cow_budget),
         )
     })?;
     let options = CheckpointOptions {
@@ -524,7 +538,8 @@ fn take_checkpoint(
         drop(frozen);
         guard.resume()
     });
-    let pause_us = pause_start.elapsed().as_micros() as u64;
+    let resumed = Instant::now();
+    let pause_us = (resumed - pause_start).as_micros() as u64;
     progress.set_phase(Phase::Writing);
     info!(pause_us, "VM resumed");
 
@@ -537,7 +552,7 @@ fn take_checkpoint(
         write_out(disks, cow, &mut writer, &counters, dirty.observer())
     });
     progress.watch(None);
-    let (by_fault, in_background) = written?;
+    let saved = written?;
     let store_dir = match &request.store {
         StoreSpec::Dir(d) => Some(d.as_path()),
         _ => None,
@@ -566,10 +581,25 @@ fn take_checkpoint(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
     );
+    // Memory and the page index durable: the write-out is over.
+    let own_index = timeline
+        .time("make_durable", || writer.memory_index().cloned())
+        .map_err(store_err(&request.store))?;
+    let write_out_us = resumed.elapsed().as_micros() as u64;
+    let resolved = match &parent_index {
+        Some(p) => own_index.resolve(p),
+        None => Ok(own_index),
+    }
+    .map_err(store_err(&request.store))?;
+    let stall_us = saved.stalls.map(|(sum, _)| sum);
     let mut metrics = Metrics {
         pause_us,
-        pages_saved_by_fault: by_fault,
-        pages_saved_in_background: in_background,
+        write_out_us,
+        stall_us,
+        max_stall_us: saved.stalls.map(|(_, max)| max),
+        guest_lost_us: pause_us + stall_us.unwrap_or(0),
+        pages_saved_by_fault: saved.by_fault,
+        pages_saved_in_background: saved.in_background,
         ..Metrics::default()
     };
     metrics.phases_us = timeline
@@ -577,23 +607,21 @@ fn take_checkpoint(
         .iter()
         .map(|(name, us)| (name.to_string(), *us))
         .collect();
+    // The manifest can only hold the time up to its own writing; the caller gets the time to
+    // the durable completion marker below.
     metrics.total_us = started.elapsed().as_micros() as u64;
     writer.set_metrics(metrics);
-    let own_index = writer.memory_index().map_err(store_err(&request.store))?;
-    let resolved = match &parent_index {
-        Some(p) => own_index.resolve(p),
-        None => Ok(own_index.clone()),
-    }
-    .map_err(store_err(&request.store))?;
-    let manifest = writer.finish().map_err(store_err(&request.store))?;
+    let mut manifest = writer.finish().map_err(store_err(&request.store))?;
+    let json = manifest.to_json().map_err(store_err(&request.store))?;
+    manifest.metrics.total_us = started.elapsed().as_micros() as u64;
     for disk in &manifest.vm.disks {
         layers.retain(&disk.path);
     }
-    let json = manifest.to_json().map_err(store_err(&request.store))?;
     dirty.completed(Checksum::of(&json).0, Arc::new(resolved));
     info!(
         pause_us,
         total_us = manifest.metrics.total_us,
+        guest_lost_us = manifest.metrics.guest_lost_us,
         bytes = manifest.metrics.bytes_written,
         "checkpoint complete"
     );
@@ -609,6 +637,7 @@ fn prepare(
     request: &CheckpointRequest,
     regions: &[RamRegion],
     candidates: Option<PageBits>,
+    cow_budget: u64,
 ) -> Result<(CheckpointWriter, MemoryCow), CheckpointError> {
     let store = request.store.store();
     let writer = CheckpointWriter::create(store.as_ref(), &Layout { mem_size })
@@ -629,7 +658,7 @@ fn prepare(
         // write-protect; the kernel's own copy-on-write (fork) protects it just as well. The
         // manifest records the strategy used.
         Strategy::Uffd if shared_image(memory) => MemoryCow::Fork(None),
-        Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions, candidates)?),
+        Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions, candidates, cow_budget)?),
         Strategy::Fork => MemoryCow::Fork(None),
         Strategy::Stop => MemoryCow::Stop,
     };
@@ -743,14 +772,23 @@ fn save_state(
     })
 }
 
-/// Phase 6, while the VM runs: memory to the store. Returns (pages by fault, in background).
+/// What the write-out saved, and what it cost the guest.
+struct Saved {
+    by_fault: u64,
+    in_background: u64,
+    /// The vCPUs' copy-on-write stalls in microseconds (summed, longest); `None` where the
+    /// VMM cannot see them (`fork`).
+    stalls: Option<(u64, u64)>,
+}
+
+/// Phase 6, while the VM runs: memory to the store.
 fn write_out(
     disks: &[BlockHandle],
     cow: MemoryCow,
     writer: &mut CheckpointWriter,
     counters: &SaveCounters,
     tracker: Arc<dyn DmaObserver>,
-) -> Result<(u64, u64), CheckpointError> {
+) -> Result<Saved, CheckpointError> {
     match cow {
         MemoryCow::Uffd(mut u) => {
             u.start_background()?;
@@ -763,7 +801,13 @@ fn write_out(
                     warn!("cannot remove a disk's DMA observer: {e}");
                 }
             }
-            Ok(u.finish()?)
+            let stalls = u.stalls_us();
+            let (by_fault, in_background) = u.finish()?;
+            Ok(Saved {
+                by_fault,
+                in_background,
+                stalls: Some(stalls),
+            })
         }
         MemoryCow::Fork(child) => {
             let child = child.expect("forked in the pause");
@@ -772,9 +816,21 @@ fn write_out(
             writer
                 .adopt_memory(report)
                 .map_err(|e| CowError::Child(e.to_string()))?;
-            Ok((0, pages))
+            Ok(Saved {
+                by_fault: 0,
+                in_background: pages,
+                stalls: None,
+            })
         }
-        MemoryCow::Stop => Ok(counters.get()),
+        MemoryCow::Stop => {
+            let (by_fault, in_background) = counters.get();
+            Ok(Saved {
+                by_fault,
+                in_background,
+                // The guest runs unprotected once resumed: nothing stalls it.
+                stalls: Some((0, 0)),
+            })
+        }
     }
 }
 

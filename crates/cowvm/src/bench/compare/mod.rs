@@ -213,26 +213,46 @@ fn measure_qemu(
             total_us: (t1 - t0).as_micros() as u64,
             bytes,
             pages: None,
+            vmm_guest_lost_us: None,
         },
         stamps,
         restore_us,
     ))
 }
 
-fn measure(args: &CompareArgs, mem: u64, work: Workload, method: Method) -> anyhow::Result<Row> {
-    let (taken, stamps, restore_us) = match method {
-        Method::Cowvm(strategy) => {
-            measure_cowvm(&args.kernel, &args.store_dir, mem, work, strategy)?
-        }
-        _ => measure_qemu(&args.kernel, &args.store_dir, mem, work, method)?,
-    };
-    let subject = Subject {
+/// One row: measured, or recorded as failed with its error so that the other rows survive.
+fn measure(args: &CompareArgs, mem: u64, work: Workload, method: Method) -> Row {
+    let subject = || Subject {
         system: method.system().into(),
         method: method.name().into(),
         mem,
         workload: work.name(),
     };
-    Row::measured(subject, &taken, &stamps, &args.store_dir, Some(restore_us))
+    let measured = match method {
+        Method::Cowvm(strategy) => {
+            measure_cowvm(&args.kernel, &args.store_dir, mem, work, strategy)
+        }
+        _ => measure_qemu(&args.kernel, &args.store_dir, mem, work, method),
+    }
+    .and_then(|(taken, stamps, restore_us)| {
+        Row::measured(
+            subject(),
+            &taken,
+            &stamps,
+            &args.store_dir,
+            Some(restore_us),
+        )
+    });
+    measured.unwrap_or_else(|e| {
+        eprintln!(
+            "{} {} at {}, {} failed: {e:#}",
+            method.system(),
+            method.name(),
+            MemSize(mem),
+            work.name()
+        );
+        Row::failed(subject(), &e)
+    })
 }
 
 pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
@@ -253,10 +273,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
                     MemSize(mem),
                     work.name()
                 );
-                rows.push(
-                    measure(&args, mem, work, method)
-                        .with_context(|| format!("{} {}", method.system(), method.name()))?,
-                );
+                rows.push(measure(&args, mem, work, method));
             }
         }
     }
@@ -277,6 +294,11 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
         args.out_dir.display(),
         took.as_secs_f64()
     );
+    let failed = rows.iter().filter(|r| r.error.is_some()).count();
+    if failed > 0 {
+        eprintln!("{failed} of {} measurements failed", rows.len());
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -310,16 +332,29 @@ impl Report<'_> {
     /// The rows as Markdown tables: every measurement, then cowvm against QEMU.
     fn tables(&self) -> String {
         let mut t = String::new();
-        t.push_str("| system | method | MiB | workload | pause ms | guest pause ms | guest progress | total ms | MB written | total / dd | restore ms |\n");
-        t.push_str("|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|\n");
+        t.push_str("| system | method | MiB | workload | guest time lost ms | VMM pause ms | longest guest stall ms | guest progress | total to durable ms | MB written | total / dd | restore ms |\n");
+        t.push_str("|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|\n");
         for r in self.rows {
+            if let Some(error) = &r.error {
+                let _ = writeln!(
+                    t,
+                    "| {} | {} | {} | {} | failed: {} |||||||||",
+                    r.system,
+                    r.method,
+                    r.mem_mib,
+                    r.workload,
+                    error.replace('|', "/")
+                );
+                continue;
+            }
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {:.3} | {:.1} | {:.0}% | {:.0} | {:.0} | {:.2} | {:.1} |",
+                "| {} | {} | {} | {} | {:.1} | {:.3} | {:.1} | {:.0}% | {:.0} | {:.0} | {:.2} | {:.1} |",
                 r.system,
                 r.method,
                 r.mem_mib,
                 r.workload,
+                ms(r.guest_lost_us),
                 ms(r.pause_us),
                 ms(r.guest_pause_us),
                 r.guest_progress * 100.0,
@@ -330,9 +365,13 @@ impl Report<'_> {
             );
         }
         t.push_str("\nRatios, QEMU ÷ cowvm for times (above 1: cowvm faster), cowvm ÷ QEMU for guest progress (above 1: the guest keeps more speed under cowvm):\n\n");
-        t.push_str("| MiB | workload | cowvm | vs QEMU | pause | guest pause | guest progress | total | restore |\n");
-        t.push_str("|--:|---|---|---|--:|--:|--:|--:|--:|\n");
-        for r in self.rows.iter().filter(|r| r.system == "cowvm") {
+        t.push_str("| MiB | workload | cowvm | vs QEMU | guest time lost | pause | longest guest stall | guest progress | total | restore |\n");
+        t.push_str("|--:|---|---|---|--:|--:|--:|--:|--:|--:|\n");
+        for r in self
+            .rows
+            .iter()
+            .filter(|r| r.system == "cowvm" && r.error.is_none())
+        {
             let Some(q) = METHODS
                 .iter()
                 .find(|m| m.name() == r.method)
@@ -340,6 +379,7 @@ impl Report<'_> {
                 .and_then(|m| {
                     self.rows.iter().find(|q| {
                         q.system == "qemu"
+                            && q.error.is_none()
                             && q.method == m.name()
                             && q.mem_mib == r.mem_mib
                             && q.workload == r.workload
@@ -351,11 +391,12 @@ impl Report<'_> {
             let us = |v: u64| v as f64;
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.mem_mib,
                 r.workload,
                 r.method,
                 q.method,
+                ratio(us(q.guest_lost_us), us(r.guest_lost_us)),
                 ratio(us(q.pause_us), us(r.pause_us)),
                 ratio(us(q.guest_pause_us), us(r.guest_pause_us)),
                 ratio(r.guest_progress, q.guest_progress),
@@ -425,7 +466,12 @@ fn per_size(rows: &[Row], y: impl Fn(&Row) -> f64) -> Vec<Series> {
             label: format!("{} {}", m.system(), m.name()),
             points: rows
                 .iter()
-                .filter(|r| r.system == m.system() && r.method == m.name() && r.workload == full)
+                .filter(|r| {
+                    r.error.is_none()
+                        && r.system == m.system()
+                        && r.method == m.name()
+                        && r.workload == full
+                })
                 .map(|r| (r.mem_mib as f64, y(r)))
                 .collect(),
         })
@@ -434,7 +480,13 @@ fn per_size(rows: &[Row], y: impl Fn(&Row) -> f64) -> Vec<Series> {
 
 fn plot(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
     // Log scales cannot show zero: values below 10 µs are drawn at 10 µs.
-    let charts: [SizeChart; 3] = [
+    let charts: [SizeChart; 4] = [
+        (
+            "guest-lost-vs-memory.svg",
+            "guest time lost vs memory (dirty 100%; floor 0.01 ms)",
+            "guest time lost (ms, log scale)",
+            |r| r.guest_lost_us,
+        ),
         (
             "pause-vs-memory.svg",
             "guest-visible pause vs memory (dirty 100%; floor 0.01 ms)",
@@ -476,7 +528,7 @@ fn plot(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
         .unwrap_or(0);
     let progress: Vec<Series> = rows
         .iter()
-        .filter(|r| r.mem_mib == size && r.workload == full)
+        .filter(|r| r.error.is_none() && r.mem_mib == size && r.workload == full)
         .map(|r| Series {
             label: format!("{} {}", r.system, r.method),
             points: r.timeline.clone(),
@@ -492,4 +544,60 @@ fn plot(dir: &Path, rows: &[Row]) -> anyhow::Result<()> {
         },
         &progress,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject(system: &str, method: &str) -> Subject {
+        Subject {
+            system: system.into(),
+            method: method.into(),
+            mem: 256 << 20,
+            workload: Workload { percent: 100 }.name(),
+        }
+    }
+
+    /// A failed measurement is a row with its error; the others are printed and written.
+    #[test]
+    fn a_failed_row_keeps_the_others() {
+        let failed = Row::failed(
+            subject("qemu", "stop-and-copy"),
+            &anyhow::anyhow!("too few progress stamps before the checkpoint"),
+        );
+        let mut measured = Row::failed(subject("cowvm", "uffd"), &anyhow::anyhow!("unused"));
+        measured.error = None;
+        measured.guest_lost_us = 12_500;
+        measured.pause_us = 400;
+        measured.timeline = vec![(0.0, 1.0), (10.0, 0.5)];
+        let rows = [measured, failed];
+        let report = Report {
+            rows: &rows,
+            took: Duration::from_secs(1),
+            load: "0 0 0".into(),
+        };
+        let tables = report.tables();
+        assert!(
+            tables.contains("| cowvm | uffd | 256 | dirty 100% | 12.5 | 0.400 |"),
+            "{tables}"
+        );
+        assert!(
+            tables.contains("failed: too few progress stamps before the checkpoint"),
+            "{tables}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        write_outputs(dir.path(), &report).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap())
+                .unwrap();
+        assert_eq!(json.as_array().unwrap().len(), 2);
+        assert!(json[0].get("error").is_none(), "{json}");
+        assert_eq!(
+            json[1]["error"],
+            "too few progress stamps before the checkpoint"
+        );
+        assert!(dir.path().join("guest-lost-vs-memory.svg").exists());
+        assert!(dir.path().join("progress-across-checkpoint.svg").exists());
+    }
 }

@@ -72,6 +72,28 @@ impl SaveCounters {
     }
 }
 
+/// The copy-aside budget of `uffd` when the user sets none: a quarter of the host's available
+/// memory (`MemAvailable`) at the checkpoint's start, at least [`MIN_COW_BUDGET`]. A quarter
+/// leaves the page cache the store writes through, and the rest of the host, most of what is
+/// free; the floor keeps a small host's guest from waiting on the store at its first faults.
+pub(crate) fn default_cow_budget() -> u64 {
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| mem_available(&text))
+        .unwrap_or(0);
+    (available / 4).max(MIN_COW_BUDGET)
+}
+
+/// The smallest default copy-aside budget (64 MiB).
+pub(crate) const MIN_COW_BUDGET: u64 = 64 << 20;
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Largest run of pages saved in one store write.
 pub(crate) const RUN_PAGES: u64 = 512;
 
@@ -133,4 +155,17 @@ pub(crate) unsafe fn write_all(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let text = "MemTotal:        8000000 kB\nMemFree:  100 kB\nMemAvailable:    4096 kB\n";
+        assert_eq!(mem_available(text), Some(4 << 20));
+        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+        assert!(default_cow_budget() >= MIN_COW_BUDGET);
+    }
 }

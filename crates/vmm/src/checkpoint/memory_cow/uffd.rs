@@ -23,16 +23,22 @@
 //! takes one fault per block instead of one per page, since a fault round trip costs tens of
 //! microseconds here. And originals are *copied aside*: whoever claims a run copies it into a
 //! buffer and lifts the protection at once; hashing and writing to the store happen afterwards,
-//! off the faulting vCPU's path (a store writer thread for faults, bounded so the guest is slowed
-//! to store speed rather than memory growing without limit). The background writer walks memory
-//! from the top down, away from a guest that writes upwards.
+//! off the faulting vCPU's path (a store writer thread for faults). The copies waiting for the
+//! store are bounded by the copy-aside budget: while budget remains the guest never waits on the
+//! store; once it is spent, the guest is slowed to store speed rather than memory growing
+//! without limit. The background writer walks memory from the top down, away from a guest that
+//! writes upwards.
+//!
+//! The handler times each fault from reading it to its page being writable: the vCPU's stall,
+//! less the time the fault waited to be read (a lower bound, summed and maximised per
+//! checkpoint).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ckpt_format::MemoryWriter;
 use tracing::{debug, error};
@@ -47,10 +53,8 @@ use crate::memory::{RamRegion, PAGE_SIZE};
 /// round trip costs tens of microseconds and copying 2 MiB about a hundred and fifty, so a guest
 /// that writes everything still moves at several GB/s while the checkpoint runs.
 pub const BLOCK_PAGES: u64 = 512;
-/// Copied-aside blocks that may wait for the store writer (512 MiB, or half of guest memory if
-/// that is less): the guest runs at memory-copy speed until the queue is full, then at store
-/// speed.
-const MAX_QUEUED_BLOCKS: u64 = 256;
+/// Bytes of one block.
+const BLOCK_BYTES: u64 = BLOCK_PAGES * PAGE_SIZE;
 /// Copy-aside buffers allocated and touched while arming, so the first faults after the pause
 /// do not also pay for fresh memory (64 MiB).
 const PREFAULTED_BUFFERS: usize = 32;
@@ -89,6 +93,9 @@ struct Shared {
     /// The pages protected while arming, if not all of memory: an incremental checkpoint's
     /// pages written since its parent as known before the pause.
     armed: Option<PageBits>,
+    /// Write-fault stalls: summed and longest, in nanoseconds.
+    stall_ns: AtomicU64,
+    max_stall_ns: AtomicU64,
 }
 
 /// A run of pages copied aside: its first image page and the bytes (none for a run kept in the
@@ -295,7 +302,19 @@ impl Shared {
         result
     }
 
-    fn handle_fault(&self, fault: WpFault, to_store: &SyncSender<Copied>) -> Result<(), CowError> {
+    /// Records a vCPU stall on a write fault read at `read_at`, now over.
+    fn stalled_since(&self, read_at: Instant) {
+        let ns = read_at.elapsed().as_nanos() as u64;
+        self.stall_ns.fetch_add(ns, Ordering::Relaxed);
+        self.max_stall_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    fn handle_fault(
+        &self,
+        fault: WpFault,
+        read_at: Instant,
+        to_store: &SyncSender<Copied>,
+    ) -> Result<(), CowError> {
         let Some(page) = self.page_of_host(fault.address as usize) else {
             return Ok(());
         };
@@ -305,6 +324,7 @@ impl Shared {
                 self.touched[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::AcqRel);
                 self.protect_pages(page, 1, false)
                     .map_err(uffd_op("unprotect"))?;
+                self.stalled_since(read_at);
                 return Ok(());
             }
         }
@@ -330,8 +350,9 @@ impl Shared {
                 .wake(region.host_of_page(page), PAGE_SIZE as usize)
                 .map_err(uffd_op("wake"))?;
         }
+        self.stalled_since(read_at);
         for c in copied {
-            // Blocks when the store writer is behind: the guest then runs at store speed.
+            // Blocks once the copy-aside budget is spent: the guest then runs at store speed.
             if to_store.send(c).is_err() {
                 return Err(CowError::Panicked("store writer"));
             }
@@ -360,8 +381,9 @@ impl Shared {
                 });
                 return;
             }
+            let read_at = Instant::now();
             for &fault in &faults {
-                if let Err(e) = self.handle_fault(fault, &to_store) {
+                if let Err(e) = self.handle_fault(fault, read_at, &to_store) {
                     self.fail(e);
                     // Never leave a vCPU blocked: lift all protection and stop.
                     self.unprotect_all();
@@ -420,8 +442,13 @@ impl UffdCow {
     /// Registers guest memory, starts the fault handler, and write-protects memory while the VM
     /// runs (arming): all of it, or only the pages of `only` (an incremental checkpoint's pages
     /// written since its parent so far; [`Self::seal`] protects those written later). Call
-    /// before the pause.
-    pub fn arm(regions: &[RamRegion], only: Option<PageBits>) -> Result<UffdCow, CowError> {
+    /// before the pause. At most `budget` bytes of copies (at least one block) wait for the
+    /// store before a write fault waits for it.
+    pub fn arm(
+        regions: &[RamRegion],
+        only: Option<PageBits>,
+        budget: u64,
+    ) -> Result<UffdCow, CowError> {
         let uffd = Uffd::new(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED)
             .map_err(CowError::Userfaultfd)?;
         for r in regions {
@@ -429,9 +456,12 @@ impl UffdCow {
                 .map_err(uffd_op("register"))?;
         }
         let pages: u64 = regions.iter().map(RamRegion::pages).sum();
+        let queued = (budget / BLOCK_BYTES).clamp(1, pages.div_ceil(BLOCK_PAGES).max(1)) as usize;
         // Buffers for the pages that may be saved by fault: at most those armed.
         let armed_pages = only.as_ref().map_or(pages, PageBits::count);
-        let prefaulted = PREFAULTED_BUFFERS.min(armed_pages.div_ceil(BLOCK_PAGES) as usize);
+        let prefaulted = PREFAULTED_BUFFERS
+            .min(queued)
+            .min(armed_pages.div_ceil(BLOCK_PAGES) as usize);
         let shared = Arc::new(Shared {
             uffd,
             regions: regions.to_vec(),
@@ -445,14 +475,15 @@ impl UffdCow {
             failed: Mutex::new(None),
             pool: Mutex::new(
                 (0..prefaulted)
-                    .map(|_| vec![0xa5; (BLOCK_PAGES * PAGE_SIZE) as usize])
+                    .map(|_| vec![0xa5; BLOCK_BYTES as usize])
                     .collect(),
             ),
             hot: Mutex::new(Vec::new()),
             in_parent: OnceLock::new(),
             armed: only,
+            stall_ns: AtomicU64::new(0),
+            max_stall_ns: AtomicU64::new(0),
         });
-        let queued = MAX_QUEUED_BLOCKS.min(pages / BLOCK_PAGES / 2).max(1) as usize;
         let (to_store, from_faults) = sync_channel(queued);
         let handler_shared = shared.clone();
         let handler = std::thread::Builder::new()
@@ -619,6 +650,14 @@ impl UffdCow {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The vCPUs' write-fault stalls so far, in microseconds: (summed, longest).
+    pub fn stalls_us(&self) -> (u64, u64) {
+        (
+            self.shared.stall_ns.load(Ordering::Relaxed) / 1000,
+            self.shared.max_stall_ns.load(Ordering::Relaxed) / 1000,
+        )
     }
 
     /// Waits until the background writer has gone through all of memory: from then on every
