@@ -16,12 +16,14 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 
 use super::{
-    open_regular, read_exact_at, Layout, Location, MemorySource, Store, StoreReader, StoreWriter,
+    open_regular, read_exact_at, sub_entry, Layout, Location, MemorySource, Store, StoreReader,
+    StoreWriter,
 };
 use crate::checksum::Checksum;
 use crate::error::{Error, Result};
@@ -520,6 +522,10 @@ impl StoreReader for DirReader {
 
     fn read_section(&self, entry: &SectionEntry) -> Result<Vec<u8>> {
         read_section_file(&self.dir, entry)
+    }
+
+    fn read_section_range(&self, entry: &SectionEntry, range: Range<u64>) -> Result<Vec<u8>> {
+        read_section_file(&self.dir, &sub_entry(entry, range))
     }
 
     fn check_memory(&self, entry: &SectionEntry) -> Result<()> {
