@@ -212,7 +212,10 @@ fn index_segments_of_a_chain_resolve_and_verify_alone() {
             segment.verify(p, bytes).unwrap();
         }
     }
-    assert!(!ckpt.page_index_loaded(), "segments are read without the index");
+    assert!(
+        !ckpt.page_index_loaded(),
+        "segments are read without the index"
+    );
     let segment = ckpt.index_segment(0..PAGES).unwrap();
     let whole = ckpt.page_index().unwrap();
     for p in 0..PAGES {

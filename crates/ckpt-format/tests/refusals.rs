@@ -507,7 +507,10 @@ fn a_checkpoint_without_index_segment_checksums_reads_its_whole_index() {
 
     // An older writer's manifest: no segment checksums.
     rewrite_manifest(store.path(), |v| {
-        v["memory"].as_object_mut().unwrap().remove("index_segments");
+        v["memory"]
+            .as_object_mut()
+            .unwrap()
+            .remove("index_segments");
     });
     let ckpt = Checkpoint::open_deferred(&store).unwrap();
     assert!(!ckpt.has_index_segments());
