@@ -17,7 +17,7 @@ use std::time::Instant;
 use ckpt_format::{Checkpoint, DiskFormat, PAGE_SIZE};
 use disk::Format;
 use thiserror::Error;
-use tracing::{info, info_span};
+use tracing::{debug, info, info_span};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::disk_cow::overlay_path;
@@ -380,7 +380,10 @@ pub(crate) fn restore(
         store: name.clone(),
         source,
     };
+    // What the path to the first instruction costs, phase by phase (RUST_LOG=debug).
+    let phase = |done: &'static str| debug!(done, us = started.elapsed().as_micros() as u64);
     let ckpt = Checkpoint::open_deferred(store.store().as_ref()).map_err(open_err)?;
+    phase("open");
     let (mem_size, vcpus) = check_config(&ckpt, &name)?;
     let trusted = trusted_dirs(&ckpt, store, &options)?;
     let state: MachineState = ckpt.decode_state().map_err(RestoreError::State)?;
@@ -391,6 +394,7 @@ pub(crate) fn restore(
         });
     }
 
+    phase("state");
     let memory = match mode {
         MemoryMode::Eager => {
             ckpt.page_index().map_err(open_err)?;
@@ -408,6 +412,7 @@ pub(crate) fn restore(
             })
         }
     };
+    phase("memory");
     let lazy = matches!(mode, MemoryMode::Lazy);
     // A lazy restore of a checkpoint with checksums of its index's segments starts the guest
     // without the index: the page service verifies each block against its segments until the
@@ -419,6 +424,7 @@ pub(crate) fn restore(
     } else {
         create_vm_reading_index(&ckpt, &memory, &state, open_err)?
     };
+    phase("vm");
     let ckpt = Arc::new(ckpt);
     let exit = Arc::new(ExitNotifier::default());
     // Before anything touches guest memory: restoring the devices reads their queues.
@@ -434,7 +440,9 @@ pub(crate) fn restore(
     } else {
         None
     };
+    phase("page service");
     let disks = disk_overlays(&ckpt, &state, options.disk_dir.as_deref(), &trusted)?;
+    phase("disks");
     let config = &ckpt.manifest().vm;
     let parts = Parts {
         summary: VmSummary {
