@@ -80,10 +80,13 @@ impl IndexSegment {
         chained: bool,
     ) -> Result<IndexSegment> {
         let n = (pages.end - pages.start) as usize;
-        assert!(
-            states.len() == n && hashes.len() == 8 * n,
-            "ranges of the encoded index"
-        );
+        if states.len() != n || hashes.len() != 8 * n {
+            return Err(Error::Truncated {
+                section: format!("page-index (pages {}..{})", pages.start, pages.end),
+                expected: 9 * n as u64,
+                found: (states.len() + hashes.len()) as u64,
+            });
+        }
         let mut at = 0;
         while at < n {
             let end = (at + segment_pages as usize).min(n);

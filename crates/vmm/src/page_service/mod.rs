@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use ckpt_format::{Checkpoint, IndexSegment, PageIndex, PageState};
 use thiserror::Error;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 pub use self::shared::{SharedImage, SharedImageError};
 pub use self::source::{PageSource, SourceError};
@@ -226,10 +226,14 @@ impl Shared {
                 .map(Entries::Whole)
                 .map_err(index_error);
         }
-        self.ckpt
-            .index_segment(first..end)
-            .map(Entries::Segment)
-            .map_err(index_error)
+        let started = Instant::now();
+        let segment = self.ckpt.index_segment(first..end).map_err(index_error)?;
+        debug!(
+            first,
+            us = started.elapsed().as_micros() as u64,
+            "page index segment read"
+        );
+        Ok(Entries::Segment(segment))
     }
 
     /// Installs the pages of `block` run by run: zero runs mapped, present runs read, verified

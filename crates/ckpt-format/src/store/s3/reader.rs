@@ -74,6 +74,45 @@ pub(super) fn get_section(
     Ok(bytes.to_vec())
 }
 
+/// Reads bytes `range` (from its start) of a section object with one ranged GET, unverified.
+fn get_section_range(
+    client: &Client,
+    config: &S3Config,
+    entry: &SectionEntry,
+    range: std::ops::Range<u64>,
+) -> Result<Vec<u8>> {
+    let name = object_of(Section::PageIndex);
+    if entry.name != Section::PageIndex.name()
+        || entry.file.as_deref() != Some(name)
+        || range.end > entry.length
+    {
+        // Only the page index is read in parts; anything else is read whole.
+        let bytes = get_section(client, config, entry)?;
+        return bytes
+            .get(range.start as usize..range.end as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| Error::Truncated {
+                section: entry.name.clone(),
+                expected: range.end,
+                found: bytes.len() as u64,
+            });
+    }
+    let store = Arc::clone(&client.store);
+    let path = config.location.object(name);
+    let want = range.end - range.start;
+    let bytes = client
+        .run(async move { store.get_range(&path, range).await })
+        .map_err(|e| Error::from(config.classify("read", &config.location.url_of(name), e)))?;
+    if bytes.len() as u64 != want {
+        return Err(Error::Truncated {
+            section: entry.name.clone(),
+            expected: want,
+            found: bytes.len() as u64,
+        });
+    }
+    Ok(bytes.to_vec())
+}
+
 /// What the completion marker says.
 struct Marker {
     manifest: SectionEntry,
@@ -237,6 +276,14 @@ impl StoreReader for S3Reader {
             }
         }
         Ok(bytes)
+    }
+
+    fn read_section_range(
+        &self,
+        entry: &SectionEntry,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<u8>> {
+        get_section_range(&self.client, &self.config, entry, range)
     }
 
     fn check_memory(&self, entry: &SectionEntry) -> Result<()> {
