@@ -21,6 +21,7 @@
 mod checksum;
 mod error;
 mod flatten;
+mod index_segment;
 mod manifest;
 mod page_index;
 mod reader;
@@ -30,6 +31,7 @@ pub mod writer;
 pub use checksum::{checksum, page_is_zero, zero_page_hash, Checksum};
 pub use error::{Error, Result};
 pub use flatten::flatten;
+pub use index_segment::{IndexSegment, SEGMENT_PAGES};
 pub use manifest::{
     decode_state, encode_state, CheckpointOptions, DeviceConfig, DiskConfig, DiskFormat,
     DiskPolicy, IoPolicy, Manifest, MemoryInfo, Metrics, ParentRef, Section, SectionEntry,

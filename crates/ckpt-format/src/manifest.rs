@@ -184,6 +184,22 @@ pub struct MemoryInfo {
     /// (and absent from the file) when unknown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hot_pages: Vec<u64>,
+    /// Checksums of the segments of the page index, so a reader can verify the entries of a
+    /// few pages without the whole index. Absent from checkpoints of older writers, whose
+    /// index is read whole before any page is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_segments: Option<IndexSegments>,
+}
+
+/// Checksums of the fixed segments of the encoded page index: for each run of `pages` pages
+/// (the last one possibly shorter), xxh3-64 of their state bytes followed by their hashes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexSegments {
+    /// Pages per segment (512: 2 MiB of guest memory).
+    pub pages: u64,
+    /// The checksums in segment order, 16 lowercase hex digits each, concatenated (one line
+    /// of 8 KiB per GiB of guest memory rather than an array of thousands of strings).
+    pub xxh3: String,
 }
 
 impl MemoryInfo {
@@ -194,6 +210,7 @@ impl MemoryInfo {
             pages: mem_size / PAGE_SIZE as u64,
             zero_pages,
             hot_pages,
+            index_segments: None,
         }
     }
 

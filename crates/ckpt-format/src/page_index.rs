@@ -31,9 +31,9 @@ const INDEX_VERSION: u32 = 1;
 const INDEX_VERSION_CHAINED: u32 = 2;
 const HEADER_LEN: u64 = 32;
 
-const STATE_ZERO: u8 = 0;
-const STATE_PRESENT: u8 = 1;
-const STATE_PARENT: u8 = 2;
+pub(crate) const STATE_ZERO: u8 = 0;
+pub(crate) const STATE_PRESENT: u8 = 1;
+pub(crate) const STATE_PARENT: u8 = 2;
 /// Writer-only states, never on disk.
 const STATE_UNWRITTEN: u8 = 0xff;
 const STATE_CLAIMED: u8 = 0xfe;
@@ -89,6 +89,30 @@ impl PageIndex {
 
     fn hashes_at(&self) -> usize {
         (HEADER_LEN + states_len(self.pages as u64)) as usize
+    }
+
+    /// Where the state bytes and the hashes of `pages` lie in the encoded index of `total`
+    /// pages.
+    pub(crate) fn encoded_ranges(total: u64, pages: Range<u64>) -> (Range<u64>, Range<u64>) {
+        let hashes_at = HEADER_LEN + states_len(total);
+        (
+            HEADER_LEN + pages.start..HEADER_LEN + pages.end,
+            hashes_at + 8 * pages.start..hashes_at + 8 * pages.end,
+        )
+    }
+
+    /// The checksum of each segment of `segment_pages` pages (the last may be shorter), as
+    /// [`segment_checksum`] computes it from the encoded index.
+    pub fn segment_checksums(&self, segment_pages: u64) -> Vec<u64> {
+        let total = self.pages as u64;
+        (0..total.div_ceil(segment_pages))
+            .map(|s| {
+                let pages = s * segment_pages..((s + 1) * segment_pages).min(total);
+                let (states, hashes) = Self::encoded_ranges(total, pages);
+                let bytes = |r: Range<u64>| &self.encoded[r.start as usize..r.end as usize];
+                segment_checksum(bytes(states), bytes(hashes))
+            })
+            .collect()
     }
 
     fn hash_at(&self, i: usize) -> u64 {
@@ -278,6 +302,15 @@ impl PageIndex {
             pages: n,
         })
     }
+}
+
+/// The checksum of one segment of the page index: xxh3-64 of its pages' state bytes followed by
+/// their hashes, both as encoded.
+pub(crate) fn segment_checksum(states: &[u8], hashes: &[u8]) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(states);
+    hasher.update(hashes);
+    hasher.digest()
 }
 
 /// The writer's lock-free per-page table: one state byte and one hash per page.

@@ -1,12 +1,14 @@
 //! Opening, reading and verifying a checkpoint.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use serde::de::DeserializeOwned;
 
-use crate::checksum::{checksum, page_is_zero};
+use crate::checksum::checksum;
 use crate::error::{Error, Result};
+use crate::index_segment::{verify_entry, IndexSegment};
 use crate::manifest::{decode_state, Manifest, Section, SectionEntry};
 use crate::page_index::{PageIndex, PageState};
 use crate::store::{MemorySource, Store, StoreReader};
@@ -47,6 +49,9 @@ pub struct Checkpoint {
     own_index: OnceLock<PageIndex>,
     /// The index resolved down the chain.
     page_index: OnceLock<PageIndex>,
+    /// Pages per segment of the index and each segment's checksum, if the writer recorded
+    /// them.
+    segments: Option<(u64, Vec<u64>)>,
     memory: SectionEntry,
     parent: Option<Box<Checkpoint>>,
 }
@@ -120,6 +125,10 @@ impl Checkpoint {
             ));
         }
         store.check_memory(&memory)?;
+        let segments = match &manifest.memory.index_segments {
+            Some(s) => Some((s.pages, s.decode(manifest.memory.pages)?)),
+            None => None,
+        };
         let state = read_checked(store.as_ref(), &state_entry)?;
         let parent = match &manifest.parent {
             None => None,
@@ -163,6 +172,7 @@ impl Checkpoint {
             index_entry,
             own_index: OnceLock::new(),
             page_index: OnceLock::new(),
+            segments,
             memory,
             parent,
         })
@@ -191,6 +201,118 @@ impl Checkpoint {
             ));
         }
         Ok(self.own_index.get_or_init(|| index))
+    }
+
+    /// Whether the entries of a few pages can be read and verified without the whole index:
+    /// this checkpoint and every parent recorded checksums of the index's segments.
+    pub fn has_index_segments(&self) -> bool {
+        self.segments.is_some() && self.parent.as_ref().is_none_or(|p| p.has_index_segments())
+    }
+
+    /// Whether the page index (resolved down the chain) has been read and verified.
+    pub fn page_index_loaded(&self) -> bool {
+        match self.parent {
+            None => self.own_index.get().is_some(),
+            Some(_) => self.page_index.get().is_some(),
+        }
+    }
+
+    /// The entries of the whole segments of the index that hold `pages`, read with ranged
+    /// reads and each verified against its checksum in the manifest, resolved down the chain
+    /// (each parent's same segment). Needs [`has_index_segments`](Self::has_index_segments).
+    pub fn index_segment(&self, pages: Range<u64>) -> Result<IndexSegment> {
+        let (per, checksums) = self.segments.as_ref().ok_or_else(|| {
+            Error::corrupt("manifest", "no checksums of the page index's segments")
+        })?;
+        let total = self.pages();
+        if pages.start >= pages.end || pages.end > total {
+            return Err(Error::PageOutOfRange {
+                page: pages.end.saturating_sub(1),
+                pages: total,
+            });
+        }
+        let whole =
+            pages.start / per * per..pages.end.div_ceil(*per).saturating_mul(*per).min(total);
+        let (states, hashes) = PageIndex::encoded_ranges(total, whole.clone());
+        if hashes.end > self.index_entry.length {
+            return Err(Error::Truncated {
+                section: self.index_entry.name.clone(),
+                expected: PageIndex::encoded_len(total),
+                found: self.index_entry.length,
+            });
+        }
+        let states = self.store.read_section_range(&self.index_entry, states)?;
+        let hashes = self.store.read_section_range(&self.index_entry, hashes)?;
+        let mut segment = IndexSegment::decode(
+            whole.clone(),
+            &states,
+            &hashes,
+            *per,
+            checksums,
+            self.parent.is_some(),
+        )?;
+        if let (Some(parent), true) = (&self.parent, segment.has_parent_pages()) {
+            let resolved = parent.index_segment(whole).map_err(|e| self.in_parent(e))?;
+            segment.resolve(&resolved)?;
+        }
+        Ok(segment)
+    }
+
+    /// The checkpoint `link` steps up the chain (0: this one).
+    fn link(&self, link: usize) -> Result<&Checkpoint> {
+        let mut at = self;
+        for _ in 0..link {
+            at = at
+                .parent
+                .as_deref()
+                .ok_or_else(|| Error::corrupt("section page-index", "a page beyond the chain"))?;
+        }
+        Ok(at)
+    }
+
+    /// Reads pages `first..first + buf.len() / 4096`, all within `segment`, each from the
+    /// checkpoint of the chain that holds it (zero pages as zeros, without reading). Not
+    /// verified: see [`IndexSegment::verify`].
+    pub fn read_pages_in(&self, segment: &IndexSegment, first: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.len() % PAGE_SIZE != 0 {
+            return Err(Error::NotPageMultiple {
+                what: "page buffer",
+                len: buf.len() as u64,
+            });
+        }
+        let count = (buf.len() / PAGE_SIZE) as u64;
+        let covered = segment.pages();
+        if first < covered.start || first + count > covered.end {
+            return Err(Error::PageOutOfRange {
+                page: first + count.max(1) - 1,
+                pages: covered.end,
+            });
+        }
+        // Which checkpoint holds the page, or `None` for a zero page.
+        let holder = |p: u64| {
+            segment
+                .entry(p)
+                .filter(|e| e.state != PageState::Zero)
+                .and(segment.link(p))
+        };
+        let mut i = 0;
+        while i < count {
+            let from = holder(first + i);
+            let mut end = i + 1;
+            while end < count && holder(first + end) == from {
+                end += 1;
+            }
+            let run = &mut buf[(i * PAGE) as usize..(end * PAGE) as usize];
+            match from {
+                None => run.fill(0),
+                Some(link) => self
+                    .link(link)?
+                    .store
+                    .read_memory((first + i) * PAGE, run)?,
+            }
+            i = end;
+        }
+        Ok(())
     }
 
     /// The manifest.
@@ -338,12 +460,6 @@ impl Checkpoint {
     /// Checks `bytes` (the content of page `page`, from wherever it was read or mapped)
     /// against the page index.
     pub fn verify_page(&self, page: u64, bytes: &[u8]) -> Result<()> {
-        if bytes.len() != PAGE_SIZE {
-            return Err(Error::NotPageMultiple {
-                what: "page",
-                len: bytes.len() as u64,
-            });
-        }
         let entry = self
             .page_index()?
             .entry(page)
@@ -351,23 +467,7 @@ impl Checkpoint {
                 page,
                 pages: self.pages(),
             })?;
-        match entry.state {
-            PageState::Zero if page_is_zero(bytes) => Ok(()),
-            PageState::Zero => Err(Error::ZeroPageMismatch { page }),
-            // A resolved index holds no page in the parent.
-            PageState::Present | PageState::Parent => {
-                let actual = checksum(bytes);
-                if actual == entry.hash {
-                    Ok(())
-                } else {
-                    Err(Error::PageMismatch {
-                        page,
-                        expected: entry.hash,
-                        actual,
-                    })
-                }
-            }
-        }
+        verify_entry(entry, page, bytes)
     }
 
     /// Reads and verifies every present page, on `threads` threads (1 MiB chunks taken in

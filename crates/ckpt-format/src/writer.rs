@@ -34,9 +34,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::checksum::{checksum, page_is_zero, zero_page_hash, Checksum};
 use crate::error::{Error, Result};
+use crate::index_segment::SEGMENT_PAGES;
 use crate::manifest::{
-    now, CheckpointOptions, Manifest, MemoryInfo, Metrics, ParentRef, Section, SectionEntry,
-    VmConfig,
+    now, CheckpointOptions, IndexSegments, Manifest, MemoryInfo, Metrics, ParentRef, Section,
+    SectionEntry, VmConfig,
 };
 use crate::page_index::{PageIndex, PageState, PageTable};
 use crate::store::{Layout, Store, StoreWriter};
@@ -552,20 +553,24 @@ impl CheckpointWriter {
                 ),
             ));
         }
+        let segments = self.memory_index()?.segment_checksums(SEGMENT_PAGES);
         let manifest = Manifest {
             format: FORMAT_NAME.to_string(),
             format_version: FORMAT_VERSION,
-            format_minor: 0,
+            format_minor: 1,
             created_unix_ms: self.created.0,
             created_utc: self.created.1.clone(),
             vm: std::mem::take(&mut self.vm),
             options: self.options,
             metrics,
-            memory: MemoryInfo::new(
-                self.mem_size,
-                report.zero_pages,
-                std::mem::take(&mut self.hot_pages),
-            ),
+            memory: MemoryInfo {
+                index_segments: Some(IndexSegments::new(SEGMENT_PAGES, &segments)),
+                ..MemoryInfo::new(
+                    self.mem_size,
+                    report.zero_pages,
+                    std::mem::take(&mut self.hot_pages),
+                )
+            },
             sections: vec![state, report.page_index, memory],
             parent: self.parent.take(),
         };

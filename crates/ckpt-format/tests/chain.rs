@@ -189,3 +189,46 @@ fn a_flattened_chain_equals_the_chain() {
     }
     flat.verify_memory(2, &|_| {}).unwrap();
 }
+
+#[test]
+fn index_segments_of_a_chain_resolve_and_verify_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |n: u64| tmp.path().join(format!("c{n}")).display().to_string();
+    full(&DirStore::new(dir(0)));
+    for n in 1..=4 {
+        write_incremental(&DirStore::new(dir(n)), &dir(n - 1), n);
+    }
+    let ckpt = Checkpoint::open_deferred(&DirStore::new(dir(4))).unwrap();
+    assert!(ckpt.has_index_segments());
+    for first in [0, 17, PAGES - 1] {
+        let segment = ckpt.index_segment(first..first + 1).unwrap();
+        assert!(segment.pages().contains(&first));
+        let pages = segment.pages();
+        let mut buf = vec![0u8; (pages.end - pages.start) as usize * PAGE_SIZE];
+        ckpt.read_pages_in(&segment, pages.start, &mut buf).unwrap();
+        for (i, bytes) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+            let p = pages.start + i as u64;
+            assert_eq!(bytes, content(4, p), "page {p}");
+            segment.verify(p, bytes).unwrap();
+        }
+    }
+    assert!(
+        !ckpt.page_index_loaded(),
+        "segments are read without the index"
+    );
+    let segment = ckpt.index_segment(0..PAGES).unwrap();
+    let whole = ckpt.page_index().unwrap();
+    for p in 0..PAGES {
+        assert_eq!(segment.entry(p), whole.entry(p), "page {p}");
+    }
+
+    // A corrupt segment of a parent's index is refused, naming the parent.
+    flip_byte(&tmp.path().join("c2/page-index.bin"), 40);
+    let ckpt = Checkpoint::open_deferred(&DirStore::new(dir(4))).unwrap();
+    let err = ckpt.index_segment(0..1).unwrap_err();
+    assert!(
+        matches!(&err, Error::Parent { address, source }
+            if address == &dir(2) && source.to_string().contains("page-index (pages 0..")),
+        "{err}"
+    );
+}

@@ -496,3 +496,34 @@ fn finish_refuses_while_memory_writers_are_alive_and_without_state() {
         Err(Error::NotPageMultiple { .. })
     ));
 }
+
+#[test]
+fn a_checkpoint_without_index_segment_checksums_reads_its_whole_index() {
+    let (_tmp, store) = dir_checkpoint();
+    let ckpt = Checkpoint::open_deferred(&store).unwrap();
+    assert!(ckpt.has_index_segments());
+    let segment = ckpt.index_segment(0..1).unwrap();
+    assert_eq!(segment.entry(0), ckpt.page_index().unwrap().entry(0));
+
+    // An older writer's manifest: no segment checksums.
+    rewrite_manifest(store.path(), |v| {
+        v["memory"]
+            .as_object_mut()
+            .unwrap()
+            .remove("index_segments");
+    });
+    let ckpt = Checkpoint::open_deferred(&store).unwrap();
+    assert!(!ckpt.has_index_segments());
+    assert!(ckpt.index_segment(0..1).is_err());
+    assert!(!ckpt.page_index_loaded());
+    let report = ckpt.verify_memory(1, &|_| {}).unwrap();
+    assert_eq!(report.pages_verified + report.zero_pages, PAGES);
+    assert!(ckpt.page_index_loaded());
+
+    // Checksums that do not cover the index are refused at open.
+    rewrite_manifest(store.path(), |v| {
+        v["memory"]["index_segments"] = serde_json::json!({"pages": 512, "xxh3": "00"});
+    });
+    let err = Checkpoint::open_deferred(&store).unwrap_err();
+    assert!(err.to_string().contains("manifest"), "{err}");
+}

@@ -11,7 +11,9 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, IoPolicy, PageState, Strategy};
+use ckpt_format::{
+    Checkpoint, CheckpointOptions, Checksum, DirStore, IoPolicy, PageState, Strategy,
+};
 use common::*;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::{CheckpointRequest, MachineState, Progress, RestoreOptions, RestoreStats, StoreSpec};
@@ -175,6 +177,89 @@ fn a_corrupt_page_stops_the_vm_before_the_guest_reads_it() {
     }
     for sum in sums(&console.text()) {
         assert_eq!(sum, good[0], "the guest read a corrupt page");
+    }
+}
+
+/// Rewrites the manifest of the checkpoint in `dir`, with a completion marker to match.
+fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    edit(&mut manifest);
+    let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+    fs::write(&path, &bytes).unwrap();
+    let marker = fs::read_to_string(dir.join("COMPLETE")).unwrap();
+    let rewritten: Vec<String> = marker
+        .lines()
+        .map(|l| {
+            if l.starts_with("length ") {
+                format!("length {}", bytes.len())
+            } else if l.starts_with("checksum ") {
+                format!("checksum {}", Checksum::of(&bytes))
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    fs::write(dir.join("COMPLETE"), rewritten.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn a_corrupt_index_segment_stops_the_vm_and_an_index_without_segments_still_restores() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("ckpt");
+    let good = scan_checkpoint(&dir);
+    let ckpt = Checkpoint::open(&DirStore::new(dir.clone())).unwrap();
+    assert!(ckpt.has_index_segments());
+    let index = ckpt.page_index().unwrap();
+    // The last present page: inside the working set the guest reads on every pass.
+    let page = (0..ckpt.pages())
+        .rev()
+        .find(|&p| index.entry(p).unwrap().state == PageState::Present)
+        .unwrap();
+    let hashes_at = 32 + ckpt.pages().div_ceil(8) * 8;
+    drop(ckpt);
+
+    // An older writer's checkpoint: no checksums of the index's segments. Its whole index is
+    // read before the VM starts, and the guest runs on as before.
+    let old = work.path().join("old");
+    fs::create_dir(&old).unwrap();
+    for entry in fs::read_dir(&dir).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), old.join(entry.file_name())).unwrap();
+    }
+    rewrite_manifest(&old, |m| {
+        m["memory"]
+            .as_object_mut()
+            .unwrap()
+            .remove("index_segments")
+            .expect("the writer records segment checksums");
+    });
+    let (vm, console) = restore(&old);
+    console.wait_for("scan pass=", 2, LIMIT);
+    wait_resident(&vm);
+    assert_eq!(vm.exit_status(), None);
+    for sum in sums(&console.text()) {
+        assert_eq!(sum, good[0]);
+    }
+    drop(vm);
+
+    // A flipped bit in the hash of that page: its segment does not verify, so no page of its
+    // block is installed, and the VM stops naming the index.
+    let path = dir.join("page-index.bin");
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[(hashes_at + 8 * page) as usize] ^= 0x40;
+    fs::write(&path, bytes).unwrap();
+    let (vm, console) = restore(&dir);
+    match vm.wait_timeout(LIMIT) {
+        Some(VmExit::Fatal(msg)) => assert!(
+            msg.contains("page-index") && msg.contains("checksum"),
+            "{msg}"
+        ),
+        other => panic!("a corrupt index segment must stop the VM, got {other:?}"),
+    }
+    for sum in sums(&console.text()) {
+        assert_eq!(sum, good[0], "the guest read an unverified page");
     }
 }
 

@@ -16,12 +16,14 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 
 use super::{
-    open_regular, read_exact_at, Layout, Location, MemorySource, Store, StoreReader, StoreWriter,
+    open_regular, read_exact_at, sub_entry, Layout, Location, MemorySource, Store, StoreReader,
+    StoreWriter,
 };
 use crate::checksum::Checksum;
 use crate::error::{Error, Result};
@@ -319,7 +321,9 @@ struct DirWriter {
 }
 
 /// Reads a section file, checking its name and length against `entry`.
-fn read_section_file(dir: &Path, entry: &SectionEntry) -> Result<Vec<u8>> {
+/// Reads bytes `range` (from its start) of the section `entry`, checking the file holds the
+/// whole section and nothing after it.
+fn read_section_file(dir: &Path, entry: &SectionEntry, range: Range<u64>) -> Result<Vec<u8>> {
     let section = section_named(&entry.name)
         .filter(|s| *s != Section::Memory)
         .ok_or_else(|| Error::corrupt("manifest", format!("unknown section {:?}", entry.name)))?;
@@ -353,8 +357,9 @@ fn read_section_file(dir: &Path, entry: &SectionEntry) -> Result<Vec<u8>> {
             format!("{} trailing bytes in {name}", len - end),
         ));
     }
-    let mut buf = vec![0u8; usize::try_from(entry.length).expect("section length fits in memory")];
-    read_exact_at(&file, &path, &entry.name, entry.offset, &mut buf)?;
+    let part = sub_entry(entry, range);
+    let mut buf = vec![0u8; usize::try_from(part.length).expect("section length fits in memory")];
+    read_exact_at(&file, &path, &entry.name, part.offset, &mut buf)?;
     Ok(buf)
 }
 
@@ -396,7 +401,7 @@ impl StoreWriter for DirWriter {
     }
 
     fn read_section(&self, entry: &SectionEntry) -> Result<Vec<u8>> {
-        read_section_file(&self.dir, entry)
+        read_section_file(&self.dir, entry, 0..entry.length)
     }
 
     fn sync(&self) -> Result<()> {
@@ -519,7 +524,11 @@ impl StoreReader for DirReader {
     }
 
     fn read_section(&self, entry: &SectionEntry) -> Result<Vec<u8>> {
-        read_section_file(&self.dir, entry)
+        read_section_file(&self.dir, entry, 0..entry.length)
+    }
+
+    fn read_section_range(&self, entry: &SectionEntry, range: Range<u64>) -> Result<Vec<u8>> {
+        read_section_file(&self.dir, entry, range)
     }
 
     fn check_memory(&self, entry: &SectionEntry) -> Result<()> {

@@ -89,6 +89,7 @@ pub(crate) fn read_exact_at(
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -185,6 +186,16 @@ pub trait StoreWriter: Send + Sync + fmt::Debug {
     fn discard(&self) -> Result<()>;
 }
 
+/// The entry of bytes `range` of the section `entry` (from its start).
+pub(crate) fn sub_entry(entry: &SectionEntry, range: Range<u64>) -> SectionEntry {
+    SectionEntry {
+        offset: entry.offset.saturating_add(range.start),
+        length: range.end - range.start,
+        checksum: None,
+        ..entry.clone()
+    }
+}
+
 /// Reading side of a store.
 pub trait StoreReader: Send + Sync + fmt::Debug {
     /// Human-readable name of the store (path), for messages.
@@ -194,6 +205,19 @@ pub trait StoreReader: Send + Sync + fmt::Debug {
     fn read_commit(&self) -> Result<Option<SectionEntry>>;
     /// Reads a whole section; a short section is [`crate::Error::Truncated`] naming it.
     fn read_section(&self, entry: &SectionEntry) -> Result<Vec<u8>>;
+    /// Reads bytes `range` of a section (from its start), unverified: the caller checks them
+    /// against checksums of its own. By default the whole section is read.
+    fn read_section_range(&self, entry: &SectionEntry, range: Range<u64>) -> Result<Vec<u8>> {
+        let bytes = self.read_section(entry)?;
+        bytes
+            .get(range.start as usize..range.end as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| crate::Error::Truncated {
+                section: entry.name.clone(),
+                expected: range.end,
+                found: bytes.len() as u64,
+            })
+    }
     /// Checks that the memory section is where the store keeps it and is not truncated.
     fn check_memory(&self, entry: &SectionEntry) -> Result<()>;
     /// Reads `buf.len()` bytes at `offset` bytes into the memory section.

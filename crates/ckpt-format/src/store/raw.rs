@@ -29,13 +29,16 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Seek, SeekFrom};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rustix::fs::{fallocate, memfd_create, FallocateFlags, MemfdFlags};
 
-use super::{read_exact_at, Layout, Location, MemorySource, Store, StoreReader, StoreWriter};
+use super::{
+    read_exact_at, sub_entry, Layout, Location, MemorySource, Store, StoreReader, StoreWriter,
+};
 use crate::checksum::{checksum, Checksum};
 use crate::error::{Error, Result};
 use crate::manifest::{Section, SectionEntry};
@@ -735,6 +738,10 @@ impl StoreReader for RawReader {
     }
 
     fn read_section(&self, entry: &SectionEntry) -> Result<Vec<u8>> {
+        self.read_section_range(entry, 0..entry.length)
+    }
+
+    fn read_section_range(&self, entry: &SectionEntry, range: Range<u64>) -> Result<Vec<u8>> {
         if let Some((_, i)) = TABLE
             .iter()
             .zip(0..)
@@ -754,9 +761,10 @@ impl StoreReader for RawReader {
             }
         }
         self.check_bounds(entry)?;
+        let part = sub_entry(entry, range);
         let mut buf =
-            vec![0u8; usize::try_from(entry.length).expect("section length fits in memory")];
-        read_exact_at(&self.file, &self.path, &entry.name, entry.offset, &mut buf)?;
+            vec![0u8; usize::try_from(part.length).expect("section length fits in memory")];
+        read_exact_at(&self.file, &self.path, &entry.name, part.offset, &mut buf)?;
         Ok(buf)
     }
 

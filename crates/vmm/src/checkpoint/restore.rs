@@ -17,7 +17,7 @@ use std::time::Instant;
 use ckpt_format::{Checkpoint, DiskFormat, PAGE_SIZE};
 use disk::Format;
 use thiserror::Error;
-use tracing::{info, info_span};
+use tracing::{debug, info, info_span};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::disk_cow::overlay_path;
@@ -28,6 +28,7 @@ use crate::builder::{
 use crate::devices::virtio::block::DiskConfig;
 use crate::error::ErrorKind;
 use crate::exit::ExitNotifier;
+use crate::kvm::KvmVm;
 use crate::memory::{self, HugePages, MemoryError};
 use crate::page_service::{
     PageService, PageServiceError, PageServiceStats, ServiceSpec, SharedImage, SharedImageError,
@@ -347,6 +348,24 @@ pub(crate) fn load_shared_image(store: &StoreSpec) -> Result<SharedImage, Restor
     Ok(SharedImage::load(&ckpt)?)
 }
 
+/// Creates the VM while another thread reads and verifies the page index.
+fn create_vm_reading_index(
+    ckpt: &Checkpoint,
+    memory: &GuestMemoryMmap,
+    state: &MachineState,
+    open_err: impl Fn(ckpt_format::Error) -> RestoreError,
+) -> Result<KvmVm, RestoreError> {
+    std::thread::scope(|s| {
+        let index = s.spawn(|| ckpt.page_index().map(|_| ()));
+        let vm = builder::create_vm(memory, Some(state));
+        index
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            .map_err(open_err)?;
+        vm.map_err(|e| RestoreError::Vm(e.into()))
+    })
+}
+
 /// Restores the checkpoint in `store` into a new running machine, with its memory from `mode`.
 pub(crate) fn restore(
     store: &StoreSpec,
@@ -361,7 +380,10 @@ pub(crate) fn restore(
         store: name.clone(),
         source,
     };
+    // What the path to the first instruction costs, phase by phase (RUST_LOG=debug).
+    let phase = |done: &'static str| debug!(done, us = started.elapsed().as_micros() as u64);
     let ckpt = Checkpoint::open_deferred(store.store().as_ref()).map_err(open_err)?;
+    phase("open");
     let (mem_size, vcpus) = check_config(&ckpt, &name)?;
     let trusted = trusted_dirs(&ckpt, store, &options)?;
     let state: MachineState = ckpt.decode_state().map_err(RestoreError::State)?;
@@ -372,6 +394,7 @@ pub(crate) fn restore(
         });
     }
 
+    phase("state");
     let memory = match mode {
         MemoryMode::Eager => {
             ckpt.page_index().map_err(open_err)?;
@@ -389,18 +412,19 @@ pub(crate) fn restore(
             })
         }
     };
+    phase("memory");
     let lazy = matches!(mode, MemoryMode::Lazy);
-    // The page index is read and verified (a few milliseconds at 4 GiB) while KVM
-    // registers the memory; a bad index is refused before the first guest instruction.
-    let vm = std::thread::scope(|s| {
-        let index = s.spawn(|| ckpt.page_index().map(|_| ()));
-        let vm = builder::create_vm(&memory, Some(&state));
-        index
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            .map_err(open_err)?;
-        vm.map_err(|e| RestoreError::Vm(e.into()))
-    })?;
+    // A lazy restore of a checkpoint with checksums of its index's segments starts the guest
+    // without the index: the page service verifies each block against its segments until the
+    // prefetcher has read the whole index. Otherwise the index (9 bytes per page) is read and
+    // verified while KVM registers the memory, and a bad index is refused before the first
+    // guest instruction.
+    let vm = if lazy && ckpt.has_index_segments() {
+        builder::create_vm(&memory, Some(&state)).map_err(|e| RestoreError::Vm(e.into()))?
+    } else {
+        create_vm_reading_index(&ckpt, &memory, &state, open_err)?
+    };
+    phase("vm");
     let ckpt = Arc::new(ckpt);
     let exit = Arc::new(ExitNotifier::default());
     // Before anything touches guest memory: restoring the devices reads their queues.
@@ -416,7 +440,9 @@ pub(crate) fn restore(
     } else {
         None
     };
+    phase("page service");
     let disks = disk_overlays(&ckpt, &state, options.disk_dir.as_deref(), &trusted)?;
+    phase("disks");
     let config = &ckpt.manifest().vm;
     let parts = Parts {
         summary: VmSummary {

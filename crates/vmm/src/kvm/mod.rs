@@ -162,10 +162,17 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(), K
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
+        let started = std::time::Instant::now();
         // SAFETY: the host range is a live mapping owned by `mem`, which the caller keeps alive
         // for as long as the VM exists (the VM struct owns both).
         unsafe { vm.set_user_memory_region(desc) }
             .map_err(KvmError::ioctl("set user memory region"))?;
+        tracing::debug!(
+            slot,
+            bytes = region.len(),
+            us = started.elapsed().as_micros() as u64,
+            "memory slot registered"
+        );
     }
     Ok(())
 }

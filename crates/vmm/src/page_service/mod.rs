@@ -11,6 +11,10 @@
 //!
 //! A claimed block is read from its [`PageSource`], every page is checked against the page
 //! index, and only then installed with `UFFDIO_COPY`, which wakes the threads waiting on it.
+//! The whole index (9 bytes per page) is read by the prefetcher, off the path to the first
+//! instruction; until it is there, a block is checked against the index's segments that cover
+//! it, fetched alone and each verified against its checksum in the manifest (a checkpoint
+//! without those checksums has its whole index read before the VM starts).
 //! Zero pages (per the page index) are never read: `UFFDIO_ZEROPAGE` maps them. A fault on a
 //! block claimed by the other thread needs nothing: that thread's install wakes it.
 //!
@@ -32,9 +36,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ckpt_format::{Checkpoint, PageState};
+use ckpt_format::{Checkpoint, IndexSegment, PageIndex, PageState};
 use thiserror::Error;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 pub use self::shared::{SharedImage, SharedImageError};
 pub use self::source::{PageSource, SourceError};
@@ -223,19 +227,38 @@ impl Shared {
         }
     }
 
+    /// The entries that verify the pages of a block: the whole page index once it is read,
+    /// before that the index's segments of the block alone (two ranged reads, each segment
+    /// verified against its checksum in the manifest).
+    fn entries(&self, first: u64, end: u64) -> Result<Entries<'_>, PageServiceError> {
+        let index_error = |source| PageServiceError::Index {
+            store: self.store.clone(),
+            source,
+        };
+        if self.ckpt.page_index_loaded() || !self.ckpt.has_index_segments() {
+            return self
+                .ckpt
+                .page_index()
+                .map(Entries::Whole)
+                .map_err(index_error);
+        }
+        let started = Instant::now();
+        let segment = self.ckpt.index_segment(first..end).map_err(index_error)?;
+        debug!(
+            first,
+            us = started.elapsed().as_micros() as u64,
+            "page index segment read"
+        );
+        Ok(Entries::Segment(segment))
+    }
+
     /// Installs the pages of `block` run by run: zero runs mapped, present runs read, verified
     /// page by page, then copied in. Returns the bytes installed.
     fn install(&self, block: u64, buf: &mut [u8]) -> Result<u64, PageServiceError> {
-        let index = self
-            .ckpt
-            .page_index()
-            .map_err(|source| PageServiceError::Index {
-                store: self.store.clone(),
-                source,
-            })?;
         let (first, end) = self.block_pages(block);
+        let entries = self.entries(first, end)?;
         let region = *self.region_of(first);
-        let zero = |p: u64| index.entry(p).is_some_and(|e| e.state == PageState::Zero);
+        let zero = |p: u64| entries.is_zero(p);
         let mut page = first;
         let mut bytes = 0;
         while page < end {
@@ -255,15 +278,15 @@ impl Shared {
                     })?;
             } else {
                 let run = &mut buf[..len];
-                self.source
-                    .read_run(page, run)
+                entries
+                    .read(self.source.as_ref(), page, run)
                     .map_err(|source| PageServiceError::Read {
                         store: self.store.clone(),
                         source,
                     })?;
                 for (i, bytes) in run.chunks_exact(PAGE_SIZE as usize).enumerate() {
-                    self.ckpt
-                        .verify_page(page + i as u64, bytes)
+                    entries
+                        .verify(&self.ckpt, page + i as u64, bytes)
                         .map_err(|source| PageServiceError::Verify {
                             store: self.store.clone(),
                             source,
@@ -311,6 +334,38 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
+    }
+}
+
+/// What verifies the pages of one block.
+enum Entries<'a> {
+    /// The whole page index.
+    Whole(&'a PageIndex),
+    /// The index's segments of the block, read and verified on their own.
+    Segment(IndexSegment),
+}
+
+impl Entries<'_> {
+    fn is_zero(&self, page: u64) -> bool {
+        let entry = match self {
+            Entries::Whole(index) => index.entry(page),
+            Entries::Segment(segment) => segment.entry(page),
+        };
+        entry.is_some_and(|e| e.state == PageState::Zero)
+    }
+
+    fn read(&self, source: &dyn PageSource, first: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        match self {
+            Entries::Whole(_) => source.read_run(first, buf),
+            Entries::Segment(segment) => source.read_run_in(segment, first, buf),
+        }
+    }
+
+    fn verify(&self, ckpt: &Checkpoint, page: u64, bytes: &[u8]) -> ckpt_format::Result<()> {
+        match self {
+            Entries::Whole(_) => ckpt.verify_page(page, bytes),
+            Entries::Segment(segment) => segment.verify(page, bytes),
+        }
     }
 }
 

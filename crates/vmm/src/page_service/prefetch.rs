@@ -1,11 +1,14 @@
-//! The prefetcher: installs every block nobody has faulted on yet, the checkpoint's hot set
+//! The prefetcher: reads the whole page index, then installs every block nobody has faulted on yet, the checkpoint's hot set
 //! first (the blocks the guest was writing while it was checkpointed, in the order it wrote
 //! them), then the rest in address order; then waits for the blocks the fault handler is still
 //! installing and lets go of memory.
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
-use super::{finish_resident, Installer, Shared, BLOCK_PAGES};
+use tracing::debug;
+
+use super::{finish_resident, Installer, PageServiceError, Shared, BLOCK_PAGES};
 use crate::memory::PAGE_SIZE;
 
 /// The blocks in prefetch order: those holding `hot_pages` (in that order, each once), then all
@@ -25,6 +28,21 @@ pub(super) fn order(hot_pages: &[u64], blocks: u64) -> Vec<u64> {
 }
 
 pub(super) fn prefetch_loop(shared: &Shared, order: &[u64]) {
+    // The whole page index is read here, off the path to the first instruction: faults served
+    // before it is there verify their blocks against its segments alone.
+    let started = Instant::now();
+    if let Err(source) = shared.ckpt.page_index() {
+        shared.fail(&PageServiceError::Index {
+            store: shared.store.clone(),
+            source,
+        });
+        return;
+    }
+    debug!(
+        after_us = shared.started.elapsed().as_micros() as u64,
+        took_us = started.elapsed().as_micros() as u64,
+        "page index read"
+    );
     let mut buf = vec![0u8; (BLOCK_PAGES * PAGE_SIZE) as usize];
     for &block in order {
         if shared.stop.load(Ordering::Acquire) || shared.is_finished() {

@@ -9,6 +9,9 @@
 //!                                         once it matched the page index
 //! ```
 //!
+//! A section read in ranges (the page index's segments, before a lazy restore needs the whole
+//! index) is read whole from the cache once, verified, and served from memory.
+//!
 //! The cache is keyed by the manifest's checksum, which the completion marker in the bucket
 //! records and which covers every section and every page hash: two checkpoints with one key
 //! have the same content, wherever they are stored. The marker itself is always read from the

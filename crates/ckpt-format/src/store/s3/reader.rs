@@ -2,7 +2,7 @@
 //! GET per chunk touched, and checked against the page index before it is returned, so a
 //! corrupt chunk is named.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use object_store::ObjectStoreExt;
 
@@ -75,6 +75,45 @@ pub(super) fn get_section(
     Ok(bytes.to_vec())
 }
 
+/// Reads bytes `range` (from its start) of a section object with one ranged GET, unverified.
+fn get_section_range(
+    client: &Client,
+    config: &S3Config,
+    entry: &SectionEntry,
+    range: std::ops::Range<u64>,
+) -> Result<Vec<u8>> {
+    let name = object_of(Section::PageIndex);
+    if entry.name != Section::PageIndex.name()
+        || entry.file.as_deref() != Some(name)
+        || range.end > entry.length
+    {
+        // Only the page index is read in parts; anything else is read whole.
+        let bytes = get_section(client, config, entry)?;
+        return bytes
+            .get(range.start as usize..range.end as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| Error::Truncated {
+                section: entry.name.clone(),
+                expected: range.end,
+                found: bytes.len() as u64,
+            });
+    }
+    let store = Arc::clone(&client.store);
+    let path = config.location.object(name);
+    let want = range.end - range.start;
+    let bytes = client
+        .run(async move { store.get_range(&path, range).await })
+        .map_err(|e| Error::from(config.classify("read", &config.location.url_of(name), e)))?;
+    if bytes.len() as u64 != want {
+        return Err(Error::Truncated {
+            section: entry.name.clone(),
+            expected: want,
+            found: bytes.len() as u64,
+        });
+    }
+    Ok(bytes.to_vec())
+}
+
 /// What the completion marker says.
 struct Marker {
     manifest: SectionEntry,
@@ -119,6 +158,8 @@ pub(super) struct S3Reader {
     index: OnceLock<PageIndex>,
     /// The local cache of this checkpoint, once the marker named its manifest.
     cache: OnceLock<CheckpointCache>,
+    /// Sections read whole from the cache for ranged reads.
+    whole: Mutex<Vec<(String, Arc<Vec<u8>>)>>,
 }
 
 impl std::fmt::Debug for S3Reader {
@@ -138,6 +179,7 @@ impl S3Reader {
             memory_len: OnceLock::new(),
             index: OnceLock::new(),
             cache: OnceLock::new(),
+            whole: Mutex::new(Vec::new()),
         })
     }
 
@@ -200,6 +242,35 @@ impl S3Reader {
             cache.put_memory(len, offset, buf);
         }
         Ok(())
+    }
+}
+
+impl S3Reader {
+    /// Keeps the page index (once its checksum holds) to check every chunk read.
+    fn keep_index(&self, entry: &SectionEntry, bytes: &[u8]) {
+        if entry.name == Section::PageIndex.name()
+            && entry.checksum == Some(Checksum(checksum(bytes)))
+        {
+            if let Some(len) = self.memory_len.get() {
+                if let Ok(index) = PageIndex::decode(bytes, len / PAGE) {
+                    let _ = self.index.set(index);
+                }
+            }
+        }
+    }
+
+    /// The section `entry` from the cache, read and verified once for the ranged reads of it
+    /// (the page index's segments before the whole index is needed).
+    fn whole_from_cache(&self, entry: &SectionEntry) -> Option<Arc<Vec<u8>>> {
+        let cache = self.cache.get()?;
+        let mut whole = self.whole.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, bytes)) = whole.iter().find(|(name, _)| *name == entry.name) {
+            return Some(Arc::clone(bytes));
+        }
+        let bytes = Arc::new(cache.section(entry)?);
+        self.keep_index(entry, &bytes);
+        whole.push((entry.name.clone(), Arc::clone(&bytes)));
+        Some(bytes)
     }
 }
 
@@ -268,17 +339,21 @@ impl StoreReader for S3Reader {
                 bytes
             }
         };
-        // Keep the page index (once its checksum holds) to check every chunk read.
-        if entry.name == Section::PageIndex.name()
-            && entry.checksum == Some(Checksum(checksum(&bytes)))
-        {
-            if let Some(len) = self.memory_len.get() {
-                if let Ok(index) = PageIndex::decode(&bytes, len / PAGE) {
-                    let _ = self.index.set(index);
-                }
+        self.keep_index(entry, &bytes);
+        Ok(bytes)
+    }
+
+    fn read_section_range(
+        &self,
+        entry: &SectionEntry,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<u8>> {
+        if let Some(bytes) = self.whole_from_cache(entry) {
+            if let Some(part) = bytes.get(range.start as usize..range.end as usize) {
+                return Ok(part.to_vec());
             }
         }
-        Ok(bytes)
+        get_section_range(&self.client, &self.config, entry, range)
     }
 
     fn check_memory(&self, entry: &SectionEntry) -> Result<()> {
