@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ckpt_format::{CheckpointOptions, DirStore, Manifest, StoreAddress};
+use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
@@ -228,15 +229,29 @@ async fn tick(controller: &Arc<Controller>, cfg: &Periodic, cycle: &mut Cycle) {
     }
 }
 
-/// Runs the trigger until the task is dropped.
-pub async fn run(controller: Arc<Controller>, cfg: Periodic) {
+/// Runs the trigger until `stop` turns true (or its sender goes). A tick under way is finished
+/// first: its checkpoint completes or fails (and then its directory is removed), and its
+/// pruning runs to the end, so that the trigger never leaves an incomplete directory behind.
+pub async fn run(controller: Arc<Controller>, cfg: Periodic, mut stop: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(cfg.every);
-    // The first tick is immediate: wait one period first.
-    interval.tick().await;
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut cycle = Cycle::default();
+    // The first tick is immediate: wait one period first.
+    let mut first = true;
     loop {
-        interval.tick().await;
+        tokio::select! {
+            biased;
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    return;
+                }
+                continue;
+            }
+            _ = interval.tick() => {}
+        }
+        if std::mem::take(&mut first) {
+            continue;
+        }
         tick(&controller, &cfg, &mut cycle).await;
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ckpt_format::{CheckpointOptions, StoreAddress};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 use vmm::{Vm, VmExit};
 
 use super::periodic::{self, Periodic};
@@ -141,6 +141,7 @@ pub fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> 
             ),
             None => None,
         };
+        let (stop_trigger, trigger_stopped) = tokio::sync::watch::channel(false);
         let trigger = match (args.checkpoint_every, &args.checkpoint_dir) {
             (Some(every), Some(dir)) => {
                 std::fs::create_dir_all(dir)
@@ -156,6 +157,7 @@ pub fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> 
                         full_every: args.full_every.unwrap_or(1),
                         options: CheckpointOptions::default(),
                     },
+                    trigger_stopped,
                 )))
             }
             _ => None,
@@ -164,13 +166,18 @@ pub fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> 
         if let Some(server) = server {
             server.shutdown().await;
         }
-        if let Some(trigger) = trigger {
-            trigger.abort();
-        }
         // Nothing starts from here on (a request or a periodic tick may have been under way);
         // a checkpoint in progress finishes (its write-out does not need running vCPUs), so
-        // that it is not left incomplete for no reason.
+        // that it is not left incomplete for no reason. The trigger finishes its tick: it
+        // removes the directory of a checkpoint that failed and completes its pruning.
         controller.close();
+        if let Some(trigger) = trigger {
+            // The receiver is gone only if the trigger has ended already.
+            let _ = stop_trigger.send(true);
+            if let Err(e) = trigger.await {
+                warn!("the periodic checkpoint trigger ended abnormally: {e}");
+            }
+        }
         if let Some(job) = controller.running() {
             info!(id = %job.id(), "waiting for the checkpoint in progress");
             job.finished().await;
