@@ -178,7 +178,7 @@ pub enum Error {
     RawInitRefused { path: PathBuf, reason: String },
     /// An error of the S3 store.
     #[error(transparent)]
-    S3(Box<crate::store::S3Error>),
+    S3(Box<crate::store::s3::error::S3Error>),
 
     // ---- state encoding helpers ----
     /// Encoding the device state to CBOR failed.

@@ -25,7 +25,7 @@
 mod address;
 mod dir;
 mod raw;
-mod s3;
+pub(crate) mod s3;
 
 pub use address::{AddressError, StoreAddress};
 pub use dir::{DirStore, Overwrite};
