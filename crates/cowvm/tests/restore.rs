@@ -3,93 +3,14 @@
 //! cloned or rolled-back VMs must print exactly what the uninterrupted run printed after the
 //! checkpoint instant (`cowvm inspect --json` gives the console bytes at that instant).
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
-const COWVM: &str = env!("CARGO_BIN_EXE_cowvm");
-/// How long a `cowvm` process may take to end: a hang detector, not a timing. The tests of this
-/// file run side by side, each with a reference VM and the VM under test, so on a two-core host
-/// a guest that needs a minute alone can need several.
-const LIMIT: Duration = Duration::from_secs(600);
+mod common;
 
-/// A `cowvm` process; killed (by its own pid) if a test fails.
-struct Process(Option<Child>);
-
-impl Process {
-    fn spawn(cmd: &mut Command) -> Process {
-        Process(Some(cmd.stdin(Stdio::null()).spawn().expect("spawn cowvm")))
-    }
-
-    fn wait(&mut self) -> ExitStatus {
-        let child = self.0.as_mut().expect("running");
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                self.0 = None;
-                return status;
-            }
-            assert!(Instant::now() < deadline, "cowvm did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn cowvm(args: &[&str]) -> Output {
-    Command::new(COWVM).args(args).output().expect("run cowvm")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-#[track_caller]
-fn cowvm_ok(args: &[&str]) -> String {
-    let out = cowvm(args);
-    assert!(
-        out.status.success(),
-        "cowvm {args:?}: {}\n{}",
-        out.status,
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-/// `cowvm run` of the test guest with an API socket and a console file.
-fn run_guest(dir: &Path, cmdline: &str, extra: &[&str]) -> (Process, PathBuf, PathBuf) {
-    let sock = dir.join("api.sock");
-    let console = dir.join("console.txt");
-    let process = Process::spawn(
-        Command::new(COWVM)
-            .args(["run", "--kernel"])
-            .arg(guests::pvh_guest())
-            .args(["--cmdline", cmdline, "--mem", "64M", "--console"])
-            .arg(&console)
-            .arg("--api-sock")
-            .arg(&sock)
-            .args(extra)
-            .current_dir(dir),
-    );
-    wait_for_socket(&sock);
-    (process, sock, console)
-}
+use common::*;
 
 /// Starts the uninterrupted reference run of `cmdline` (with `extra` arguments), whose console
 /// goes to `reference.txt` in `dir`; returns the process and that file.
@@ -106,61 +27,6 @@ fn run_reference(dir: &Path, cmdline: &str, extra: &[&str]) -> (Process, PathBuf
     (process, reference)
 }
 
-fn wait_for_socket(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while UnixStream::connect(sock).is_err() {
-        assert!(Instant::now() < deadline, "the API socket never appeared");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// Waits until the console holds `n` lines containing `what`.
-fn wait_for_lines(console: &Path, what: &str, n: usize) {
-    let deadline = Instant::now() + LIMIT;
-    while read(console).matches(what).count() < n {
-        assert!(
-            Instant::now() < deadline,
-            "never saw {n} {what:?}: {}",
-            read(console)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// One HTTP/1.1 request over the socket: (status, JSON body).
-fn request(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let mut conn = UnixStream::connect(sock).expect("connect");
-    conn.set_read_timeout(Some(LIMIT)).expect("timeout");
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).expect("write");
-    conn.write_all(body.as_bytes()).expect("write");
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer).expect("read");
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
-    let json = answer.split("\r\n\r\n").nth(1).unwrap_or("");
-    (status, serde_json::from_str(json).unwrap_or(Value::Null))
-}
-
-/// Bytes the guest had written to its console at the checkpoint instant.
-fn console_bytes(ckpt: &Path) -> usize {
-    let out = cowvm_ok(&["inspect", s(ckpt), "--json"]);
-    let report: Value = serde_json::from_str(&out).expect("inspect --json");
-    report["console_bytes"].as_u64().expect("console_bytes") as usize
-}
-
 /// Runs `cmdline` to its end with a checkpoint taken through the CLI once the console holds
 /// `after` lines containing `what`. Returns the whole output and the checkpoint.
 fn checkpointed_run(dir: &Path, cmdline: &str, (what, after): (&str, usize)) -> (String, PathBuf) {
@@ -170,10 +36,6 @@ fn checkpointed_run(dir: &Path, cmdline: &str, (what, after): (&str, usize)) -> 
     cowvm_ok(&["checkpoint", "--api-sock", s(&sock), "--out", s(&ckpt)]);
     assert!(vm.wait().success());
     (read(&console), ckpt)
-}
-
-fn last_line(output: &str) -> &str {
-    output.lines().last().unwrap_or("")
 }
 
 #[test]

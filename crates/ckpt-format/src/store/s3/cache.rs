@@ -5,8 +5,9 @@
 //! DIR/<manifest checksum>/manifest.json   sections, as read (each checked against the
 //! DIR/<manifest checksum>/state.bin       checksum its manifest or marker records before
 //! DIR/<manifest checksum>/page-index.bin  it is used, and only then written here)
-//! DIR/<manifest checksum>/memory          sparse image of guest memory: a page is written
-//!                                         once it matched the page index
+//! DIR/<manifest checksum>/memory          sparse image of guest memory: the pages read from
+//!                                         the bucket (checked against the page index when
+//!                                         the reader has it already)
 //! ```
 //!
 //! A section read in ranges (the page index's segments, before a lazy restore needs the whole

@@ -199,8 +199,8 @@ impl S3Reader {
             return Ok(());
         }
         let offset = chunk * chunk_size + within;
-        let cache = self.cache.get().zip(self.memory_len.get()).zip(index);
-        if let Some(((cache, &len), index)) = cache {
+        let cache = self.cache.get().zip(self.memory_len.get());
+        if let (Some((cache, &len)), Some(index)) = (cache, index) {
             if cache.read_memory(len, offset, buf) && pages_match(index, first_page, buf) {
                 return Ok(());
             }
@@ -238,7 +238,8 @@ impl S3Reader {
                 _ => {}
             }
         }
-        if let Some(((cache, &len), _)) = cache {
+        // Kept even before the index is known: what is read back is checked against it.
+        if let Some((cache, &len)) = cache {
             cache.put_memory(len, offset, buf);
         }
         Ok(())
