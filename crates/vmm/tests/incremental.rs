@@ -12,53 +12,12 @@ use std::time::{Duration, Instant};
 use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, IoPolicy, Manifest, Strategy};
 use common::*;
 use vmm::{CheckpointError, CheckpointRequest, ParentSpec, Progress, Refusal, StoreSpec};
-use vmm::{DiskConfig, MachineState, RestoreError, RestoreOptions, Vm, VmExit};
+use vmm::{MachineState, RestoreError, RestoreOptions, Vm};
 
 const WORKLOAD: &str = "disk blocks=256 rounds=12 qd=8 mem=8M seed=5";
 const MEM: u64 = 96 << 20;
 const DISK_SIZE: u64 = 32 << 20;
 const RUN_LIMIT: Duration = Duration::from_secs(180);
-
-fn new_disk(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::File::create(&path)
-        .and_then(|f| f.set_len(DISK_SIZE))
-        .unwrap();
-    path
-}
-
-fn boot_with_disk(disk: &Path) -> (Vm, Capture) {
-    let capture = Capture::default();
-    let mut cfg = config(guest(), WORKLOAD, MEM, 1, capture.console());
-    cfg.disks = vec![DiskConfig {
-        allow_dirs: Vec::new(),
-        path: disk.to_path_buf(),
-        readonly: false,
-        delay_ms: 1,
-    }];
-    (Vm::boot(cfg).expect("boot"), capture)
-}
-
-fn disk_content(top: &Path) -> Vec<u8> {
-    let work = top.parent().and_then(Path::parent).unwrap();
-    let opts = disk::OpenOptions {
-        read_only: true,
-        backing_policy: disk::PathPolicy::same_dir().allow_dir(work),
-        ..disk::OpenOptions::default()
-    };
-    let mut image = disk::Image::open_with(top, &opts).unwrap();
-    let mut out = vec![0; image.size() as usize];
-    image.read_at(0, &mut out).unwrap();
-    out
-}
-
-fn run_to_end(vm: Vm, console: &Capture) -> (String, Vec<u8>) {
-    let exit = wait_or_explain(&vm, console, RUN_LIMIT);
-    assert_eq!(exit, VmExit::Guest(0), "console: {}", console.text());
-    let top = vm.disks()[0].image_info().unwrap().path;
-    drop(vm);
-    (console.text(), disk_content(&top))
-}
 
 fn checkpoint(
     vm: &Vm,
@@ -111,11 +70,19 @@ fn bytes_emitted_at_checkpoint(dir: &Path) -> usize {
 fn a_chain_of_ten_incremental_checkpoints_restores_without_divergence() {
     let work = tempfile::tempdir().unwrap();
     let start = Instant::now();
-    let (vm, console) = boot_with_disk(&new_disk(work.path(), "reference.raw"));
-    let (expected, expected_disk) = run_to_end(vm, &console);
+    let (vm, console) = boot_with_disk(
+        WORKLOAD,
+        MEM,
+        &new_raw_disk(work.path(), "reference.raw", DISK_SIZE),
+    );
+    let (expected, expected_disk) = run_to_end(vm, &console, RUN_LIMIT);
     let took = start.elapsed();
 
-    let (vm, console) = boot_with_disk(&new_disk(work.path(), "chain.raw"));
+    let (vm, console) = boot_with_disk(
+        WORKLOAD,
+        MEM,
+        &new_raw_disk(work.path(), "chain.raw", DISK_SIZE),
+    );
     console.wait_for("disk round=", 1, RUN_LIMIT);
     let strategies = [Strategy::Uffd, Strategy::Fork, Strategy::Stop];
     let mut dirs: Vec<PathBuf> = Vec::new();
@@ -142,7 +109,7 @@ fn a_chain_of_ten_incremental_checkpoints_restores_without_divergence() {
         manifests.push(m);
         std::thread::sleep(took / 60);
     }
-    let (out, disk) = run_to_end(vm, &console);
+    let (out, disk) = run_to_end(vm, &console, RUN_LIMIT);
     assert_eq!(out, expected, "checkpointing changed what the VM computed");
     assert!(disk == expected_disk, "the running VM's disk differs");
     assert!(
@@ -157,7 +124,7 @@ fn a_chain_of_ten_incremental_checkpoints_restores_without_divergence() {
         let eager = i % 2 == 1;
         let at = bytes_emitted_at_checkpoint(dir);
         let (restored, restored_console) = restore(dir, eager).expect("restore");
-        let (rest, disk) = run_to_end(restored, &restored_console);
+        let (rest, disk) = run_to_end(restored, &restored_console, RUN_LIMIT);
         assert_eq!(
             format!("{}{rest}", &expected[..at]),
             expected,

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, DiskPolicy, IoPolicy, Strategy};
 use common::*;
-use vmm::DiskConfig;
 use vmm::MachineState;
 use vmm::RestoreOptions;
 use vmm::{CheckpointError, CheckpointRequest, Progress, StoreSpec};
@@ -34,47 +33,6 @@ fn iterations() -> usize {
         .unwrap_or(20)
 }
 
-/// A fresh zeroed raw disk in `dir`.
-fn new_disk(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::File::create(&path)
-        .and_then(|f| f.set_len(DISK_SIZE))
-        .unwrap();
-    path
-}
-
-fn boot_with_disk(disk: &Path) -> (Vm, Capture) {
-    let capture = Capture::default();
-    let mut cfg = config(guest(), WORKLOAD, MEM, 1, capture.console());
-    cfg.disks = vec![DiskConfig {
-        allow_dirs: Vec::new(),
-        path: disk.to_path_buf(),
-        readonly: false,
-        delay_ms: 1,
-    }];
-    (Vm::boot(cfg).expect("boot"), capture)
-}
-
-/// The whole guest-visible content of the disk the VM uses now (its top image and chain).
-fn disk_path(vm: &Vm) -> PathBuf {
-    vm.disks()[0].image_info().unwrap().path
-}
-
-fn disk_content(top: &Path) -> Vec<u8> {
-    // A restored disk's COW file lies in a directory beside the checkpoint's disk: allow the
-    // test's whole work directory for its backing files.
-    let work = top.parent().and_then(Path::parent).unwrap();
-    let opts = disk::OpenOptions {
-        read_only: true,
-        backing_policy: disk::PathPolicy::same_dir().allow_dir(work),
-        ..disk::OpenOptions::default()
-    };
-    let mut image = disk::Image::open_with(top, &opts).unwrap();
-    let mut out = vec![0; image.size() as usize];
-    image.read_at(0, &mut out).unwrap();
-    out
-}
-
 /// A small deterministic PRNG for the checkpoint instants (no dependency needed).
 struct Rng(u64);
 
@@ -87,20 +45,15 @@ impl Rng {
     }
 }
 
-/// Runs the VM to its end; returns its console and the final content of its disk.
-fn run_to_end(vm: Vm, console: &Capture) -> (String, Vec<u8>) {
-    let exit = wait_or_explain(&vm, console, RUN_LIMIT);
-    assert_eq!(exit, VmExit::Guest(0), "console: {}", console.text());
-    let top = disk_path(&vm);
-    drop(vm);
-    (console.text(), disk_content(&top))
-}
-
 /// The reference: output and disk content of an uninterrupted run, and how long it took.
 fn uninterrupted(dir: &Path) -> (String, Vec<u8>, Duration) {
     let start = Instant::now();
-    let (vm, console) = boot_with_disk(&new_disk(dir, "reference.raw"));
-    let (out, disk) = run_to_end(vm, &console);
+    let (vm, console) = boot_with_disk(
+        WORKLOAD,
+        MEM,
+        &new_raw_disk(dir, "reference.raw", DISK_SIZE),
+    );
+    let (out, disk) = run_to_end(vm, &console, RUN_LIMIT);
     (out, disk, start.elapsed())
 }
 
@@ -164,7 +117,11 @@ fn divergence(strategy: Strategy, io: IoPolicy, seed: u64) {
     let mut ended_first = 0;
     for i in 0..iterations() {
         let dir = work.path().join(format!("ckpt{i}"));
-        let (vm, console) = boot_with_disk(&new_disk(work.path(), &format!("disk{i}.raw")));
+        let (vm, console) = boot_with_disk(
+            WORKLOAD,
+            MEM,
+            &new_raw_disk(work.path(), &format!("disk{i}.raw"), DISK_SIZE),
+        );
         // The instant: after a random number of the workload's lines (it prints one per
         // round), then a random part of a round; tied to the guest's progress, not to the
         // reference run's speed, so a slow or fast host still puts it inside the run.
@@ -191,7 +148,7 @@ fn divergence(strategy: Strategy, io: IoPolicy, seed: u64) {
             Err(e) => panic!("{strategy:?}/{io:?} iteration {i}: checkpoint: {e:?}"),
         };
         eprintln!("iteration {i}: checkpoint {:?}", m.metrics.phases_us);
-        let (out, disk) = run_to_end(vm, &console);
+        let (out, disk) = run_to_end(vm, &console, RUN_LIMIT);
         assert_eq!(
             out, expected,
             "{strategy:?}/{io:?}: checkpointing changed what the running VM computed"
@@ -203,7 +160,7 @@ fn divergence(strategy: Strategy, io: IoPolicy, seed: u64) {
         let at = bytes_emitted_at_checkpoint(&dir);
         let (restored, restored_console) = restore(&dir, i % 2 == 1);
         eprintln!("iteration {i}: restoring");
-        let (rest, disk) = run_to_end(restored, &restored_console);
+        let (rest, disk) = run_to_end(restored, &restored_console, RUN_LIMIT);
         assert_eq!(
             format!("{}{rest}", &expected[..at]),
             expected,
@@ -250,7 +207,11 @@ fn stop_drain_restores_without_divergence() {
 fn a_chain_of_five_restores_stays_identical() {
     let work = tempfile::tempdir().unwrap();
     let (expected, expected_disk, took) = uninterrupted(work.path());
-    let (mut vm, mut console) = boot_with_disk(&new_disk(work.path(), "chain.raw"));
+    let (mut vm, mut console) = boot_with_disk(
+        WORKLOAD,
+        MEM,
+        &new_raw_disk(work.path(), "chain.raw", DISK_SIZE),
+    );
     // What the chain printed before the last checkpoint instant; its length is the serial byte
     // count that each restored VM continues from.
     let mut prefix = String::new();
@@ -278,7 +239,7 @@ fn a_chain_of_five_restores_stays_identical() {
         prefix.push_str(&console.text()[..at - prefix.len()]);
         (vm, console) = restore(&dir, depth % 2 == 0);
     }
-    let (rest, disk) = run_to_end(vm, &console);
+    let (rest, disk) = run_to_end(vm, &console, RUN_LIMIT);
     assert_eq!(
         format!("{prefix}{rest}"),
         expected,
@@ -294,8 +255,8 @@ fn a_chain_of_five_restores_stays_identical() {
 fn copy_commit_keeps_a_private_disk_copy_and_a_short_chain() {
     let work = tempfile::tempdir().unwrap();
     let (expected, expected_disk, took) = uninterrupted(work.path());
-    let base = new_disk(work.path(), "base.raw");
-    let (vm, console) = boot_with_disk(&base);
+    let base = new_raw_disk(work.path(), "base.raw", DISK_SIZE);
+    let (vm, console) = boot_with_disk(WORKLOAD, MEM, &base);
     console.wait_for("disk round=", 1, RUN_LIMIT);
     std::thread::sleep(took / 20);
     let dir = work.path().join("ckpt");
@@ -316,7 +277,7 @@ fn copy_commit_keeps_a_private_disk_copy_and_a_short_chain() {
     let chain = vm.disks()[0].image_info().unwrap().chain;
     assert_eq!(chain.len(), 2, "{chain:?}");
     assert_eq!(chain[1].path, base);
-    let (out, disk) = run_to_end(vm, &console);
+    let (out, disk) = run_to_end(vm, &console, RUN_LIMIT);
     assert_eq!(out, expected);
     assert!(
         disk == expected_disk,
@@ -330,7 +291,7 @@ fn copy_commit_keeps_a_private_disk_copy_and_a_short_chain() {
 
     let at = bytes_emitted_at_checkpoint(&dir);
     let (restored, restored_console) = restore(&dir, false);
-    let (rest, disk) = run_to_end(restored, &restored_console);
+    let (rest, disk) = run_to_end(restored, &restored_console, RUN_LIMIT);
     assert_eq!(format!("{}{rest}", &expected[..at]), expected);
     assert!(disk == expected_disk, "the restored VM's disk differs");
 }
@@ -341,7 +302,11 @@ fn copy_commit_keeps_a_private_disk_copy_and_a_short_chain() {
 fn a_memory_store_restores_like_a_directory() {
     let work = tempfile::tempdir().unwrap();
     let (expected, expected_disk, took) = uninterrupted(work.path());
-    let (vm, console) = boot_with_disk(&new_disk(work.path(), "mem.raw"));
+    let (vm, console) = boot_with_disk(
+        WORKLOAD,
+        MEM,
+        &new_raw_disk(work.path(), "mem.raw", DISK_SIZE),
+    );
     console.wait_for("disk round=", 2, RUN_LIMIT);
     std::thread::sleep(took / 20);
     let store = StoreSpec::Mem(std::sync::Arc::new(ckpt_format::MemStore::new().unwrap()));
@@ -353,7 +318,7 @@ fn a_memory_store_restores_like_a_directory() {
         DiskPolicy::Keep,
     )
     .expect("checkpoint into RAM");
-    let (out, _) = run_to_end(vm, &console);
+    let (out, _) = run_to_end(vm, &console, RUN_LIMIT);
     assert_eq!(out, expected);
     let StoreSpec::Mem(mem) = &store else {
         unreachable!()
@@ -375,7 +340,7 @@ fn a_memory_store_restores_like_a_directory() {
             },
         )
         .expect("restore from RAM");
-        let (rest, disk) = run_to_end(restored, &restored_console);
+        let (rest, disk) = run_to_end(restored, &restored_console, RUN_LIMIT);
         assert_eq!(
             format!("{}{rest}", &expected[..at]),
             expected,

@@ -220,3 +220,77 @@ pub fn wait_or_explain(vm: &Vm, console: &Capture, limit: Duration) -> vmm::VmEx
     let tail = text.get(text.len().saturating_sub(2000)..).unwrap_or(&text);
     panic!("{report}console tail:\n{tail}");
 }
+
+/// A fresh zeroed raw disk of `size` bytes in `dir`.
+pub fn new_raw_disk(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(size))
+        .unwrap();
+    path
+}
+
+/// Boots the test guest running `cmdline` with `mem` bytes and one vCPU on `disk` (requests
+/// delayed 1 ms, so that some are in flight at any instant).
+pub fn boot_with_disk(cmdline: &str, mem: u64, disk: &Path) -> (Vm, Capture) {
+    let capture = Capture::default();
+    let mut cfg = config(guest(), cmdline, mem, 1, capture.console());
+    cfg.disks = vec![vmm::DiskConfig {
+        allow_dirs: Vec::new(),
+        path: disk.to_path_buf(),
+        readonly: false,
+        delay_ms: 1,
+    }];
+    (Vm::boot(cfg).expect("boot"), capture)
+}
+
+/// The whole guest-visible content of the disk image `top` (and its chain).
+pub fn disk_content(top: &Path) -> Vec<u8> {
+    // A restored disk's COW file lies in a directory beside the checkpoint's disk: allow the
+    // test's whole work directory for its backing files.
+    let work = top.parent().and_then(Path::parent).unwrap();
+    let opts = disk::OpenOptions {
+        read_only: true,
+        backing_policy: disk::PathPolicy::same_dir().allow_dir(work),
+        ..disk::OpenOptions::default()
+    };
+    let mut image = disk::Image::open_with(top, &opts).unwrap();
+    let mut out = vec![0; image.size() as usize];
+    image.read_at(0, &mut out).unwrap();
+    out
+}
+
+/// Runs the VM to its end (within `limit`), which must be the guest's status 0; returns its
+/// console and the final content of its disk.
+pub fn run_to_end(vm: Vm, console: &Capture, limit: Duration) -> (String, Vec<u8>) {
+    let exit = wait_or_explain(&vm, console, limit);
+    assert_eq!(exit, vmm::VmExit::Guest(0), "console: {}", console.text());
+    let top = vm.disks()[0].image_info().unwrap().path;
+    drop(vm);
+    (console.text(), disk_content(&top))
+}
+
+/// Rewrites the manifest of the checkpoint in `dir` with `edit`, and its completion marker to
+/// match (a checkpoint that is well formed but says something else).
+pub fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut manifest);
+    let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let marker = std::fs::read_to_string(dir.join("COMPLETE")).unwrap();
+    let rewritten: Vec<String> = marker
+        .lines()
+        .map(|l| {
+            if l.starts_with("length ") {
+                format!("length {}", bytes.len())
+            } else if l.starts_with("checksum ") {
+                format!("checksum {}", ckpt_format::Checksum::of(&bytes))
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(dir.join("COMPLETE"), rewritten.join("\n") + "\n").unwrap();
+}
