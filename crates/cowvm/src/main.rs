@@ -56,6 +56,10 @@ enum Command {
     Clone(cli::CloneArgs),
     /// Return a running VM to an earlier checkpoint of its own, in the same process.
     Rollback(cli::RollbackArgs),
+    /// Wait for one VM migrated from another cowvm process, then run it until the guest exits.
+    Receive(cli::ReceiveArgs),
+    /// Move a running VM to a `cowvm receive` (live migration over TCP).
+    Migrate(cli::MigrateArgs),
     /// Disk images: create overlays, commit them.
     #[command(subcommand)]
     Disk(cli::DiskCommand),
@@ -113,6 +117,8 @@ fn main() -> ExitCode {
         Command::Restore(args) => cli::restore(args),
         Command::Clone(args) => cli::clone(args),
         Command::Rollback(args) => cli::rollback(args),
+        Command::Receive(args) => cli::receive(args),
+        Command::Migrate(args) => cli::migrate(args),
         Command::Disk(cmd) => cli::disk(cmd),
         Command::Store(cmd) => cli::store(cmd),
         Command::Bench(cmd) => bench::run(cmd),

@@ -24,6 +24,8 @@ pub enum VmExit {
     Fatal(String),
     /// The VMM was asked to stop the VM.
     Stopped,
+    /// The VM moved to another VMM (the destination's address).
+    Migrated(String),
 }
 
 /// The largest guest status passed on as it is: 125 and above are the VMM's own (a VMM-side
@@ -36,7 +38,7 @@ impl VmExit {
     pub fn status(&self) -> i32 {
         match self {
             VmExit::Guest(v) => i32::try_from(*v).unwrap_or(i32::MAX).min(GUEST_STATUS_MAX),
-            VmExit::Stopped => 0,
+            VmExit::Stopped | VmExit::Migrated(_) => 0,
             VmExit::TripleFault { .. } | VmExit::SystemEvent(_) | VmExit::Fatal(_) => 125,
         }
     }
@@ -52,6 +54,7 @@ impl fmt::Display for VmExit {
             VmExit::SystemEvent(kind) => write!(f, "guest requested system event {kind}"),
             VmExit::Fatal(msg) => write!(f, "{msg}"),
             VmExit::Stopped => write!(f, "stopped by the VMM"),
+            VmExit::Migrated(to) => write!(f, "migrated to {to}"),
         }
     }
 }

@@ -14,6 +14,7 @@ mod error;
 mod exit;
 mod kvm;
 mod memory;
+mod migration;
 mod page_service;
 mod persist;
 mod vm;
@@ -30,6 +31,10 @@ pub use error::ErrorKind;
 pub use exit::VmExit;
 pub use kvm::vcpu::{ExitCounts, HeldPause, PauseGuard, VcpuError};
 pub use memory::{HugePages, MemSize};
+pub use migration::{
+    FrameKind, MigrateOptions, MigrationError, MigrationMode, MigrationReport, ReceiveOptions,
+    WireError,
+};
 pub use page_service::{PageServiceError, PageServiceStats, SharedImage, SharedImageError};
 pub use vm::{Vm, VmConfig};
 

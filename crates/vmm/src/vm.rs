@@ -1,6 +1,7 @@
 //! A running VM: boots from a [`VmConfig`] or restores a checkpoint, runs until the guest
 //! exits, and can be paused, resumed and checkpointed from any thread while it runs.
 
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,9 @@ use crate::devices::Bus;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::kvm::vcpu::{ExitCounts, HeldPause, PauseGuard};
 use crate::memory::{self, HugePages};
+use crate::migration::{
+    self, MigrateOptions, MigrationError, MigrationReport, ReceiveOptions, SendContext,
+};
 use crate::page_service::{PageService, SharedImage};
 
 /// Everything needed to build a VM.
@@ -169,6 +173,35 @@ impl Vm {
     ) -> Result<Vm, RestoreError> {
         restore::restore(store, options, MemoryMode::Shared(image))
             .map(|(m, r)| Vm::new(m, Some(r)))
+    }
+
+    /// Receives one VM migrated on `stream` (accepted by the caller) and runs it: its memory
+    /// not yet here is served on first touch from the source.
+    pub fn receive(stream: TcpStream, options: ReceiveOptions) -> Result<Vm, MigrationError> {
+        migration::receive(stream, options).map(|(m, r)| Vm::new(m, Some(r)))
+    }
+
+    /// Moves this VM to the `cowvm receive` at `options.to` and waits until the destination
+    /// owns every page. On success this VM has ended ([`VmExit::Migrated`]); after an error
+    /// [`MigrationError::Resumed`] it runs on as before.
+    pub fn migrate(&self, options: &MigrateOptions) -> Result<MigrationReport, MigrationError> {
+        let mut layers = self
+            .checkpoints
+            .try_lock()
+            .map_err(|_| MigrationError::Busy)?;
+        let result = migration::migrate(
+            SendContext {
+                machine: &self.machine,
+                dirty: &self.dirty,
+                layers: &mut layers,
+                page_service: self.page_service(),
+            },
+            options,
+        );
+        if let Err(e) = disk_chain::merge_unneeded(self.disks(), &mut layers) {
+            warn!("cannot merge disk layers no checkpoint needs: {e}");
+        }
+        result
     }
 
     /// The page service of a VM restored lazily, while it may still serve memory.

@@ -30,8 +30,8 @@ use tracing::{debug, info, warn};
 use self::error::{query, store_address, ApiError, JsonBody};
 use self::model::{
     CheckpointBody, CheckpointDeleted, CheckpointJob, DeleteBody, DiskMetrics, Health, JobPhase,
-    JobProgress, JobStatus, MergedLayer, RollbackBody, RollbackDone, VersionInfo, VmConfigInfo,
-    VmInfo, VmMetrics, VmPatch, VmState, WaitQuery,
+    JobProgress, JobStatus, MergedLayer, MigrateBody, RollbackBody, RollbackDone, VersionInfo,
+    VmConfigInfo, VmInfo, VmMetrics, VmPatch, VmState, WaitQuery,
 };
 use vmm::Phase;
 
@@ -287,6 +287,22 @@ async fn put_rollback(
     }))
 }
 
+async fn put_migration(
+    State(c): State<Ctl>,
+    JsonBody(body): JsonBody<MigrateBody>,
+) -> Result<Json<vmm::MigrationReport>, ApiError> {
+    let mode = body.mode.unwrap_or_default();
+    let mut options = vmm::MigrateOptions::new(body.to, mode);
+    if let Some(ms) = body.max_downtime_ms {
+        options.max_downtime = Duration::from_millis(ms);
+    }
+    let ctl = c.clone();
+    let report = blocking(move || ctl.migrate(&options))
+        .await?
+        .map_err(|e| ApiError::for_store(e, "to"))?;
+    Ok(Json(report))
+}
+
 async fn delete_checkpoint(
     State(c): State<Ctl>,
     JsonBody(body): JsonBody<DeleteBody>,
@@ -394,6 +410,7 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Ctl>)> {
             on(MethodFilter::GET, get_checkpoint),
         ),
         ("PUT", "/rollback", on(MethodFilter::PUT, put_rollback)),
+        ("PUT", "/migration", on(MethodFilter::PUT, put_migration)),
     ]
 }
 

@@ -214,6 +214,28 @@ impl RequestBody for RollbackBody {
     ];
 }
 
+/// `PUT /migration`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateBody {
+    /// The destination, `tcp://HOST:PORT` (a `cowvm receive --listen`).
+    pub to: String,
+    /// `precopy`, `postcopy` or `hybrid` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<vmm::MigrationMode>,
+    /// Pre-copy stops once what is left could be sent in this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downtime_ms: Option<u64>,
+}
+
+impl RequestBody for MigrateBody {
+    const FIELDS: &'static [(&'static str, &'static str)] = &[
+        ("to", "a string (tcp://HOST:PORT)"),
+        ("mode", "precopy, postcopy or hybrid"),
+        ("max_downtime_ms", "a number of milliseconds"),
+    ];
+}
+
 /// `DELETE /checkpoints`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -113,7 +113,7 @@ pub fn exit_code(ended: &Ended) -> ExitCode {
         return ExitCode::from(128 + signal as u8);
     }
     match &ended.exit {
-        VmExit::Guest(_) | VmExit::Stopped => {}
+        VmExit::Guest(_) | VmExit::Stopped | VmExit::Migrated(_) => {}
         other => eprintln!("cowvm: {other}"),
     }
     ExitCode::from(ended.exit.status() as u8)

@@ -28,9 +28,9 @@ use ckpt_format::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
-use vmm::HeldPause;
 use vmm::{ChainError, CheckpointError, CheckpointRequest, ParentSpec, StoreSpec};
 use vmm::{Console, ErrorKind, Vm, VmError, VmExit};
+use vmm::{HeldPause, MigrateOptions, MigrationError, MigrationReport};
 use vmm::{RestoreError, RestoreOptions};
 
 pub use self::job::{refused_by_store, CheckpointSpec, Job, Outcome};
@@ -100,6 +100,9 @@ pub enum ControlError {
         #[source]
         source: ckpt_format::Error,
     },
+    /// The migration failed (the VM runs on, unless the error says it was handed over).
+    #[error(transparent)]
+    Migrate(MigrationError),
     /// The checkpoint is deleted, but merging the disk layers it needed failed.
     #[error("checkpoint deleted; merging its disk layers failed")]
     Merge(#[source] ChainError),
@@ -124,6 +127,7 @@ impl ControlError {
             ControlError::Spawn(_) => ErrorKind::Internal,
             ControlError::Checkpoint(e) => e.kind(),
             ControlError::Restore(e) => e.kind(),
+            ControlError::Migrate(e) => e.kind(),
         }
     }
 }
@@ -649,6 +653,19 @@ impl Controller {
         let _gate = lock(&self.gate);
         self.rolling_back.store(false, Ordering::Release);
         result
+    }
+
+    /// Moves the VM to the `cowvm receive` at `options.to`; answers once the destination owns
+    /// every page (the VM then ends here, and with it the process). Refused while a checkpoint
+    /// runs, a client holds a pause or a rollback runs.
+    pub fn migrate(&self, options: &MigrateOptions) -> Result<MigrationReport, ControlError> {
+        self.check_alive()?;
+        let vm = {
+            let gate = lock(&self.gate);
+            self.refuse_if_busy(&gate, Wants::Checkpoint)?;
+            self.vm()
+        };
+        vm.migrate(options).map_err(ControlError::Migrate)
     }
 
     fn replace(

@@ -55,16 +55,40 @@ impl PageBits {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
 
-    fn set(&mut self, page: u64) {
+    pub(crate) fn set(&mut self, page: u64) {
         if page < self.pages {
             self.words[(page / 64) as usize] |= 1 << (page % 64);
         }
     }
 
-    fn or(&mut self, other: &PageBits) {
+    pub(crate) fn or(&mut self, other: &PageBits) {
         for (w, o) in self.words.iter_mut().zip(&other.words) {
             *w |= o;
         }
+    }
+
+    /// Every page set.
+    pub(crate) fn all(pages: u64) -> PageBits {
+        PageBits::new(pages).complement()
+    }
+
+    /// The bitmap of `pages` pages whose words are `words`, if they fit (bits past the last
+    /// page are dropped).
+    pub(crate) fn from_words(mut words: Vec<u64>, pages: u64) -> Option<PageBits> {
+        if words.len() as u64 != pages.div_ceil(64) {
+            return None;
+        }
+        if pages % 64 != 0 {
+            if let Some(last) = words.last_mut() {
+                *last &= (1u64 << (pages % 64)) - 1;
+            }
+        }
+        Some(PageBits { words, pages })
+    }
+
+    /// Number of pages the bitmap covers.
+    pub(crate) fn len(&self) -> u64 {
+        self.pages
     }
 
     /// The pages not set.
@@ -128,6 +152,8 @@ pub enum DirtyLogRefusal {
 struct DeviceWrites {
     regions: Vec<RamRegion>,
     bits: Box<[AtomicU64]>,
+    /// The same since the last migration round.
+    round_bits: Box<[AtomicU64]>,
 }
 
 impl DeviceWrites {
@@ -142,6 +168,7 @@ impl DeviceWrites {
             let last = r.first_page() + (hi - 1 - r.gpa) / PAGE_SIZE;
             for page in first..=last {
                 self.bits[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::AcqRel);
+                self.round_bits[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::AcqRel);
             }
         }
     }
@@ -175,6 +202,8 @@ struct LogState {
     logging: Logging,
     /// Pages written since the last instant, read from KVM so far.
     pending: PageBits,
+    /// Pages written since the last migration round, while a migration runs.
+    round: Option<PageBits>,
     /// The recent complete checkpoints, newest last.
     since: VecDeque<Since>,
 }
@@ -213,12 +242,14 @@ impl DirtyLog {
             device: Arc::new(DeviceWrites {
                 regions: regions.to_vec(),
                 bits: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+                round_bits: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             }),
             observing: AtomicBool::new(false),
             pages,
             state: Mutex::new(LogState {
                 logging: Logging::Off,
                 pending: PageBits::new(pages),
+                round: None,
                 since: VecDeque::new(),
             }),
         }
@@ -294,11 +325,57 @@ impl DirtyLog {
                 while word != 0 {
                     let bit = u64::from(word.trailing_zeros());
                     word &= word - 1;
-                    state.pending.set(first + w as u64 * 64 + bit);
+                    let page = first + w as u64 * 64 + bit;
+                    state.pending.set(page);
+                    if let Some(round) = &mut state.round {
+                        round.set(page);
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// A migration's pre-copy starts, the VM running: logging on (or read, so that the first
+    /// round starts clean). Refused if this host's KVM cannot log.
+    pub(crate) fn start_rounds(
+        &self,
+        vm: &KvmVm,
+        memory: &GuestMemoryMmap,
+    ) -> Result<(), DirtyLogRefusal> {
+        self.prepare(vm, memory);
+        let mut state = self.lock();
+        if let Logging::Unsupported(why) = &state.logging {
+            return Err(DirtyLogRefusal::Unsupported(why.clone()));
+        }
+        state.round = Some(PageBits::new(self.pages));
+        for word in self.device.round_bits.iter() {
+            word.store(0, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// The pages written since the previous round of the migration (the guest's, read from
+    /// KVM, and the devices').
+    pub(crate) fn next_round(&self, vm: &KvmVm) -> Result<PageBits, DirtyLogRefusal> {
+        let mut state = self.lock();
+        if let Err(e) = self.read_kvm(vm, &mut state) {
+            self.give_up(&mut state, e.to_string());
+            return Err(DirtyLogRefusal::Unsupported(e.to_string()));
+        }
+        let mut written = state
+            .round
+            .replace(PageBits::new(self.pages))
+            .unwrap_or_else(|| PageBits::all(self.pages));
+        for (w, word) in self.device.round_bits.iter().enumerate() {
+            written.words[w] |= word.swap(0, Ordering::AcqRel);
+        }
+        Ok(written)
+    }
+
+    /// The migration is over (or failed): rounds are no longer kept.
+    pub(crate) fn end_rounds(&self) {
+        self.lock().round = None;
     }
 
     /// While the VM runs, after [`Self::prepare`]: the pages known written so far since the

@@ -31,7 +31,7 @@ use crate::devices::virtio::block::{BlockHandle, BlockState};
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One disk's new COW file, ready to be switched to.
-pub(super) struct DiskPrep {
+pub(crate) struct DiskPrep {
     /// The image the VM used up to the checkpoint: the checkpoint's disk (`keep`).
     parent: PathBuf,
     parent_format: Format,
@@ -70,7 +70,7 @@ pub(crate) fn overlay_path(top: &Path, tag: &str) -> PathBuf {
 }
 
 /// Step 1, while the VM runs: a COW file over each disk's current image.
-pub(super) fn prepare_disks(
+pub(crate) fn prepare_disks(
     disks: &[BlockHandle],
     tag: &str,
 ) -> Result<Vec<DiskPrep>, CheckpointError> {
@@ -111,6 +111,32 @@ pub(super) fn prepare_disks(
     Ok(preps)
 }
 
+impl DiskPrep {
+    /// The COW file made for the VM to continue on.
+    pub(crate) fn overlay(&self) -> &Path {
+        &self.overlay
+    }
+
+    /// The layer the VM used up to the switch (frozen from then on), as disk `index` of a
+    /// manifest or a migration names it.
+    pub(crate) fn frozen_layer(&self, index: usize, readonly: bool) -> DiskConfig {
+        DiskConfig {
+            id: format!("disk{index}"),
+            path: std::fs::canonicalize(&self.parent).unwrap_or_else(|_| self.parent.clone()),
+            format: format_of(self.parent_format),
+            readonly,
+        }
+    }
+}
+
+/// After the switch: waits until the writes issued before it have landed in the frozen layers.
+pub(crate) fn wait_parents(handles: &[BlockHandle]) -> Result<(), CheckpointError> {
+    for (i, h) in handles.iter().enumerate() {
+        h.wait_older_images(IO_TIMEOUT).map_err(disk_err(i))?;
+    }
+    Ok(())
+}
+
 /// A COW file that was never switched to (the checkpoint failed before its pause ended) is
 /// removed, so a failed checkpoint leaves no file behind next to the disk.
 impl Drop for DiskPrep {
@@ -124,7 +150,7 @@ impl Drop for DiskPrep {
 }
 
 /// Disks that complete nothing to the guest until dropped.
-pub(super) struct FrozenDisks<'a> {
+pub(crate) struct FrozenDisks<'a> {
     handles: &'a [BlockHandle],
 }
 
@@ -139,7 +165,7 @@ impl Drop for FrozenDisks<'_> {
 }
 
 /// In the pause: with `drain`, wait until no disk request is in flight (M12); then freeze.
-pub(super) fn freeze_disks(
+pub(crate) fn freeze_disks(
     handles: &[BlockHandle],
     io: IoPolicy,
 ) -> Result<FrozenDisks<'_>, CheckpointError> {
@@ -161,7 +187,7 @@ pub(super) fn freeze_disks(
 }
 
 /// Step 5, in the pause: new requests go to the COW files from now on.
-pub(super) fn switch_disks(
+pub(crate) fn switch_disks(
     disks: &[BlockHandle],
     preps: &mut [DiskPrep],
 ) -> Result<(), CheckpointError> {
@@ -173,7 +199,7 @@ pub(super) fn switch_disks(
 }
 
 /// After the switch: the COW files switched to are layers the VM made.
-pub(super) fn record_layers(preps: &[DiskPrep], layers: &mut ChainLayers) {
+pub(crate) fn record_layers(preps: &[DiskPrep], layers: &mut ChainLayers) {
     for prep in preps.iter().filter(|p| p.image.is_none()) {
         layers.made(&prep.overlay);
     }

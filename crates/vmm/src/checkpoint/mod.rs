@@ -18,7 +18,7 @@
 
 pub mod dirty;
 pub mod disk_chain;
-mod disk_cow;
+pub(crate) mod disk_cow;
 pub(crate) mod memory_cow;
 pub(crate) mod restore;
 
@@ -755,7 +755,7 @@ fn mark_memory_cow(
 }
 
 /// Phase 4, in the pause: devices, vCPUs and VM-wide KVM state into memory.
-fn save_state(
+pub(crate) fn save_state(
     vm: &KvmVm,
     devices: &DeviceManager,
     guard: &PauseGuard<'_>,

@@ -31,7 +31,8 @@ use crate::exit::ExitNotifier;
 use crate::kvm::KvmVm;
 use crate::memory::{self, HugePages, MemoryError};
 use crate::page_service::{
-    PageService, PageServiceError, PageServiceStats, ServiceSpec, SharedImage, SharedImageError,
+    CheckpointBlocks, PageService, PageServiceError, PageServiceStats, ServiceSpec, SharedImage,
+    SharedImageError,
 };
 
 /// Errors of restoring a checkpoint. Nothing is started when one is returned.
@@ -145,6 +146,13 @@ pub(crate) struct RestoreRecord {
 }
 
 impl RestoreRecord {
+    pub(crate) fn new(first_instruction_us: u64, service: Option<Arc<PageService>>) -> Self {
+        RestoreRecord {
+            first_instruction_us,
+            service,
+        }
+    }
+
     pub(crate) fn stats(&self) -> RestoreStats {
         RestoreStats {
             lazy: self.service.is_some(),
@@ -240,13 +248,12 @@ fn check_config(ckpt: &Checkpoint, store: &str) -> Result<(u64, u8), RestoreErro
 /// Gives each checkpoint disk a fresh COW file, so the checkpoint stays immutable; the
 /// devices are rebuilt on them from their saved state, and their in-flight requests are
 /// re-submitted when the device thread starts.
-fn disk_overlays(
-    ckpt: &Checkpoint,
+pub(crate) fn disk_overlays(
+    disks: &[ckpt_format::DiskConfig],
     state: &MachineState,
     disk_dir: Option<&Path>,
     trusted: &[PathBuf],
 ) -> Result<Vec<DiskConfig>, RestoreError> {
-    let disks = &ckpt.manifest().vm.disks;
     let saved = &state.devices.blocks;
     if disks.len() != saved.len() {
         return Err(RestoreError::Config {
@@ -431,9 +438,12 @@ pub(crate) fn restore(
     let service = if lazy {
         Some(Arc::new(PageService::start(ServiceSpec {
             regions: memory::ram_regions(&memory),
-            checkpoint: ckpt.clone(),
-            source: ckpt.clone(),
-            store: name.clone(),
+            source: Arc::new(CheckpointBlocks {
+                checkpoint: ckpt.clone(),
+                source: ckpt.clone(),
+                store: name.clone(),
+            }),
+            role: "restored VM",
             hot_pages: ckpt.manifest().memory.hot_pages.clone(),
             exit: exit.clone(),
         })?))
@@ -441,7 +451,12 @@ pub(crate) fn restore(
         None
     };
     phase("page service");
-    let disks = disk_overlays(&ckpt, &state, options.disk_dir.as_deref(), &trusted)?;
+    let disks = disk_overlays(
+        &ckpt.manifest().vm.disks,
+        &state,
+        options.disk_dir.as_deref(),
+        &trusted,
+    )?;
     phase("disks");
     let config = &ckpt.manifest().vm;
     let parts = Parts {

@@ -260,7 +260,7 @@ fn save_vm(vm: &VmFd) -> Result<VmState, KvmError> {
 }
 
 /// Loads VM-wide state into a new VM (before its vCPUs run).
-fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), KvmError> {
+pub(crate) fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), KvmError> {
     for chip in &state.irqchips {
         if chip.chip_id > KVM_IRQCHIP_IOAPIC {
             return Err(KvmError::BadState("unknown irqchip id"));

@@ -26,6 +26,7 @@
 //! waits in the kernel on such a page cannot otherwise leave `KVM_RUN`. The registration is lifted only once every block is resident, since
 //! unregistering (or closing the userfaultfd) would let a waiting fault map a zero page.
 
+mod checkpoint_blocks;
 mod fault;
 mod prefetch;
 mod shared;
@@ -36,12 +37,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ckpt_format::{Checkpoint, IndexSegment, PageIndex, PageState};
 use thiserror::Error;
-use tracing::{debug, error, info};
+use tracing::{error, info};
 
+pub(crate) use self::checkpoint_blocks::CheckpointBlocks;
 pub use self::shared::{SharedImage, SharedImageError};
-pub use self::source::{PageSource, SourceError};
+pub use self::source::SourceError;
+pub(crate) use self::source::{BlockSource, Run, RunKind};
 use crate::checkpoint::memory_cow::uffd_sys::Uffd;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::memory::{RamRegion, PAGE_SIZE};
@@ -89,6 +91,15 @@ pub enum PageServiceError {
         #[source]
         source: ckpt_format::Error,
     },
+    /// The migration source could not deliver pages.
+    #[error("migration source {peer}")]
+    Peer {
+        /// The source's address.
+        peer: String,
+        /// Which pages, and why.
+        #[source]
+        source: SourceError,
+    },
     /// The page index cannot be read.
     #[error("checkpoint {store}: page index")]
     Index {
@@ -125,9 +136,9 @@ pub struct PageServiceStats {
 struct Shared {
     uffd: Uffd,
     regions: Vec<RamRegion>,
-    ckpt: Arc<Checkpoint>,
-    source: Arc<dyn PageSource>,
-    store: String,
+    source: Arc<dyn BlockSource>,
+    /// What a failure stops, for messages ("restored VM").
+    role: &'static str,
     blocks: Vec<AtomicU8>,
     resident: AtomicU64,
     faults: AtomicU64,
@@ -227,77 +238,35 @@ impl Shared {
         }
     }
 
-    /// The entries that verify the pages of a block: the whole page index once it is read,
-    /// before that the index's segments of the block alone (two ranged reads, each segment
-    /// verified against its checksum in the manifest).
-    fn entries(&self, first: u64, end: u64) -> Result<Entries<'_>, PageServiceError> {
-        let index_error = |source| PageServiceError::Index {
-            store: self.store.clone(),
-            source,
-        };
-        if self.ckpt.page_index_loaded() || !self.ckpt.has_index_segments() {
-            return self
-                .ckpt
-                .page_index()
-                .map(Entries::Whole)
-                .map_err(index_error);
-        }
-        let started = Instant::now();
-        let segment = self.ckpt.index_segment(first..end).map_err(index_error)?;
-        debug!(
-            first,
-            us = started.elapsed().as_micros() as u64,
-            "page index segment read"
-        );
-        Ok(Entries::Segment(segment))
-    }
-
-    /// Installs the pages of `block` run by run: zero runs mapped, present runs read, verified
-    /// page by page, then copied in. Returns the bytes installed.
+    /// Installs the pages of `block` run by run as its source delivers them, verified: zero
+    /// runs mapped, data runs copied in, pages already present left. Returns the bytes
+    /// installed.
     fn install(&self, block: u64, buf: &mut [u8]) -> Result<u64, PageServiceError> {
         let (first, end) = self.block_pages(block);
-        let entries = self.entries(first, end)?;
         let region = *self.region_of(first);
-        let zero = |p: u64| entries.is_zero(p);
-        let mut page = first;
         let mut bytes = 0;
-        while page < end {
-            let is_zero = zero(page);
-            let mut run_end = page + 1;
-            while run_end < end && zero(run_end) == is_zero {
-                run_end += 1;
-            }
-            let len = ((run_end - page) * PAGE_SIZE) as usize;
-            let host = region.host_of_page(page);
-            if is_zero {
-                self.uffd
-                    .zero(host, len)
-                    .map_err(|source| PageServiceError::Uffd {
-                        op: "zeropage",
-                        source,
-                    })?;
-            } else {
-                let run = &mut buf[..len];
-                entries
-                    .read(self.source.as_ref(), page, run)
-                    .map_err(|source| PageServiceError::Read {
-                        store: self.store.clone(),
-                        source,
-                    })?;
-                for (i, bytes) in run.chunks_exact(PAGE_SIZE as usize).enumerate() {
-                    entries
-                        .verify(&self.ckpt, page + i as u64, bytes)
-                        .map_err(|source| PageServiceError::Verify {
-                            store: self.store.clone(),
+        for run in self.source.fetch(first, end, buf)? {
+            debug_assert!(run.first >= first && run.first + run.count <= end);
+            let len = (run.count * PAGE_SIZE) as usize;
+            let host = region.host_of_page(run.first);
+            match run.kind {
+                RunKind::Zero => {
+                    self.uffd
+                        .zero(host, len)
+                        .map_err(|source| PageServiceError::Uffd {
+                            op: "zeropage",
                             source,
                         })?;
                 }
-                self.uffd
-                    .copy(host, run)
-                    .map_err(|source| PageServiceError::Uffd { op: "copy", source })?;
+                RunKind::Data => {
+                    let at = ((run.first - first) * PAGE_SIZE) as usize;
+                    self.uffd
+                        .copy(host, &buf[at..at + len])
+                        .map_err(|source| PageServiceError::Uffd { op: "copy", source })?;
+                }
+                RunKind::Present => continue,
             }
             bytes += len as u64;
-            page = run_end;
         }
         Ok(bytes)
     }
@@ -311,7 +280,7 @@ impl Shared {
             text.push_str(&c.to_string());
             cause = c.source();
         }
-        error!("restored VM stopped: {text}");
+        error!("{} stopped: {text}", self.role);
         let mut finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
         if finished.is_none() {
             *finished = Some(Err(text.clone()));
@@ -319,7 +288,7 @@ impl Shared {
         self.finished_cv.notify_all();
         drop(finished);
         self.exit
-            .notify(VmExit::Fatal(format!("restored VM stopped: {text}")));
+            .notify(VmExit::Fatal(format!("{} stopped: {text}", self.role)));
     }
 
     fn is_resident(&self) -> bool {
@@ -337,38 +306,6 @@ impl Shared {
     }
 }
 
-/// What verifies the pages of one block.
-enum Entries<'a> {
-    /// The whole page index.
-    Whole(&'a PageIndex),
-    /// The index's segments of the block, read and verified on their own.
-    Segment(IndexSegment),
-}
-
-impl Entries<'_> {
-    fn is_zero(&self, page: u64) -> bool {
-        let entry = match self {
-            Entries::Whole(index) => index.entry(page),
-            Entries::Segment(segment) => segment.entry(page),
-        };
-        entry.is_some_and(|e| e.state == PageState::Zero)
-    }
-
-    fn read(&self, source: &dyn PageSource, first: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        match self {
-            Entries::Whole(_) => source.read_run(first, buf),
-            Entries::Segment(segment) => source.read_run_in(segment, first, buf),
-        }
-    }
-
-    fn verify(&self, ckpt: &Checkpoint, page: u64, bytes: &[u8]) -> ckpt_format::Result<()> {
-        match self {
-            Entries::Whole(_) => ckpt.verify_page(page, bytes),
-            Entries::Segment(segment) => segment.verify(page, bytes),
-        }
-    }
-}
-
 /// The running page service of one restored VM. Dropping it stops its threads; it must outlive
 /// every thread that can touch guest memory (the VM stops its vCPUs and devices first).
 pub struct PageService {
@@ -379,7 +316,7 @@ pub struct PageService {
 impl std::fmt::Debug for PageService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PageService")
-            .field("store", &self.shared.store)
+            .field("source", &self.shared.source.describe())
             .field("stats", &self.stats())
             .finish()
     }
@@ -387,14 +324,13 @@ impl std::fmt::Debug for PageService {
 
 /// What a page service serves.
 pub struct ServiceSpec {
-    /// Guest memory, registered with userfaultfd; every page must still be missing.
+    /// Guest memory, registered with userfaultfd; every page the source does not report
+    /// present must still be missing.
     pub regions: Vec<RamRegion>,
-    /// The checkpoint: its page index verifies every page.
-    pub checkpoint: Arc<Checkpoint>,
-    /// Where the pages come from.
-    pub source: Arc<dyn PageSource>,
-    /// The store's name, for messages.
-    pub store: String,
+    /// Where verified pages come from.
+    pub source: Arc<dyn BlockSource>,
+    /// What a failure stops, for messages ("restored VM").
+    pub role: &'static str,
     /// First image pages of the blocks to prefetch first, in order.
     pub hot_pages: Vec<u64>,
     /// Where a failure stops the VM.
@@ -414,15 +350,15 @@ impl PageService {
                 })?;
         }
         let pages: u64 = spec.regions.iter().map(RamRegion::pages).sum();
-        let shared = Arc::new(Shared {
+        let blocks: Vec<AtomicU8> = (0..pages.div_ceil(BLOCK_PAGES))
+            .map(|_| AtomicU8::new(MISSING))
+            .collect();
+        let mut shared = Shared {
             uffd,
             regions: spec.regions,
-            ckpt: spec.checkpoint,
             source: spec.source,
-            store: spec.store,
-            blocks: (0..pages.div_ceil(BLOCK_PAGES))
-                .map(|_| AtomicU8::new(MISSING))
-                .collect(),
+            role: spec.role,
+            blocks,
             resident: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             bytes_by_fault: AtomicU64::new(0),
@@ -434,7 +370,19 @@ impl PageService {
             finished: Mutex::new(None),
             finished_cv: Condvar::new(),
             exit: spec.exit,
-        });
+        };
+        // Blocks the source already has in place (a migration's pre-copied pages) start
+        // resident.
+        let mut resident = 0;
+        for block in 0..shared.block_count() {
+            let (first, end) = shared.block_pages(block);
+            if !shared.source.missing_at_start(first, end) {
+                *shared.blocks[block as usize].get_mut() = RESIDENT;
+                resident += 1;
+            }
+        }
+        *shared.resident.get_mut() = resident;
+        let shared = Arc::new(shared);
         let service = PageService {
             shared: shared.clone(),
             threads: Mutex::new(Vec::new()),
@@ -546,11 +494,12 @@ fn finish_resident(shared: &Shared) {
     }
     let us = shared.started.elapsed().as_micros() as u64;
     shared.resident_after_us.store(us, Ordering::Release);
+    shared.source.all_resident();
     info!(
         resident_after_us = us,
         faults_served = shared.faults.load(Ordering::Relaxed),
         bytes_prefetched = shared.bytes_prefetched.load(Ordering::Relaxed),
-        "all restored memory is resident"
+        "all memory is resident"
     );
     let mut finished = shared.finished.lock().unwrap_or_else(|p| p.into_inner());
     finished.get_or_insert(Ok(()));

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tracing::debug;
 
-use super::{finish_resident, Installer, PageServiceError, Shared, BLOCK_PAGES};
+use super::{finish_resident, Installer, Shared, BLOCK_PAGES};
 use crate::memory::PAGE_SIZE;
 
 /// The blocks in prefetch order: those holding `hot_pages` (in that order, each once), then all
@@ -31,17 +31,14 @@ pub(super) fn prefetch_loop(shared: &Shared, order: &[u64]) {
     // The whole page index is read here, off the path to the first instruction: faults served
     // before it is there verify their blocks against its segments alone.
     let started = Instant::now();
-    if let Err(source) = shared.ckpt.page_index() {
-        shared.fail(&PageServiceError::Index {
-            store: shared.store.clone(),
-            source,
-        });
+    if let Err(e) = shared.source.prepare() {
+        shared.fail(&e);
         return;
     }
     debug!(
         after_us = shared.started.elapsed().as_micros() as u64,
         took_us = started.elapsed().as_micros() as u64,
-        "page index read"
+        "page source prepared"
     );
     let mut buf = vec![0u8; (BLOCK_PAGES * PAGE_SIZE) as usize];
     for &block in order {

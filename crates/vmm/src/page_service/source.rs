@@ -66,3 +66,56 @@ impl PageSource for Checkpoint {
             .map_err(|e| source_error(first, buf, e))
     }
 }
+
+/// What a run of a fetched block holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunKind {
+    /// All zeros: mapped with the zero page, nothing read.
+    Zero,
+    /// Verified data, in the fetch buffer.
+    Data,
+    /// Already in guest memory: left as it is.
+    Present,
+}
+
+/// Consecutive pages of a block that are the same kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    /// First page.
+    pub first: u64,
+    /// Pages.
+    pub count: u64,
+    /// What they hold.
+    pub kind: RunKind,
+}
+
+/// Where the page service gets the verified pages of a block: a checkpoint (its store and page
+/// index) or a migration source.
+pub(crate) trait BlockSource: Send + Sync {
+    /// Its name, for messages.
+    fn describe(&self) -> String;
+
+    /// Called once by the prefetcher before it starts, off the path to the first instruction.
+    fn prepare(&self) -> Result<(), super::PageServiceError> {
+        Ok(())
+    }
+
+    /// Whether any of pages `first..end` is missing when the service starts (otherwise their
+    /// block starts resident).
+    fn missing_at_start(&self, first: u64, end: u64) -> bool {
+        let _ = (first, end);
+        true
+    }
+
+    /// Fetches pages `first..end` (one block), verified, as runs covering the block in order;
+    /// a data run's bytes are in `buf` at `(page - first) * 4096`.
+    fn fetch(
+        &self,
+        first: u64,
+        end: u64,
+        buf: &mut [u8],
+    ) -> Result<Vec<Run>, super::PageServiceError>;
+
+    /// Every block is resident: nothing more will be fetched.
+    fn all_resident(&self) {}
+}

@@ -1,0 +1,146 @@
+//! `cowvm receive` and `cowvm migrate`: live migration of a running VM to another cowvm
+//! process, on this host or another, over TCP.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use hyper::Method;
+use tracing::info;
+use vmm::{Console, MigrationMode, MigrationReport, ReceiveOptions, Vm};
+
+use super::output::{ms, table};
+use super::{block_on, ApiArgs};
+use crate::api::model::MigrateBody;
+use crate::control::supervise::{self, ControlArgs, Origin};
+use crate::control::RollbackSettings;
+
+/// Arguments of `cowvm receive`.
+#[derive(clap::Args, Debug)]
+pub struct ReceiveArgs {
+    /// Where to wait for the VM: tcp://ADDR:PORT.
+    #[arg(long, value_name = "URL")]
+    listen: String,
+    /// Write the serial console to this file instead of standard output.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Where the disks' COW files go (default: next to the source's disk layers).
+    #[arg(long, value_name = "DIR")]
+    disk_dir: Option<PathBuf>,
+    /// Trust the disks the source names (and their backing files) below DIR (repeatable).
+    /// A VM with a disk outside every trusted directory, and --disk-dir, is refused.
+    #[arg(long = "allow-dir", value_name = "DIR")]
+    allow_dirs: Vec<PathBuf>,
+    #[command(flatten)]
+    control: ControlArgs,
+}
+
+/// Arguments of `cowvm migrate`.
+#[derive(clap::Args, Debug)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The destination, a `cowvm receive --listen`: tcp://ADDR:PORT.
+    #[arg(long, value_name = "URL")]
+    to: String,
+    /// precopy (rounds while the guest runs, the rest in the pause), postcopy (only device
+    /// state in the pause, memory on demand), or hybrid (a few rounds, then post-copy).
+    #[arg(long, default_value = "hybrid")]
+    mode: MigrationMode,
+    /// Pre-copy stops once what is left could be sent in this many milliseconds (default 50).
+    #[arg(long, value_name = "MS")]
+    max_downtime: Option<u64>,
+}
+
+/// The `tcp://HOST:PORT` address of `url`.
+fn tcp_address(url: &str) -> anyhow::Result<&str> {
+    match url.strip_prefix("tcp://") {
+        Some(addr) if !addr.is_empty() => Ok(addr),
+        _ => bail!("{url:?} is not a migration address: expected tcp://ADDR:PORT"),
+    }
+}
+
+/// Runs `cowvm receive`: waits for one VM, then runs it until the guest exits.
+pub fn receive(args: ReceiveArgs) -> anyhow::Result<ExitCode> {
+    let addr = tcp_address(&args.listen)?;
+    if let Some(dir) = &args.disk_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("--disk-dir {}", dir.display()))?;
+    }
+    let listener =
+        TcpListener::bind(addr).with_context(|| format!("cannot listen on {}", args.listen))?;
+    info!(listen = %args.listen, "waiting for a VM");
+    let (stream, peer) = listener
+        .accept()
+        .with_context(|| format!("cannot accept on {}", args.listen))?;
+    drop(listener);
+    let console = match &args.console {
+        Some(path) => Console::File(path.clone()),
+        None => Console::Stdout,
+    };
+    let vm = Vm::receive(
+        stream,
+        ReceiveOptions {
+            console,
+            disk_dir: args.disk_dir.clone(),
+            allow_dirs: args.allow_dirs.clone(),
+        },
+    )
+    .with_context(|| format!("cannot receive the VM from {peer}"))?;
+    info!(
+        from = %peer,
+        first_instruction_us = vm.restore_stats().map_or(0, |s| s.first_instruction_us),
+        "received VM runs"
+    );
+    let exit = if args.control.wanted() {
+        supervise::run(
+            vm,
+            &args.control,
+            Origin {
+                restored_from: None,
+                rollback: RollbackSettings {
+                    console: args.console.clone(),
+                    disk_dir: args.disk_dir.clone(),
+                    allow_dirs: args.allow_dirs.clone(),
+                },
+            },
+        )?
+    } else {
+        vm.wait().into()
+    };
+    Ok(super::exit_code(&exit))
+}
+
+/// Runs `cowvm migrate`: asks the VM's process to move it, prints what the move cost.
+pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    tcp_address(&args.to)?;
+    let client = args.api.client();
+    let body = MigrateBody {
+        to: args.to.clone(),
+        mode: Some(args.mode),
+        max_downtime_ms: args.max_downtime,
+    };
+    let done: MigrationReport = block_on(async {
+        client
+            .call(Method::PUT, "/migration", Some(&body))
+            .await
+            .with_context(|| format!("cannot migrate the VM to {}", args.to))
+    })?;
+    if args.api.json {
+        println!("{}", serde_json::to_string(&done)?);
+    } else {
+        table(&[
+            ("migrated to", done.to.clone()),
+            ("mode", done.mode.to_string()),
+            ("downtime", ms(done.downtime_us)),
+            ("pause", ms(done.pause_us)),
+            ("total", ms(done.total_us)),
+            ("bytes sent", done.bytes_sent.to_string()),
+            ("pre-copy rounds", done.precopy_rounds.to_string()),
+            ("pages pre-copied", done.pages_precopied.to_string()),
+            ("pages in the pause", done.pages_in_pause.to_string()),
+            ("pages post-copied", done.pages_postcopy.to_string()),
+        ]);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,270 @@
+//! Live migration between two `cowvm` processes over loopback TCP: each mode moves a guest
+//! writing memory and disk with output and disk content equal to an uninterrupted run; a
+//! destination that goes away before it takes over leaves the source running as if nothing
+//! happened; a source that dies during post-copy stops the destination with a clear message;
+//! streams that are not cowvm's, or newer, are refused before anything runs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{cowvm, read, run_guest, s, text, wait_for_lines, Process, COWVM, LIMIT};
+
+const COMPUTE: &str = "compute mem=4M rounds=200 seed=3";
+const DISK: &str = "disk blocks=256 rounds=6 qd=8 mem=8M";
+
+/// A free local port (bound, then released for `cowvm receive`).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Starts `cowvm receive` on `port`, its console in `dir/dst.txt` and its log in
+/// `dir/receive.log`; returns once it listens.
+fn receive(dir: &Path, port: u16, extra: &[&str]) -> (Process, PathBuf, PathBuf) {
+    let console = dir.join("dst.txt");
+    let log = dir.join("receive.log");
+    let process = Process::spawn(
+        Command::new(COWVM)
+            .args(["receive", "--listen", &format!("tcp://127.0.0.1:{port}")])
+            .args(["--console", s(&console), "--log-level", "info"])
+            .args(extra)
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .current_dir(dir),
+    );
+    wait_for_log(&log, "waiting for a VM");
+    (process, console, log)
+}
+
+fn wait_for_log(log: &Path, what: &str) {
+    let deadline = Instant::now() + LIMIT;
+    while !read(log).contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "never logged {what:?}: {}",
+            read(log)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The uninterrupted run of `cmdline` with `extra` arguments: its console.
+fn reference(dir: &Path, cmdline: &str, mem: &str, extra: &[&str]) -> String {
+    let console = dir.join("reference.txt");
+    let out = Command::new(COWVM)
+        .args(["run", "--kernel"])
+        .arg(guests::pvh_guest())
+        .args(["--cmdline", cmdline, "--mem", mem, "--console", s(&console)])
+        .args(extra)
+        .output()
+        .expect("run cowvm");
+    assert!(out.status.success(), "reference run: {}", text(&out.stderr));
+    read(&console)
+}
+
+fn zeroed(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(4 << 20))
+        .expect("zeroed disk");
+    path
+}
+
+/// The guest-visible content of the disk image `path` (any chain), through qemu-img.
+fn disk_content(path: &Path) -> Vec<u8> {
+    let raw = path.with_extension("flat");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "raw", s(path), s(&raw)])
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "qemu-img: {}", text(&out.stderr));
+    std::fs::read(raw).expect("flat disk")
+}
+
+fn migrate(sock: &Path, port: u16, mode: &str) -> std::process::Output {
+    cowvm(&[
+        "migrate",
+        "--api-sock",
+        s(sock),
+        "--to",
+        &format!("tcp://127.0.0.1:{port}"),
+        "--mode",
+        mode,
+        "--json",
+    ])
+}
+
+#[test]
+fn each_mode_moves_a_guest_with_its_memory_and_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = reference(
+        dir.path(),
+        DISK,
+        "64M",
+        &["--disk", s(&zeroed(dir.path(), "reference.raw"))],
+    );
+    let expected_disk = std::fs::read(dir.path().join("reference.raw")).unwrap();
+    for mode in ["postcopy", "precopy", "hybrid"] {
+        let run = dir.path().join(mode);
+        std::fs::create_dir(&run).unwrap();
+        let port = free_port();
+        let (mut dst, dst_console, _) = receive(&run, port, &["--allow-dir", s(&run)]);
+        let disk = zeroed(&run, "disk.raw");
+        let (mut src, sock, src_console) = run_guest(&run, DISK, &["--disk", s(&disk)]);
+        wait_for_lines(&src_console, "disk round=", 1);
+        let out = migrate(&sock, port, mode);
+        assert!(out.status.success(), "{mode}: {}", text(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["mode"], mode);
+        assert!(report["bytes_sent"].as_u64().unwrap() > 0);
+        assert!(
+            src.wait().success(),
+            "{mode}: the source did not end cleanly"
+        );
+        assert!(
+            dst.wait().success(),
+            "{mode}: the destination's guest failed"
+        );
+        let output = read(&src_console) + &read(&dst_console);
+        assert_eq!(
+            output, expected,
+            "{mode}: output differs from the uninterrupted run"
+        );
+        // The destination wrote its own COW file over the source's disk; the source's
+        // unused one is gone.
+        let layers: Vec<PathBuf> = std::fs::read_dir(&run)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+            .collect();
+        assert_eq!(layers.len(), 1, "{mode}: {layers:?}");
+        assert!(
+            disk_content(&layers[0]) == expected_disk,
+            "{mode}: the final disk differs"
+        );
+    }
+}
+
+#[test]
+fn a_destination_that_goes_away_before_taking_over_leaves_the_source_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = reference(
+        dir.path(),
+        COMPUTE,
+        "64M",
+        &["--disk", s(&zeroed(dir.path(), "reference.raw"))],
+    );
+    let disk = zeroed(dir.path(), "disk.raw");
+    let (mut src, sock, console) = run_guest(dir.path(), COMPUTE, &["--disk", s(&disk)]);
+    wait_for_lines(&console, "round", 20);
+    // A destination that reads the start of the stream and dies.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dying = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let _ = conn.read(&mut buf);
+    });
+    let out = migrate(&sock, port, "hybrid");
+    dying.join().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("the VM runs on here"), "{err}");
+    // A destination that refuses the VM after pre-copy (its disk is not trusted there).
+    let port = free_port();
+    let refusing = dir.path().join("refusing");
+    std::fs::create_dir(&refusing).unwrap();
+    let (mut dst, _, log) = receive(&refusing, port, &[]);
+    let out = migrate(&sock, port, "hybrid");
+    assert!(!out.status.success());
+    assert!(!dst.wait().success());
+    assert!(
+        read(&log).contains("outside every directory this receiver trusts"),
+        "{}",
+        read(&log)
+    );
+    assert!(src.wait().success());
+    assert_eq!(
+        read(&console),
+        expected,
+        "the source's run differs after failed migrations"
+    );
+}
+
+#[test]
+fn a_source_that_dies_during_postcopy_stops_the_destination_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (mut dst, dst_console, log) = receive(dir.path(), port, &[]);
+    let sock = dir.path().join("api.sock");
+    let mut src = Process::spawn(
+        Command::new(COWVM)
+            .args(["run", "--kernel"])
+            .arg(guests::pvh_guest())
+            .args([
+                "--cmdline",
+                "compute mem=16M rounds=100000 seed=3",
+                "--mem",
+                "1G",
+            ])
+            .args([
+                "--console",
+                s(&dir.path().join("src.txt")),
+                "--api-sock",
+                s(&sock),
+            ]),
+    );
+    common::wait_for_socket(&sock);
+    wait_for_lines(&dir.path().join("src.txt"), "round", 5);
+    let mut migrating = Process::spawn(
+        Command::new(COWVM)
+            .args(["migrate", "--api-sock", s(&sock), "--mode", "postcopy"])
+            .args(["--to", &format!("tcp://127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_for_log(&log, "received VM runs");
+    // SIGKILL: nothing of the source survives to answer.
+    let _ = Command::new("kill")
+        .args(["-9", &src.id().to_string()])
+        .status();
+    let _ = src.wait();
+    let _ = migrating.wait();
+    let status = dst.wait();
+    let logged = read(&log);
+    if logged.contains("all memory is resident") && status.success() {
+        // The destination had every page before the kill: it must have run the guest on.
+        assert!(read(&dst_console).contains("round"), "{logged}");
+    } else {
+        assert!(!status.success());
+        assert!(
+            logged.contains("the source went away before all memory arrived"),
+            "{logged}"
+        );
+    }
+}
+
+#[test]
+fn streams_that_are_not_cowvm_migrations_or_are_newer_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (bytes, why) in [
+        (
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            "not a cowvm migration stream",
+        ),
+        (&b"COWVMMIG\x63\x00\x00\x00"[..], "newer than this cowvm"),
+    ] {
+        let port = free_port();
+        let (mut dst, _, log) = receive(dir.path(), port, &[]);
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.write_all(bytes).unwrap();
+        assert!(!dst.wait().success());
+        assert!(read(&log).contains(why), "{}", read(&log));
+    }
+}

@@ -1,0 +1,248 @@
+//! The destination's page source after the hand-over: the blocks its page service claims are
+//! requested from the migration source over the connection, and every answer is checked
+//! against the pages the destination lacks before it is installed.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use tracing::{debug, error};
+
+use super::wire::{self, Kind, WireError, DATA, UNCHANGED, ZERO};
+use crate::checkpoint::dirty::PageBits;
+use crate::memory::PAGE_SIZE;
+use crate::page_service::{BlockSource, PageServiceError, Run, RunKind, SourceError};
+
+/// The writing half and what the destination has said on it.
+struct Writer {
+    w: BufWriter<TcpStream>,
+    running_sent: bool,
+    resident_pending: bool,
+}
+
+/// State shared with the reader thread.
+struct Shared {
+    /// Who waits for the answer starting at each page.
+    replies: Mutex<HashMap<u64, SyncSender<Vec<u8>>>>,
+    /// Why the connection is gone, once it is.
+    lost: Mutex<Option<String>>,
+    /// Every page is resident: the source closing the connection is expected.
+    done: AtomicBool,
+}
+
+/// Pages from the migration source.
+pub(super) struct PeerPages {
+    peer: String,
+    lacking: PageBits,
+    writer: Mutex<Writer>,
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PeerPages {
+    /// Starts the reader thread on `r`; requests and reports go to `w`.
+    pub(super) fn start(
+        peer: String,
+        lacking: PageBits,
+        mut r: BufReader<TcpStream>,
+        w: BufWriter<TcpStream>,
+    ) -> std::io::Result<PeerPages> {
+        let stream = w.get_ref().try_clone()?;
+        let shared = Arc::new(Shared {
+            replies: Mutex::new(HashMap::new()),
+            lost: Mutex::new(None),
+            done: AtomicBool::new(false),
+        });
+        let pages = lacking.len();
+        let reader = std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn({
+                let shared = shared.clone();
+                move || {
+                    let why = loop {
+                        match wire::read_frame(&mut r) {
+                            Ok((Kind::Pages, payload)) => {
+                                let first = match wire::decode_pages(&payload, pages) {
+                                    Ok(p) => p.first,
+                                    Err(e) => break e.to_string(),
+                                };
+                                let waiter = lock(&shared.replies).remove(&first);
+                                match waiter {
+                                    Some(tx) => {
+                                        let _ = tx.send(payload);
+                                    }
+                                    None => break "pages nobody asked for".to_string(),
+                                }
+                            }
+                            Ok((got, _)) => {
+                                break WireError::Unexpected {
+                                    got,
+                                    expected: "pages",
+                                }
+                                .to_string()
+                            }
+                            Err(WireError::Closed) => {
+                                break "the source closed the connection".into()
+                            }
+                            Err(e) => break e.to_string(),
+                        }
+                    };
+                    if !shared.done.load(Ordering::Acquire) {
+                        error!("migration source lost: {why}");
+                    }
+                    *lock(&shared.lost) = Some(why);
+                    // Dropping the senders fails every fetch waiting.
+                    lock(&shared.replies).clear();
+                }
+            })?;
+        Ok(PeerPages {
+            peer,
+            lacking,
+            writer: Mutex::new(Writer {
+                w,
+                running_sent: false,
+                resident_pending: false,
+            }),
+            shared,
+            stream,
+            reader: Mutex::new(Some(reader)),
+        })
+    }
+
+    /// Tells the source the vCPUs run (and, if every page arrived before, that too).
+    pub(super) fn running(&self) -> Result<(), WireError> {
+        let mut w = lock(&self.writer);
+        wire::write_frame(&mut w.w, Kind::Running, &[])?;
+        w.running_sent = true;
+        if w.resident_pending {
+            wire::write_frame(&mut w.w, Kind::Resident, &[])?;
+        }
+        w.w.flush()?;
+        Ok(())
+    }
+
+    fn failure(&self, first: u64, count: u64, why: String) -> PageServiceError {
+        PageServiceError::Peer {
+            peer: self.peer.clone(),
+            source: SourceError {
+                first,
+                count,
+                source: why.into(),
+            },
+        }
+    }
+}
+
+impl Drop for PeerPages {
+    fn drop(&mut self) {
+        self.shared.done.store(true, Ordering::Release);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(t) = lock(&self.reader).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl BlockSource for PeerPages {
+    fn describe(&self) -> String {
+        self.peer.clone()
+    }
+
+    fn missing_at_start(&self, first: u64, end: u64) -> bool {
+        (first..end).any(|p| self.lacking.get(p))
+    }
+
+    fn fetch(&self, first: u64, end: u64, buf: &mut [u8]) -> Result<Vec<Run>, PageServiceError> {
+        let count = end - first;
+        let lost = |why: String| {
+            self.failure(
+                first,
+                count,
+                format!(
+                    "{why}: the source went away before all memory arrived (a VM migrated \
+                     post-copy cannot run without its source)"
+                ),
+            )
+        };
+        let (tx, rx) = sync_channel(1);
+        {
+            let mut replies = lock(&self.shared.replies);
+            if let Some(why) = lock(&self.shared.lost).clone() {
+                return Err(lost(why));
+            }
+            replies.insert(first, tx);
+        }
+        {
+            let mut w = lock(&self.writer);
+            let sent = wire::write_frame(&mut w.w, Kind::Request, &[&wire::request(first, end)])
+                .and_then(|()| w.w.flush());
+            if let Err(e) = sent {
+                return Err(lost(e.to_string()));
+            }
+        }
+        let payload = rx.recv().map_err(|_| {
+            lost(
+                lock(&self.shared.lost)
+                    .clone()
+                    .unwrap_or_else(|| "the connection ended".into()),
+            )
+        })?;
+        let pages = wire::decode_pages(&payload, self.lacking.len())
+            .map_err(|e| self.failure(first, count, e.to_string()))?;
+        if pages.first != first || pages.kinds.len() as u64 != count {
+            return Err(self.failure(first, count, "the source answered other pages".into()));
+        }
+        let mut runs: Vec<Run> = Vec::new();
+        for (page, kind, data) in pages.iter() {
+            let kind = match (kind, self.lacking.get(page)) {
+                (UNCHANGED, false) => RunKind::Present,
+                (ZERO, true) => RunKind::Zero,
+                (DATA, true) => {
+                    let at = ((page - first) * PAGE_SIZE) as usize;
+                    buf[at..at + PAGE_SIZE as usize]
+                        .copy_from_slice(data.expect("data pages carry data"));
+                    RunKind::Data
+                }
+                _ => return Err(self.failure(
+                    first,
+                    count,
+                    format!(
+                        "page {page}: the source's answer does not match the pages this VM lacks"
+                    ),
+                )),
+            };
+            match runs.last_mut() {
+                Some(last) if last.kind == kind => last.count += 1,
+                _ => runs.push(Run {
+                    first: page,
+                    count: 1,
+                    kind,
+                }),
+            }
+        }
+        Ok(runs)
+    }
+
+    fn all_resident(&self) {
+        self.shared.done.store(true, Ordering::Release);
+        let mut w = lock(&self.writer);
+        if !w.running_sent {
+            w.resident_pending = true;
+            return;
+        }
+        let told = wire::write_frame(&mut w.w, Kind::Resident, &[]).and_then(|()| w.w.flush());
+        match told {
+            Ok(()) => debug!("every page arrived: the source may end"),
+            Err(e) => error!("cannot tell the migration source that every page arrived: {e}"),
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The destination side of a migration: memory and the KVM VM made ahead, pre-copied pages
+//! written straight into memory, then the VM built from the switchover and run on `Go`, its
+//! missing pages served by the page service from the source.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{info, info_span, warn};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::peer_pages::PeerPages;
+use super::send::{Hello, Switch};
+use super::wire::{self, Kind, WireError, DATA, ZERO};
+use super::MigrationError;
+use crate::builder::{self, Console, Machine, MachineState, Parts, Start, VmSummary, MAX_VCPUS};
+use crate::checkpoint::dirty::PageBits;
+use crate::checkpoint::restore::{disk_overlays, RestoreRecord};
+use crate::exit::ExitNotifier;
+use crate::kvm::state::restore_vm;
+use crate::kvm::{KvmError, KvmVm};
+use crate::memory::{self, HugePages, RamRegion, PAGE_SIZE};
+use crate::page_service::{PageService, ServiceSpec};
+
+/// How the destination runs the incoming VM.
+#[derive(Debug)]
+pub struct ReceiveOptions {
+    /// Where its console goes.
+    pub console: Console,
+    /// Where the disks' COW files go (default: next to the source's frozen layers).
+    pub disk_dir: Option<PathBuf>,
+    /// Directories trusted to hold the disks the source names (and their backing files),
+    /// besides `disk_dir`. A disk anywhere else is refused.
+    pub allow_dirs: Vec<PathBuf>,
+}
+
+/// Writes one pre-copied page into guest memory.
+fn write_page(
+    memory: &GuestMemoryMmap,
+    regions: &[RamRegion],
+    page: u64,
+    bytes: &[u8],
+) -> Result<(), MigrationError> {
+    let region = regions
+        .iter()
+        .find(|r| page >= r.first_page() && page < r.first_page() + r.pages())
+        .ok_or_else(|| MigrationError::GuestMemory(format!("page {page} is not guest memory")))?;
+    let gpa = region.gpa + (page - region.first_page()) * PAGE_SIZE;
+    memory
+        .write_slice(bytes, GuestAddress(gpa))
+        .map_err(|e| MigrationError::GuestMemory(e.to_string()))
+}
+
+/// Drops the pages of `lacking` that pre-copy wrote (the guest changed them since): they must
+/// be missing again, so that the page service installs their final content on first touch.
+fn forget_pages(regions: &[RamRegion], lacking: &PageBits) -> Result<(), MigrationError> {
+    for r in regions {
+        for (first, count) in lacking.runs(r.first_page(), r.first_page() + r.pages(), true) {
+            let addr = r.host_of_page(first);
+            // SAFETY: the range lies inside guest memory this process mapped (anonymous,
+            // private); nothing runs on it yet, and dropping pages only makes them read as
+            // missing (zero, or a userfault once registered).
+            let rc = unsafe {
+                libc::madvise(
+                    addr as *mut libc::c_void,
+                    (count * PAGE_SIZE) as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                return Err(MigrationError::GuestMemory(format!(
+                    "cannot drop stale pages: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the switchover frame carries.
+struct Switchover {
+    switch: Switch,
+    state: MachineState,
+    lacking: PageBits,
+}
+
+fn decode_switchover(payload: &[u8], pages: u64) -> Result<Switchover, MigrationError> {
+    let bad = |why: &str| WireError::malformed(Kind::Switchover, why);
+    let mut rest = payload;
+    let mut take = |n: usize| -> Result<&[u8], WireError> {
+        if rest.len() < n {
+            return Err(bad("truncated"));
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+    let switch: Switch =
+        serde_json::from_slice(take(len)?).map_err(|e| bad(&format!("disks: {e}")))?;
+    let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+    let state: MachineState =
+        ckpt_format::decode_state(take(len)?).map_err(MigrationError::State)?;
+    let words: Vec<u64> = rest
+        .chunks(8)
+        .map(|c| c.try_into().map(u64::from_le_bytes))
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad("a partial bitmap word"))?;
+    let lacking =
+        PageBits::from_words(words, pages).ok_or_else(|| bad("a bitmap of the wrong size"))?;
+    Ok(Switchover {
+        switch,
+        state,
+        lacking,
+    })
+}
+
+/// Checks every disk the source names against the trusted directories.
+fn trusted(
+    disks: &[ckpt_format::DiskConfig],
+    options: &ReceiveOptions,
+) -> Result<Vec<PathBuf>, MigrationError> {
+    let mut dirs: Vec<PathBuf> = options
+        .disk_dir
+        .iter()
+        .chain(&options.allow_dirs)
+        .filter_map(|d| std::fs::canonicalize(d).ok())
+        .collect();
+    dirs.dedup();
+    for (index, d) in disks.iter().enumerate() {
+        let ok = std::fs::canonicalize(&d.path)
+            .is_ok_and(|real| dirs.iter().any(|dir| real.starts_with(dir)));
+        if !ok {
+            return Err(MigrationError::UntrustedDisk {
+                index,
+                path: d.path.clone(),
+            });
+        }
+    }
+    Ok(dirs)
+}
+
+/// Tells the source why the VM is refused (best effort) and returns the error.
+fn refuse(w: &mut impl Write, e: MigrationError) -> MigrationError {
+    let mut why = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        why.push_str(": ");
+        why.push_str(&c.to_string());
+        cause = c.source();
+    }
+    if wire::write_frame(w, Kind::Abort, &[why.as_bytes()])
+        .and_then(|()| w.flush())
+        .is_err()
+    {
+        warn!("cannot tell the source why the VM is refused");
+    }
+    e
+}
+
+/// Receives one VM on `stream` and starts it.
+pub(crate) fn receive(
+    stream: TcpStream,
+    options: ReceiveOptions,
+) -> Result<(Machine, RestoreRecord), MigrationError> {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "the migration source".to_string(), |a| a.to_string());
+    let span = info_span!("receive", from = %peer);
+    let _enter = span.enter();
+    let io = |e: std::io::Error| MigrationError::Wire(WireError::Io(e));
+    stream.set_nodelay(true).map_err(io)?;
+    let mut r = BufReader::with_capacity(4 << 20, stream.try_clone().map_err(io)?);
+    let mut w = BufWriter::new(stream);
+    wire::read_preamble(&mut r)?;
+    let hello: Hello = serde_json::from_slice(&wire::expect_frame(&mut r, Kind::Hello, "hello")?)
+        .map_err(|e| WireError::malformed(Kind::Hello, e.to_string()))?;
+    if let Err(e) = memory::validate_size(hello.mem_size) {
+        return Err(refuse(&mut w, MigrationError::Config(e.to_string())));
+    }
+    if !(1..=MAX_VCPUS).contains(&hello.vcpus) {
+        let e = MigrationError::Config(format!(
+            "{} vCPUs (1 to {MAX_VCPUS} supported)",
+            hello.vcpus
+        ));
+        return Err(refuse(&mut w, e));
+    }
+    // Memory and the KVM VM before any page arrives: creating the VM costs milliseconds per
+    // GiB, which must not fall in the pause.
+    let memory = memory::create_guest_memory(hello.mem_size, HugePages::None)?;
+    let vm = KvmVm::new(&memory).map_err(|e| MigrationError::Vm(e.into()))?;
+    let regions = memory::ram_regions(&memory);
+    let pages: u64 = regions.iter().map(RamRegion::pages).sum();
+    wire::write_frame(&mut w, Kind::Prepared, &[]).map_err(io)?;
+    w.flush().map_err(io)?;
+    info!(mem = hello.mem_size, vcpus = hello.vcpus, mode = %hello.mode, "receiving a VM");
+
+    let zeros = vec![0u8; PAGE_SIZE as usize];
+    let payload = loop {
+        match wire::read_frame(&mut r)? {
+            (Kind::Pages, payload) => {
+                let frame = wire::decode_pages(&payload, pages)?;
+                for (page, kind, data) in frame.iter() {
+                    match (kind, data) {
+                        (DATA, Some(bytes)) => write_page(&memory, &regions, page, bytes)?,
+                        (ZERO, _) => write_page(&memory, &regions, page, &zeros)?,
+                        _ => {}
+                    }
+                }
+            }
+            (Kind::Switchover, payload) => break payload,
+            (got, _) => {
+                return Err(WireError::Unexpected {
+                    got,
+                    expected: "pages or the switchover",
+                }
+                .into())
+            }
+        }
+    };
+    let started = Instant::now();
+    let built = (|| {
+        let Switchover {
+            switch,
+            state,
+            lacking,
+        } = decode_switchover(&payload, pages)?;
+        if state.vcpus.len() != usize::from(hello.vcpus) {
+            return Err(MigrationError::Config(format!(
+                "{} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                hello.vcpus
+            )));
+        }
+        let dirs = trusted(&switch.disks, &options)?;
+        let disks = disk_overlays(&switch.disks, &state, options.disk_dir.as_deref(), &dirs)
+            .map_err(MigrationError::Disks)?;
+        restore_vm(&vm.fd, &state.vm).map_err(|e: KvmError| MigrationError::Vm(e.into()))?;
+        forget_pages(&regions, &lacking)?;
+        Ok((state, lacking, disks))
+    })();
+    let (state, lacking, disks) = match built {
+        Ok(b) => b,
+        Err(e) => return Err(refuse(&mut w, e)),
+    };
+    let remove_overlays = || {
+        for d in &disks {
+            if let Err(e) = std::fs::remove_file(&d.path) {
+                warn!(path = %d.path.display(), "cannot remove the COW file of a VM not received: {e}");
+            }
+        }
+    };
+    let go = wire::write_frame(&mut w, Kind::Ready, &[])
+        .and_then(|()| w.flush())
+        .map_err(io)
+        .and_then(|()| Ok(wire::expect_frame(&mut r, Kind::Go, "go")?));
+    if let Err(e) = go {
+        remove_overlays();
+        return Err(e);
+    }
+    // The VM is ours from here on.
+    let exit = Arc::new(ExitNotifier::default());
+    let lacking_pages = lacking.count();
+    let (peer_pages, service, plain) = if lacking_pages > 0 {
+        let source = Arc::new(PeerPages::start(peer.clone(), lacking, r, w).map_err(io)?);
+        let service = PageService::start(ServiceSpec {
+            regions: regions.clone(),
+            source: source.clone(),
+            role: "migrated VM",
+            hot_pages: Vec::new(),
+            exit: exit.clone(),
+        })?;
+        (Some(source), Some(Arc::new(service)), None)
+    } else {
+        (None, None, Some(w))
+    };
+    let parts = Parts {
+        summary: VmSummary {
+            mem_size: hello.mem_size,
+            vcpus: hello.vcpus,
+            kernel: hello.kernel,
+            cmdline: hello.cmdline,
+        },
+        memory,
+        vm,
+        exit,
+        console: options.console,
+        disks: &disks,
+    };
+    let machine = builder::assemble(parts, Start::Restore(&state))?;
+    let first_instruction_us = started.elapsed().as_micros() as u64;
+    // The VM runs whatever happens to the connection now: with every page here it needs
+    // nothing more from the source, and without them the page service stops it.
+    let told = match (&peer_pages, plain) {
+        (Some(p), _) => p.running(),
+        (None, Some(mut w)) => wire::write_frame(&mut w, Kind::Running, &[])
+            .and_then(|()| wire::write_frame(&mut w, Kind::Resident, &[]))
+            .and_then(|()| w.flush())
+            .map_err(WireError::Io),
+        (None, None) => Ok(()),
+    };
+    if let Err(e) = told {
+        warn!("cannot tell the migration source that the VM runs: {e}");
+    }
+    info!(
+        first_instruction_us,
+        lacking_pages, "VM received and running"
+    );
+    Ok((machine, RestoreRecord::new(first_instruction_us, service)))
+}

@@ -1,0 +1,454 @@
+//! The source side of a migration: pre-copy rounds, the pause, the hand-over, then serving the
+//! pages the destination still lacks.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ckpt_format::{page_is_zero, IoPolicy};
+use tracing::{debug, info, info_span, warn};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::wire::{self, Kind, WireError, DATA, UNCHANGED, ZERO};
+use super::{MigrateOptions, MigrationError, MigrationMode, MigrationReport};
+use crate::builder::Machine;
+use crate::checkpoint::dirty::{DirtyLog, PageBits};
+use crate::checkpoint::disk_chain::ChainLayers;
+use crate::checkpoint::{self, disk_cow, CheckpointError};
+use crate::exit::VmExit;
+use crate::memory::{ram_regions, RamRegion, PAGE_SIZE};
+use crate::page_service::{PageService, BLOCK_PAGES};
+
+/// How long a lazily restored VM's memory may take to become resident before it migrates.
+const RESIDENCY_WAIT: Duration = Duration::from_secs(120);
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the source needs of its VM.
+pub(crate) struct SendContext<'a> {
+    pub machine: &'a Machine,
+    pub dirty: &'a DirtyLog,
+    pub layers: &'a mut ChainLayers,
+    pub page_service: Option<&'a PageService>,
+}
+
+/// The VM as the destination must build it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct Hello {
+    pub mem_size: u64,
+    pub vcpus: u8,
+    pub mode: MigrationMode,
+    pub kernel: Option<std::path::PathBuf>,
+    pub cmdline: Option<String>,
+}
+
+/// The switchover's description (its state and bitmap follow it in the frame).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct Switch {
+    /// Each disk's frozen layer, which the destination puts a COW file of its own over.
+    pub disks: Vec<ckpt_format::DiskConfig>,
+}
+
+/// A writer that counts what it writes.
+struct Counting<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct Conn {
+    r: BufReader<TcpStream>,
+    w: Counting<BufWriter<TcpStream>>,
+}
+
+impl Conn {
+    fn send(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<(), WireError> {
+        wire::write_frame(&mut self.w, kind, parts)?;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), WireError> {
+        self.w.flush()?;
+        Ok(())
+    }
+}
+
+fn connect(to: &str) -> Result<Conn, MigrationError> {
+    let addr = to
+        .strip_prefix("tcp://")
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| MigrationError::Address(to.to_string()))?;
+    let connect_err = |source| MigrationError::Connect {
+        to: to.to_string(),
+        source,
+    };
+    let addrs: Vec<_> = addr
+        .to_socket_addrs()
+        .map_err(|_| MigrationError::Address(to.to_string()))?
+        .collect();
+    let mut last = std::io::Error::other("the address resolves to nothing");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(stream) => {
+                stream.set_nodelay(true).map_err(connect_err)?;
+                let r = BufReader::with_capacity(1 << 16, stream.try_clone().map_err(connect_err)?);
+                let w = BufWriter::with_capacity(4 << 20, stream);
+                return Ok(Conn {
+                    r,
+                    w: Counting { inner: w, bytes: 0 },
+                });
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(connect_err(last))
+}
+
+/// Reads pages `first..end` of `memory` that are in `set` into one pages frame; pages not in
+/// `set` (and, with `zero_unchanged`, zero pages: the destination's memory starts zeroed) are
+/// marked unchanged. Returns the pages carried.
+fn send_block(
+    conn: &mut Conn,
+    memory: &GuestMemoryMmap,
+    region: &RamRegion,
+    (first, end): (u64, u64),
+    set: &PageBits,
+    zero_unchanged: bool,
+    buf: &mut [u8],
+) -> Result<u64, MigrationError> {
+    let mut kinds = Vec::with_capacity((end - first) as usize);
+    let mut data = 0usize;
+    for page in first..end {
+        if !set.get(page) {
+            kinds.push(UNCHANGED);
+            continue;
+        }
+        let bytes = &mut buf[data..data + PAGE_SIZE as usize];
+        let gpa = region.gpa + (page - region.first_page()) * PAGE_SIZE;
+        memory
+            .read_slice(bytes, GuestAddress(gpa))
+            .map_err(|e| MigrationError::GuestMemory(e.to_string()))?;
+        if !page_is_zero(bytes) {
+            kinds.push(DATA);
+            data += PAGE_SIZE as usize;
+        } else if zero_unchanged {
+            kinds.push(UNCHANGED);
+        } else {
+            kinds.push(ZERO);
+        }
+    }
+    let carried = kinds.iter().filter(|&&k| k != UNCHANGED).count() as u64;
+    conn.send(
+        Kind::Pages,
+        &[&wire::pages_header(first, &kinds), &buf[..data]],
+    )?;
+    Ok(carried)
+}
+
+/// Sends every page of `set`, block by block (blocks with nothing to carry are skipped).
+fn send_pages(
+    conn: &mut Conn,
+    memory: &GuestMemoryMmap,
+    regions: &[RamRegion],
+    set: &PageBits,
+    zero_unchanged: bool,
+) -> Result<u64, MigrationError> {
+    let mut buf = vec![0u8; (BLOCK_PAGES * PAGE_SIZE) as usize];
+    let mut sent = 0;
+    for region in regions {
+        let region_end = region.first_page() + region.pages();
+        let mut first = region.first_page();
+        while first < region_end {
+            let end = (first + BLOCK_PAGES).min(region_end);
+            if (first..end).any(|p| set.get(p)) {
+                sent += send_block(
+                    conn,
+                    memory,
+                    region,
+                    (first, end),
+                    set,
+                    zero_unchanged,
+                    &mut buf,
+                )?;
+            }
+            first = end;
+        }
+    }
+    conn.flush()?;
+    Ok(sent)
+}
+
+fn region_of(regions: &[RamRegion], page: u64) -> Option<&RamRegion> {
+    regions
+        .iter()
+        .find(|r| page >= r.first_page() && page < r.first_page() + r.pages())
+}
+
+/// Moves the VM of `ctx` to `options.to`. On success the VM has ended here
+/// ([`VmExit::Migrated`]); on an error returned as [`MigrationError::Resumed`] it runs on as if
+/// nothing happened; on [`MigrationError::HandedOver`] it has ended too (the destination may
+/// own it).
+pub(crate) fn migrate(
+    ctx: SendContext<'_>,
+    options: &MigrateOptions,
+) -> Result<MigrationReport, MigrationError> {
+    let span = info_span!("migrate", to = %options.to, mode = %options.mode);
+    let _enter = span.enter();
+    let started = Instant::now();
+    let machine = ctx.machine;
+    let resumed = |source: MigrationError| MigrationError::Resumed {
+        to: options.to.clone(),
+        source: Box::new(source),
+    };
+    if let Some(exit) = machine.exit.get() {
+        return Err(MigrationError::Exited(exit));
+    }
+    // A lazily restored VM's memory is registered with its page service until it is resident.
+    if let Some(service) = ctx.page_service {
+        service
+            .wait_resident(RESIDENCY_WAIT)
+            .map_err(|e| resumed(CheckpointError::NotResident(e).into()))?;
+    }
+    let mut conn = connect(&options.to).map_err(resumed)?;
+    let regions = ram_regions(&machine.memory);
+    let pages: u64 = regions.iter().map(RamRegion::pages).sum();
+    let mut report = MigrationReport {
+        mode: options.mode,
+        to: options.to.clone(),
+        ..MigrationReport::default()
+    };
+    let lacking = precopy(&ctx, options, &mut conn, &regions, pages, &mut report).map_err(|e| {
+        ctx.dirty.end_rounds();
+        resumed(e)
+    })?;
+
+    // The pause.
+    let disks = machine.devices.disks();
+    let tag = format!(
+        "migrate-{}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros())
+    );
+    let mut preps = disk_cow::prepare_disks(disks, &tag).map_err(|e| resumed(e.into()))?;
+    let pause_start = Instant::now();
+    let guard = machine
+        .control
+        .pause()
+        .map_err(|e| resumed(CheckpointError::Pause(e.into()).into()))?;
+    if let Some(exit) = machine.exit.get() {
+        return Err(MigrationError::Exited(exit));
+    }
+    let frozen = disk_cow::freeze_disks(disks, IoPolicy::Live).map_err(|e| resumed(e.into()))?;
+    let handed = (|| -> Result<PageBits, MigrationError> {
+        let mut lacking = lacking;
+        if options.mode != MigrationMode::Postcopy {
+            let last = ctx.dirty.next_round(&machine.vm)?;
+            lacking.or(&last);
+        }
+        ctx.dirty.end_rounds();
+        let state = checkpoint::save_state(&machine.vm, &machine.devices, &guard)?;
+        let switched = disk_cow::switch_disks(disks, &mut preps);
+        disk_cow::record_layers(&preps, ctx.layers);
+        switched?;
+        // Writes issued before the pause land in the frozen layers first.
+        disk_cow::wait_parents(disks)?;
+        let disk_configs = preps
+            .iter()
+            .zip(&state.devices.blocks)
+            .enumerate()
+            .map(|(i, (prep, s))| prep.frozen_layer(i, s.disk.readonly))
+            .collect();
+        if options.mode == MigrationMode::Precopy {
+            report.pages_in_pause =
+                send_pages(&mut conn, &machine.memory, &regions, &lacking, false)?;
+            lacking = PageBits::new(pages);
+        }
+        report.pages_postcopy = lacking.count();
+        let switch = serde_json::to_vec(&Switch {
+            disks: disk_configs,
+        })
+        .expect("the switchover serializes");
+        let encoded = ckpt_format::encode_state(&state).map_err(MigrationError::State)?;
+        let words: Vec<u8> = lacking
+            .words()
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        conn.send(
+            Kind::Switchover,
+            &[
+                &(switch.len() as u32).to_le_bytes(),
+                &switch,
+                &(encoded.len() as u32).to_le_bytes(),
+                &encoded,
+                &words,
+            ],
+        )?;
+        conn.flush()?;
+        report.pause_us = pause_start.elapsed().as_micros() as u64;
+        wire::expect_frame(&mut conn.r, Kind::Ready, "the destination ready")?;
+        conn.send(Kind::Go, &[])?;
+        conn.flush()?;
+        Ok(lacking)
+    })();
+    let lacking = match handed {
+        Ok(lacking) => lacking,
+        Err(e) => {
+            warn!("migration failed before the hand-over, resuming: {e}");
+            drop(frozen);
+            guard.resume();
+            return Err(resumed(e));
+        }
+    };
+    // From here on the destination may run the VM: this one never runs again.
+    machine.exit.notify(VmExit::Migrated(options.to.clone()));
+    machine.control.request_exit();
+    let served = serve(&mut conn, &machine.memory, &regions, &lacking, pause_start);
+    drop(frozen);
+    drop(guard);
+    let downtime_us = served.map_err(|e| MigrationError::HandedOver {
+        to: options.to.clone(),
+        source: Box::new(e),
+    })?;
+    // The COW files this VM would have continued on: the destination writes its own.
+    for prep in &preps {
+        if let Err(e) = std::fs::remove_file(prep.overlay()) {
+            warn!(path = %prep.overlay().display(), "cannot remove a COW file no VM uses: {e}");
+        }
+    }
+    report.downtime_us = downtime_us;
+    report.total_us = started.elapsed().as_micros() as u64;
+    report.bytes_sent = conn.w.bytes;
+    info!(
+        downtime_us,
+        total_us = report.total_us,
+        bytes = report.bytes_sent,
+        rounds = report.precopy_rounds,
+        postcopy_pages = report.pages_postcopy,
+        "VM migrated"
+    );
+    Ok(report)
+}
+
+/// Pre-copy, the VM running: the first pass sends every page that is not zero, each round then
+/// the pages written during the previous one, until what is left would fit the downtime
+/// target or the rounds run out. Returns the pages the destination still lacks (all of them
+/// for `postcopy`).
+fn precopy(
+    ctx: &SendContext<'_>,
+    options: &MigrateOptions,
+    conn: &mut Conn,
+    regions: &[RamRegion],
+    pages: u64,
+    report: &mut MigrationReport,
+) -> Result<PageBits, MigrationError> {
+    let machine = ctx.machine;
+    let hello = Hello {
+        mem_size: machine.summary.mem_size,
+        vcpus: machine.summary.vcpus,
+        mode: options.mode,
+        kernel: machine.summary.kernel.clone(),
+        cmdline: machine.summary.cmdline.clone(),
+    };
+    wire::write_preamble(&mut conn.w).map_err(WireError::Io)?;
+    let hello = serde_json::to_vec(&hello).expect("the hello serializes");
+    conn.send(Kind::Hello, &[&hello])?;
+    conn.flush()?;
+    wire::expect_frame(&mut conn.r, Kind::Prepared, "the destination prepared")?;
+    if options.mode == MigrationMode::Postcopy {
+        return Ok(PageBits::all(pages));
+    }
+    ctx.dirty.start_rounds(&machine.vm, &machine.memory)?;
+    // Device writes count too: the disks carry the dirty log's observer from now on.
+    if ctx.dirty.observer_first_installed() {
+        for (index, h) in machine.devices.disks().iter().enumerate() {
+            h.set_dma_observer(Some(ctx.dirty.observer()))
+                .map_err(|source| CheckpointError::Disk { index, source })?;
+        }
+    }
+    let mut to_send = PageBits::all(pages);
+    let mut first_pass = true;
+    loop {
+        let round = Instant::now();
+        let bytes = conn.w.bytes;
+        report.pages_precopied += send_pages(conn, &machine.memory, regions, &to_send, first_pass)?;
+        report.precopy_rounds += 1;
+        let secs = round.elapsed().as_secs_f64().max(1e-6);
+        let rate = (conn.w.bytes - bytes) as f64 / secs;
+        first_pass = false;
+        to_send = ctx.dirty.next_round(&machine.vm)?;
+        let left = (to_send.count() * PAGE_SIZE) as f64;
+        let fits = rate <= 0.0 || left / rate <= options.max_downtime.as_secs_f64();
+        debug!(
+            round = report.precopy_rounds,
+            left_pages = to_send.count(),
+            rate_mib_s = rate / (1 << 20) as f64,
+            "pre-copy round"
+        );
+        if fits || report.precopy_rounds > options.max_rounds {
+            if !fits && options.mode == MigrationMode::Precopy {
+                warn!(
+                    left_pages = to_send.count(),
+                    "pre-copy did not converge: the pause sends what is left"
+                );
+            }
+            return Ok(to_send);
+        }
+    }
+}
+
+/// After `Go`: answers the destination's requests until it has every page. Returns the
+/// downtime (the pause until the destination ran).
+fn serve(
+    conn: &mut Conn,
+    memory: &GuestMemoryMmap,
+    regions: &[RamRegion],
+    lacking: &PageBits,
+    pause_start: Instant,
+) -> Result<u64, MigrationError> {
+    let mut buf = vec![0u8; (BLOCK_PAGES * PAGE_SIZE) as usize];
+    let mut downtime = None;
+    loop {
+        match wire::read_frame(&mut conn.r)? {
+            (Kind::Running, _) => {
+                downtime = Some(pause_start.elapsed().as_micros() as u64);
+                info!(downtime_us = downtime, "the destination runs the VM");
+            }
+            (Kind::Resident, _) => {
+                return downtime.ok_or(MigrationError::Wire(WireError::Unexpected {
+                    got: Kind::Resident,
+                    expected: "the destination running",
+                }));
+            }
+            (Kind::Request, payload) => {
+                let (first, end) = wire::decode_request(&payload, lacking.len())?;
+                let region = region_of(regions, first)
+                    .filter(|r| end <= r.first_page() + r.pages())
+                    .ok_or_else(|| {
+                        WireError::malformed(Kind::Request, "a range across memory regions")
+                    })?;
+                send_block(conn, memory, region, (first, end), lacking, false, &mut buf)?;
+                conn.flush()?;
+            }
+            (got, _) => {
+                return Err(WireError::Unexpected {
+                    got,
+                    expected: "a page request or the destination resident",
+                }
+                .into())
+            }
+        }
+    }
+}
