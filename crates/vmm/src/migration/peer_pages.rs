@@ -212,13 +212,15 @@ impl BlockSource for PeerPages {
                         .copy_from_slice(data.expect("data pages carry data"));
                     RunKind::Data
                 }
-                _ => return Err(self.failure(
-                    first,
-                    count,
-                    format!(
+                _ => {
+                    return Err(self.failure(
+                        first,
+                        count,
+                        format!(
                         "page {page}: the source's answer does not match the pages this VM lacks"
                     ),
-                )),
+                    ))
+                }
             };
             match runs.last_mut() {
                 Some(last) if last.kind == kind => last.count += 1,

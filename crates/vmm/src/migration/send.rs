@@ -258,12 +258,18 @@ pub(crate) fn migrate(
             lacking.or(&last);
         }
         ctx.dirty.end_rounds();
+        let phase = |done: &'static str| {
+            debug!(done, us = pause_start.elapsed().as_micros() as u64);
+        };
+        phase("dirty log");
         let state = checkpoint::save_state(&machine.vm, &machine.devices, &guard)?;
+        phase("state");
         let switched = disk_cow::switch_disks(disks, &mut preps);
         disk_cow::record_layers(&preps, ctx.layers);
         switched?;
         // Writes issued before the pause land in the frozen layers first.
         disk_cow::wait_parents(disks)?;
+        phase("disks");
         let disk_configs = preps
             .iter()
             .zip(&state.devices.blocks)
