@@ -14,6 +14,7 @@ mod common;
 mod compare;
 mod disk;
 mod incremental;
+mod migrate;
 mod pause_series;
 mod plot;
 mod restore;
@@ -37,6 +38,9 @@ pub enum BenchCommand {
     /// Incremental checkpoints against full ones; with --s3, upload throughput and restores
     /// from S3 with a cold and a warm cache.
     Incremental(incremental::IncrementalBenchArgs),
+    /// Live migration, cowvm (pre-copy, post-copy, hybrid) against QEMU, on the same guest:
+    /// downtime, guest time lost, total time, bytes sent.
+    Migrate(migrate::MigrateBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,6 +76,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Restore(args) => restore::run(args),
         BenchCommand::Disk(args) => disk::run(args),
         BenchCommand::Incremental(args) => incremental::run(args),
+        BenchCommand::Migrate(args) => migrate::run(args),
     }
 }
 

@@ -94,8 +94,8 @@ impl Method {
 
 /// A workload: the share of memory the `dirty` guest writes at full speed.
 #[derive(Debug, Clone, Copy)]
-struct Workload {
-    percent: u64,
+pub(super) struct Workload {
+    pub(super) percent: u64,
 }
 
 const WORKLOADS: [Workload; 2] = [Workload { percent: 100 }, Workload { percent: 10 }];
@@ -105,7 +105,9 @@ impl Workload {
         format!("dirty {}%", self.percent)
     }
 
-    fn cmdline(self, mem: u64) -> String {
+    /// The guest's command line: the working set rewritten whole page by whole page, a
+    /// progress stamp after every pass.
+    pub(super) fn cmdline(self, mem: u64) -> String {
         format!(
             "dirty mem={}K fill=1 every=1",
             working_set(mem, self.percent) >> 10
@@ -303,7 +305,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `/proc/loadavg`'s three averages.
-fn load_average() -> String {
+pub(super) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into())
@@ -408,40 +410,47 @@ impl Report<'_> {
     }
 
     fn markdown(&self) -> String {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("model name"))
-                    .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-            .unwrap_or_else(|| "unknown".into());
-        let mem_total = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|s| s.lines().next().map(str::to_string))
-            .unwrap_or_default();
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-        let command: Vec<String> = std::env::args().collect();
-        let mut md = String::new();
-        let _ = writeln!(md, "- command: `{}`", command.join(" "));
-        let _ = writeln!(md, "- CPU: {cpu}, {cores} cores");
-        let _ = writeln!(
-            md,
-            "- memory: {}",
-            mem_total
-                .split_whitespace()
-                .skip(1)
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        let _ = writeln!(md, "- host kernel: {}", kernel.trim());
-        let _ = writeln!(md, "- QEMU: {}", qemu::version());
-        let _ = writeln!(md, "- load average: {}", self.load);
-        let _ = writeln!(md, "- run time: {:.0} s\n", self.took.as_secs_f64());
+        let mut md = run_description(&self.load, self.took);
         md.push_str(&self.tables());
         md
     }
+}
+
+/// What a results file says about its run, as a Markdown list: the command, the host (CPU,
+/// memory, kernel, QEMU), the load average and the run time.
+pub(super) fn run_description(load: &str, took: Duration) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let mem_total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let command: Vec<String> = std::env::args().collect();
+    let mut md = String::new();
+    let _ = writeln!(md, "- command: `{}`", command.join(" "));
+    let _ = writeln!(md, "- CPU: {cpu}, {cores} cores");
+    let _ = writeln!(
+        md,
+        "- memory: {}",
+        mem_total
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let _ = writeln!(md, "- host kernel: {}", kernel.trim());
+    let _ = writeln!(md, "- QEMU: {}", qemu::version());
+    let _ = writeln!(md, "- load average: {load}");
+    let _ = writeln!(md, "- run time: {:.0} s\n", took.as_secs_f64());
+    md
 }
 
 fn write_outputs(dir: &Path, report: &Report<'_>) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
-//! QEMU driven over QMP for the comparison: boot the same guest, checkpoint it with
+//! QEMU driven over QMP for the comparisons: boot the same guest, checkpoint it with
 //! stop-and-copy or the `background-snapshot` migration capability (userfaultfd write-protect),
-//! restore it with `-incoming`. QEMU's serial console is copied into [`Stamps`] as it arrives.
+//! restore it with `-incoming`, migrate it live to another QEMU (pre-copy, post-copy). QEMU's
+//! serial console is copied into [`Stamps`] as it arrives.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -148,7 +149,26 @@ impl Qmp {
 pub struct MigrationReport {
     /// `downtime` (the VM stop QEMU itself needed), in microseconds, when reported.
     pub downtime_us: Option<u64>,
+    /// `total-time`: from the `migrate` command until complete, in microseconds.
+    pub total_us: Option<u64>,
+    /// `ram.transferred`: bytes of the migration stream.
+    pub bytes: Option<u64>,
+    /// `ram.dirty-sync-count`: the dirty bitmap syncs (one at the start, one each time QEMU
+    /// looks again at what the guest wrote, one at the switch-over).
+    pub dirty_syncs: Option<u64>,
 }
+
+/// One look at a migration under way.
+pub enum MigrationState {
+    /// Not complete yet; the dirty bitmap syncs so far (2 once the first pass is over).
+    Active { dirty_syncs: u64 },
+    /// Complete.
+    Completed(MigrationReport),
+}
+
+/// The largest `downtime-limit` QEMU accepts (2000 s), in milliseconds: a pre-copy given it
+/// stops the VM and copies the rest at its next look at what is left.
+pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
 
 /// A running QEMU with the test guest.
 pub struct Qemu {
@@ -170,8 +190,9 @@ pub struct QemuConfig<'a> {
     pub cmdline: &'a str,
     /// Directory for the QMP socket and QEMU's log.
     pub dir: &'a Path,
-    /// Restore from this migration file instead of booting.
-    pub incoming: Option<&'a Path>,
+    /// Wait for a migration stream at this `-incoming` address (`exec:cat FILE`,
+    /// `tcp:HOST:PORT`) instead of booting.
+    pub incoming: Option<&'a str>,
 }
 
 impl Qemu {
@@ -199,9 +220,8 @@ impl Qemu {
         .arg("-kernel")
         .arg(config.kernel)
         .args(["-append", config.cmdline]);
-        if let Some(file) = config.incoming {
-            cmd.arg("-incoming")
-                .arg(format!("exec:cat {}", file.display()));
+        if let Some(uri) = config.incoming {
+            cmd.args(["-incoming", uri]);
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -243,8 +263,9 @@ impl Qemu {
     /// Starts QEMU restoring the migration stream in `file` (`-incoming`) and returns once the
     /// VM runs (all of the stream read).
     pub fn restore(config: &QemuConfig<'_>, file: &Path) -> Result<Qemu, QemuError> {
+        let uri = format!("exec:cat {}", file.display());
         let mut vm = Qemu::start(&QemuConfig {
-            incoming: Some(file),
+            incoming: Some(&uri),
             ..*config
         })?;
         vm.finish_incoming()?;
@@ -261,11 +282,30 @@ impl Qemu {
         Ok(())
     }
 
+    /// Sets the longest pause a pre-copy may take to copy what is left (`downtime-limit`,
+    /// 300 ms by default); QEMU applies a new value at its next look at what is left.
+    pub fn set_downtime_limit(&mut self, ms: u64) -> Result<(), QemuError> {
+        self.qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "downtime-limit": ms })),
+        )?;
+        Ok(())
+    }
+
     /// Enables QEMU's live snapshot: migration with userfaultfd write-protect of guest memory.
     pub fn enable_background_snapshot(&mut self) -> Result<(), QemuError> {
+        self.enable_capability("background-snapshot")
+    }
+
+    /// Allows post-copy (`postcopy-ram`): needed on both the source and the destination.
+    pub fn enable_postcopy(&mut self) -> Result<(), QemuError> {
+        self.enable_capability("postcopy-ram")
+    }
+
+    fn enable_capability(&mut self, capability: &str) -> Result<(), QemuError> {
         self.qmp.execute(
             "migrate-set-capabilities",
-            Some(json!({"capabilities": [{"capability": "background-snapshot", "state": true}]})),
+            Some(json!({"capabilities": [{"capability": capability, "state": true}]})),
         )?;
         Ok(())
     }
@@ -282,30 +322,50 @@ impl Qemu {
 
     /// Migrates the VM into `file` and waits until QEMU reports the migration complete.
     pub fn migrate_to_file(&mut self, file: &Path) -> Result<MigrationReport, QemuError> {
-        self.qmp.execute(
-            "migrate",
-            Some(json!({ "uri": format!("exec:cat > {}", file.display()) })),
-        )?;
+        self.start_migration(&format!("exec:cat > {}", file.display()))?;
         let start = Instant::now();
         loop {
-            let info = self.qmp.execute("query-migrate", None)?;
-            match info["status"].as_str().unwrap_or("") {
-                "completed" => {
-                    return Ok(MigrationReport {
-                        downtime_us: info["downtime"].as_u64().map(|ms| ms * 1000),
-                    })
-                }
-                status @ ("failed" | "cancelled") => {
-                    return Err(QemuError::Migration {
-                        status: status.into(),
-                        desc: info["error-desc"].as_str().unwrap_or("").into(),
-                    })
-                }
+            match self.migration_state()? {
+                MigrationState::Completed(report) => return Ok(report),
                 _ if start.elapsed() > MIGRATE_WAIT => {
                     return Err(QemuError::Timeout(MIGRATE_WAIT))
                 }
-                _ => std::thread::sleep(Duration::from_millis(2)),
+                MigrationState::Active { .. } => std::thread::sleep(Duration::from_millis(2)),
             }
+        }
+    }
+
+    /// Starts migrating the VM to `uri` (`exec:CMD`, `tcp:HOST:PORT`) and returns at once.
+    pub fn start_migration(&mut self, uri: &str) -> Result<(), QemuError> {
+        self.qmp
+            .execute("migrate", Some(json!({ "uri": uri })))
+            .map(drop)
+    }
+
+    /// Switches a migration under way to post-copy: the destination runs the VM at once and
+    /// fetches the pages not sent yet as it touches them (`postcopy-ram` enabled on both).
+    pub fn start_postcopy(&mut self) -> Result<(), QemuError> {
+        self.qmp.execute("migrate-start-postcopy", None).map(drop)
+    }
+
+    /// Where the migration stands (`query-migrate`); a failed or cancelled one is an error.
+    pub fn migration_state(&mut self) -> Result<MigrationState, QemuError> {
+        let info = self.qmp.execute("query-migrate", None)?;
+        let ram = &info["ram"];
+        match info["status"].as_str().unwrap_or("") {
+            "completed" => Ok(MigrationState::Completed(MigrationReport {
+                downtime_us: info["downtime"].as_u64().map(|ms| ms * 1000),
+                total_us: info["total-time"].as_u64().map(|ms| ms * 1000),
+                bytes: ram["transferred"].as_u64(),
+                dirty_syncs: ram["dirty-sync-count"].as_u64(),
+            })),
+            status @ ("failed" | "cancelled") => Err(QemuError::Migration {
+                status: status.into(),
+                desc: info["error-desc"].as_str().unwrap_or("").into(),
+            }),
+            _ => Ok(MigrationState::Active {
+                dirty_syncs: ram["dirty-sync-count"].as_u64().unwrap_or(0),
+            }),
         }
     }
 
