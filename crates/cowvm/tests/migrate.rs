@@ -268,3 +268,72 @@ fn streams_that_are_not_cowvm_migrations_or_are_newer_are_refused() {
         assert!(read(&log).contains(why), "{}", read(&log));
     }
 }
+
+/// A delay in `0..max_ms` milliseconds that differs from run to run (printed, to replay).
+fn random_ms(max_ms: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    u64::from(nanos) % max_ms
+}
+
+#[test]
+fn killing_either_side_at_a_random_instant_never_runs_the_vm_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = reference(dir.path(), COMPUTE, "256M", &[]);
+    for (round, kill_source) in [(0, false), (1, true), (2, false), (3, true)] {
+        let run = dir.path().join(format!("run{round}"));
+        std::fs::create_dir(&run).unwrap();
+        let port = free_port();
+        let (mut dst, dst_console, log) = receive(&run, port, &[]);
+        let sock = run.join("api.sock");
+        let src_console = run.join("src.txt");
+        let mut src = Process::spawn(
+            Command::new(COWVM)
+                .args(["run", "--kernel"])
+                .arg(guests::pvh_guest())
+                .args(["--cmdline", COMPUTE, "--mem", "256M", "--console", s(&src_console)])
+                .args(["--api-sock", s(&sock)])
+                .stderr(std::fs::File::create(run.join("src.log")).unwrap()),
+        );
+        common::wait_for_socket(&sock);
+        wait_for_lines(&src_console, "round", 10);
+        let mut migrating = Process::spawn(
+            Command::new(COWVM)
+                .args(["migrate", "--api-sock", s(&sock), "--mode", "hybrid"])
+                .args(["--to", &format!("tcp://127.0.0.1:{port}")])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(run.join("migrate.log")).unwrap()),
+        );
+        let delay = random_ms(400);
+        std::thread::sleep(Duration::from_millis(delay));
+        let victim = if kill_source { src.id() } else { dst.id() };
+        let _ = Command::new("kill").args(["-9", &victim.to_string()]).status();
+        let migrated = migrating.wait().success();
+        let src_ok = src.wait().success();
+        let dst_ok = dst.wait().success();
+        let context = format!(
+            "round {round} (kill {} after {delay} ms): migrate {migrated}, source {src_ok}, \
+             destination {dst_ok}\n{}\n{}",
+            if kill_source { "source" } else { "destination" },
+            read(&run.join("migrate.log")),
+            read(&log)
+        );
+        let src_out = read(&src_console);
+        let dst_out = read(&dst_console);
+        // Never both: a guest that ran on at the destination never ran on at the source too.
+        let src_finished = src_out == expected;
+        let dst_continued = !dst_out.is_empty();
+        assert!(!(src_finished && dst_continued), "ran twice: {context}");
+        if kill_source {
+            // The destination either finished the guest (it had every page) or stopped.
+            if dst_ok {
+                assert_eq!(src_out + &dst_out, expected, "{context}");
+            }
+        } else if !migrated && src_ok {
+            // The destination died before it took over: the source ran on, unharmed.
+            assert_eq!(src_out, expected, "{context}");
+            assert!(read(&run.join("migrate.log")).contains("runs on here"), "{context}");
+        }
+    }
+}

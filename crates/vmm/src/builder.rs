@@ -176,6 +176,8 @@ pub(crate) fn assemble(parts: Parts<'_>, start: Start<'_>) -> Result<Machine, Vm
         console,
         disks,
     } = parts;
+    let started = std::time::Instant::now();
+    let phase = |done: &'static str| tracing::debug!(done, us = started.elapsed().as_micros() as u64, "assemble");
     let args = DeviceArgs {
         vm: &vm.fd,
         mem: &memory,
@@ -197,7 +199,9 @@ pub(crate) fn assemble(parts: Parts<'_>, start: Start<'_>) -> Result<Machine, Vm
         }
         Start::Restore(state) => (DeviceManager::restore(args, &state.devices)?, None),
     };
+    phase("devices");
     let base_cpuid = supported_cpuid(&vm.kvm)?;
+    phase("cpuid");
     let mut msrs: Option<Arc<[u32]>> = None;
     let mut vcpus = Vec::with_capacity(usize::from(summary.vcpus));
     for id in 0..summary.vcpus {
@@ -232,7 +236,9 @@ pub(crate) fn assemble(parts: Parts<'_>, start: Start<'_>) -> Result<Machine, Vm
             mmio: devices.mmio().clone(),
         });
     }
+    phase("vcpus");
     let control = start_vcpus(vcpus, exit.clone())?;
+    phase("started");
     if let Err(e) = devices.start(&memory) {
         control.request_exit();
         control.join();

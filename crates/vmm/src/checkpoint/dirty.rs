@@ -86,6 +86,26 @@ impl PageBits {
         Some(PageBits { words, pages })
     }
 
+    /// Whether any page of `first..end` is set.
+    pub(crate) fn any(&self, first: u64, end: u64) -> bool {
+        let end = end.min(self.pages);
+        let mut page = first;
+        while page < end {
+            if page % 64 == 0 && end - page >= 64 {
+                if self.words[(page / 64) as usize] != 0 {
+                    return true;
+                }
+                page += 64;
+            } else {
+                if self.get(page) {
+                    return true;
+                }
+                page += 1;
+            }
+        }
+        false
+    }
+
     /// Number of pages the bitmap covers.
     pub(crate) fn len(&self) -> u64 {
         self.pages
@@ -490,5 +510,6 @@ mod tests {
         assert_eq!(b.runs(0, 130, true), vec![(0, 3), (64, 2), (129, 1)]);
         assert_eq!(b.runs(1, 66, false), vec![(3, 61)]);
         assert!(!b.get(130));
+        assert!(b.any(60, 65) && b.any(129, 200) && !b.any(3, 64) && !b.any(66, 129));
     }
 }

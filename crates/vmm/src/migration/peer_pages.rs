@@ -118,10 +118,11 @@ impl PeerPages {
         })
     }
 
-    /// Tells the source the vCPUs run (and, if every page arrived before, that too).
-    pub(super) fn running(&self) -> Result<(), WireError> {
+    /// Tells the source the vCPUs run, `took_us` after the switchover arrived (and, if every
+    /// page arrived before, that too).
+    pub(super) fn running(&self, took_us: u64) -> Result<(), WireError> {
         let mut w = lock(&self.writer);
-        wire::write_frame(&mut w.w, Kind::Running, &[])?;
+        wire::write_frame(&mut w.w, Kind::Running, &[&took_us.to_le_bytes()])?;
         w.running_sent = true;
         if w.resident_pending {
             wire::write_frame(&mut w.w, Kind::Resident, &[])?;
@@ -158,7 +159,7 @@ impl BlockSource for PeerPages {
     }
 
     fn missing_at_start(&self, first: u64, end: u64) -> bool {
-        (first..end).any(|p| self.lacking.get(p))
+        self.lacking.any(first, end)
     }
 
     fn fetch(&self, first: u64, end: u64, buf: &mut [u8]) -> Result<Vec<Run>, PageServiceError> {

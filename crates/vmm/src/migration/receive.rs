@@ -300,9 +300,10 @@ pub(crate) fn receive(
     let first_instruction_us = started.elapsed().as_micros() as u64;
     // The VM runs whatever happens to the connection now: with every page here it needs
     // nothing more from the source, and without them the page service stops it.
+    let took = first_instruction_us.to_le_bytes();
     let told = match (&peer_pages, plain) {
-        (Some(p), _) => p.running(),
-        (None, Some(mut w)) => wire::write_frame(&mut w, Kind::Running, &[])
+        (Some(p), _) => p.running(first_instruction_us),
+        (None, Some(mut w)) => wire::write_frame(&mut w, Kind::Running, &[&took])
             .and_then(|()| wire::write_frame(&mut w, Kind::Resident, &[]))
             .and_then(|()| w.flush())
             .map_err(WireError::Io),

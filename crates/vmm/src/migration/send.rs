@@ -242,6 +242,13 @@ pub(crate) fn migrate(
             .map_or(0, |d| d.as_micros())
     );
     let mut preps = disk_cow::prepare_disks(disks, &tag).map_err(|e| resumed(e.into()))?;
+    // One more read of the dirty log just before the pause, so that the one in the pause (a
+    // cost that grows with the pages written since the last read) finds little.
+    let mut lacking = lacking;
+    if options.mode != MigrationMode::Postcopy {
+        let recent = ctx.dirty.next_round(&machine.vm).map_err(|e| resumed(e.into()))?;
+        lacking.or(&recent);
+    }
     let pause_start = Instant::now();
     let guard = machine
         .control
@@ -252,7 +259,6 @@ pub(crate) fn migrate(
     }
     let frozen = disk_cow::freeze_disks(disks, IoPolicy::Live).map_err(|e| resumed(e.into()))?;
     let handed = (|| -> Result<PageBits, MigrationError> {
-        let mut lacking = lacking;
         if options.mode != MigrationMode::Postcopy {
             let last = ctx.dirty.next_round(&machine.vm)?;
             lacking.or(&last);
@@ -321,7 +327,7 @@ pub(crate) fn migrate(
     // From here on the destination may run the VM: this one never runs again.
     machine.exit.notify(VmExit::Migrated(options.to.clone()));
     machine.control.request_exit();
-    let served = serve(&mut conn, &machine.memory, &regions, &lacking, pause_start);
+    let served = serve(&mut conn, &machine.memory, &regions, &lacking, report.pause_us);
     drop(frozen);
     drop(guard);
     let downtime_us = served.map_err(|e| MigrationError::HandedOver {
@@ -416,21 +422,30 @@ fn precopy(
 }
 
 /// After `Go`: answers the destination's requests until it has every page. Returns the
-/// downtime (the pause until the destination ran).
+/// downtime: `switch_sent_us` (the pause until the switchover left) plus the destination's
+/// time from its arrival until the vCPUs ran.
 fn serve(
     conn: &mut Conn,
     memory: &GuestMemoryMmap,
     regions: &[RamRegion],
     lacking: &PageBits,
-    pause_start: Instant,
+    switch_sent_us: u64,
 ) -> Result<u64, MigrationError> {
     let mut buf = vec![0u8; (BLOCK_PAGES * PAGE_SIZE) as usize];
     let mut downtime = None;
     loop {
         match wire::read_frame(&mut conn.r)? {
-            (Kind::Running, _) => {
-                downtime = Some(pause_start.elapsed().as_micros() as u64);
-                info!(downtime_us = downtime, "the destination runs the VM");
+            (Kind::Running, payload) => {
+                // The destination's own time from the switchover's arrival to its vCPUs
+                // running, after this side's time until the switchover left: the figure
+                // does not depend on the two hosts' clocks, nor on how long the answer
+                // waited behind page requests.
+                let took: [u8; 8] = payload.as_slice().try_into().map_err(|_| {
+                    WireError::malformed(Kind::Running, "not a duration")
+                })?;
+                let total = switch_sent_us.saturating_add(u64::from_le_bytes(took));
+                downtime = Some(total);
+                info!(downtime_us = total, "the destination runs the VM");
             }
             (Kind::Resident, _) => {
                 return downtime.ok_or(MigrationError::Wire(WireError::Unexpected {
