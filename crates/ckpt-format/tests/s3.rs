@@ -1,4 +1,5 @@
-//! The S3 store against a real SeaweedFS server (started and killed by each test).
+//! The S3 store against a real SeaweedFS server: one shared by the tests, each under its own
+//! prefix, and one of its own for the test that stops it.
 
 mod common;
 mod s3_server;
@@ -31,7 +32,7 @@ fn check_pages(store: &dyn Store, seed: u64) -> Checkpoint {
 
 #[test]
 fn round_trip_matches_a_directory_store() {
-    let weed = Weed::start();
+    let weed = Weed::shared();
     let s3 = weed.store("vm1/monday");
     let written = write_checkpoint(&s3, 11);
     let ckpt = check_pages(&s3, 11);
@@ -83,7 +84,7 @@ fn round_trip_matches_a_directory_store() {
 
 #[test]
 fn chunks_of_zero_pages_are_not_uploaded() {
-    let weed = Weed::start();
+    let weed = Weed::shared();
     let s3 = weed.store("sparse");
     let mut w = CheckpointWriter::create(&s3, &Layout { mem_size: MEM_SIZE }).unwrap();
     let zero = [0u8; PAGE_SIZE];
@@ -124,7 +125,7 @@ fn chunks_of_zero_pages_are_not_uploaded() {
 /// later pages; the result is the same.
 #[test]
 fn bounded_buffers_spill_and_merge() {
-    let weed = Weed::start();
+    let weed = Weed::shared();
     let s3 = weed.store("tight").parallelism(1, 1);
     write_checkpoint(&s3, 23);
     check_pages(&s3, 23);
@@ -134,7 +135,7 @@ fn bounded_buffers_spill_and_merge() {
 /// its report and completes.
 #[test]
 fn fork_split_child_writes_memory_parent_completes() {
-    let weed = Weed::start();
+    let weed = Weed::shared();
     let s3 = weed.store("forked");
     let mut parent = CheckpointWriter::create(&s3, &Layout { mem_size: MEM_SIZE }).unwrap();
     let mut child = parent.fork_copy();
@@ -151,7 +152,7 @@ fn fork_split_child_writes_memory_parent_completes() {
 
 #[test]
 fn refuses_to_overwrite_unless_asked() {
-    let weed = Weed::start();
+    let weed = Weed::shared();
     let s3 = weed.store("again");
     write_checkpoint(&s3, 1);
     let e = CheckpointWriter::create(&s3, &Layout { mem_size: MEM_SIZE }).unwrap_err();
@@ -216,7 +217,7 @@ fn unreachable_endpoint_is_named() {
 
 #[test]
 fn wrong_credentials_and_missing_bucket_get_one_clear_line() {
-    let weed = Weed::start();
+    let weed = Weed::shared();
     let wrong = weed.store("x").credentials(ACCESS_KEY, "not-the-secret");
     let e = CheckpointWriter::create(&wrong, &Layout { mem_size: MEM_SIZE }).unwrap_err();
     let text = one_line(&e);
@@ -251,7 +252,7 @@ fn wrong_credentials_and_missing_bucket_get_one_clear_line() {
 
 #[test]
 fn incomplete_and_corrupt_checkpoints_are_refused() {
-    let weed = Weed::start();
+    let weed = Weed::shared();
     let s3 = weed.store("broken");
     write_checkpoint(&s3, 3);
 
@@ -297,7 +298,7 @@ fn incomplete_and_corrupt_checkpoints_are_refused() {
 /// the bucket again, never returned.
 #[test]
 fn a_cache_directory_serves_later_restores_and_is_verified() {
-    let weed = Weed::start();
+    let weed = Weed::shared();
     let cache = tempfile::tempdir().unwrap();
     let s3 = weed.store("cached");
     write_checkpoint(&s3, 8);

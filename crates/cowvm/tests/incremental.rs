@@ -14,7 +14,7 @@ mod common;
 
 use common::*;
 
-const CMDLINE: &str = "compute mem=4M rounds=900 seed=3";
+const CMDLINE: &str = "compute mem=4M rounds=400 seed=3";
 
 #[test]
 fn incremental_checkpoints_restore_clone_and_flatten() {

@@ -43,7 +43,7 @@ fn restore_and_clones_continue_exactly_after_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let (full, ckpt) = checkpointed_run(
         dir.path(),
-        "compute mem=4M rounds=600 seed=3",
+        "compute mem=4M rounds=200 seed=3",
         ("round=", 3),
     );
     assert!(last_line(&full).starts_with("compute checksum="), "{full}");
@@ -67,7 +67,7 @@ fn restore_and_clones_continue_exactly_after_the_checkpoint() {
     let (status, vm) = request(&sock, "GET", "/vm", None);
     assert_eq!(status, 200, "{vm}");
     assert_eq!(vm["restored_from"], s(&ckpt), "{vm}");
-    assert_eq!(vm["config"]["cmdline"], "compute mem=4M rounds=600 seed=3");
+    assert_eq!(vm["config"]["cmdline"], "compute mem=4M rounds=200 seed=3");
     assert_eq!(process.wait().code(), Some(0));
     assert_eq!(read(&restored), suffix, "restored output");
 
@@ -209,7 +209,7 @@ fn restored_disks_get_their_own_cow_files() {
 
 #[test]
 fn rollback_returns_the_running_vm_to_its_checkpoint() {
-    const CMDLINE: &str = "compute mem=4M rounds=1500 seed=3";
+    const CMDLINE: &str = "compute mem=4M rounds=600 seed=3";
     let dir = tempfile::tempdir().unwrap();
     // The uninterrupted output, for comparison.
     let (mut uninterrupted, reference) = run_reference(dir.path(), CMDLINE, &[]);
@@ -344,7 +344,7 @@ fn rollback_returns_the_running_vm_to_its_checkpoint() {
 /// guest's rounds go back to the checkpoint and on to the same end as an uninterrupted run.
 #[test]
 fn rollback_to_a_ram_checkpoint() {
-    const CMDLINE: &str = "compute mem=4M rounds=1500 seed=3";
+    const CMDLINE: &str = "compute mem=4M rounds=600 seed=3";
     let dir = tempfile::tempdir().unwrap();
     let (mut uninterrupted, reference) = run_reference(dir.path(), CMDLINE, &[]);
     let (mut vm, sock, console) = run_guest(dir.path(), CMDLINE, &[]);

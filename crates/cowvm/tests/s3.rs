@@ -21,7 +21,7 @@ const COWVM: &str = env!("CARGO_BIN_EXE_cowvm");
 /// How long a `cowvm` process may take: a hang detector, not a timing (the tests of this file
 /// run side by side with a SeaweedFS server on a two-core host).
 const LIMIT: Duration = Duration::from_secs(600);
-const CMDLINE: &str = "compute mem=4M rounds=600 seed=3";
+const CMDLINE: &str = "compute mem=4M rounds=300 seed=3";
 
 /// A `cowvm` process; killed (by its own pid) if a test fails.
 struct Process(Option<Child>);
@@ -137,7 +137,7 @@ fn last_line(output: &str) -> &str {
 
 #[test]
 fn checkpoint_to_s3_then_inspect_restore_and_clone_from_it() {
-    let weed = Weed::start();
+    let weed = Weed::shared();
     let endpoint = weed.endpoint();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("s3://{BUCKET}/vm/first");
@@ -262,7 +262,7 @@ fn checkpoint_to_s3_then_inspect_restore_and_clone_from_it() {
 /// flattened from S3, with output identical to the uninterrupted run.
 #[test]
 fn incremental_checkpoints_in_s3_restore_clone_and_flatten() {
-    let weed = Weed::start();
+    let weed = Weed::shared();
     let endpoint = weed.endpoint();
     let dir = tempfile::tempdir().unwrap();
     let full_url = format!("s3://{BUCKET}/chain/full");
@@ -390,7 +390,7 @@ fn failed_checkpoint(sock: &Path, url: &str, endpoint: &str, expected: &str) {
 
 #[test]
 fn an_unusable_store_fails_the_checkpoint_clearly_and_the_vm_runs_on() {
-    let weed = Weed::start();
+    let weed = Weed::shared();
     let endpoint = weed.endpoint();
     let dir = tempfile::tempdir().unwrap();
     let (mut vm, sock, console) = run_guest(dir.path(), SECRET_KEY);
@@ -413,5 +413,4 @@ fn an_unusable_store_fails_the_checkpoint_clearly_and_the_vm_runs_on() {
     failed_checkpoint(&sock, &url, &endpoint, "access denied");
     assert!(vm.wait_success());
     assert!(last_line(&read(&console)).starts_with("compute checksum="));
-    drop(weed);
 }

@@ -8,13 +8,14 @@ use std::hash::Hasher;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::Capture;
 use vmm::{commit_and_rebase, DiskConfig};
 use vmm::{Vm, VmExit};
 
-const WORKLOAD: &str = "disk blocks=256 rounds=10 qd=8 seed=7";
+const WORKLOAD: &str = "disk blocks=256 rounds=6 qd=8 seed=7";
 const SIZE: u64 = 16 << 20;
 
 fn boot(cmdline: &str, disks: Vec<DiskConfig>) -> (Vm, Capture) {
@@ -94,25 +95,31 @@ fn outcome(text: &str) -> Vec<&str> {
         .collect()
 }
 
-/// The reference: the same command line on a fresh raw disk.
-fn reference(dir: &Path) -> (String, Vec<u8>) {
-    let raw = dir.join("reference.raw");
-    disk::create_raw(&raw, SIZE, false).unwrap();
-    let text = run_to_end(WORKLOAD, vec![disk(&raw)]);
-    (text, std::fs::read(&raw).unwrap())
+/// The reference: the same command line on a fresh raw disk, its output and disk content. The
+/// workload is deterministic, so the first test to ask runs it once for all.
+fn reference() -> (&'static str, &'static [u8]) {
+    static REFERENCE: OnceLock<(String, Vec<u8>)> = OnceLock::new();
+    let (text, bytes) = REFERENCE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("reference.raw");
+        disk::create_raw(&raw, SIZE, false).unwrap();
+        let text = run_to_end(WORKLOAD, vec![disk(&raw)]);
+        (text, std::fs::read(&raw).unwrap())
+    });
+    (text, bytes)
 }
 
 #[test]
 fn workload_passes_on_raw_qcow2_and_a_three_deep_chain() {
     let dir = tempfile::tempdir().unwrap();
-    let (ref_text, ref_bytes) = reference(dir.path());
+    let (ref_text, ref_bytes) = reference();
     assert!(ref_text.contains("disk id=cowvm-disk0"), "{ref_text}");
     assert!(ref_text.contains("disk done"));
 
     let q = dir.path().join("single.qcow2");
     qcow2(&q, None, Some(SIZE));
     let text = run_to_end(WORKLOAD, vec![disk(&q)]);
-    assert_eq!(outcome(&text), outcome(&ref_text));
+    assert_eq!(outcome(&text), outcome(ref_text));
     qemu_img_check(&q);
     assert_eq!(convert_to_raw(&q), ref_bytes);
 
@@ -123,7 +130,7 @@ fn workload_passes_on_raw_qcow2_and_a_three_deep_chain() {
     let top = dir.path().join("top.qcow2");
     qcow2(&top, Some((&mid, disk::Format::Qcow2)), None);
     let text = run_to_end(WORKLOAD, vec![disk(&top)]);
-    assert_eq!(outcome(&text), outcome(&ref_text));
+    assert_eq!(outcome(&text), outcome(ref_text));
     qemu_img_check(&top);
     qemu_img_check(&mid);
     assert_eq!(convert_to_raw(&top), ref_bytes);
@@ -137,7 +144,7 @@ fn workload_passes_on_raw_qcow2_and_a_three_deep_chain() {
 #[test]
 fn live_switches_to_new_cow_files_with_requests_in_flight() {
     let dir = tempfile::tempdir().unwrap();
-    let (ref_text, ref_bytes) = reference(dir.path());
+    let (ref_text, ref_bytes) = reference();
     let t0 = dir.path().join("t0.qcow2");
     qcow2(&t0, None, Some(SIZE));
     let cfg = DiskConfig {
@@ -182,7 +189,7 @@ fn live_switches_to_new_cow_files_with_requests_in_flight() {
     drop(vm);
     let text = console.text();
     assert_eq!(exit, Some(VmExit::Guest(0)), "{text}");
-    assert_eq!(outcome(&text), outcome(&ref_text));
+    assert_eq!(outcome(&text), outcome(ref_text));
     assert!(
         with_inflight > 0,
         "no switch happened with requests in flight"
@@ -203,7 +210,7 @@ fn live_switches_to_new_cow_files_with_requests_in_flight() {
 #[test]
 fn commit_while_the_guest_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let (ref_text, ref_bytes) = reference(dir.path());
+    let (ref_text, ref_bytes) = reference();
     let p = dir.path().join("p.raw");
     disk::create_raw(&p, SIZE, false).unwrap();
     let t1 = dir.path().join("t1.qcow2");
@@ -230,7 +237,7 @@ fn commit_while_the_guest_writes() {
     drop(vm);
     let text = console.text();
     assert_eq!(exit, Some(VmExit::Guest(0)), "{text}");
-    assert_eq!(outcome(&text), outcome(&ref_text));
+    assert_eq!(outcome(&text), outcome(ref_text));
     qemu_img_check(&t2);
     assert_eq!(convert_to_raw(&t2), ref_bytes);
 }
@@ -238,8 +245,10 @@ fn commit_while_the_guest_writes() {
 #[test]
 fn read_only_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, ref_bytes) = reference(dir.path());
-    let raw = dir.path().join("reference.raw");
+    let (_, ref_bytes) = reference();
+    // A disk the workload has written.
+    let raw = dir.path().join("written.raw");
+    std::fs::write(&raw, ref_bytes).unwrap();
     let before = file_hash(&raw);
     let cfg = DiskConfig {
         readonly: true,

@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ckpt_format::{Checkpoint, Error, S3Location, S3Store};
@@ -46,11 +47,27 @@ pub struct Weed {
     child: Option<Child>,
     dir: tempfile::TempDir,
     ports: Vec<u16>,
+    /// Run under a shell that kills it when this process ends (see [`Weed::shared`]).
+    tied: bool,
 }
 
 impl Weed {
     /// Starts a server and creates [`BUCKET`]; panics if it is not serving within 60 s.
     pub fn start() -> Weed {
+        Weed::launch(false)
+    }
+
+    /// The server of every test of this process that needs none of its own (each works under
+    /// its own prefix of [`BUCKET`]), so that a server starts once, not once per test. The
+    /// first test that asks starts it; it runs until the process ends, however that ends: a
+    /// shell between the two kills the server, and removes its files, once its standard
+    /// input, a pipe from this process, closes.
+    pub fn shared() -> &'static Weed {
+        static SHARED: OnceLock<Weed> = OnceLock::new();
+        SHARED.get_or_init(|| Weed::launch(true))
+    }
+
+    fn launch(tied: bool) -> Weed {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("data")).unwrap();
         std::fs::write(
@@ -64,6 +81,7 @@ impl Weed {
             child: None,
             dir,
             ports: free_ports(8),
+            tied,
         };
         weed.spawn();
         weed.create_bucket(BUCKET);
@@ -74,7 +92,21 @@ impl Weed {
         let p = &self.ports;
         let dir = self.dir.path();
         let log = std::fs::File::create(dir.join("weed.log")).unwrap();
-        let child = Command::new(weed_binary())
+        let mut command = if self.tied {
+            let mut sh = Command::new("sh");
+            sh.arg("-c")
+                .arg(r#"dir=$1; shift; "$@" </dev/null & read -r _; kill -9 $!; wait; rm -rf "$dir""#)
+                .arg("sh")
+                .arg(dir)
+                .arg(weed_binary());
+            sh.stdin(Stdio::piped());
+            sh
+        } else {
+            let mut weed = Command::new(weed_binary());
+            weed.stdin(Stdio::null());
+            weed
+        };
+        let child = command
             .arg("server")
             .arg(format!("-dir={}", dir.join("data").display()))
             .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
@@ -91,7 +123,6 @@ impl Weed {
             .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
             .arg(format!("-s3.config={}", dir.join("s3.json").display()))
             .args(["-master.volumeSizeLimitMB=256", "-volume.max=0"])
-            .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
