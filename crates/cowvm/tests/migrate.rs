@@ -292,7 +292,14 @@ fn killing_either_side_at_a_random_instant_never_runs_the_vm_twice() {
             Command::new(COWVM)
                 .args(["run", "--kernel"])
                 .arg(guests::pvh_guest())
-                .args(["--cmdline", COMPUTE, "--mem", "256M", "--console", s(&src_console)])
+                .args([
+                    "--cmdline",
+                    COMPUTE,
+                    "--mem",
+                    "256M",
+                    "--console",
+                    s(&src_console),
+                ])
                 .args(["--api-sock", s(&sock)])
                 .stderr(std::fs::File::create(run.join("src.log")).unwrap()),
         );
@@ -308,7 +315,9 @@ fn killing_either_side_at_a_random_instant_never_runs_the_vm_twice() {
         let delay = random_ms(400);
         std::thread::sleep(Duration::from_millis(delay));
         let victim = if kill_source { src.id() } else { dst.id() };
-        let _ = Command::new("kill").args(["-9", &victim.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .status();
         let migrated = migrating.wait().success();
         let src_ok = src.wait().success();
         let dst_ok = dst.wait().success();
@@ -333,7 +342,10 @@ fn killing_either_side_at_a_random_instant_never_runs_the_vm_twice() {
         } else if !migrated && src_ok {
             // The destination died before it took over: the source ran on, unharmed.
             assert_eq!(src_out, expected, "{context}");
-            assert!(read(&run.join("migrate.log")).contains("runs on here"), "{context}");
+            assert!(
+                read(&run.join("migrate.log")).contains("runs on here"),
+                "{context}"
+            );
         }
     }
 }

@@ -177,7 +177,9 @@ pub(crate) fn assemble(parts: Parts<'_>, start: Start<'_>) -> Result<Machine, Vm
         disks,
     } = parts;
     let started = std::time::Instant::now();
-    let phase = |done: &'static str| tracing::debug!(done, us = started.elapsed().as_micros() as u64, "assemble");
+    let phase = |done: &'static str| {
+        tracing::debug!(done, us = started.elapsed().as_micros() as u64, "assemble")
+    };
     let args = DeviceArgs {
         vm: &vm.fd,
         mem: &memory,

@@ -1,13 +1,17 @@
-//! The destination's page source after the hand-over: the blocks its page service claims are
-//! requested from the migration source over the connection, and every answer is checked
-//! against the pages the destination lacks before it is installed.
+//! The destination's page source after the hand-over. The source pushes every block the
+//! destination lacks, in address order; the reader thread keeps those that arrive before the
+//! page service claims them (a bounded number: it stops reading while the page service catches
+//! up). A block claimed before it arrived (a vCPU's first touch, usually) is requested: the
+//! source answers requests ahead of its pushes, and sends each block once, so a request for a
+//! block already on its way is answered by the push. Every block is checked against the pages
+//! the destination lacks before it is installed.
 
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use tracing::{debug, error};
@@ -24,10 +28,23 @@ struct Writer {
     resident_pending: bool,
 }
 
+/// Blocks kept before they are claimed, at most (2 MiB each).
+const PUSHED_MAX: usize = 32;
+
+/// Blocks received and blocks awaited, by first page.
+#[derive(Default)]
+struct Inbox {
+    /// Who waits for the block starting at each page.
+    waiters: HashMap<u64, SyncSender<Vec<u8>>>,
+    /// Blocks pushed before anyone claimed them.
+    pushed: HashMap<u64, Vec<u8>>,
+}
+
 /// State shared with the reader thread.
 struct Shared {
-    /// Who waits for the answer starting at each page.
-    replies: Mutex<HashMap<u64, SyncSender<Vec<u8>>>>,
+    inbox: Mutex<Inbox>,
+    /// Signalled when a pushed block is taken (or the service ends).
+    space: Condvar,
     /// Why the connection is gone, once it is.
     lost: Mutex<Option<String>>,
     /// Every page is resident: the source closing the connection is expected.
@@ -58,7 +75,8 @@ impl PeerPages {
     ) -> std::io::Result<PeerPages> {
         let stream = w.get_ref().try_clone()?;
         let shared = Arc::new(Shared {
-            replies: Mutex::new(HashMap::new()),
+            inbox: Mutex::new(Inbox::default()),
+            space: Condvar::new(),
             lost: Mutex::new(None),
             done: AtomicBool::new(false),
         });
@@ -75,12 +93,19 @@ impl PeerPages {
                                     Ok(p) => p.first,
                                     Err(e) => break e.to_string(),
                                 };
-                                let waiter = lock(&shared.replies).remove(&first);
-                                match waiter {
-                                    Some(tx) => {
-                                        let _ = tx.send(payload);
-                                    }
-                                    None => break "pages nobody asked for".to_string(),
+                                let mut inbox = lock(&shared.inbox);
+                                if let Some(tx) = inbox.waiters.remove(&first) {
+                                    let _ = tx.send(payload);
+                                    continue;
+                                }
+                                while inbox.pushed.len() >= PUSHED_MAX
+                                    && !shared.done.load(Ordering::Acquire)
+                                {
+                                    inbox =
+                                        shared.space.wait(inbox).unwrap_or_else(|p| p.into_inner());
+                                }
+                                if inbox.pushed.insert(first, payload).is_some() {
+                                    break "a block sent twice".to_string();
                                 }
                             }
                             Ok((got, _)) => {
@@ -101,7 +126,7 @@ impl PeerPages {
                     }
                     *lock(&shared.lost) = Some(why);
                     // Dropping the senders fails every fetch waiting.
-                    lock(&shared.replies).clear();
+                    lock(&shared.inbox).waiters.clear();
                 }
             })?;
         Ok(PeerPages {
@@ -146,6 +171,8 @@ impl PeerPages {
 impl Drop for PeerPages {
     fn drop(&mut self) {
         self.shared.done.store(true, Ordering::Release);
+        drop(lock(&self.shared.inbox));
+        self.shared.space.notify_all();
         let _ = self.stream.shutdown(Shutdown::Both);
         if let Some(t) = lock(&self.reader).take() {
             let _ = t.join();
@@ -175,28 +202,43 @@ impl BlockSource for PeerPages {
             )
         };
         let (tx, rx) = sync_channel(1);
-        {
-            let mut replies = lock(&self.shared.replies);
-            if let Some(why) = lock(&self.shared.lost).clone() {
-                return Err(lost(why));
+        let pushed = {
+            let mut inbox = lock(&self.shared.inbox);
+            match inbox.pushed.remove(&first) {
+                Some(payload) => {
+                    self.shared.space.notify_all();
+                    Some(payload)
+                }
+                None => {
+                    if let Some(why) = lock(&self.shared.lost).clone() {
+                        return Err(lost(why));
+                    }
+                    inbox.waiters.insert(first, tx);
+                    None
+                }
             }
-            replies.insert(first, tx);
-        }
-        {
-            let mut w = lock(&self.writer);
-            let sent = wire::write_frame(&mut w.w, Kind::Request, &[&wire::request(first, end)])
-                .and_then(|()| w.w.flush());
-            if let Err(e) = sent {
-                return Err(lost(e.to_string()));
+        };
+        let payload = match pushed {
+            Some(payload) => payload,
+            None => {
+                {
+                    let mut w = lock(&self.writer);
+                    let sent =
+                        wire::write_frame(&mut w.w, Kind::Request, &[&wire::request(first, end)])
+                            .and_then(|()| w.w.flush());
+                    if let Err(e) = sent {
+                        return Err(lost(e.to_string()));
+                    }
+                }
+                rx.recv().map_err(|_| {
+                    lost(
+                        lock(&self.shared.lost)
+                            .clone()
+                            .unwrap_or_else(|| "the connection ended".into()),
+                    )
+                })?
             }
-        }
-        let payload = rx.recv().map_err(|_| {
-            lost(
-                lock(&self.shared.lost)
-                    .clone()
-                    .unwrap_or_else(|| "the connection ended".into()),
-            )
-        })?;
+        };
         let pages = wire::decode_pages(&payload, self.lacking.len())
             .map_err(|e| self.failure(first, count, e.to_string()))?;
         if pages.first != first || pages.kinds.len() as u64 != count {

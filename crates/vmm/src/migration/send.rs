@@ -119,7 +119,7 @@ fn connect(to: &str) -> Result<Conn, MigrationError> {
 /// `set` (and, with `zero_unchanged`, zero pages: the destination's memory starts zeroed) are
 /// marked unchanged. Returns the pages carried.
 fn send_block(
-    conn: &mut Conn,
+    w: &mut impl Write,
     memory: &GuestMemoryMmap,
     region: &RamRegion,
     (first, end): (u64, u64),
@@ -149,10 +149,12 @@ fn send_block(
         }
     }
     let carried = kinds.iter().filter(|&&k| k != UNCHANGED).count() as u64;
-    conn.send(
+    wire::write_frame(
+        w,
         Kind::Pages,
         &[&wire::pages_header(first, &kinds), &buf[..data]],
-    )?;
+    )
+    .map_err(WireError::Io)?;
     Ok(carried)
 }
 
@@ -171,9 +173,9 @@ fn send_pages(
         let mut first = region.first_page();
         while first < region_end {
             let end = (first + BLOCK_PAGES).min(region_end);
-            if (first..end).any(|p| set.get(p)) {
+            if set.any(first, end) {
                 sent += send_block(
-                    conn,
+                    &mut conn.w,
                     memory,
                     region,
                     (first, end),
@@ -246,7 +248,10 @@ pub(crate) fn migrate(
     // cost that grows with the pages written since the last read) finds little.
     let mut lacking = lacking;
     if options.mode != MigrationMode::Postcopy {
-        let recent = ctx.dirty.next_round(&machine.vm).map_err(|e| resumed(e.into()))?;
+        let recent = ctx
+            .dirty
+            .next_round(&machine.vm)
+            .map_err(|e| resumed(e.into()))?;
         lacking.or(&recent);
     }
     let pause_start = Instant::now();
@@ -327,7 +332,13 @@ pub(crate) fn migrate(
     // From here on the destination may run the VM: this one never runs again.
     machine.exit.notify(VmExit::Migrated(options.to.clone()));
     machine.control.request_exit();
-    let served = serve(&mut conn, &machine.memory, &regions, &lacking, report.pause_us);
+    let served = serve(
+        &mut conn,
+        &machine.memory,
+        &regions,
+        &lacking,
+        report.pause_us,
+    );
     drop(frozen);
     drop(guard);
     let downtime_us = served.map_err(|e| MigrationError::HandedOver {
@@ -421,9 +432,52 @@ fn precopy(
     }
 }
 
-/// After `Go`: answers the destination's requests until it has every page. Returns the
-/// downtime: `switch_sent_us` (the pause until the switchover left) plus the destination's
-/// time from its arrival until the vCPUs ran.
+/// What the destination said after `Go`.
+enum Incoming {
+    Request(u64, u64),
+    Running(u64),
+    Resident,
+    Failed(MigrationError),
+}
+
+/// Reads the destination's frames after `Go` and passes them on, until it is resident or the
+/// connection fails.
+fn read_incoming(r: &mut BufReader<TcpStream>, pages: u64, tx: &std::sync::mpsc::Sender<Incoming>) {
+    loop {
+        let msg = match wire::read_frame(r) {
+            Ok((Kind::Request, payload)) => match wire::decode_request(&payload, pages) {
+                Ok((first, end)) => Incoming::Request(first, end),
+                Err(e) => Incoming::Failed(e.into()),
+            },
+            // The destination's own time from the switchover's arrival to its vCPUs running.
+            Ok((Kind::Running, payload)) => match <[u8; 8]>::try_from(payload.as_slice()) {
+                Ok(took) => Incoming::Running(u64::from_le_bytes(took)),
+                Err(_) => {
+                    Incoming::Failed(WireError::malformed(Kind::Running, "not a duration").into())
+                }
+            },
+            Ok((Kind::Resident, _)) => Incoming::Resident,
+            Ok((got, _)) => Incoming::Failed(
+                WireError::Unexpected {
+                    got,
+                    expected: "a page request or the destination resident",
+                }
+                .into(),
+            ),
+            Err(e) => Incoming::Failed(e.into()),
+        };
+        let last = !matches!(msg, Incoming::Request(..) | Incoming::Running(_));
+        if tx.send(msg).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// After `Go`: pushes every block the destination lacks, in address order, answering its
+/// requests (the blocks its vCPUs are waiting for) first, until it has every page. Each block
+/// is sent once. Returns the downtime: `switch_sent_us` (the pause until the switchover left)
+/// plus the destination's time from its arrival until its vCPUs ran, a figure that depends on
+/// neither host's clock nor on how long the answer waited behind pages.
 fn serve(
     conn: &mut Conn,
     memory: &GuestMemoryMmap,
@@ -431,45 +485,72 @@ fn serve(
     lacking: &PageBits,
     switch_sent_us: u64,
 ) -> Result<u64, MigrationError> {
+    let pages = lacking.len();
     let mut buf = vec![0u8; (BLOCK_PAGES * PAGE_SIZE) as usize];
-    let mut downtime = None;
-    loop {
-        match wire::read_frame(&mut conn.r)? {
-            (Kind::Running, payload) => {
-                // The destination's own time from the switchover's arrival to its vCPUs
-                // running, after this side's time until the switchover left: the figure
-                // does not depend on the two hosts' clocks, nor on how long the answer
-                // waited behind page requests.
-                let took: [u8; 8] = payload.as_slice().try_into().map_err(|_| {
-                    WireError::malformed(Kind::Running, "not a duration")
-                })?;
-                let total = switch_sent_us.saturating_add(u64::from_le_bytes(took));
-                downtime = Some(total);
-                info!(downtime_us = total, "the destination runs the VM");
-            }
-            (Kind::Resident, _) => {
-                return downtime.ok_or(MigrationError::Wire(WireError::Unexpected {
-                    got: Kind::Resident,
-                    expected: "the destination running",
-                }));
-            }
-            (Kind::Request, payload) => {
-                let (first, end) = wire::decode_request(&payload, lacking.len())?;
-                let region = region_of(regions, first)
-                    .filter(|r| end <= r.first_page() + r.pages())
-                    .ok_or_else(|| {
-                        WireError::malformed(Kind::Request, "a range across memory regions")
-                    })?;
-                send_block(conn, memory, region, (first, end), lacking, false, &mut buf)?;
-                conn.flush()?;
-            }
-            (got, _) => {
-                return Err(WireError::Unexpected {
-                    got,
-                    expected: "a page request or the destination resident",
+    let mut sent = vec![false; pages.div_ceil(BLOCK_PAGES) as usize];
+    let mut blocks = regions.iter().flat_map(|r| {
+        let end = r.first_page() + r.pages();
+        (r.first_page()..end)
+            .step_by(BLOCK_PAGES as usize)
+            .map(move |first| (r, first, (first + BLOCK_PAGES).min(end)))
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let Conn { r, w } = conn;
+    std::thread::scope(|scope| {
+        scope.spawn(|| read_incoming(r, pages, &tx));
+        let result = (|| {
+            let mut downtime = None;
+            let mut pushing = true;
+            loop {
+                let msg = if pushing {
+                    rx.try_recv().ok()
+                } else {
+                    Some(rx.recv().map_err(|_| WireError::Closed)?)
+                };
+                let mut push_block = |region: &RamRegion, first: u64, end: u64| {
+                    let block = (first / BLOCK_PAGES) as usize;
+                    if sent[block] || !lacking.any(first, end) {
+                        return Ok::<(), MigrationError>(());
+                    }
+                    sent[block] = true;
+                    send_block(w, memory, region, (first, end), lacking, false, &mut buf)?;
+                    w.flush().map_err(WireError::Io)?;
+                    Ok(())
+                };
+                match msg {
+                    Some(Incoming::Request(first, end)) => {
+                        let region = region_of(regions, first)
+                            .filter(|r| {
+                                end <= r.first_page() + r.pages() && first % BLOCK_PAGES == 0
+                            })
+                            .ok_or_else(|| {
+                                WireError::malformed(Kind::Request, "not a block of guest memory")
+                            })?;
+                        push_block(region, first, end)?;
+                    }
+                    Some(Incoming::Running(took)) => {
+                        let total = switch_sent_us.saturating_add(took);
+                        downtime = Some(total);
+                        info!(downtime_us = total, "the destination runs the VM");
+                    }
+                    Some(Incoming::Resident) => {
+                        return downtime.ok_or(MigrationError::Wire(WireError::Unexpected {
+                            got: Kind::Resident,
+                            expected: "the destination running",
+                        }));
+                    }
+                    Some(Incoming::Failed(e)) => return Err(e),
+                    None => match blocks.next() {
+                        Some((region, first, end)) => push_block(region, first, end)?,
+                        None => pushing = false,
+                    },
                 }
-                .into())
             }
+        })();
+        if result.is_err() {
+            // Unblocks the reader.
+            let _ = w.inner.get_ref().shutdown(std::net::Shutdown::Both);
         }
-    }
+        result
+    })
 }
