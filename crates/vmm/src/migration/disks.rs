@@ -393,3 +393,89 @@ impl Drop for Incoming {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(disk: usize, layer: usize, format: &str, len: u64) -> Vec<u8> {
+        serde_json::to_vec(&LayerStart {
+            disk,
+            layer,
+            format: format.into(),
+            len,
+        })
+        .unwrap()
+    }
+
+    fn data(disk: u32, layer: u32, offset: u64, bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&disk.to_le_bytes());
+        out.extend_from_slice(&layer.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    fn source_disk(readonly: bool) -> ckpt_format::DiskConfig {
+        ckpt_format::DiskConfig {
+            id: "disk0".into(),
+            path: "/elsewhere/disk.qcow2".into(),
+            format: DiskFormat::Qcow2,
+            readonly,
+        }
+    }
+
+    #[test]
+    fn copies_are_checked_named_here_and_removed_unless_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let mut incoming = Incoming::new(root.path()).unwrap();
+        let dir = incoming.dir.clone();
+        assert!(
+            incoming.start(&start(0, 1, "raw", 4096)).is_err(),
+            "out of order"
+        );
+        assert!(incoming.start(&start(0, 0, "vmdk", 4096)).is_err());
+        assert!(incoming.start(&start(MAX_DISKS, 0, "raw", 4096)).is_err());
+        incoming.start(&start(0, 0, "raw", 8192)).unwrap();
+        incoming.data(&data(0, 0, 4096, &[1; 4096])).unwrap();
+        assert!(
+            incoming.data(&data(0, 0, 0, &[1; 16])).is_err(),
+            "backwards"
+        );
+        assert!(incoming.data(&data(0, 0, 8192, &[1])).is_err(), "beyond");
+        assert!(
+            incoming.data(&data(1, 0, 8192, &[1])).is_err(),
+            "another disk"
+        );
+        assert!(incoming.data(&[0; 15]).is_err());
+        assert!(
+            incoming.start(&start(0, 1, "raw", 4096)).is_err(),
+            "raw above"
+        );
+        let two = [source_disk(false), source_disk(true)];
+        assert!(matches!(
+            incoming.tops(&two),
+            Err(MigrationError::DiskMissing(1))
+        ));
+        let (tops, at) = incoming.tops(&two[1..]).unwrap();
+        assert_eq!(at, dir);
+        assert_eq!(tops[0].path, dir.join("disk0-layer0.raw"));
+        assert_eq!(tops[0].format, DiskFormat::Raw);
+        assert!(tops[0].readonly);
+        let bytes = std::fs::read(&tops[0].path).unwrap();
+        assert_eq!((bytes.len(), bytes[4095], bytes[4096]), (8192, 0, 1));
+        drop(incoming);
+        assert!(!dir.exists(), "a VM not received leaves no copy");
+
+        let mut incoming = Incoming::new(root.path()).unwrap();
+        let dir = incoming.dir.clone();
+        incoming.start(&start(0, 0, "raw", 512)).unwrap();
+        incoming.keep();
+        drop(incoming);
+        assert!(
+            dir.join("disk0-layer0.raw").exists(),
+            "a received VM keeps its disks"
+        );
+    }
+}
