@@ -2,7 +2,9 @@
 //! writing memory and disk with output and disk content equal to an uninterrupted run; a
 //! destination that goes away before it takes over leaves the source running as if nothing
 //! happened; a source that dies during post-copy stops the destination with a clear message;
-//! streams that are not cowvm's, or newer, are refused before anything runs.
+//! streams that are not cowvm's, or newer, are refused before anything runs; with
+//! `--copy-disks` a guest on a qcow2 chain moves to a destination that shares no storage with
+//! the source.
 
 mod common;
 
@@ -149,6 +151,176 @@ fn each_mode_moves_a_guest_with_its_memory_and_disk() {
             "{mode}: the final disk differs"
         );
     }
+}
+
+/// A disk of three layers in `dir`: a zeroed raw base with a stamp at 3 MiB, a qcow2 layer over
+/// it with a stamp at 2 MiB, and an empty qcow2 top (all outside the guest's 1 MiB area).
+fn chain(dir: &Path) -> PathBuf {
+    let base = zeroed(dir, "base.raw");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(3 << 20)).unwrap();
+    f.write_all(&[0xa5; 4096]).unwrap();
+    let qemu = |args: &[&str]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect(args[0]);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    };
+    let (mid, top) = (dir.join("mid.qcow2"), dir.join("top.qcow2"));
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        "base.raw",
+        s(&mid),
+    ]);
+    qemu(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x5a 2M 64k",
+        s(&mid),
+    ]);
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        s(&top),
+    ]);
+    top
+}
+
+#[test]
+fn copy_disks_moves_a_guest_and_its_disk_chain_without_shared_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reference_dir, src_dir, dst_dir) = (
+        dir.path().join("reference"),
+        dir.path().join("source"),
+        dir.path().join("destination"),
+    );
+    for d in [&reference_dir, &src_dir, &dst_dir] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let reference_top = chain(&reference_dir);
+    let expected = reference(&reference_dir, DISK, "64M", &["--disk", s(&reference_top)]);
+    let expected_disk = disk_content(&reference_top);
+    let top = chain(&src_dir);
+    let (mut src, sock, src_console) = run_guest(&src_dir, DISK, &["--disk", s(&top)]);
+    wait_for_lines(&src_console, "disk round=", 1);
+    let copy = |port: u16| {
+        cowvm(&[
+            "migrate",
+            "--api-sock",
+            s(&sock),
+            "--to",
+            &format!("tcp://127.0.0.1:{port}"),
+            "--mode",
+            "hybrid",
+            "--copy-disks",
+            "--json",
+        ])
+    };
+    // A receiver without --disk-dir has nowhere to put the copies: refused, the VM runs on.
+    let port = free_port();
+    let nowhere = dst_dir.join("nowhere");
+    std::fs::create_dir(&nowhere).unwrap();
+    let (mut refusing, _, log) = receive(&nowhere, port, &[]);
+    let out = copy(port);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("the VM runs on here"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!refusing.wait().success());
+    assert!(read(&log).contains("--disk-dir"), "{}", read(&log));
+    // The real move: the receiver trusts nothing of the source's directory.
+    let port = free_port();
+    let disk_dir = dst_dir.join("disks");
+    let (mut dst, dst_console, _) = receive(&dst_dir, port, &["--disk-dir", s(&disk_dir)]);
+    let out = copy(port);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["disk_bytes_precopied"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(src.wait().success(), "the source did not end cleanly");
+    assert!(dst.wait().success(), "the destination's guest failed");
+    let output = read(&src_console) + &read(&dst_console);
+    assert_eq!(
+        output, expected,
+        "output differs from the uninterrupted run"
+    );
+    // The destination's copies, under names of its own, and its COW file over them.
+    let copies: Vec<PathBuf> = std::fs::read_dir(&disk_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    let mut files: Vec<String> = std::fs::read_dir(&copies[0])
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let own_top = files.pop().unwrap();
+    assert_eq!(
+        files,
+        [
+            "disk0-layer0.raw",
+            "disk0-layer1.qcow2",
+            "disk0-layer2.qcow2",
+            "disk0-layer3.qcow2",
+        ],
+        "the copies (base, mid, top, the layer written during the pre-copy)"
+    );
+    assert!(own_top.starts_with("disk0-layer3.restore-"), "{own_top}");
+    let own_top = copies[0].join(own_top);
+    // No layer of its chain lies outside the destination's directory.
+    let info = Command::new("qemu-img")
+        .args([
+            "info",
+            "--backing-chain",
+            "--output=json",
+            "-U",
+            s(&own_top),
+        ])
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{}", text(&info.stderr));
+    let chain: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let names: Vec<&str> = chain
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["filename"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    let src_dir = std::fs::canonicalize(&src_dir).unwrap();
+    for name in &names {
+        let real = std::fs::canonicalize(copies[0].join(name)).unwrap();
+        assert!(
+            real.starts_with(&copies[0]) && !real.starts_with(&src_dir),
+            "{names:?}"
+        );
+    }
+    assert!(
+        disk_content(&own_top) == expected_disk,
+        "the final disk differs"
+    );
 }
 
 #[test]

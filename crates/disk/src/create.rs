@@ -304,6 +304,59 @@ pub fn create_qcow2(path: &Path, opts: &CreateOptions<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Rewrites the backing-file reference of the qcow2 image at `path` in place, without opening
+/// the chain it names now (as `qemu-img rebase -u`): `backing` is stored as given (a relative
+/// name is relative to the image's directory, as in QEMU) with its format, or `None` leaves the
+/// image without a backing file. The new backing file and the chain below it must satisfy
+/// `policy`. The header is rewritten in one write at offset 0 and synced.
+///
+/// The caller guarantees the new backing file has the content of the old one (a copy of it,
+/// for instance), since no data is moved.
+pub fn set_backing_file(
+    path: &Path,
+    backing: Option<(&Path, Format)>,
+    policy: &PathPolicy,
+) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    if probe_file(&file, path)? != Format::Qcow2 {
+        return Err(Error::InvalidArgument {
+            path: path.to_owned(),
+            reason: "only a qcow2 image has a backing file".into(),
+        });
+    }
+    let (mut header, _) = read_header(&file, path)?;
+    match backing {
+        None => {
+            header.backing_file = None;
+            header.backing_format = None;
+        }
+        Some((backing, format)) => {
+            let name = backing.to_str().ok_or_else(|| Error::InvalidArgument {
+                path: path.to_owned(),
+                reason: "backing file name is not UTF-8".into(),
+            })?;
+            check_backing_chain(path, &resolve_backing(path, name), format, policy)?;
+            header.backing_file = Some(name.to_owned());
+            header.backing_format = Some(format.as_str().to_owned());
+        }
+    }
+    let bytes = header.to_bytes().map_err(|problem| Error::Header {
+        path: path.to_owned(),
+        problem,
+    })?;
+    write_all_at(&file, path, &bytes, 0, "writing the header")?;
+    file.sync_all().map_err(|e| Error::io(path, "syncing", e))?;
+    tracing::info!(path = %path.display(), backing = ?backing.map(|b| b.0), "backing file set");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,5 +390,60 @@ mod tests {
         assert!(l.refblocks * 256 >= l.total_clusters());
         assert!(l.reftable_clusters * 64 >= l.refblocks);
         assert_eq!(l.refblocks, 3);
+    }
+
+    #[test]
+    fn set_backing_file_points_a_copied_layer_at_its_local_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        create_raw(&base, 1 << 20, false).unwrap();
+        let layer = dir.path().join("layer.qcow2");
+        create_qcow2(
+            &layer,
+            &CreateOptions {
+                backing: Some((&base, Format::Raw)),
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+        let mut image = crate::Image::open(&layer).unwrap();
+        image.write_at(4096, &[7u8; 512]).unwrap();
+        image.flush().unwrap();
+        drop(image);
+        // A copy elsewhere still names the original parent, in a directory not allowed.
+        let other = tempfile::tempdir().unwrap();
+        let copy_base = other.path().join("disk0-layer0.raw");
+        std::fs::copy(&base, &copy_base).unwrap();
+        let copy = other.path().join("disk0-layer1.qcow2");
+        std::fs::copy(&layer, &copy).unwrap();
+        assert!(matches!(
+            crate::Image::open(&copy),
+            Err(Error::BackingRefused { .. })
+        ));
+        let policy = PathPolicy::same_dir();
+        // A parent outside the policy is refused, and nothing is written.
+        assert!(matches!(
+            set_backing_file(&copy, Some((&base, Format::Raw)), &policy),
+            Err(Error::BackingRefused { .. })
+        ));
+        set_backing_file(
+            &copy,
+            Some((Path::new("disk0-layer0.raw"), Format::Raw)),
+            &policy,
+        )
+        .unwrap();
+        let mut image = crate::Image::open(&copy).unwrap();
+        assert_eq!(image.backing_chain()[1].path, copy_base);
+        let mut buf = vec![0u8; 512];
+        image.read_at(4096, &mut buf).unwrap();
+        assert_eq!(buf, vec![7u8; 512]);
+        drop(image);
+        // Without a backing file the layer stands alone; a raw file has none to set.
+        set_backing_file(&copy, None, &policy).unwrap();
+        assert_eq!(crate::Image::open(&copy).unwrap().backing_chain().len(), 1);
+        assert!(matches!(
+            set_backing_file(&copy_base, None, &policy),
+            Err(Error::InvalidArgument { .. })
+        ));
     }
 }

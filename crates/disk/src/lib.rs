@@ -8,6 +8,8 @@
 //! * [`Image`] — an open image with its whole backing chain: guest reads and writes, flush,
 //!   [`Image::map_read`]/[`Image::prepare_write`] for io_uring, [`Image::set_backing`].
 //! * [`create_qcow2`], [`create_raw`] — new images, e.g. the COW file of a checkpoint (§2.1).
+//! * [`set_backing_file`] — point a qcow2 image at another backing file without opening the
+//!   one it names now (a copied layer made to name the local copy of its parent).
 //! * [`commit()`] — write an overlay's clusters into its parent (§2.8).
 //! * [`stream()`] — merge a backing file into its child, which then skips it in the chain.
 //! * [`PathPolicy`] — where backing files named by an image may live: the image's own
@@ -38,7 +40,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 pub use commit::{commit, commit_with, CommitStats};
-pub use create::{create_qcow2, create_raw, image_size, probe_format, CreateOptions};
+pub use create::{
+    create_qcow2, create_raw, image_size, probe_format, set_backing_file, CreateOptions,
+};
 pub use error::Outside;
 pub use error::{Error, Result};
 pub use header::HeaderError;

@@ -296,6 +296,7 @@ async fn put_migration(
     if let Some(ms) = body.max_downtime_ms {
         options.max_downtime = Duration::from_millis(ms);
     }
+    options.copy_disks = body.copy_disks.unwrap_or(false);
     let ctl = c.clone();
     let report = blocking(move || ctl.migrate(&options))
         .await?

@@ -226,6 +226,9 @@ pub struct MigrateBody {
     /// Pre-copy stops once what is left could be sent in this many milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_downtime_ms: Option<u64>,
+    /// Copy every layer of each disk's chain to the destination (no shared storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_disks: Option<bool>,
 }
 
 impl RequestBody for MigrateBody {
@@ -233,6 +236,7 @@ impl RequestBody for MigrateBody {
         ("to", "a string (tcp://HOST:PORT)"),
         ("mode", "precopy, postcopy or hybrid"),
         ("max_downtime_ms", "a number of milliseconds"),
+        ("copy_disks", "true or false"),
     ];
 }
 

@@ -25,7 +25,9 @@ pub struct ReceiveArgs {
     /// Write the serial console to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
-    /// Where the disks' COW files go (default: next to the source's disk layers).
+    /// Where the disks' COW files go (default: next to the source's disk layers), and the
+    /// copies of the disks of a source that copies them (`migrate --copy-disks`): required
+    /// for those.
     #[arg(long, value_name = "DIR")]
     disk_dir: Option<PathBuf>,
     /// Trust the disks the source names (and their backing files) below DIR (repeatable).
@@ -51,6 +53,10 @@ pub struct MigrateArgs {
     /// Pre-copy stops once what is left could be sent in this many milliseconds (default 50).
     #[arg(long, value_name = "MS")]
     max_downtime: Option<u64>,
+    /// Copy every layer of each disk's chain to the destination (no shared storage): the
+    /// destination writes them under its --disk-dir and runs the VM on its own copy.
+    #[arg(long)]
+    copy_disks: bool,
 }
 
 /// The `tcp://HOST:PORT` address of `url`.
@@ -119,6 +125,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         to: args.to.clone(),
         mode: Some(args.mode),
         max_downtime_ms: args.max_downtime,
+        copy_disks: args.copy_disks.then_some(true),
     };
     let done: MigrationReport = block_on(async {
         client
@@ -140,6 +147,11 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             ("pages pre-copied", done.pages_precopied.to_string()),
             ("pages in the pause", done.pages_in_pause.to_string()),
             ("pages post-copied", done.pages_postcopy.to_string()),
+            ("disk bytes copied", done.disk_bytes_precopied.to_string()),
+            (
+                "disk bytes in the pause",
+                done.disk_bytes_in_pause.to_string(),
+            ),
         ]);
     }
     Ok(ExitCode::SUCCESS)

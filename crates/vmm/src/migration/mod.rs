@@ -16,10 +16,15 @@
 //!   fetches the block of each first touch and prefetches the rest over the same connection;
 //!   the source answers until the destination says every page is in place, then ends.
 //!
+//! Disks are on shared storage by default: the destination opens the frozen layers the source
+//! names, if they lie in a directory it trusts. With [`MigrateOptions::copy_disks`] every layer
+//! travels over the connection instead, most of it while the guest runs ([`disks`] says how).
+//!
 //! Failures: before `Go` the source resumes as if nothing happened (the destination removes
 //! what it made). After it, the destination owns the VM: if the source dies while pages are
 //! still lacking, the destination cannot continue and stops with a message naming the source.
 
+mod disks;
 mod peer_pages;
 mod receive;
 mod send;
@@ -95,6 +100,9 @@ pub struct MigrateOptions {
     pub max_downtime: Duration,
     /// The most pre-copy rounds (after the first full pass) before the pause.
     pub max_rounds: u32,
+    /// Send every layer of each disk's chain to the destination, which runs the VM on its own
+    /// copy (no shared storage needed).
+    pub copy_disks: bool,
 }
 
 impl MigrateOptions {
@@ -109,6 +117,7 @@ impl MigrateOptions {
                 MigrationMode::Postcopy => 0,
                 MigrationMode::Hybrid => 2,
             },
+            copy_disks: false,
         }
     }
 }
@@ -136,6 +145,13 @@ pub struct MigrationReport {
     pub pages_in_pause: u64,
     /// Pages the destination lacked when it started (served post-copy).
     pub pages_postcopy: u64,
+    /// With copied disks: bytes of disk layers sent while the guest ran on the source.
+    #[serde(default)]
+    pub disk_bytes_precopied: u64,
+    /// With copied disks: bytes of disk layers sent in the pause (what the guest wrote during
+    /// the pre-copy).
+    #[serde(default)]
+    pub disk_bytes_in_pause: u64,
 }
 
 /// Errors of a migration, on either side.
@@ -204,6 +220,47 @@ pub enum MigrationError {
         /// The disk as the source names it.
         path: std::path::PathBuf,
     },
+    /// The source copies its disks and this receiver has nowhere to write them.
+    #[error(
+        "the source copies its disks and this receiver has no directory to write them in; \
+         give it one (--disk-dir)"
+    )]
+    NoDiskDir,
+    /// A layer of a disk cannot be read on the source.
+    #[error("cannot read disk {index}'s layer {path}")]
+    DiskRead {
+        /// Device index.
+        index: usize,
+        /// The layer.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The copy of a disk layer cannot be written on the destination.
+    #[error("cannot write the disk copy {path}")]
+    DiskWrite {
+        /// The copy (or the directory made for the copies).
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A copied qcow2 layer cannot be made to name the copy of its parent.
+    #[error("cannot point the disk copy {path} at the copy of its parent")]
+    DiskCopy {
+        /// The copy.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: disk::Error,
+    },
+    /// The switchover names a disk of which no layer arrived.
+    #[error("no layer of disk {0} arrived")]
+    DiskMissing(usize),
+    /// A disk's chain changed between the copy of its lower layers and the pause.
+    #[error("disk {0}'s chain changed while its layers were being copied")]
+    DiskChanged(usize),
     /// The disks' COW files cannot be made.
     #[error("cannot set up the disks")]
     Disks(#[source] crate::checkpoint::restore::RestoreError),
@@ -238,9 +295,9 @@ impl MigrationError {
             MigrationError::Busy => ErrorKind::Conflict,
             MigrationError::Exited(_) => ErrorKind::VmExited,
             MigrationError::Resumed { source, .. } => source.kind(),
-            MigrationError::Config(_) | MigrationError::UntrustedDisk { .. } => {
-                ErrorKind::InvalidInput
-            }
+            MigrationError::Config(_)
+            | MigrationError::UntrustedDisk { .. }
+            | MigrationError::NoDiskDir => ErrorKind::InvalidInput,
             MigrationError::Capture(e) => e.kind(),
             _ => ErrorKind::Internal,
         }

@@ -11,6 +11,7 @@ use std::time::Instant;
 use tracing::{debug, info, info_span, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::disks::Incoming;
 use super::peer_pages::PeerPages;
 use super::send::{Hello, Switch};
 use super::wire::{self, Kind, WireError, DATA, ZERO};
@@ -29,7 +30,8 @@ use crate::page_service::{PageService, ServiceSpec};
 pub struct ReceiveOptions {
     /// Where its console goes.
     pub console: Console,
-    /// Where the disks' COW files go (default: next to the source's frozen layers).
+    /// Where the disks' COW files go (default: next to the source's frozen layers), and the
+    /// copies of disks the source copies (required for those).
     pub disk_dir: Option<PathBuf>,
     /// Directories trusted to hold the disks the source names (and their backing files),
     /// besides `disk_dir`. A disk anywhere else is refused.
@@ -188,6 +190,14 @@ pub(crate) fn receive(
         ));
         return Err(refuse(&mut w, e));
     }
+    let mut copies = match (hello.copy_disks, &options.disk_dir) {
+        (false, _) => None,
+        (true, None) => return Err(refuse(&mut w, MigrationError::NoDiskDir)),
+        (true, Some(dir)) => match Incoming::new(dir) {
+            Ok(copies) => Some(copies),
+            Err(e) => return Err(refuse(&mut w, e)),
+        },
+    };
     // Memory and the KVM VM before any page arrives: creating the VM costs milliseconds per
     // GiB, which must not fall in the pause.
     let memory = memory::create_guest_memory(hello.mem_size, HugePages::None)?;
@@ -210,6 +220,21 @@ pub(crate) fn receive(
                         _ => {}
                     }
                 }
+            }
+            (kind @ (Kind::DiskLayer | Kind::DiskData), payload) => {
+                let Some(copies) = copies.as_mut() else {
+                    return Err(WireError::Unexpected {
+                        got: kind,
+                        expected: "pages or the switchover (the disks are not copied)",
+                    }
+                    .into());
+                };
+                let done = if kind == Kind::DiskLayer {
+                    copies.start(&payload)
+                } else {
+                    copies.data(&payload)
+                };
+                done.map_err(|e| refuse(&mut w, e))?;
             }
             (Kind::Switchover, payload) => break payload,
             (got, _) => {
@@ -237,9 +262,25 @@ pub(crate) fn receive(
                 hello.vcpus
             )));
         }
-        let dirs = trusted(&switch.disks, &options)?;
-        let disks = disk_overlays(&switch.disks, &state, options.disk_dir.as_deref(), &dirs)
-            .map_err(MigrationError::Disks)?;
+        let disks = match copies.as_mut() {
+            Some(copies) if switch.copied => {
+                // Only the copies made here: no path the source names is opened.
+                let (tops, dir) = copies.tops(&switch.disks)?;
+                disk_overlays(&tops, &state, Some(&dir), std::slice::from_ref(&dir))
+            }
+            None if !switch.copied => {
+                let dirs = trusted(&switch.disks, &options)?;
+                disk_overlays(&switch.disks, &state, options.disk_dir.as_deref(), &dirs)
+            }
+            _ => {
+                return Err(WireError::malformed(
+                    Kind::Switchover,
+                    "disks copied or not, against what the hello said",
+                )
+                .into())
+            }
+        }
+        .map_err(MigrationError::Disks)?;
         phase("disks");
         restore_vm(&vm.fd, &state.vm).map_err(|e: KvmError| MigrationError::Vm(e.into()))?;
         forget_pages(&regions, &lacking)?;
@@ -264,6 +305,9 @@ pub(crate) fn receive(
     if let Err(e) = go {
         remove_overlays();
         return Err(e);
+    }
+    if let Some(copies) = copies.as_mut() {
+        copies.keep();
     }
     phase("go");
     // The VM is ours from here on.

@@ -9,6 +9,7 @@ use ckpt_format::{page_is_zero, IoPolicy};
 use tracing::{debug, info, info_span, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::disks::Outgoing;
 use super::wire::{self, Kind, WireError, DATA, UNCHANGED, ZERO};
 use super::{MigrateOptions, MigrationError, MigrationMode, MigrationReport};
 use crate::builder::Machine;
@@ -40,13 +41,20 @@ pub(super) struct Hello {
     pub mode: MigrationMode,
     pub kernel: Option<std::path::PathBuf>,
     pub cmdline: Option<String>,
+    /// The disks' layers follow, to be copied (the destination needs somewhere to write them).
+    #[serde(default)]
+    pub copy_disks: bool,
 }
 
 /// The switchover's description (its state and bitmap follow it in the frame).
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct Switch {
-    /// Each disk's frozen layer, which the destination puts a COW file of its own over.
+    /// Each disk's frozen layer, which the destination puts a COW file of its own over (with
+    /// copied disks, only its format and read-only flag are used: the destination has a copy).
     pub disks: Vec<ckpt_format::DiskConfig>,
+    /// The disks were copied.
+    #[serde(default)]
+    pub copied: bool,
 }
 
 /// A writer that counts what it writes.
@@ -67,18 +75,18 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-struct Conn {
+pub(super) struct Conn {
     r: BufReader<TcpStream>,
     w: Counting<BufWriter<TcpStream>>,
 }
 
 impl Conn {
-    fn send(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<(), WireError> {
+    pub(super) fn send(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<(), WireError> {
         wire::write_frame(&mut self.w, kind, parts)?;
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), WireError> {
+    pub(super) fn flush(&mut self) -> Result<(), WireError> {
         self.w.flush()?;
         Ok(())
     }
@@ -230,12 +238,6 @@ pub(crate) fn migrate(
         to: options.to.clone(),
         ..MigrationReport::default()
     };
-    let lacking = precopy(&ctx, options, &mut conn, &regions, pages, &mut report).map_err(|e| {
-        ctx.dirty.end_rounds();
-        resumed(e)
-    })?;
-
-    // The pause.
     let disks = machine.devices.disks();
     let tag = format!(
         "migrate-{}",
@@ -243,6 +245,22 @@ pub(crate) fn migrate(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros())
     );
+    let copy_disks = options.copy_disks && !disks.is_empty();
+    handshake(&ctx, options, copy_disks, &mut conn).map_err(resumed)?;
+    let mut copies = if copy_disks {
+        let copies = Outgoing::send_frozen(&mut conn, disks, ctx.layers, &format!("{tag}-copy"))
+            .map_err(resumed)?;
+        report.disk_bytes_precopied = copies.bytes;
+        Some(copies)
+    } else {
+        None
+    };
+    let lacking = precopy(&ctx, options, &mut conn, &regions, pages, &mut report).map_err(|e| {
+        ctx.dirty.end_rounds();
+        resumed(e)
+    })?;
+
+    // The pause.
     let mut preps = disk_cow::prepare_disks(disks, &tag).map_err(|e| resumed(e.into()))?;
     // One more read of the dirty log just before the pause, so that the one in the pause (a
     // cost that grows with the pages written since the last read) finds little.
@@ -286,7 +304,11 @@ pub(crate) fn migrate(
             .zip(&state.devices.blocks)
             .enumerate()
             .map(|(i, (prep, s))| prep.frozen_layer(i, s.disk.readonly))
-            .collect();
+            .collect::<Vec<_>>();
+        if let Some(copies) = copies.as_mut() {
+            report.disk_bytes_in_pause = copies.send_last(&mut conn, &disk_configs)?;
+            phase("disk layer");
+        }
         if options.mode == MigrationMode::Precopy {
             report.pages_in_pause =
                 send_pages(&mut conn, &machine.memory, &regions, &lacking, false)?;
@@ -295,6 +317,7 @@ pub(crate) fn migrate(
         report.pages_postcopy = lacking.count();
         let switch = serde_json::to_vec(&Switch {
             disks: disk_configs,
+            copied: copies.is_some(),
         })
         .expect("the switchover serializes");
         let encoded = ckpt_format::encode_state(&state).map_err(MigrationError::State)?;
@@ -360,9 +383,34 @@ pub(crate) fn migrate(
         bytes = report.bytes_sent,
         rounds = report.precopy_rounds,
         postcopy_pages = report.pages_postcopy,
+        disk_bytes = report.disk_bytes_precopied + report.disk_bytes_in_pause,
         "VM migrated"
     );
     Ok(report)
+}
+
+/// Says what VM comes and waits until the destination has its memory and KVM VM ready.
+fn handshake(
+    ctx: &SendContext<'_>,
+    options: &MigrateOptions,
+    copy_disks: bool,
+    conn: &mut Conn,
+) -> Result<(), MigrationError> {
+    let machine = ctx.machine;
+    let hello = Hello {
+        mem_size: machine.summary.mem_size,
+        vcpus: machine.summary.vcpus,
+        mode: options.mode,
+        kernel: machine.summary.kernel.clone(),
+        cmdline: machine.summary.cmdline.clone(),
+        copy_disks,
+    };
+    wire::write_preamble(&mut conn.w).map_err(WireError::Io)?;
+    let hello = serde_json::to_vec(&hello).expect("the hello serializes");
+    conn.send(Kind::Hello, &[&hello])?;
+    conn.flush()?;
+    wire::expect_frame(&mut conn.r, Kind::Prepared, "the destination prepared")?;
+    Ok(())
 }
 
 /// Pre-copy, the VM running: the first pass sends every page that is not zero, each round then
@@ -378,18 +426,6 @@ fn precopy(
     report: &mut MigrationReport,
 ) -> Result<PageBits, MigrationError> {
     let machine = ctx.machine;
-    let hello = Hello {
-        mem_size: machine.summary.mem_size,
-        vcpus: machine.summary.vcpus,
-        mode: options.mode,
-        kernel: machine.summary.kernel.clone(),
-        cmdline: machine.summary.cmdline.clone(),
-    };
-    wire::write_preamble(&mut conn.w).map_err(WireError::Io)?;
-    let hello = serde_json::to_vec(&hello).expect("the hello serializes");
-    conn.send(Kind::Hello, &[&hello])?;
-    conn.flush()?;
-    wire::expect_frame(&mut conn.r, Kind::Prepared, "the destination prepared")?;
     if options.mode == MigrationMode::Postcopy {
         return Ok(PageBits::all(pages));
     }

@@ -16,8 +16,9 @@ use crate::memory::PAGE_SIZE;
 pub(crate) const MAGIC: [u8; 8] = *b"COWVMMIG";
 /// The version of the stream this build speaks.
 pub(crate) const VERSION: u32 = 1;
-/// The largest payload a frame may carry: a block of pages with its kinds, or a switchover
-/// (device state and the bitmap of the pages the destination lacks) with room to spare.
+/// The largest payload a frame may carry: a block of pages with its kinds, a switchover
+/// (device state and the bitmap of the pages the destination lacks) or a chunk of a disk layer,
+/// with room to spare.
 const MAX_FRAME: u32 = 64 << 20;
 
 /// Page kinds in a pages frame.
@@ -39,6 +40,12 @@ pub enum Kind {
     Go = 4,
     /// Either way: the migration is abandoned (UTF-8 reason).
     Abort = 5,
+    /// Source → destination, with copied disks: a layer of a disk's chain begins (JSON: disk,
+    /// layer from the bottom, format, length).
+    DiskLayer = 6,
+    /// Source → destination: bytes of the layer begun last (disk and layer, u32 each; offset,
+    /// u64; at most 4 MiB of data).
+    DiskData = 7,
     /// Destination → source: memory and the KVM VM are ready for pages.
     Prepared = 16,
     /// Destination → source: the VM is built and waits for `Go`.
@@ -59,6 +66,8 @@ impl Kind {
             3 => Kind::Switchover,
             4 => Kind::Go,
             5 => Kind::Abort,
+            6 => Kind::DiskLayer,
+            7 => Kind::DiskData,
             16 => Kind::Prepared,
             17 => Kind::Ready,
             18 => Kind::Request,
