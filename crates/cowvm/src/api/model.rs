@@ -226,6 +226,13 @@ pub struct MigrateBody {
     /// Pre-copy stops once what is left could be sent in this many milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_downtime_ms: Option<u64>,
+    /// Connect with TLS, trusting only the certificates in this PEM file (an absolute path on
+    /// the VM's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name the destination's certificate must carry (default: the host of `to`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
 }
 
 impl RequestBody for MigrateBody {
@@ -233,6 +240,8 @@ impl RequestBody for MigrateBody {
         ("to", "a string (tcp://HOST:PORT)"),
         ("mode", "precopy, postcopy or hybrid"),
         ("max_downtime_ms", "a number of milliseconds"),
+        ("tls_ca", "a string (an absolute path to a PEM file)"),
+        ("tls_server_name", "a string (a DNS name or an IP address)"),
     ];
 }
 

@@ -16,6 +16,9 @@
 //!   fetches the block of each first touch and prefetches the rest over the same connection;
 //!   the source answers until the destination says every page is in place, then ends.
 //!
+//! The connection is plain TCP, or TLS with a pre-shared certificate ([`transport`]): the
+//! destination presents its certificate, the source trusts only that one.
+//!
 //! Failures: before `Go` the source resumes as if nothing happened (the destination removes
 //! what it made). After it, the destination owns the VM: if the source dies while pages are
 //! still lacking, the destination cannot continue and stops with a message naming the source.
@@ -23,9 +26,11 @@
 mod peer_pages;
 mod receive;
 mod send;
+mod transport;
 mod wire;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -35,6 +40,7 @@ use thiserror::Error;
 pub(crate) use self::receive::receive;
 pub use self::receive::ReceiveOptions;
 pub(crate) use self::send::{migrate, SendContext};
+pub use self::transport::{TlsError, TlsServer};
 pub use self::wire::{Kind as FrameKind, WireError};
 use crate::builder::VmError;
 use crate::checkpoint::CheckpointError;
@@ -95,6 +101,11 @@ pub struct MigrateOptions {
     pub max_downtime: Duration,
     /// The most pre-copy rounds (after the first full pass) before the pause.
     pub max_rounds: u32,
+    /// Connect with TLS, trusting only the certificates in this PEM file (the destination's
+    /// certificate, or the CA that signed it). Plain TCP without it.
+    pub tls_ca: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the host of [`Self::to`]).
+    pub tls_server_name: Option<String>,
 }
 
 impl MigrateOptions {
@@ -109,6 +120,8 @@ impl MigrateOptions {
                 MigrationMode::Postcopy => 0,
                 MigrationMode::Hybrid => 2,
             },
+            tls_ca: None,
+            tls_server_name: None,
         }
     }
 }
@@ -126,7 +139,7 @@ pub struct MigrationReport {
     pub pause_us: u64,
     /// From the request until the destination owned every page.
     pub total_us: u64,
-    /// Bytes written to the connection.
+    /// Bytes of the migration stream written to the connection (before TLS encryption).
     pub bytes_sent: u64,
     /// Pre-copy rounds, the first full pass included.
     pub precopy_rounds: u32,
@@ -159,6 +172,9 @@ pub enum MigrationError {
     /// The VM has ended.
     #[error("the VM has already ended: {0}")]
     Exited(VmExit),
+    /// TLS: its certificates and settings, or the handshake.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The stream failed or carried something invalid.
     #[error("migration stream")]
     Wire(#[from] WireError),
@@ -242,6 +258,7 @@ impl MigrationError {
                 ErrorKind::InvalidInput
             }
             MigrationError::Capture(e) => e.kind(),
+            MigrationError::Tls(e) => e.kind(),
             _ => ErrorKind::Internal,
         }
     }
