@@ -298,8 +298,9 @@ impl TlsClient {
     }
 }
 
-/// Tells a plain source that this receiver serves TLS only, then waits (briefly) for it to
-/// close, so that what it sent unread does not reset the connection before it reads why.
+/// Tells a plain source that this receiver serves TLS only, then waits (at most the handshake
+/// timeout) for it to close, so that what it sent unread does not reset the connection before
+/// it reads why.
 fn refuse_plain(stream: &mut TcpStream) {
     let why = b"this receiver serves TLS only: migrate with --tls-ca (its certificate)";
     if wire::write_frame(stream, Kind::Abort, &[why]).is_ok()
