@@ -4,7 +4,9 @@
 //! happened; a source that dies during post-copy stops the destination with a clear message;
 //! streams that are not cowvm's, or newer, are refused before anything runs; with
 //! `--copy-disks` a guest on a qcow2 chain moves to a destination that shares no storage with
-//! the source.
+//! the source. Over TLS, a guest
+//! moves the same way, and a source with the wrong certificate, or one end without TLS, is
+//! refused before the pause while the VM runs on.
 
 mod common;
 
@@ -18,6 +20,8 @@ use common::{cowvm, read, run_guest, s, text, wait_for_lines, Process, COWVM, LI
 
 const COMPUTE: &str = "compute mem=4M rounds=200 seed=3";
 const DISK: &str = "disk blocks=256 rounds=6 qd=8 mem=8M";
+/// Long enough for several refused migrations while it runs.
+const COMPUTE_LONG: &str = "compute mem=4M rounds=600 seed=3";
 
 /// A free local port (bound, then released for `cowvm receive`).
 fn free_port() -> u16 {
@@ -90,16 +94,27 @@ fn disk_content(path: &Path) -> Vec<u8> {
 }
 
 fn migrate(sock: &Path, port: u16, mode: &str) -> std::process::Output {
-    cowvm(&[
-        "migrate",
-        "--api-sock",
-        s(sock),
-        "--to",
-        &format!("tcp://127.0.0.1:{port}"),
-        "--mode",
-        mode,
-        "--json",
-    ])
+    migrate_with(sock, port, mode, &[])
+}
+
+fn migrate_with(sock: &Path, port: u16, mode: &str, extra: &[&str]) -> std::process::Output {
+    let to = format!("tcp://127.0.0.1:{port}");
+    let mut args = vec!["migrate", "--api-sock", s(sock), "--to", &to];
+    args.extend(["--mode", mode, "--json"]);
+    args.extend(extra);
+    cowvm(&args)
+}
+
+/// A self-signed certificate for localhost and 127.0.0.1 and its key, written as
+/// `dir/NAME.pem` and `dir/NAME.key`.
+fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("a certificate");
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    (cert, key)
 }
 
 #[test]
@@ -520,4 +535,94 @@ fn killing_either_side_at_a_random_instant_never_runs_the_vm_twice() {
             );
         }
     }
+}
+
+#[test]
+fn hybrid_over_tls_moves_a_guest_like_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = reference(
+        dir.path(),
+        COMPUTE,
+        "64M",
+        &["--disk", s(&zeroed(dir.path(), "reference.raw"))],
+    );
+    let (cert, key) = certificate(dir.path(), "dst");
+    let port = free_port();
+    let tls = ["--tls-cert", s(&cert), "--tls-key", s(&key)];
+    let (mut dst, dst_console, _) = receive(
+        dir.path(),
+        port,
+        &[&["--allow-dir", s(dir.path())], &tls[..]].concat(),
+    );
+    let disk = zeroed(dir.path(), "disk.raw");
+    let (mut src, sock, src_console) = run_guest(dir.path(), COMPUTE, &["--disk", s(&disk)]);
+    wait_for_lines(&src_console, "round", 20);
+    let out = migrate_with(&sock, port, "hybrid", &["--tls-ca", s(&cert)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["mode"], "hybrid");
+    assert!(src.wait().success(), "the source did not end cleanly");
+    assert!(dst.wait().success(), "the destination's guest failed");
+    assert_eq!(
+        read(&src_console) + &read(&dst_console),
+        expected,
+        "output differs from the uninterrupted run"
+    );
+}
+
+#[test]
+fn tls_refusals_come_before_the_pause_and_the_source_runs_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = reference(
+        dir.path(),
+        COMPUTE_LONG,
+        "64M",
+        &["--disk", s(&zeroed(dir.path(), "reference.raw"))],
+    );
+    let (cert, key) = certificate(dir.path(), "dst");
+    let (other, _) = certificate(dir.path(), "other");
+    let disk = zeroed(dir.path(), "disk.raw");
+    let (mut src, sock, console) = run_guest(dir.path(), COMPUTE_LONG, &["--disk", s(&disk)]);
+    wait_for_lines(&console, "round", 20);
+    let tls = ["--tls-cert", s(&cert), "--tls-key", s(&key)];
+    // (what the receiver serves, what the source says, the source's error, the receiver's)
+    let cases: [(&[&str], &[&str], &str, &str); 3] = [
+        (
+            &tls,
+            &["--tls-ca", s(&other)],
+            "invalid peer certificate",
+            "TLS handshake with",
+        ),
+        (&tls, &[], "serves TLS only", "speaks plain TCP"),
+        (
+            &[],
+            &["--tls-ca", s(&cert)],
+            "a cowvm receive without --tls-cert speaks plain TCP",
+            "the source speaks TLS",
+        ),
+    ];
+    for (i, (serves, says, src_err, dst_err)) in cases.into_iter().enumerate() {
+        let run = dir.path().join(format!("case{i}"));
+        std::fs::create_dir(&run).unwrap();
+        let port = free_port();
+        let (mut dst, _, log) = receive(
+            &run,
+            port,
+            &[&["--allow-dir", s(dir.path())], serves].concat(),
+        );
+        let out = migrate_with(&sock, port, "hybrid", says);
+        assert!(!out.status.success(), "case {i} migrated");
+        let err = text(&out.stderr);
+        assert!(err.contains("the VM runs on here"), "case {i}: {err}");
+        assert!(err.contains(src_err), "case {i}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "case {i}: {err}");
+        assert!(!dst.wait().success(), "case {i}: the receiver ran a VM");
+        assert!(read(&log).contains(dst_err), "case {i}: {}", read(&log));
+    }
+    assert!(src.wait().success());
+    assert_eq!(
+        read(&console),
+        expected,
+        "the source's run differs after refused migrations"
+    );
 }

@@ -33,7 +33,7 @@ pub use kvm::vcpu::{ExitCounts, HeldPause, PauseGuard, VcpuError};
 pub use memory::{HugePages, MemSize};
 pub use migration::{
     FrameKind, MigrateOptions, MigrationError, MigrationMode, MigrationReport, ReceiveOptions,
-    WireError,
+    TlsError, TlsServer, WireError,
 };
 pub use page_service::{PageServiceError, PageServiceStats, SharedImage, SharedImageError};
 pub use vm::{Vm, VmConfig};

@@ -292,16 +292,47 @@ async fn put_migration(
     JsonBody(body): JsonBody<MigrateBody>,
 ) -> Result<Json<vmm::MigrationReport>, ApiError> {
     let mode = body.mode.unwrap_or_default();
+    if body.tls_ca.as_ref().is_some_and(|ca| !ca.is_absolute()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "tls_ca: expected an absolute path",
+        )
+        .field("tls_ca"));
+    }
     let mut options = vmm::MigrateOptions::new(body.to, mode);
     if let Some(ms) = body.max_downtime_ms {
         options.max_downtime = Duration::from_millis(ms);
     }
     options.copy_disks = body.copy_disks.unwrap_or(false);
+    options.tls_ca = body.tls_ca;
+    options.tls_server_name = body.tls_server_name;
     let ctl = c.clone();
     let report = blocking(move || ctl.migrate(&options))
         .await?
-        .map_err(|e| ApiError::for_store(e, "to"))?;
+        .map_err(|e| {
+            let field = migration_field(&e);
+            ApiError::for_store(e, field)
+        })?;
     Ok(Json(report))
+}
+
+/// The field of `PUT /migration` a refused migration is about.
+fn migration_field(e: &ControlError) -> &'static str {
+    use vmm::{MigrationError, TlsError};
+    let ControlError::Migrate(MigrationError::Resumed { source, .. }) = e else {
+        return "to";
+    };
+    match &**source {
+        MigrationError::Tls(TlsError::ServerName(_) | TlsError::NameWithoutCa) => "tls_server_name",
+        MigrationError::Tls(
+            TlsError::Read { .. }
+            | TlsError::Missing { .. }
+            | TlsError::Pem { .. }
+            | TlsError::Unusable { .. },
+        ) => "tls_ca",
+        _ => "to",
+    }
 }
 
 async fn delete_checkpoint(

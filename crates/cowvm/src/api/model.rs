@@ -229,6 +229,13 @@ pub struct MigrateBody {
     /// Copy every layer of each disk's chain to the destination (no shared storage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_disks: Option<bool>,
+    /// Connect with TLS, trusting only the certificates in this PEM file (an absolute path on
+    /// the VM's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name the destination's certificate must carry (default: the host of `to`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
 }
 
 impl RequestBody for MigrateBody {
@@ -237,6 +244,8 @@ impl RequestBody for MigrateBody {
         ("mode", "precopy, postcopy or hybrid"),
         ("max_downtime_ms", "a number of milliseconds"),
         ("copy_disks", "true or false"),
+        ("tls_ca", "a string (an absolute path to a PEM file)"),
+        ("tls_server_name", "a string (a DNS name or an IP address)"),
     ];
 }
 

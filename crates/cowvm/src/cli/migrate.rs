@@ -1,5 +1,5 @@
 //! `cowvm receive` and `cowvm migrate`: live migration of a running VM to another cowvm
-//! process, on this host or another, over TCP.
+//! process, on this host or another, over TCP, optionally with TLS.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use hyper::Method;
 use tracing::info;
-use vmm::{Console, MigrationMode, MigrationReport, ReceiveOptions, Vm};
+use vmm::{Console, MigrationMode, MigrationReport, ReceiveOptions, TlsServer, Vm};
 
 use super::output::{ms, table};
 use super::{block_on, ApiArgs};
@@ -34,6 +34,13 @@ pub struct ReceiveArgs {
     /// A VM with a disk outside every trusted directory, and --disk-dir, is refused.
     #[arg(long = "allow-dir", value_name = "DIR")]
     allow_dirs: Vec<PathBuf>,
+    /// Serve TLS with this certificate (PEM; the chain, this receiver's certificate first):
+    /// only a source given it (migrate --tls-ca) is accepted. Needs --tls-key.
+    #[arg(long, value_name = "CERT.pem", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(flatten)]
     control: ControlArgs,
 }
@@ -57,6 +64,14 @@ pub struct MigrateArgs {
     /// destination writes them under its --disk-dir and runs the VM on its own copy.
     #[arg(long)]
     copy_disks: bool,
+    /// Connect with TLS, trusting only the certificates in this PEM file: the destination's
+    /// certificate (receive --tls-cert), or the CA that signed it. Read by the VM's process.
+    #[arg(long, value_name = "CERT.pem")]
+    tls_ca: Option<PathBuf>,
+    /// The name the destination's certificate must carry, when the host of --to is not in it
+    /// (default: that host).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
 }
 
 /// The `tcp://HOST:PORT` address of `url`.
@@ -73,6 +88,10 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.disk_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("--disk-dir {}", dir.display()))?;
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsServer::from_pem_files(cert, key)?),
+        _ => None,
+    };
     let listener =
         TcpListener::bind(addr).with_context(|| format!("cannot listen on {}", args.listen))?;
     info!(listen = %args.listen, "waiting for a VM");
@@ -90,6 +109,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<ExitCode> {
             console,
             disk_dir: args.disk_dir.clone(),
             allow_dirs: args.allow_dirs.clone(),
+            tls,
         },
     )
     .with_context(|| format!("cannot receive the VM from {peer}"))?;
@@ -120,12 +140,21 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<ExitCode> {
 /// Runs `cowvm migrate`: asks the VM's process to move it, prints what the move cost.
 pub fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     tcp_address(&args.to)?;
+    // The VM's process reads the file: name it absolutely.
+    let tls_ca = match &args.tls_ca {
+        Some(ca) => {
+            Some(std::path::absolute(ca).with_context(|| format!("--tls-ca {}", ca.display()))?)
+        }
+        None => None,
+    };
     let client = args.api.client();
     let body = MigrateBody {
         to: args.to.clone(),
         mode: Some(args.mode),
         max_downtime_ms: args.max_downtime,
         copy_disks: args.copy_disks.then_some(true),
+        tls_ca,
+        tls_server_name: args.tls_server_name.clone(),
     };
     let done: MigrationReport = block_on(async {
         client

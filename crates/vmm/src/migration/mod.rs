@@ -19,6 +19,8 @@
 //! Disks are on shared storage by default: the destination opens the frozen layers the source
 //! names, if they lie in a directory it trusts. With [`MigrateOptions::copy_disks`] every layer
 //! travels over the connection instead, most of it while the guest runs ([`disks`] says how).
+//! The connection is plain TCP, or TLS with a pre-shared certificate ([`transport`]): the
+//! destination presents its certificate, the source trusts only that one.
 //!
 //! Failures: before `Go` the source resumes as if nothing happened (the destination removes
 //! what it made). After it, the destination owns the VM: if the source dies while pages are
@@ -28,9 +30,11 @@ mod disks;
 mod peer_pages;
 mod receive;
 mod send;
+mod transport;
 mod wire;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -40,6 +44,7 @@ use thiserror::Error;
 pub(crate) use self::receive::receive;
 pub use self::receive::ReceiveOptions;
 pub(crate) use self::send::{migrate, SendContext};
+pub use self::transport::{TlsError, TlsServer};
 pub use self::wire::{Kind as FrameKind, WireError};
 use crate::builder::VmError;
 use crate::checkpoint::CheckpointError;
@@ -103,6 +108,11 @@ pub struct MigrateOptions {
     /// Send every layer of each disk's chain to the destination, which runs the VM on its own
     /// copy (no shared storage needed).
     pub copy_disks: bool,
+    /// Connect with TLS, trusting only the certificates in this PEM file (the destination's
+    /// certificate, or the CA that signed it). Plain TCP without it.
+    pub tls_ca: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the host of [`Self::to`]).
+    pub tls_server_name: Option<String>,
 }
 
 impl MigrateOptions {
@@ -118,6 +128,8 @@ impl MigrateOptions {
                 MigrationMode::Hybrid => 2,
             },
             copy_disks: false,
+            tls_ca: None,
+            tls_server_name: None,
         }
     }
 }
@@ -135,7 +147,7 @@ pub struct MigrationReport {
     pub pause_us: u64,
     /// From the request until the destination owned every page.
     pub total_us: u64,
-    /// Bytes written to the connection.
+    /// Bytes of the migration stream written to the connection (before TLS encryption).
     pub bytes_sent: u64,
     /// Pre-copy rounds, the first full pass included.
     pub precopy_rounds: u32,
@@ -175,6 +187,9 @@ pub enum MigrationError {
     /// The VM has ended.
     #[error("the VM has already ended: {0}")]
     Exited(VmExit),
+    /// TLS: its certificates and settings, or the handshake.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The stream failed or carried something invalid.
     #[error("migration stream")]
     Wire(#[from] WireError),
@@ -299,6 +314,7 @@ impl MigrationError {
             | MigrationError::UntrustedDisk { .. }
             | MigrationError::NoDiskDir => ErrorKind::InvalidInput,
             MigrationError::Capture(e) => e.kind(),
+            MigrationError::Tls(e) => e.kind(),
             _ => ErrorKind::Internal,
         }
     }

@@ -11,11 +11,12 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use tracing::{debug, error};
 
+use super::transport::{lock, ReadHalf, WriteHalf};
 use super::wire::{self, Kind, WireError, DATA, UNCHANGED, ZERO};
 use crate::checkpoint::dirty::PageBits;
 use crate::memory::PAGE_SIZE;
@@ -23,7 +24,7 @@ use crate::page_service::{BlockSource, PageServiceError, Run, RunKind, SourceErr
 
 /// The writing half and what the destination has said on it.
 struct Writer {
-    w: BufWriter<TcpStream>,
+    w: BufWriter<WriteHalf>,
     running_sent: bool,
     resident_pending: bool,
 }
@@ -61,19 +62,15 @@ pub(super) struct PeerPages {
     reader: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl PeerPages {
     /// Starts the reader thread on `r`; requests and reports go to `w`.
     pub(super) fn start(
         peer: String,
         lacking: PageBits,
-        mut r: BufReader<TcpStream>,
-        w: BufWriter<TcpStream>,
+        mut r: BufReader<ReadHalf>,
+        w: BufWriter<WriteHalf>,
     ) -> std::io::Result<PeerPages> {
-        let stream = w.get_ref().try_clone()?;
+        let stream = w.get_ref().socket().try_clone()?;
         let shared = Arc::new(Shared {
             inbox: Mutex::new(Inbox::default()),
             space: Condvar::new(),

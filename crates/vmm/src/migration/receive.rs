@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::disks::Incoming;
 use super::peer_pages::PeerPages;
 use super::send::{Hello, Switch};
+use super::transport::{self, TlsServer};
 use super::wire::{self, Kind, WireError, DATA, ZERO};
 use super::MigrationError;
 use crate::builder::{self, Console, Machine, MachineState, Parts, Start, VmSummary, MAX_VCPUS};
@@ -36,6 +37,9 @@ pub struct ReceiveOptions {
     /// Directories trusted to hold the disks the source names (and their backing files),
     /// besides `disk_dir`. A disk anywhere else is refused.
     pub allow_dirs: Vec<PathBuf>,
+    /// Serve TLS with this certificate: a source speaking plain TCP is refused. Plain TCP
+    /// without it.
+    pub tls: Option<TlsServer>,
 }
 
 /// Writes one pre-copied page into guest memory.
@@ -165,7 +169,7 @@ fn refuse(w: &mut impl Write, e: MigrationError) -> MigrationError {
 
 /// Receives one VM on `stream` and starts it.
 pub(crate) fn receive(
-    stream: TcpStream,
+    mut stream: TcpStream,
     options: ReceiveOptions,
 ) -> Result<(Machine, RestoreRecord), MigrationError> {
     let peer = stream
@@ -175,8 +179,13 @@ pub(crate) fn receive(
     let _enter = span.enter();
     let io = |e: std::io::Error| MigrationError::Wire(WireError::Io(e));
     stream.set_nodelay(true).map_err(io)?;
-    let mut r = BufReader::with_capacity(4 << 20, stream.try_clone().map_err(io)?);
-    let mut w = BufWriter::new(stream);
+    let tls = match &options.tls {
+        Some(server) => Some(server.handshake(&mut stream, &peer)?),
+        None => None,
+    };
+    let (r, w) = transport::split(stream, tls).map_err(io)?;
+    let mut r = BufReader::with_capacity(4 << 20, r);
+    let mut w = BufWriter::new(w);
     wire::read_preamble(&mut r)?;
     let hello: Hello = serde_json::from_slice(&wire::expect_frame(&mut r, Kind::Hello, "hello")?)
         .map_err(|e| WireError::malformed(Kind::Hello, e.to_string()))?;

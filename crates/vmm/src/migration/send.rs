@@ -10,6 +10,7 @@ use tracing::{debug, info, info_span, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::disks::Outgoing;
+use super::transport::{self, ReadHalf, TlsClient, TlsError, WriteHalf};
 use super::wire::{self, Kind, WireError, DATA, UNCHANGED, ZERO};
 use super::{MigrateOptions, MigrationError, MigrationMode, MigrationReport};
 use crate::builder::Machine;
@@ -76,8 +77,8 @@ impl<W: Write> Write for Counting<W> {
 }
 
 pub(super) struct Conn {
-    r: BufReader<TcpStream>,
-    w: Counting<BufWriter<TcpStream>>,
+    r: BufReader<ReadHalf>,
+    w: Counting<BufWriter<WriteHalf>>,
 }
 
 impl Conn {
@@ -92,11 +93,23 @@ impl Conn {
     }
 }
 
-fn connect(to: &str) -> Result<Conn, MigrationError> {
+/// Connects to `options.to`, with TLS if `options.tls_ca` says so (its files are read before
+/// anything is sent).
+fn connect(options: &MigrateOptions) -> Result<Conn, MigrationError> {
+    let to = options.to.as_str();
     let addr = to
         .strip_prefix("tcp://")
         .filter(|a| !a.is_empty())
         .ok_or_else(|| MigrationError::Address(to.to_string()))?;
+    let tls = match (&options.tls_ca, &options.tls_server_name) {
+        (Some(ca), name) => {
+            let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            Some(TlsClient::load(ca, name.as_deref().unwrap_or(host))?)
+        }
+        (None, Some(_)) => return Err(TlsError::NameWithoutCa.into()),
+        (None, None) => None,
+    };
     let connect_err = |source| MigrationError::Connect {
         to: to.to_string(),
         source,
@@ -108,13 +121,19 @@ fn connect(to: &str) -> Result<Conn, MigrationError> {
     let mut last = std::io::Error::other("the address resolves to nothing");
     for a in addrs {
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-            Ok(stream) => {
+            Ok(mut stream) => {
                 stream.set_nodelay(true).map_err(connect_err)?;
-                let r = BufReader::with_capacity(1 << 16, stream.try_clone().map_err(connect_err)?);
-                let w = BufWriter::with_capacity(4 << 20, stream);
+                let tls = match &tls {
+                    Some(client) => Some(client.handshake(&mut stream, addr)?),
+                    None => None,
+                };
+                let (r, w) = transport::split(stream, tls).map_err(connect_err)?;
                 return Ok(Conn {
-                    r,
-                    w: Counting { inner: w, bytes: 0 },
+                    r: BufReader::with_capacity(1 << 16, r),
+                    w: Counting {
+                        inner: BufWriter::with_capacity(4 << 20, w),
+                        bytes: 0,
+                    },
                 });
             }
             Err(e) => last = e,
@@ -230,7 +249,7 @@ pub(crate) fn migrate(
             .wait_resident(RESIDENCY_WAIT)
             .map_err(|e| resumed(CheckpointError::NotResident(e).into()))?;
     }
-    let mut conn = connect(&options.to).map_err(resumed)?;
+    let mut conn = connect(options).map_err(resumed)?;
     let regions = ram_regions(&machine.memory);
     let pages: u64 = regions.iter().map(RamRegion::pages).sum();
     let mut report = MigrationReport {
@@ -478,7 +497,7 @@ enum Incoming {
 
 /// Reads the destination's frames after `Go` and passes them on, until it is resident or the
 /// connection fails.
-fn read_incoming(r: &mut BufReader<TcpStream>, pages: u64, tx: &std::sync::mpsc::Sender<Incoming>) {
+fn read_incoming(r: &mut BufReader<ReadHalf>, pages: u64, tx: &std::sync::mpsc::Sender<Incoming>) {
     loop {
         let msg = match wire::read_frame(r) {
             Ok((Kind::Request, payload)) => match wire::decode_request(&payload, pages) {
@@ -585,7 +604,11 @@ fn serve(
         })();
         if result.is_err() {
             // Unblocks the reader.
-            let _ = w.inner.get_ref().shutdown(std::net::Shutdown::Both);
+            let _ = w
+                .inner
+                .get_ref()
+                .socket()
+                .shutdown(std::net::Shutdown::Both);
         }
         result
     })

@@ -90,6 +90,12 @@ pub enum WireError {
     /// The stream does not start with cowvm's magic.
     #[error("not a cowvm migration stream")]
     NotMigration,
+    /// The stream starts with a TLS handshake, and this end speaks plain TCP.
+    #[error(
+        "the source speaks TLS, but this receiver serves plain TCP (start it with --tls-cert \
+         and --tls-key)"
+    )]
+    TlsPeer,
     /// The stream speaks a newer version.
     #[error("the migration stream is version {theirs}, newer than this cowvm's version {VERSION}")]
     Newer {
@@ -146,6 +152,10 @@ pub(crate) fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
     let mut buf = [0u8; 12];
     read_exact(r, &mut buf)?;
     if buf[..8] != MAGIC {
+        // A TLS handshake record: content type 22, protocol version 3.x.
+        if buf[..2] == [0x16, 0x03] {
+            return Err(WireError::TlsPeer);
+        }
         return Err(WireError::NotMigration);
     }
     let theirs = u32::from_le_bytes(buf[8..].try_into().expect("4 bytes"));
@@ -330,6 +340,10 @@ mod tests {
         assert!(matches!(
             read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]),
             Err(WireError::NotMigration)
+        ));
+        assert!(matches!(
+            read_preamble(&mut &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x00"[..]),
+            Err(WireError::TlsPeer)
         ));
     }
 
