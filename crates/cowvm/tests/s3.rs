@@ -21,7 +21,7 @@ const COWVM: &str = env!("CARGO_BIN_EXE_cowvm");
 /// How long a `cowvm` process may take: a hang detector, not a timing (the tests of this file
 /// run side by side with a SeaweedFS server on a two-core host).
 const LIMIT: Duration = Duration::from_secs(600);
-const CMDLINE: &str = "compute mem=4M rounds=300 seed=3";
+const CMDLINE: &str = "compute mem=4M rounds=600 seed=3";
 
 /// A `cowvm` process; killed (by its own pid) if a test fails.
 struct Process(Option<Child>);
