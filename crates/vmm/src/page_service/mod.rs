@@ -1,5 +1,7 @@
-//! The restore page service: guest memory of a restored VM is private anonymous memory whose
-//! pages arrive on demand, verified, through userfaultfd missing-page faults.
+//! The page service: guest memory of a lazily restored VM, or of a VM migrated post-copy, is
+//! private anonymous memory whose pages arrive on demand, verified, through userfaultfd
+//! missing-page faults. Where they come from is a [`BlockSource`]: a checkpoint (its store,
+//! verified against its page index, as described below) or a migration source.
 //!
 //! Memory is cut into blocks of [`BLOCK_PAGES`] pages. Each block is fetched exactly once,
 //! by whoever claims it first (a compare-and-swap on its state, missing → claimed → resident):
