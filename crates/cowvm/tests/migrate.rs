@@ -93,6 +93,22 @@ fn disk_content(path: &Path) -> Vec<u8> {
     std::fs::read(raw).expect("flat disk")
 }
 
+/// The uninterrupted output of the compute guest `cmdline` with a zeroed disk, and the same
+/// guest started (with an API socket and a zeroed disk of its own) and 20 rounds in: (expected
+/// output, the VM, its socket, its console).
+fn compute_guest_with_disk(dir: &Path, cmdline: &str) -> (String, Process, PathBuf, PathBuf) {
+    let expected = reference(
+        dir,
+        cmdline,
+        "64M",
+        &["--disk", s(&zeroed(dir, "reference.raw"))],
+    );
+    let disk = zeroed(dir, "disk.raw");
+    let (src, sock, console) = run_guest(dir, cmdline, &["--disk", s(&disk)]);
+    wait_for_lines(&console, "round", 20);
+    (expected, src, sock, console)
+}
+
 fn migrate(sock: &Path, port: u16, mode: &str) -> std::process::Output {
     migrate_with(sock, port, mode, &[])
 }
@@ -341,15 +357,7 @@ fn copy_disks_moves_a_guest_and_its_disk_chain_without_shared_storage() {
 #[test]
 fn a_destination_that_goes_away_before_taking_over_leaves_the_source_running() {
     let dir = tempfile::tempdir().unwrap();
-    let expected = reference(
-        dir.path(),
-        COMPUTE,
-        "64M",
-        &["--disk", s(&zeroed(dir.path(), "reference.raw"))],
-    );
-    let disk = zeroed(dir.path(), "disk.raw");
-    let (mut src, sock, console) = run_guest(dir.path(), COMPUTE, &["--disk", s(&disk)]);
-    wait_for_lines(&console, "round", 20);
+    let (expected, mut src, sock, console) = compute_guest_with_disk(dir.path(), COMPUTE);
     // A destination that reads the start of the stream and dies.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -540,12 +548,6 @@ fn killing_either_side_at_a_random_instant_never_runs_the_vm_twice() {
 #[test]
 fn hybrid_over_tls_moves_a_guest_like_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
-    let expected = reference(
-        dir.path(),
-        COMPUTE,
-        "64M",
-        &["--disk", s(&zeroed(dir.path(), "reference.raw"))],
-    );
     let (cert, key) = certificate(dir.path(), "dst");
     let port = free_port();
     let tls = ["--tls-cert", s(&cert), "--tls-key", s(&key)];
@@ -554,9 +556,7 @@ fn hybrid_over_tls_moves_a_guest_like_an_uninterrupted_run() {
         port,
         &[&["--allow-dir", s(dir.path())], &tls[..]].concat(),
     );
-    let disk = zeroed(dir.path(), "disk.raw");
-    let (mut src, sock, src_console) = run_guest(dir.path(), COMPUTE, &["--disk", s(&disk)]);
-    wait_for_lines(&src_console, "round", 20);
+    let (expected, mut src, sock, src_console) = compute_guest_with_disk(dir.path(), COMPUTE);
     let out = migrate_with(&sock, port, "hybrid", &["--tls-ca", s(&cert)]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -573,17 +573,9 @@ fn hybrid_over_tls_moves_a_guest_like_an_uninterrupted_run() {
 #[test]
 fn tls_refusals_come_before_the_pause_and_the_source_runs_on() {
     let dir = tempfile::tempdir().unwrap();
-    let expected = reference(
-        dir.path(),
-        COMPUTE_LONG,
-        "64M",
-        &["--disk", s(&zeroed(dir.path(), "reference.raw"))],
-    );
     let (cert, key) = certificate(dir.path(), "dst");
     let (other, _) = certificate(dir.path(), "other");
-    let disk = zeroed(dir.path(), "disk.raw");
-    let (mut src, sock, console) = run_guest(dir.path(), COMPUTE_LONG, &["--disk", s(&disk)]);
-    wait_for_lines(&console, "round", 20);
+    let (expected, mut src, sock, console) = compute_guest_with_disk(dir.path(), COMPUTE_LONG);
     let tls = ["--tls-cert", s(&cert), "--tls-key", s(&key)];
     // (what the receiver serves, what the source says, the source's error, the receiver's)
     let cases: [(&[&str], &[&str], &str, &str); 3] = [

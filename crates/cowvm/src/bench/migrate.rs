@@ -26,7 +26,7 @@ use vmm::MemSize;
 
 use super::common::{guest_view, memory_sizes, GuestView, Stamp, Stamps, Window, SETTLE};
 use super::compare::qemu::{self, MigrationState, Qemu, QemuConfig, MAX_DOWNTIME_LIMIT_MS};
-use super::compare::{load_average, run_description, Workload};
+use super::compare::{finished, load_average, run_description, Workload};
 use super::plot::{line_chart, line_chart_log_y, Chart, Series};
 
 /// Boot (QEMU runs SeaBIOS first) and the first passes that populate memory.
@@ -661,17 +661,8 @@ pub fn run(args: MigrateBenchArgs) -> anyhow::Result<ExitCode> {
         print!("{}", table(&rows));
     }
     write_outputs(&args, &rows, &run_description(&load, took))?;
-    eprintln!(
-        "results and plots written to {} in {:.0} s",
-        args.out_dir.display(),
-        took.as_secs_f64()
-    );
     let failed = rows.iter().filter(|r| r.error.is_some()).count();
-    if failed > 0 {
-        eprintln!("{failed} of {} measurements failed", rows.len());
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(finished(&args.out_dir, took, failed, rows.len()))
 }
 
 fn ms(us: u64) -> f64 {

@@ -118,22 +118,18 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<ExitCode> {
         first_instruction_us = vm.restore_stats().map_or(0, |s| s.first_instruction_us),
         "received VM runs"
     );
-    let exit = if args.control.wanted() {
-        supervise::run(
-            vm,
-            &args.control,
-            Origin {
-                restored_from: None,
-                rollback: RollbackSettings {
-                    console: args.console.clone(),
-                    disk_dir: args.disk_dir.clone(),
-                    allow_dirs: args.allow_dirs.clone(),
-                },
+    let exit = supervise::run_or_wait(
+        vm,
+        &args.control,
+        Origin {
+            restored_from: None,
+            rollback: RollbackSettings {
+                console: args.console.clone(),
+                disk_dir: args.disk_dir.clone(),
+                allow_dirs: args.allow_dirs.clone(),
             },
-        )?
-    } else {
-        vm.wait().into()
-    };
+        },
+    )?;
     Ok(super::exit_code(&exit))
 }
 

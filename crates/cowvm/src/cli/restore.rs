@@ -156,22 +156,18 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         "restored VM runs"
     );
     // The page service logs "all restored memory is resident" with what it served.
-    let exit = if args.control.wanted() {
-        supervise::run(
-            vm,
-            &args.control,
-            Origin {
-                restored_from: Some(from),
-                rollback: RollbackSettings {
-                    console: args.console.clone(),
-                    disk_dir: args.disk_dir.clone(),
-                    allow_dirs: args.allow_dirs.clone(),
-                },
+    let exit = supervise::run_or_wait(
+        vm,
+        &args.control,
+        Origin {
+            restored_from: Some(from),
+            rollback: RollbackSettings {
+                console: args.console.clone(),
+                disk_dir: args.disk_dir.clone(),
+                allow_dirs: args.allow_dirs.clone(),
             },
-        )?
-    } else {
-        vm.wait().into()
-    };
+        },
+    )?;
     Ok(super::exit_code(&exit))
 }
 

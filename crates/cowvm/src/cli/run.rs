@@ -89,19 +89,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => Console::Stdout,
     };
     let vm = Vm::boot(args.vm.config(console)?)?;
-    let exit = if args.control.wanted() {
-        let origin = Origin {
-            restored_from: None,
-            rollback: RollbackSettings {
-                console: args.console.clone(),
-                disk_dir: None,
-                allow_dirs: Vec::new(),
-            },
-        };
-        supervise::run(vm, &args.control, origin)?
-    } else {
-        vm.wait().into()
+    let origin = Origin {
+        restored_from: None,
+        rollback: RollbackSettings {
+            console: args.console.clone(),
+            disk_dir: None,
+            allow_dirs: Vec::new(),
+        },
     };
+    let exit = supervise::run_or_wait(vm, &args.control, origin)?;
     Ok(exit_code(&exit))
 }
 

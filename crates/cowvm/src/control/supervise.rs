@@ -118,9 +118,18 @@ pub struct Origin {
     pub rollback: RollbackSettings,
 }
 
+/// Runs `vm` until it ends: with its control plane (`run`) if `args` asks for one.
+pub fn run_or_wait(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> {
+    if args.wanted() {
+        run(vm, args, origin)
+    } else {
+        Ok(vm.wait().into())
+    }
+}
+
 /// Runs `vm` with its control plane until the current VM (`vm`, or the VM of the latest
 /// rollback) ends; returns how it ended.
-pub fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> {
+fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("cowvm-api")

@@ -291,17 +291,22 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
         print!("{}", report.tables());
     }
     write_outputs(&args.out_dir, &report)?;
+    let failed = rows.iter().filter(|r| r.error.is_some()).count();
+    Ok(finished(&args.out_dir, took, failed, rows.len()))
+}
+
+/// Says where the results went; fails the command if any of the `total` measurements failed.
+pub(super) fn finished(out_dir: &Path, took: Duration, failed: usize, total: usize) -> ExitCode {
     eprintln!(
         "results and plots written to {} in {:.0} s",
-        args.out_dir.display(),
+        out_dir.display(),
         took.as_secs_f64()
     );
-    let failed = rows.iter().filter(|r| r.error.is_some()).count();
     if failed > 0 {
-        eprintln!("{failed} of {} measurements failed", rows.len());
-        return Ok(ExitCode::FAILURE);
+        eprintln!("{failed} of {total} measurements failed");
+        return ExitCode::FAILURE;
     }
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
 
 /// `/proc/loadavg`'s three averages.
