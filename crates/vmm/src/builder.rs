@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
@@ -141,6 +142,36 @@ pub(crate) struct Parts<'a> {
     pub console: Console,
     /// The disk images, in device order.
     pub disks: &'a [DiskConfig],
+    /// The vCPUs, if made ahead with [`create_vcpus`] (else they are made here).
+    pub vcpus: Option<NewVcpus>,
+}
+
+/// A VM's vCPUs, created and given their CPUID but holding no state yet.
+pub(crate) struct NewVcpus {
+    fds: Vec<VcpuFd>,
+    /// The MSRs a vCPU's state carries (the same for all).
+    msrs: Arc<[u32]>,
+}
+
+/// Creates the `count` vCPUs of `vm`: a step of its own so that a VM whose state arrives
+/// later (a migration's destination) makes them before it does.
+pub(crate) fn create_vcpus(vm: &KvmVm, count: u8) -> Result<NewVcpus, VmError> {
+    let base_cpuid = supported_cpuid(&vm.kvm)?;
+    let mut fds = Vec::with_capacity(usize::from(count));
+    let mut msrs: Option<Arc<[u32]>> = None;
+    for id in 0..count {
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(KvmError::ioctl("create vCPU"))?;
+        configure_vcpu(&fd, &vcpu_cpuid(&base_cpuid, id, count))?;
+        if msrs.is_none() {
+            msrs = Some(savable_msrs(&vm.kvm, &fd)?.into());
+        }
+        fds.push(fd);
+    }
+    let msrs = msrs.ok_or(VmError::VcpuCount(count))?;
+    Ok(NewVcpus { fds, msrs })
 }
 
 /// A machine whose vCPUs and devices run.
@@ -175,6 +206,7 @@ pub(crate) fn assemble(parts: Parts<'_>, start: Start<'_>) -> Result<Machine, Vm
         exit,
         console,
         disks,
+        vcpus: made_vcpus,
     } = parts;
     let started = std::time::Instant::now();
     let phase = |done: &'static str| {
@@ -202,21 +234,14 @@ pub(crate) fn assemble(parts: Parts<'_>, start: Start<'_>) -> Result<Machine, Vm
         Start::Restore(state) => (DeviceManager::restore(args, &state.devices)?, None),
     };
     phase("devices");
-    let base_cpuid = supported_cpuid(&vm.kvm)?;
-    phase("cpuid");
-    let mut msrs: Option<Arc<[u32]>> = None;
-    let mut vcpus = Vec::with_capacity(usize::from(summary.vcpus));
-    for id in 0..summary.vcpus {
-        let fd = vm
-            .fd
-            .create_vcpu(u64::from(id))
-            .map_err(KvmError::ioctl("create vCPU"))?;
-        configure_vcpu(&fd, &vcpu_cpuid(&base_cpuid, id, summary.vcpus))?;
-        let msrs = match &msrs {
-            Some(m) => m.clone(),
-            None => msrs.insert(savable_msrs(&vm.kvm, &fd)?.into()).clone(),
-        };
-        let vcpu = KvmVcpu::new(id, fd, msrs);
+    let made = match made_vcpus {
+        Some(made) => made,
+        None => create_vcpus(&vm, summary.vcpus)?,
+    };
+    phase("vcpus made");
+    let mut vcpus = Vec::with_capacity(made.fds.len());
+    for (id, fd) in (0u8..).zip(made.fds) {
+        let vcpu = KvmVcpu::new(id, fd, made.msrs.clone());
         let vcpu = match (&start, entry) {
             (Start::Restore(state), _) => {
                 let saved = state

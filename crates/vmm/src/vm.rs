@@ -135,6 +135,7 @@ impl Vm {
             exit: Arc::new(ExitNotifier::default()),
             console: config.console,
             disks: &config.disks,
+            vcpus: None,
         };
         let spec = BootSpec {
             kernel: &config.kernel,

@@ -202,6 +202,18 @@ pub struct Controller {
     jobs: Mutex<Jobs>,
     /// RAM stores (`mem:NAME`) by name: they live as long as this process.
     mem_stores: Mutex<HashMap<String, Arc<MemStore>>>,
+    /// Migrations under way: the VM ends at the hand-over, but the process must serve the
+    /// destination's pages until it owns them all.
+    migrations: tokio::sync::watch::Sender<usize>,
+}
+
+/// Runs `f` when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -316,6 +328,7 @@ impl Controller {
                 ..Jobs::default()
             }),
             mem_stores: Mutex::default(),
+            migrations: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -665,7 +678,17 @@ impl Controller {
             self.refuse_if_busy(&gate, Wants::Checkpoint)?;
             self.vm()
         };
+        self.migrations.send_modify(|n| *n += 1);
+        // Counted down however the call ends.
+        let _migrating = OnDrop(|| self.migrations.send_modify(|n| *n -= 1));
         vm.migrate(options).map_err(ControlError::Migrate)
+    }
+
+    /// Waits until no migration is under way (one that moved the VM answers once the
+    /// destination owns every page, which can take long after the VM ended here).
+    pub async fn migrations_finished(&self) {
+        // The sender lives in `self`: the wait ends only when the count does.
+        let _ = self.migrations.subscribe().wait_for(|&n| n == 0).await;
     }
 
     fn replace(

@@ -172,6 +172,9 @@ fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> {
             _ => None,
         };
         let exit = wait_for_exit(controller.clone()).await;
+        // A VM that migrated ended at the hand-over; its request answers, and the process may
+        // end, once the destination has every page.
+        controller.migrations_finished().await;
         if let Some(server) = server {
             server.shutdown().await;
         }

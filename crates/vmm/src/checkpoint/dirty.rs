@@ -67,6 +67,13 @@ impl PageBits {
         }
     }
 
+    /// Keeps only the pages also set in `other`.
+    pub(crate) fn and(&mut self, other: &PageBits) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w &= o;
+        }
+    }
+
     /// Every page set.
     pub(crate) fn all(pages: u64) -> PageBits {
         PageBits::new(pages).complement()
@@ -140,17 +147,31 @@ impl PageBits {
         let mut out = Vec::new();
         let mut page = first;
         while page < end {
-            if self.get(page) != value {
-                page += 1;
-                continue;
+            let start = self.next_with(page, end, value);
+            if start >= end {
+                break;
             }
-            let start = page;
-            while page < end && self.get(page) == value {
-                page += 1;
-            }
+            page = self.next_with(start, end, !value);
             out.push((start, page - start));
         }
         out
+    }
+
+    /// The first page of `page..end` whose bit is `value` (pages past the bitmap are clear),
+    /// or `end`; a word at a time.
+    fn next_with(&self, mut page: u64, end: u64, value: bool) -> u64 {
+        while page < end {
+            if page >= self.pages {
+                return if value { end } else { page };
+            }
+            let word = self.words[(page / 64) as usize];
+            let bits = if value { word } else { !word } >> (page % 64);
+            if bits != 0 {
+                return (page + u64::from(bits.trailing_zeros())).min(end);
+            }
+            page = (page / 64 + 1) * 64;
+        }
+        end
     }
 }
 
@@ -511,5 +532,45 @@ mod tests {
         assert_eq!(b.runs(1, 66, false), vec![(3, 61)]);
         assert!(!b.get(130));
         assert!(b.any(60, 65) && b.any(129, 200) && !b.any(3, 64) && !b.any(66, 129));
+        assert_eq!(b.runs(100, 200, false), vec![(100, 29), (130, 70)]);
+    }
+
+    #[test]
+    fn page_bits_runs_match_a_page_by_page_scan() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for pages in [1u64, 63, 64, 65, 1000] {
+            let mut b = PageBits::new(pages);
+            for p in 0..pages {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                // Long runs and single pages both.
+                if (seed >> 33) % 5 < 2 {
+                    b.set(p);
+                }
+            }
+            for value in [true, false] {
+                for (first, end) in [(0, pages), (pages / 3, pages), (1, pages + 70)] {
+                    let mut want = Vec::new();
+                    let mut page = first;
+                    while page < end {
+                        if b.get(page) == value {
+                            let start = page;
+                            while page < end && b.get(page) == value {
+                                page += 1;
+                            }
+                            want.push((start, page - start));
+                        } else {
+                            page += 1;
+                        }
+                    }
+                    assert_eq!(
+                        b.runs(first, end, value),
+                        want,
+                        "{pages} {value} {first}..{end}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -471,9 +471,14 @@ pub(crate) fn restore(
         exit,
         console: options.console,
         disks: &disks,
+        vcpus: None,
     };
     let machine = builder::assemble(parts, Start::Restore(&state))?;
     let first_instruction_us = started.elapsed().as_micros() as u64;
+    // Once the vCPUs run: until then it would compete with their start.
+    if let Some(service) = &service {
+        service.prefetch()?;
+    }
     info!(first_instruction_us, lazy, "VM restored");
     Ok((
         machine,

@@ -141,7 +141,9 @@ pub struct MigrationReport {
     pub mode: MigrationMode,
     /// The destination.
     pub to: String,
-    /// From the source's pause until the destination reported its vCPUs running.
+    /// From the source's pause until the destination's vCPUs ran: the source's time until the
+    /// destination's `Ready` arrived plus the destination's time from sending it until they
+    /// ran (no clock is shared; the trip of `Ready` counts twice, so it errs long).
     pub downtime_us: u64,
     /// The source's pause until it sent the switchover (vCPUs parked, state saved).
     pub pause_us: u64,

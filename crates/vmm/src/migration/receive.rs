@@ -6,7 +6,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, info_span, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -16,7 +16,7 @@ use super::peer_pages::PeerPages;
 use super::send::{Hello, Switch};
 use super::transport::{self, TlsServer};
 use super::wire::{self, Kind, WireError, DATA, ZERO};
-use super::MigrationError;
+use super::{MigrationError, MigrationMode};
 use crate::builder::{self, Console, Machine, MachineState, Parts, Start, VmSummary, MAX_VCPUS};
 use crate::checkpoint::dirty::PageBits;
 use crate::checkpoint::restore::{disk_overlays, RestoreRecord};
@@ -25,6 +25,12 @@ use crate::kvm::state::restore_vm;
 use crate::kvm::{KvmError, KvmVm};
 use crate::memory::{self, HugePages, RamRegion, PAGE_SIZE};
 use crate::page_service::{PageService, ServiceSpec};
+
+/// How long a read polls before it blocks once the switchover is next (post-copy: after
+/// `Prepared`; else after `Synced`).
+const SPIN_BEFORE_SWITCHOVER: Duration = Duration::from_millis(2);
+/// How long a read polls before it blocks while `Go` is awaited.
+const SPIN_HANDOVER: Duration = Duration::from_millis(20);
 
 /// How the destination runs the incoming VM.
 #[derive(Debug)]
@@ -59,11 +65,11 @@ fn write_page(
         .map_err(|e| MigrationError::GuestMemory(e.to_string()))
 }
 
-/// Drops the pages of `lacking` that pre-copy wrote (the guest changed them since): they must
-/// be missing again, so that the page service installs their final content on first touch.
-fn forget_pages(regions: &[RamRegion], lacking: &PageBits) -> Result<(), MigrationError> {
+/// Drops `stale`, the pages pre-copy wrote that the guest changed since: they must be missing
+/// again, so that the page service installs their final content on first touch.
+fn forget_pages(regions: &[RamRegion], stale: &PageBits) -> Result<(), MigrationError> {
     for r in regions {
-        for (first, count) in lacking.runs(r.first_page(), r.first_page() + r.pages(), true) {
+        for (first, count) in stale.runs(r.first_page(), r.first_page() + r.pages(), true) {
             let addr = r.host_of_page(first);
             // SAFETY: the range lies inside guest memory this process mapped (anonymous,
             // private); nothing runs on it yet, and dropping pages only makes them read as
@@ -93,6 +99,16 @@ struct Switchover {
     lacking: PageBits,
 }
 
+/// A bitmap of `pages` pages as the wire carries it (little-endian words).
+fn decode_bitmap(bytes: &[u8], pages: u64) -> Result<PageBits, &'static str> {
+    let words: Vec<u64> = bytes
+        .chunks(8)
+        .map(|c| c.try_into().map(u64::from_le_bytes))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "a partial bitmap word")?;
+    PageBits::from_words(words, pages).ok_or("a bitmap of the wrong size")
+}
+
 fn decode_switchover(payload: &[u8], pages: u64) -> Result<Switchover, MigrationError> {
     let bad = |why: &str| WireError::malformed(Kind::Switchover, why);
     let mut rest = payload;
@@ -110,13 +126,7 @@ fn decode_switchover(payload: &[u8], pages: u64) -> Result<Switchover, Migration
     let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
     let state: MachineState =
         ckpt_format::decode_state(take(len)?).map_err(MigrationError::State)?;
-    let words: Vec<u64> = rest
-        .chunks(8)
-        .map(|c| c.try_into().map(u64::from_le_bytes))
-        .collect::<Result<_, _>>()
-        .map_err(|_| bad("a partial bitmap word"))?;
-    let lacking =
-        PageBits::from_words(words, pages).ok_or_else(|| bad("a bitmap of the wrong size"))?;
+    let lacking = decode_bitmap(rest, pages).map_err(bad)?;
     Ok(Switchover {
         switch,
         state,
@@ -184,7 +194,8 @@ pub(crate) fn receive(
         None => None,
     };
     let (r, w) = transport::split(stream, tls).map_err(io)?;
-    let mut r = BufReader::with_capacity(4 << 20, r);
+    // Small: a block of pages is read past it, without a copy.
+    let mut r = BufReader::with_capacity(64 << 10, r);
     let mut w = BufWriter::new(w);
     wire::read_preamble(&mut r)?;
     let hello: Hello = serde_json::from_slice(&wire::expect_frame(&mut r, Kind::Hello, "hello")?)
@@ -207,30 +218,41 @@ pub(crate) fn receive(
             Err(e) => return Err(refuse(&mut w, e)),
         },
     };
-    // Memory and the KVM VM before any page arrives: creating the VM costs milliseconds per
-    // GiB, which must not fall in the pause.
-    let memory = memory::create_guest_memory(hello.mem_size, HugePages::None)?;
+    // Memory, the KVM VM and its vCPUs before any page arrives: creating the VM costs
+    // milliseconds per GiB, and each vCPU a fraction of one, which must not fall in the pause.
+    // Transparent huge pages: pre-copy fills memory block by block, so a first touch maps 2 MiB
+    // instead of one page, and the pause drops stale pages from a few huge mappings instead of
+    // from many page-table entries (both cost a fault or a page-table write per entry).
+    let memory = memory::create_guest_memory(hello.mem_size, HugePages::Thp)?;
     let vm = KvmVm::new(&memory).map_err(|e| MigrationError::Vm(e.into()))?;
+    let vcpus = builder::create_vcpus(&vm, hello.vcpus)?;
     let regions = memory::ram_regions(&memory);
     let pages: u64 = regions.iter().map(RamRegion::pages).sum();
     wire::write_frame(&mut w, Kind::Prepared, &[]).map_err(io)?;
     w.flush().map_err(io)?;
+    if hello.mode == MigrationMode::Postcopy {
+        r.get_mut().spin_waits(SPIN_BEFORE_SWITCHOVER);
+    }
     info!(mem = hello.mem_size, vcpus = hello.vcpus, mode = %hello.mode, "receiving a VM");
 
     let zeros = vec![0u8; PAGE_SIZE as usize];
-    let payload = loop {
-        match wire::read_frame(&mut r)? {
-            (Kind::Pages, payload) => {
+    let mut payload = Vec::new();
+    // The pages pre-copy wrote (only those can be stale).
+    let mut written = PageBits::new(pages);
+    loop {
+        match wire::read_frame_into(&mut r, &mut payload)? {
+            Kind::Pages => {
                 let frame = wire::decode_pages(&payload, pages)?;
                 for (page, kind, data) in frame.iter() {
                     match (kind, data) {
                         (DATA, Some(bytes)) => write_page(&memory, &regions, page, bytes)?,
                         (ZERO, _) => write_page(&memory, &regions, page, &zeros)?,
-                        _ => {}
+                        _ => continue,
                     }
+                    written.set(page);
                 }
             }
-            (kind @ (Kind::DiskLayer | Kind::DiskData), payload) => {
+            kind @ (Kind::DiskLayer | Kind::DiskData) => {
                 let Some(copies) = copies.as_mut() else {
                     return Err(WireError::Unexpected {
                         got: kind,
@@ -245,8 +267,22 @@ pub(crate) fn receive(
                 };
                 done.map_err(|e| refuse(&mut w, e))?;
             }
-            (Kind::Switchover, payload) => break payload,
-            (got, _) => {
+            Kind::Discard => {
+                let discard = decode_bitmap(&payload, pages)
+                    .map_err(|why| WireError::malformed(Kind::Discard, why))?;
+                let mut stale = discard.clone();
+                stale.and(&written);
+                forget_pages(&regions, &stale)?;
+                written.and(&discard.complement());
+            }
+            Kind::Sync => {
+                wire::write_frame(&mut w, Kind::Synced, &[])
+                    .and_then(|()| w.flush())
+                    .map_err(io)?;
+                r.get_mut().spin_waits(SPIN_BEFORE_SWITCHOVER);
+            }
+            Kind::Switchover => break,
+            got => {
                 return Err(WireError::Unexpected {
                     got,
                     expected: "pages or the switchover",
@@ -254,7 +290,7 @@ pub(crate) fn receive(
                 .into())
             }
         }
-    };
+    }
     let started = Instant::now();
     // What the path to the first instruction costs, phase by phase (RUST_LOG=debug).
     let phase = |done: &'static str| debug!(done, us = started.elapsed().as_micros() as u64);
@@ -292,7 +328,9 @@ pub(crate) fn receive(
         .map_err(MigrationError::Disks)?;
         phase("disks");
         restore_vm(&vm.fd, &state.vm).map_err(|e: KvmError| MigrationError::Vm(e.into()))?;
-        forget_pages(&regions, &lacking)?;
+        let mut stale = lacking.clone();
+        stale.and(&written);
+        forget_pages(&regions, &stale)?;
         phase("state");
         Ok((state, lacking, disks))
     })();
@@ -307,6 +345,8 @@ pub(crate) fn receive(
             }
         }
     };
+    r.get_mut().spin_waits(SPIN_HANDOVER);
+    let ready_at = Instant::now();
     let go = wire::write_frame(&mut w, Kind::Ready, &[])
         .and_then(|()| w.flush())
         .map_err(io)
@@ -315,6 +355,7 @@ pub(crate) fn receive(
         remove_overlays();
         return Err(e);
     }
+    r.get_mut().spin_waits(Duration::ZERO);
     if let Some(copies) = copies.as_mut() {
         copies.keep();
     }
@@ -348,14 +389,16 @@ pub(crate) fn receive(
         exit,
         console: options.console,
         disks: &disks,
+        vcpus: Some(vcpus),
     };
     let machine = builder::assemble(parts, Start::Restore(&state))?;
     let first_instruction_us = started.elapsed().as_micros() as u64;
     // The VM runs whatever happens to the connection now: with every page here it needs
     // nothing more from the source, and without them the page service stops it.
-    let took = first_instruction_us.to_le_bytes();
+    let took_us = ready_at.elapsed().as_micros() as u64;
+    let took = took_us.to_le_bytes();
     let told = match (&peer_pages, plain) {
-        (Some(p), _) => p.running(first_instruction_us),
+        (Some(p), _) => p.running(took_us),
         (None, Some(mut w)) => wire::write_frame(&mut w, Kind::Running, &[&took])
             .and_then(|()| wire::write_frame(&mut w, Kind::Resident, &[]))
             .and_then(|()| w.flush())
@@ -364,6 +407,10 @@ pub(crate) fn receive(
     };
     if let Err(e) = told {
         warn!("cannot tell the migration source that the VM runs: {e}");
+    }
+    // Once the vCPUs run: until then it would compete with their start.
+    if let Some(service) = &service {
+        service.prefetch()?;
     }
     info!(
         first_instruction_us,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ckpt_format::{page_is_zero, IoPolicy};
 use tracing::{debug, info, info_span, warn};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::disks::Outgoing;
 use super::transport::{self, ReadHalf, TlsClient, TlsError, WriteHalf};
@@ -23,6 +23,11 @@ use crate::page_service::{PageService, BLOCK_PAGES};
 
 /// How long a lazily restored VM's memory may take to become resident before it migrates.
 const RESIDENCY_WAIT: Duration = Duration::from_secs(120);
+/// How long a read polls before it blocks while the destination builds the VM in the pause.
+const SPIN_HANDOVER: Duration = Duration::from_millis(20);
+/// The connection's write buffer: frames' headers and small frames gather in it, while a
+/// block of pages, larger, goes to the socket directly.
+const WRITE_BUFFER: usize = 64 << 10;
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -131,7 +136,8 @@ fn connect(options: &MigrateOptions) -> Result<Conn, MigrationError> {
                 return Ok(Conn {
                     r: BufReader::with_capacity(1 << 16, r),
                     w: Counting {
-                        inner: BufWriter::with_capacity(4 << 20, w),
+                        // Small: a block of pages is written past it, without a copy.
+                        inner: BufWriter::with_capacity(WRITE_BUFFER, w),
                         bytes: 0,
                     },
                 });
@@ -279,6 +285,24 @@ pub(crate) fn migrate(
         resumed(e)
     })?;
 
+    // What was sent may still be on its way (socket buffers hold megabytes): the pause starts
+    // once the destination has it all in place, so that the switchover does not wait behind it.
+    // A hybrid migration leaves the pages written during its last round to post-copy: the
+    // destination drops its stale copies of them first, while the guest still runs here.
+    if options.mode != MigrationMode::Postcopy {
+        if options.mode == MigrationMode::Hybrid {
+            conn.send(Kind::Discard, &[&bitmap_bytes(&lacking)])
+                .map_err(|e| {
+                    ctx.dirty.end_rounds();
+                    resumed(e.into())
+                })?;
+        }
+        sync(&mut conn).map_err(|e| {
+            ctx.dirty.end_rounds();
+            resumed(e)
+        })?;
+    }
+
     // The pause.
     let mut preps = disk_cow::prepare_disks(disks, &tag).map_err(|e| resumed(e.into()))?;
     // One more read of the dirty log just before the pause, so that the one in the pause (a
@@ -300,7 +324,7 @@ pub(crate) fn migrate(
         return Err(MigrationError::Exited(exit));
     }
     let frozen = disk_cow::freeze_disks(disks, IoPolicy::Live).map_err(|e| resumed(e.into()))?;
-    let handed = (|| -> Result<PageBits, MigrationError> {
+    let handed = (|| -> Result<(PageBits, u64), MigrationError> {
         if options.mode != MigrationMode::Postcopy {
             let last = ctx.dirty.next_round(&machine.vm)?;
             lacking.or(&last);
@@ -340,11 +364,7 @@ pub(crate) fn migrate(
         })
         .expect("the switchover serializes");
         let encoded = ckpt_format::encode_state(&state).map_err(MigrationError::State)?;
-        let words: Vec<u8> = lacking
-            .words()
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect();
+        let words = bitmap_bytes(&lacking);
         conn.send(
             Kind::Switchover,
             &[
@@ -357,13 +377,16 @@ pub(crate) fn migrate(
         )?;
         conn.flush()?;
         report.pause_us = pause_start.elapsed().as_micros() as u64;
+        conn.r.get_mut().spin_waits(SPIN_HANDOVER);
         wire::expect_frame(&mut conn.r, Kind::Ready, "the destination ready")?;
+        let ready_us = pause_start.elapsed().as_micros() as u64;
+        conn.r.get_mut().spin_waits(Duration::ZERO);
         conn.send(Kind::Go, &[])?;
         conn.flush()?;
-        Ok(lacking)
+        Ok((lacking, ready_us))
     })();
-    let lacking = match handed {
-        Ok(lacking) => lacking,
+    let (lacking, ready_us) = match handed {
+        Ok(handed) => handed,
         Err(e) => {
             warn!("migration failed before the hand-over, resuming: {e}");
             drop(frozen);
@@ -374,13 +397,7 @@ pub(crate) fn migrate(
     // From here on the destination may run the VM: this one never runs again.
     machine.exit.notify(VmExit::Migrated(options.to.clone()));
     machine.control.request_exit();
-    let served = serve(
-        &mut conn,
-        &machine.memory,
-        &regions,
-        &lacking,
-        report.pause_us,
-    );
+    let served = serve(&mut conn, &machine.memory, &regions, &lacking, ready_us);
     drop(frozen);
     drop(guard);
     let downtime_us = served.map_err(|e| MigrationError::HandedOver {
@@ -406,6 +423,19 @@ pub(crate) fn migrate(
         "VM migrated"
     );
     Ok(report)
+}
+
+/// `bits` as the wire carries a bitmap: its words, little endian.
+fn bitmap_bytes(bits: &PageBits) -> Vec<u8> {
+    bits.words().iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Waits until the destination has put in place everything sent so far.
+fn sync(conn: &mut Conn) -> Result<(), MigrationError> {
+    conn.send(Kind::Sync, &[])?;
+    conn.flush()?;
+    wire::expect_frame(&mut conn.r, Kind::Synced, "the destination in step")?;
+    Ok(())
 }
 
 /// Says what VM comes and waits until the destination has its memory and KVM VM ready.
@@ -434,7 +464,7 @@ fn handshake(
 
 /// Pre-copy, the VM running: the first pass sends every page that is not zero, each round then
 /// the pages written during the previous one, until what is left would fit the downtime
-/// target or the rounds run out. Returns the pages the destination still lacks (all of them
+/// target or the rounds run out (for `hybrid`, also once rounds stop shrinking). Returns the pages the destination still lacks (all of them
 /// for `postcopy`).
 fn precopy(
     ctx: &SendContext<'_>,
@@ -456,12 +486,17 @@ fn precopy(
                 .map_err(|source| CheckpointError::Disk { index, source })?;
         }
     }
-    let mut to_send = PageBits::all(pages);
+    // Logging is on: a page populated after this look is logged as written.
+    let mut to_send = populated_pages(&machine.memory, regions).unwrap_or_else(|| {
+        debug!("guest memory is not all anonymous: every page is read");
+        PageBits::all(pages)
+    });
     let mut first_pass = true;
     loop {
         let round = Instant::now();
         let bytes = conn.w.bytes;
-        report.pages_precopied += send_pages(conn, &machine.memory, regions, &to_send, first_pass)?;
+        let sent = send_pages(conn, &machine.memory, regions, &to_send, first_pass)?;
+        report.pages_precopied += sent;
         report.precopy_rounds += 1;
         let secs = round.elapsed().as_secs_f64().max(1e-6);
         let rate = (conn.w.bytes - bytes) as f64 / secs;
@@ -475,7 +510,12 @@ fn precopy(
             rate_mib_s = rate / (1 << 20) as f64,
             "pre-copy round"
         );
-        if fits || report.precopy_rounds > options.max_rounds {
+        // A hybrid migration goes on only while rounds shrink: a guest that rewrote half of
+        // what a round sent would make the next one resend it for little gain, and leaves
+        // the destination more stale pages to drop in the pause.
+        let shrinking = to_send.count() * 2 <= sent;
+        let hybrid_done = options.mode == MigrationMode::Hybrid && !shrinking;
+        if fits || hybrid_done || report.precopy_rounds > options.max_rounds {
             if !fits && options.mode == MigrationMode::Precopy {
                 warn!(
                     left_pages = to_send.count(),
@@ -485,6 +525,45 @@ fn precopy(
             return Ok(to_send);
         }
     }
+}
+
+/// The pages of guest memory that were ever populated (mapped, or swapped out), from
+/// `/proc/self/pagemap`. A page of anonymous memory never populated reads as zero, and reading
+/// it costs a fault: the first pass skips those without touching them. `None` where memory is
+/// a file's mapping (a page not mapped there holds the file's bytes) or the map is unreadable.
+fn populated_pages(memory: &GuestMemoryMmap, regions: &[RamRegion]) -> Option<PageBits> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const CHUNK: u64 = 1 << 16;
+    if memory.iter().any(|r| r.file_offset().is_some()) {
+        return None;
+    }
+    let map = std::fs::File::open("/proc/self/pagemap")
+        .map_err(|e| debug!("cannot open the page map: {e}"))
+        .ok()?;
+    let pages = regions.iter().map(RamRegion::pages).sum();
+    let mut populated = PageBits::new(pages);
+    let mut entries = vec![0u8; (CHUNK * 8) as usize];
+    for r in regions {
+        let first_host_page = r.host as u64 / PAGE_SIZE;
+        let mut done = 0;
+        while done < r.pages() {
+            let n = CHUNK.min(r.pages() - done);
+            let bytes = &mut entries[..(n * 8) as usize];
+            map.read_exact_at(bytes, (first_host_page + done) * 8)
+                .map_err(|e| debug!("cannot read the page map: {e}"))
+                .ok()?;
+            for (i, entry) in bytes.chunks_exact(8).enumerate() {
+                let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+                if entry & (PRESENT | SWAPPED) != 0 {
+                    populated.set(r.first_page() + done + i as u64);
+                }
+            }
+            done += n;
+        }
+    }
+    Some(populated)
 }
 
 /// What the destination said after `Go`.
@@ -530,15 +609,17 @@ fn read_incoming(r: &mut BufReader<ReadHalf>, pages: u64, tx: &std::sync::mpsc::
 
 /// After `Go`: pushes every block the destination lacks, in address order, answering its
 /// requests (the blocks its vCPUs are waiting for) first, until it has every page. Each block
-/// is sent once. Returns the downtime: `switch_sent_us` (the pause until the switchover left)
-/// plus the destination's time from its arrival until its vCPUs ran, a figure that depends on
-/// neither host's clock nor on how long the answer waited behind pages.
+/// is sent once; the pushing starts once the vCPUs run, so as not to slow their start.
+/// Returns the downtime: `ready_us` (the pause until the destination's `Ready` arrived) plus
+/// the destination's time from sending `Ready` until its vCPUs ran. That needs neither host's
+/// clock, and errs only on the long side: the time `Ready` spent on its way is counted twice,
+/// once in each part.
 fn serve(
     conn: &mut Conn,
     memory: &GuestMemoryMmap,
     regions: &[RamRegion],
     lacking: &PageBits,
-    switch_sent_us: u64,
+    ready_us: u64,
 ) -> Result<u64, MigrationError> {
     let pages = lacking.len();
     let mut buf = vec![0u8; (BLOCK_PAGES * PAGE_SIZE) as usize];
@@ -555,7 +636,7 @@ fn serve(
         scope.spawn(|| read_incoming(r, pages, &tx));
         let result = (|| {
             let mut downtime = None;
-            let mut pushing = true;
+            let mut pushing = false;
             loop {
                 let msg = if pushing {
                     rx.try_recv().ok()
@@ -584,8 +665,9 @@ fn serve(
                         push_block(region, first, end)?;
                     }
                     Some(Incoming::Running(took)) => {
-                        let total = switch_sent_us.saturating_add(took);
+                        let total = ready_us.saturating_add(took);
                         downtime = Some(total);
+                        pushing = true;
                         info!(downtime_us = total, "the destination runs the VM");
                     }
                     Some(Incoming::Resident) => {
@@ -612,4 +694,25 @@ fn serve(
         }
         result
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{create_guest_memory, HugePages};
+
+    #[test]
+    fn the_first_pass_reads_only_pages_ever_populated() {
+        let memory = create_guest_memory(64 << 20, HugePages::None).unwrap();
+        let regions = ram_regions(&memory);
+        let written = [0u64, 7, 4095, 9000, 16383];
+        for page in written {
+            memory
+                .write_slice(&[0xa5], GuestAddress(page * PAGE_SIZE + 17))
+                .unwrap();
+        }
+        let populated = populated_pages(&memory, &regions).expect("anonymous memory");
+        let pages: Vec<u64> = (0..populated.len()).filter(|&p| populated.get(p)).collect();
+        assert_eq!(pages, written);
+    }
 }

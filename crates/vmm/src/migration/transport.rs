@@ -23,12 +23,19 @@
 //! So a writer blocked on a full socket never stops the reader from draining the other
 //! direction, and no thread is added: the halves are the same two ends the plain connection
 //! has, and plain TCP pays one enum match per buffered read or write.
+//!
+//! Around the switchover each end waits for a small message the other sends within a
+//! millisecond or two. Sleeping in the kernel there costs more than the message: on a host
+//! whose cores are virtual, a core that went idle takes milliseconds to wake. So for those
+//! waits ([`ReadHalf::spin_waits`]) a read polls the socket for a bounded time before it
+//! blocks.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::crypto::aws_lc_rs;
 use rustls::pki_types::pem::{self, PemObject};
@@ -376,13 +383,16 @@ pub(super) fn split(
 ) -> io::Result<(ReadHalf, WriteHalf)> {
     let reading = stream.try_clone()?;
     Ok(match tls {
-        None => (ReadHalf::Plain(reading), WriteHalf::Plain(stream)),
+        None => (
+            ReadHalf::Plain(Socket::new(reading)),
+            WriteHalf::Plain(stream),
+        ),
         Some(tls) => {
             let tls = Arc::new(Mutex::new(tls));
             (
                 ReadHalf::Tls(TlsReader {
                     tls: tls.clone(),
-                    socket: reading,
+                    socket: Socket::new(reading),
                     raw: vec![0; RAW_READ].into_boxed_slice(),
                     start: 0,
                     end: 0,
@@ -400,8 +410,62 @@ pub(super) fn split(
 
 /// The reading end of a migration connection.
 pub(super) enum ReadHalf {
-    Plain(TcpStream),
+    Plain(Socket),
     Tls(TlsReader),
+}
+
+impl ReadHalf {
+    /// From now on a read that would wait polls the socket for up to `spin` first (zero:
+    /// it blocks at once).
+    pub(super) fn spin_waits(&mut self, spin: Duration) {
+        match self {
+            ReadHalf::Plain(s) => s.spin = spin,
+            ReadHalf::Tls(t) => t.socket.spin = spin,
+        }
+    }
+}
+
+/// A socket read from, which may poll before it blocks.
+pub(super) struct Socket {
+    socket: TcpStream,
+    spin: Duration,
+}
+
+impl Socket {
+    fn new(socket: TcpStream) -> Socket {
+        Socket {
+            socket,
+            spin: Duration::ZERO,
+        }
+    }
+
+    /// Polls until the socket has something to read (or an error or end to report), for up
+    /// to `spin`.
+    fn poll_readable(&self) {
+        let start = Instant::now();
+        let mut fd = libc::pollfd {
+            fd: self.socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        while start.elapsed() < self.spin {
+            // SAFETY: `fd` is one valid pollfd naming a socket this value owns; a zero
+            // timeout only asks whether it is readable now.
+            if unsafe { libc::poll(&mut fd, 1, 0) } != 0 {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.spin.is_zero() {
+            self.poll_readable();
+        }
+        self.socket.read(buf)
+    }
 }
 
 impl Read for ReadHalf {
@@ -448,7 +512,7 @@ impl Write for WriteHalf {
 /// Reads plaintext from the shared TLS connection; waits for the socket without the lock.
 pub(super) struct TlsReader {
     tls: Arc<Mutex<Connection>>,
-    socket: TcpStream,
+    socket: Socket,
     /// Raw TLS bytes read, `start..end` not yet given to rustls.
     raw: Box<[u8]>,
     start: usize,

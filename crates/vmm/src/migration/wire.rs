@@ -14,8 +14,9 @@ use crate::memory::PAGE_SIZE;
 
 /// The first bytes of every migration stream.
 pub(crate) const MAGIC: [u8; 8] = *b"COWVMMIG";
-/// The version of the stream this build speaks.
-pub(crate) const VERSION: u32 = 1;
+/// The version of the stream this build speaks (2: `Sync`, `Synced`, `Discard`; the times
+/// that `Ready` and `Running` measure).
+pub(crate) const VERSION: u32 = 2;
 /// The largest payload a frame may carry: a block of pages with its kinds, a switchover
 /// (device state and the bitmap of the pages the destination lacks) or a chunk of a disk layer,
 /// with room to spare.
@@ -46,16 +47,25 @@ pub enum Kind {
     /// Source → destination: bytes of the layer begun last (disk and layer, u32 each; offset,
     /// u64; at most 4 MiB of data).
     DiskData = 7,
+    /// Source → destination, before the pause: answer once every frame before this one is in
+    /// place.
+    Sync = 8,
+    /// Source → destination, before the pause (hybrid): a bitmap of the pages the guest wrote
+    /// since they were sent; they come again after the hand-over, so the destination drops
+    /// what it holds of them now rather than in the pause.
+    Discard = 9,
     /// Destination → source: memory and the KVM VM are ready for pages.
     Prepared = 16,
     /// Destination → source: the VM is built and waits for `Go`.
     Ready = 17,
     /// Destination → source: a block of pages a fault or the prefetcher needs.
     Request = 18,
-    /// Destination → source: the vCPUs run.
+    /// Destination → source: the vCPUs run (u64: the microseconds since `Ready` was sent).
     Running = 19,
     /// Destination → source: every page is in place; the source may end.
     Resident = 20,
+    /// Destination → source: every frame before `Sync` is in place.
+    Synced = 21,
 }
 
 impl Kind {
@@ -68,11 +78,14 @@ impl Kind {
             5 => Kind::Abort,
             6 => Kind::DiskLayer,
             7 => Kind::DiskData,
+            8 => Kind::Sync,
+            9 => Kind::Discard,
             16 => Kind::Prepared,
             17 => Kind::Ready,
             18 => Kind::Request,
             19 => Kind::Running,
             20 => Kind::Resident,
+            21 => Kind::Synced,
             _ => return None,
         })
     }
@@ -194,29 +207,37 @@ pub(crate) fn write_frame(w: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> io
 
 /// Reads one frame, verified.
 pub(crate) fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), WireError> {
+    let mut payload = Vec::new();
+    let kind = read_frame_into(r, &mut payload)?;
+    Ok((kind, payload))
+}
+
+/// Reads one frame, verified, its payload into `payload` (whose memory is reused: a stream of
+/// large frames is read without clearing a new buffer for each).
+pub(crate) fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, WireError> {
     let mut header = [0u8; 5];
     read_exact(r, &mut header)?;
     let len = u32::from_le_bytes(header[1..].try_into().expect("4 bytes"));
     if len > MAX_FRAME {
         return Err(WireError::TooLarge(len));
     }
-    let mut payload = vec![0u8; len as usize];
-    read_exact(r, &mut payload)?;
+    payload.resize(len as usize, 0);
+    read_exact(r, payload)?;
     let mut sum = [0u8; 8];
     read_exact(r, &mut sum)?;
     let mut hash = Xxh3::new();
     hash.update(&header);
-    hash.update(&payload);
+    hash.update(payload);
     if hash.digest() != u64::from_le_bytes(sum) {
         return Err(WireError::Checksum);
     }
     let kind = Kind::from_u8(header[0]).ok_or(WireError::UnknownKind(header[0]))?;
     if kind == Kind::Abort {
         return Err(WireError::Aborted(
-            String::from_utf8_lossy(&payload).into_owned(),
+            String::from_utf8_lossy(payload).into_owned(),
         ));
     }
-    Ok((kind, payload))
+    Ok(kind)
 }
 
 /// Reads one frame that must be of kind `want`.
@@ -332,10 +353,10 @@ mod tests {
         assert!(matches!(read_frame(&mut r), Err(WireError::Checksum)));
 
         let mut newer = buf.clone();
-        newer[8] = 2;
+        newer[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
         assert!(matches!(
             read_preamble(&mut &newer[..]),
-            Err(WireError::Newer { theirs: 2 })
+            Err(WireError::Newer { theirs }) if theirs == VERSION + 1
         ));
         assert!(matches!(
             read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..]),

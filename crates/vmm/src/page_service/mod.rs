@@ -313,6 +313,8 @@ impl Shared {
 pub struct PageService {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The prefetch order, until [`PageService::prefetch`] starts the prefetcher.
+    order: Mutex<Option<Vec<u64>>>,
 }
 
 impl std::fmt::Debug for PageService {
@@ -340,8 +342,9 @@ pub struct ServiceSpec {
 }
 
 impl PageService {
-    /// Registers guest memory for missing-page faults and starts the fault handler and the
-    /// prefetcher. Call before anything touches guest memory.
+    /// Registers guest memory for missing-page faults and starts the fault handler (the
+    /// prefetcher starts with [`PageService::prefetch`]). Call before anything touches guest
+    /// memory.
     pub fn start(spec: ServiceSpec) -> Result<PageService, PageServiceError> {
         let uffd = Uffd::new(0).map_err(PageServiceError::Userfaultfd)?;
         for r in &spec.regions {
@@ -384,10 +387,12 @@ impl PageService {
             }
         }
         *shared.resident.get_mut() = resident;
+        let order = prefetch::order(&spec.hot_pages, shared.block_count());
         let shared = Arc::new(shared);
         let service = PageService {
             shared: shared.clone(),
             threads: Mutex::new(Vec::new()),
+            order: Mutex::new(Some(order)),
         };
         let handler = std::thread::Builder::new()
             .name("page-faults".into())
@@ -397,13 +402,22 @@ impl PageService {
             })
             .map_err(|e| PageServiceError::Thread("fault handler", e))?;
         service.lock_threads().push(handler);
-        let order = prefetch::order(&spec.hot_pages, shared.block_count());
+        Ok(service)
+    }
+
+    /// Starts installing every block nobody has faulted on yet, in the background (once; a
+    /// later call does nothing). Until it runs, memory becomes resident only by faults.
+    pub fn prefetch(&self) -> Result<(), PageServiceError> {
+        let Some(order) = self.order.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Ok(());
+        };
+        let shared = self.shared.clone();
         let prefetcher = std::thread::Builder::new()
             .name("page-prefetch".into())
             .spawn(move || prefetch::prefetch_loop(&shared, &order))
             .map_err(|e| PageServiceError::Thread("prefetcher", e))?;
-        service.lock_threads().push(prefetcher);
-        Ok(service)
+        self.lock_threads().push(prefetcher);
+        Ok(())
     }
 
     fn lock_threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
