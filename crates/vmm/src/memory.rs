@@ -209,6 +209,25 @@ pub fn ram_regions(mem: &GuestMemoryMmap) -> Vec<RamRegion> {
         .collect()
 }
 
+/// Whether each of `count` pages from host address `host` is populated (mapped, or swapped
+/// out), read from this process's page map (`map`: `/proc/self/pagemap`). A page of private
+/// anonymous memory that is not populated reads as zero.
+pub(crate) fn populated(
+    map: &std::fs::File,
+    host: usize,
+    count: u64,
+) -> std::io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let mut entries = vec![0u8; (count * 8) as usize];
+    map.read_exact_at(&mut entries, host as u64 / PAGE_SIZE * 8)?;
+    Ok(entries
+        .chunks_exact(8)
+        .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) & (PRESENT | SWAPPED) != 0)
+        .collect())
+}
+
 /// Total RAM bytes of `mem`.
 pub fn ram_size(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()

@@ -7,6 +7,7 @@
 //! the destination lacks before it is installed.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +20,7 @@ use tracing::{debug, error};
 use super::transport::{lock, ReadHalf, WriteHalf};
 use super::wire::{self, Kind, WireError, DATA, UNCHANGED, ZERO};
 use crate::checkpoint::dirty::PageBits;
-use crate::memory::PAGE_SIZE;
+use crate::memory::{self, RamRegion, PAGE_SIZE};
 use crate::page_service::{BlockSource, PageServiceError, Run, RunKind, SourceError};
 
 /// The writing half and what the destination has said on it.
@@ -56,6 +57,14 @@ struct Shared {
 pub(super) struct PeerPages {
     peer: String,
     lacking: PageBits,
+    /// The pages pre-copy did not leave in place here: those not lacking among them are zero
+    /// at the source (it never sent them), and are mapped as zero unless already present.
+    not_held: PageBits,
+    /// Guest memory, to look up which pages are present (huge pages can make pages present
+    /// that pre-copy did not write).
+    regions: Vec<RamRegion>,
+    /// This process's page map.
+    map: File,
     writer: Mutex<Writer>,
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -63,14 +72,18 @@ pub(super) struct PeerPages {
 }
 
 impl PeerPages {
-    /// Starts the reader thread on `r`; requests and reports go to `w`.
+    /// Starts the reader thread on `r`; requests and reports go to `w`. `held`: the pages
+    /// pre-copy put in place (and that are not stale).
     pub(super) fn start(
         peer: String,
         lacking: PageBits,
+        held: &PageBits,
+        regions: Vec<RamRegion>,
         mut r: BufReader<ReadHalf>,
         w: BufWriter<WriteHalf>,
     ) -> std::io::Result<PeerPages> {
         let stream = w.get_ref().socket().try_clone()?;
+        let map = File::open("/proc/self/pagemap")?;
         let shared = Arc::new(Shared {
             inbox: Mutex::new(Inbox::default()),
             space: Condvar::new(),
@@ -129,6 +142,9 @@ impl PeerPages {
         Ok(PeerPages {
             peer,
             lacking,
+            not_held: held.complement(),
+            regions,
+            map,
             writer: Mutex::new(Writer {
                 w,
                 running_sent: false,
@@ -177,13 +193,29 @@ impl Drop for PeerPages {
     }
 }
 
+/// Pages and their kinds, in order, as runs.
+fn runs_of(kinds: impl Iterator<Item = (u64, RunKind)>) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for (page, kind) in kinds {
+        match runs.last_mut() {
+            Some(last) if last.kind == kind => last.count += 1,
+            _ => runs.push(Run {
+                first: page,
+                count: 1,
+                kind,
+            }),
+        }
+    }
+    runs
+}
+
 impl BlockSource for PeerPages {
     fn describe(&self) -> String {
         self.peer.clone()
     }
 
     fn missing_at_start(&self, first: u64, end: u64) -> bool {
-        self.lacking.any(first, end)
+        self.lacking.any(first, end) || self.not_held.any(first, end)
     }
 
     fn fetch(&self, first: u64, end: u64, buf: &mut [u8]) -> Result<Vec<Run>, PageServiceError> {
@@ -198,6 +230,27 @@ impl BlockSource for PeerPages {
                 ),
             )
         };
+        // Which pages are here already; a block with none lacking needs nothing from the source.
+        let region = self
+            .regions
+            .iter()
+            .find(|r| first >= r.first_page() && end <= r.first_page() + r.pages())
+            .ok_or_else(|| self.failure(first, count, "not a block of guest memory".into()))?;
+        let present = memory::populated(&self.map, region.host_of_page(first), count)
+            .map_err(|e| self.failure(first, count, format!("cannot read the page map: {e}")))?;
+        if !self.lacking.any(first, end) {
+            return Ok(runs_of((first..end).map(|page| {
+                let present = present[(page - first) as usize];
+                (
+                    page,
+                    if present {
+                        RunKind::Present
+                    } else {
+                        RunKind::Zero
+                    },
+                )
+            })));
+        }
         let (tx, rx) = sync_channel(1);
         let pushed = {
             let mut inbox = lock(&self.shared.inbox);
@@ -241,10 +294,11 @@ impl BlockSource for PeerPages {
         if pages.first != first || pages.kinds.len() as u64 != count {
             return Err(self.failure(first, count, "the source answered other pages".into()));
         }
-        let mut runs: Vec<Run> = Vec::new();
+        let mut kinds = Vec::with_capacity(count as usize);
         for (page, kind, data) in pages.iter() {
             let kind = match (kind, self.lacking.get(page)) {
-                (UNCHANGED, false) => RunKind::Present,
+                (UNCHANGED, false) if present[(page - first) as usize] => RunKind::Present,
+                (UNCHANGED, false) => RunKind::Zero,
                 (ZERO, true) => RunKind::Zero,
                 (DATA, true) => {
                     let at = ((page - first) * PAGE_SIZE) as usize;
@@ -262,16 +316,9 @@ impl BlockSource for PeerPages {
                     ))
                 }
             };
-            match runs.last_mut() {
-                Some(last) if last.kind == kind => last.count += 1,
-                _ => runs.push(Run {
-                    first: page,
-                    count: 1,
-                    kind,
-                }),
-            }
+            kinds.push((page, kind));
         }
-        Ok(runs)
+        Ok(runs_of(kinds.into_iter()))
     }
 
     fn all_resident(&self) {

@@ -331,10 +331,13 @@ pub(crate) fn receive(
         let mut stale = lacking.clone();
         stale.and(&written);
         forget_pages(&regions, &stale)?;
+        // What pre-copy left in place.
+        let mut held = written;
+        held.and(&lacking.complement());
         phase("state");
-        Ok((state, lacking, disks))
+        Ok((state, lacking, held, disks))
     })();
-    let (state, lacking, disks) = match built {
+    let (state, lacking, held, disks) = match built {
         Ok(b) => b,
         Err(e) => return Err(refuse(&mut w, e)),
     };
@@ -364,7 +367,9 @@ pub(crate) fn receive(
     let exit = Arc::new(ExitNotifier::default());
     let lacking_pages = lacking.count();
     let (peer_pages, service, plain) = if lacking_pages > 0 {
-        let source = Arc::new(PeerPages::start(peer.clone(), lacking, r, w).map_err(io)?);
+        let source = Arc::new(
+            PeerPages::start(peer.clone(), lacking, &held, regions.clone(), r, w).map_err(io)?,
+        );
         let service = PageService::start(ServiceSpec {
             regions: regions.clone(),
             source: source.clone(),

@@ -532,9 +532,6 @@ fn precopy(
 /// it costs a fault: the first pass skips those without touching them. `None` where memory is
 /// a file's mapping (a page not mapped there holds the file's bytes) or the map is unreadable.
 fn populated_pages(memory: &GuestMemoryMmap, regions: &[RamRegion]) -> Option<PageBits> {
-    use std::os::unix::fs::FileExt;
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
     const CHUNK: u64 = 1 << 16;
     if memory.iter().any(|r| r.file_offset().is_some()) {
         return None;
@@ -544,21 +541,15 @@ fn populated_pages(memory: &GuestMemoryMmap, regions: &[RamRegion]) -> Option<Pa
         .ok()?;
     let pages = regions.iter().map(RamRegion::pages).sum();
     let mut populated = PageBits::new(pages);
-    let mut entries = vec![0u8; (CHUNK * 8) as usize];
     for r in regions {
-        let first_host_page = r.host as u64 / PAGE_SIZE;
         let mut done = 0;
         while done < r.pages() {
             let n = CHUNK.min(r.pages() - done);
-            let bytes = &mut entries[..(n * 8) as usize];
-            map.read_exact_at(bytes, (first_host_page + done) * 8)
+            let present = crate::memory::populated(&map, r.host_of_page(r.first_page() + done), n)
                 .map_err(|e| debug!("cannot read the page map: {e}"))
                 .ok()?;
-            for (i, entry) in bytes.chunks_exact(8).enumerate() {
-                let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
-                if entry & (PRESENT | SWAPPED) != 0 {
-                    populated.set(r.first_page() + done + i as u64);
-                }
+            for (i, _) in present.iter().enumerate().filter(|(_, &p)| p) {
+                populated.set(r.first_page() + done + i as u64);
             }
             done += n;
         }
