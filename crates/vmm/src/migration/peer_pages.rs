@@ -96,6 +96,7 @@ impl PeerPages {
             .spawn({
                 let shared = shared.clone();
                 move || {
+                    let mut lost_why = None;
                     let why = loop {
                         match wire::read_frame(&mut r) {
                             Ok((Kind::Pages, payload)) => {
@@ -104,18 +105,26 @@ impl PeerPages {
                                     Err(e) => break e.to_string(),
                                 };
                                 let mut inbox = lock(&shared.inbox);
-                                if let Some(tx) = inbox.waiters.remove(&first) {
-                                    let _ = tx.send(payload);
-                                    continue;
-                                }
-                                while inbox.pushed.len() >= PUSHED_MAX
-                                    && !shared.done.load(Ordering::Acquire)
-                                {
+                                // A fetch may start waiting for this block while the reader
+                                // waits for room: each wake looks for one again.
+                                loop {
+                                    if let Some(tx) = inbox.waiters.remove(&first) {
+                                        let _ = tx.send(payload);
+                                        break;
+                                    }
+                                    if inbox.pushed.len() < PUSHED_MAX
+                                        || shared.done.load(Ordering::Acquire)
+                                    {
+                                        if inbox.pushed.insert(first, payload).is_some() {
+                                            lost_why = Some("a block sent twice".to_string());
+                                        }
+                                        break;
+                                    }
                                     inbox =
                                         shared.space.wait(inbox).unwrap_or_else(|p| p.into_inner());
                                 }
-                                if inbox.pushed.insert(first, payload).is_some() {
-                                    break "a block sent twice".to_string();
+                                if let Some(why) = lost_why.take() {
+                                    break why;
                                 }
                             }
                             Ok((got, _)) => {
@@ -264,6 +273,8 @@ impl BlockSource for PeerPages {
                         return Err(lost(why));
                     }
                     inbox.waiters.insert(first, tx);
+                    // The reader may hold this very block, waiting for room to keep it.
+                    self.shared.space.notify_all();
                     None
                 }
             }

@@ -221,8 +221,8 @@ pub(crate) fn receive(
     // Memory, the KVM VM and its vCPUs before any page arrives: creating the VM costs
     // milliseconds per GiB, and each vCPU a fraction of one, which must not fall in the pause.
     // Transparent huge pages: pre-copy fills memory block by block, so a first touch maps 2 MiB
-    // instead of one page, and the pause drops stale pages from a few huge mappings instead of
-    // from many page-table entries (both cost a fault or a page-table write per entry).
+    // instead of one page, and stale pages are dropped from a few huge mappings instead of from
+    // many page-table entries (both cost a fault or a page-table write per entry).
     let memory = memory::create_guest_memory(hello.mem_size, HugePages::Thp)?;
     let vm = KvmVm::new(&memory).map_err(|e| MigrationError::Vm(e.into()))?;
     let vcpus = builder::create_vcpus(&vm, hello.vcpus)?;
