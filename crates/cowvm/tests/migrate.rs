@@ -74,6 +74,23 @@ fn reference(dir: &Path, cmdline: &str, mem: &str, extra: &[&str]) -> String {
     read(&console)
 }
 
+/// The source VM: `cmdline` with `mem` of memory, an API socket and its console in `dir`, its
+/// log in `src.log`; returns it once its API answers, with its socket and console.
+fn run_source(dir: &Path, cmdline: &str, mem: &str) -> (Process, PathBuf, PathBuf) {
+    let sock = dir.join("api.sock");
+    let console = dir.join("src.txt");
+    let process = Process::spawn(
+        Command::new(COWVM)
+            .args(["run", "--kernel"])
+            .arg(guests::pvh_guest())
+            .args(["--cmdline", cmdline, "--mem", mem, "--console", s(&console)])
+            .args(["--api-sock", s(&sock)])
+            .stderr(std::fs::File::create(dir.join("src.log")).expect("log file")),
+    );
+    common::wait_for_socket(&sock);
+    (process, sock, console)
+}
+
 fn zeroed(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::File::create(&path)
@@ -397,26 +414,9 @@ fn a_source_that_dies_during_postcopy_stops_the_destination_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let (mut dst, dst_console, log) = receive(dir.path(), port, &[]);
-    let sock = dir.path().join("api.sock");
-    let mut src = Process::spawn(
-        Command::new(COWVM)
-            .args(["run", "--kernel"])
-            .arg(guests::pvh_guest())
-            .args([
-                "--cmdline",
-                "compute mem=16M rounds=100000 seed=3",
-                "--mem",
-                "1G",
-            ])
-            .args([
-                "--console",
-                s(&dir.path().join("src.txt")),
-                "--api-sock",
-                s(&sock),
-            ]),
-    );
-    common::wait_for_socket(&sock);
-    wait_for_lines(&dir.path().join("src.txt"), "round", 5);
+    let (mut src, sock, src_console) =
+        run_source(dir.path(), "compute mem=16M rounds=100000 seed=3", "1G");
+    wait_for_lines(&src_console, "round", 5);
     let mut migrating = Process::spawn(
         Command::new(COWVM)
             .args(["migrate", "--api-sock", s(&sock), "--mode", "postcopy"])
@@ -481,24 +481,7 @@ fn killing_either_side_at_a_random_instant_never_runs_the_vm_twice() {
         std::fs::create_dir(&run).unwrap();
         let port = free_port();
         let (mut dst, dst_console, log) = receive(&run, port, &[]);
-        let sock = run.join("api.sock");
-        let src_console = run.join("src.txt");
-        let mut src = Process::spawn(
-            Command::new(COWVM)
-                .args(["run", "--kernel"])
-                .arg(guests::pvh_guest())
-                .args([
-                    "--cmdline",
-                    COMPUTE,
-                    "--mem",
-                    "256M",
-                    "--console",
-                    s(&src_console),
-                ])
-                .args(["--api-sock", s(&sock)])
-                .stderr(std::fs::File::create(run.join("src.log")).unwrap()),
-        );
-        common::wait_for_socket(&sock);
+        let (mut src, sock, src_console) = run_source(&run, COMPUTE, "256M");
         wait_for_lines(&src_console, "round", 10);
         let mut migrating = Process::spawn(
             Command::new(COWVM)

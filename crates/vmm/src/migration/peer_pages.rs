@@ -60,6 +60,8 @@ pub(super) struct PeerPages {
     /// The pages pre-copy did not leave in place here: those not lacking among them are zero
     /// at the source (it never sent them), and are mapped as zero unless already present.
     not_held: PageBits,
+    /// The pages the source does not send (only a block holding some needs the page map).
+    not_lacking: PageBits,
     /// Guest memory, to look up which pages are present (huge pages can make pages present
     /// that pre-copy did not write).
     regions: Vec<RamRegion>,
@@ -150,6 +152,7 @@ impl PeerPages {
             })?;
         Ok(PeerPages {
             peer,
+            not_lacking: lacking.complement(),
             lacking,
             not_held: held.complement(),
             regions,
@@ -239,14 +242,19 @@ impl BlockSource for PeerPages {
                 ),
             )
         };
-        // Which pages are here already; a block with none lacking needs nothing from the source.
-        let region = self
-            .regions
-            .iter()
-            .find(|r| first >= r.first_page() && end <= r.first_page() + r.pages())
-            .ok_or_else(|| self.failure(first, count, "not a block of guest memory".into()))?;
-        let present = memory::populated(&self.map, region.host_of_page(first), count)
-            .map_err(|e| self.failure(first, count, format!("cannot read the page map: {e}")))?;
+        // Which pages not lacking are here already (a block of lacking pages only, as in a
+        // post-copy, needs no look); a block with none lacking needs nothing from the source.
+        let present = if self.not_lacking.any(first, end) {
+            let region = self
+                .regions
+                .iter()
+                .find(|r| first >= r.first_page() && end <= r.first_page() + r.pages())
+                .ok_or_else(|| self.failure(first, count, "not a block of guest memory".into()))?;
+            memory::populated(&self.map, region.host_of_page(first), count)
+                .map_err(|e| self.failure(first, count, format!("cannot read the page map: {e}")))?
+        } else {
+            Vec::new()
+        };
         if !self.lacking.any(first, end) {
             return Ok(runs_of((first..end).map(|page| {
                 let present = present[(page - first) as usize];
