@@ -190,7 +190,7 @@ fn an_incremental_checkpoint_of_a_quiet_guest_is_small() {
             .find_map(|l| l.strip_prefix("scan pass="))
             .and_then(|l| l.split(" sum=").nth(1))
             .map(|l| l[..16].to_string())
-            .expect("a scan line")
+            .unwrap_or_else(|| panic!("no complete scan line in:\n{text}"))
     };
     let expected = sum(&console.text());
 
@@ -212,7 +212,8 @@ fn an_incremental_checkpoint_of_a_quiet_guest_is_small() {
     drop(vm);
 
     let (restored, restored_console) = restore_plain(&incr_dir);
-    let text = restored_console.wait_for("scan pass=", 1, RUN_LIMIT);
+    // The second line's start proves the first one complete.
+    let text = restored_console.wait_for("scan pass=", 2, RUN_LIMIT);
     assert_eq!(
         sum(&text),
         expected,

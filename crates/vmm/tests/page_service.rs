@@ -86,9 +86,11 @@ fn wait_resident(vm: &Vm) -> RestoreStats {
     }
 }
 
-/// The `sum=` values the console printed.
+/// The `sum=` values of the complete lines the console printed.
 fn sums(text: &str) -> Vec<String> {
-    text.split_whitespace()
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .split_whitespace()
         .filter_map(|w| w.strip_prefix("sum="))
         .map(str::to_string)
         .collect()
