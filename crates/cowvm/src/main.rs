@@ -52,6 +52,9 @@ enum Command {
     Inspect(cli::InspectArgs),
     /// Run a VM restored from a checkpoint until the guest exits; the exit status is the guest's.
     Restore(cli::RestoreArgs),
+    /// Make a VM before its checkpoint is known, wait on the API socket for the restore, then
+    /// run the restored VM until the guest exits (restores in about a millisecond).
+    Standby(cli::StandbyArgs),
     /// Start N VMs from one checkpoint in this process, wait for all, report each.
     Clone(cli::CloneArgs),
     /// Return a running VM to an earlier checkpoint of its own, in the same process.
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cli::status(args),
         Command::Inspect(args) => cli::inspect(args),
         Command::Restore(args) => cli::restore(args),
+        Command::Standby(args) => cli::standby(args),
         Command::Clone(args) => cli::clone(args),
         Command::Rollback(args) => cli::rollback(args),
         Command::Receive(args) => cli::receive(args),

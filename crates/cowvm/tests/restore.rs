@@ -106,6 +106,53 @@ fn restore_and_clones_continue_exactly_after_the_checkpoint() {
     assert!(table.starts_with("CLONE"), "{table}");
     assert!(table.contains("clone-0.log"), "{table}");
 
+    // A standby VM: one of another size refuses the checkpoint and stays ready; one of its
+    // size restores it in its own process, which then serves the VM's API on the same socket
+    // and ends with the guest.
+    let standby = |name: &str, mem: &str| {
+        let sock = dir.path().join(format!("{name}.sock"));
+        let console = dir.path().join(format!("{name}.txt"));
+        let process = Process::spawn(
+            Command::new(COWVM)
+                .args(["standby", "--mem", mem, "--console"])
+                .arg(&console)
+                .arg("--api-sock")
+                .arg(&sock),
+        );
+        wait_for_socket(&sock);
+        (process, sock, console)
+    };
+    let (_other, other_sock, _) = standby("other", "128M");
+    let out = cowvm(&["restore", "--standby", s(&other_sock), s(&ckpt)]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("the standby VM has 134217728 bytes of memory"),
+        "{stderr}"
+    );
+    let (status, health) = request(&other_sock, "GET", "/health", None);
+    assert_eq!(
+        (status, &health["status"]),
+        (200, &json!("standby")),
+        "{health}"
+    );
+    let (mut process, sock, console) = standby("standby", "64M");
+    let (status, answer) = request(&sock, "PUT", "/restore", Some(&json!({"from": "ckpt"})));
+    assert_eq!(
+        (status, &answer["field"]),
+        (400, &json!("from")),
+        "{answer}"
+    );
+    let out = cowvm_ok(&["restore", "--standby", s(&sock), s(&ckpt), "--json"]);
+    let done: Value = serde_json::from_str(&out).expect("restore --standby --json");
+    assert_eq!(done["from"], s(&ckpt), "{done}");
+    assert!(done["first_instruction_us"].as_u64().is_some(), "{done}");
+    let (status, vm) = request(&sock, "GET", "/vm", None);
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["restored_from"], s(&ckpt), "{vm}");
+    assert_eq!(process.wait().code(), Some(0));
+    assert_eq!(read(&console), suffix, "output restored on the standby VM");
+
     // Nothing is restored from a checkpoint without its completion marker.
     std::fs::remove_file(ckpt.join("COMPLETE")).unwrap();
     for command in ["restore", "clone"] {

@@ -22,7 +22,7 @@ mod vm;
 pub use builder::{Console, MachineState, VmError, VmSummary, MAX_VCPUS};
 pub use checkpoint::dirty::DirtyLogRefusal;
 pub use checkpoint::disk_chain::{commit_and_rebase, ChainError, CommitReport, LayerMerge};
-pub use checkpoint::restore::{RestoreError, RestoreOptions, RestoreStats};
+pub use checkpoint::restore::{RestoreError, RestoreOptions, RestoreStats, Standby};
 pub use checkpoint::{
     CheckpointError, CheckpointRequest, ParentSpec, PauseProbe, Phase, Progress, Refusal, StoreSpec,
 };

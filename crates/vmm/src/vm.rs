@@ -15,7 +15,7 @@ use crate::builder::{self, Console, Machine, Parts, Start, VmError, VmSummary, M
 use crate::checkpoint::dirty::DirtyLog;
 use crate::checkpoint::disk_chain::{self, ChainError, ChainLayers, LayerMerge};
 use crate::checkpoint::restore::{
-    self, MemoryMode, RestoreError, RestoreOptions, RestoreRecord, RestoreStats,
+    self, MemoryMode, RestoreError, RestoreOptions, RestoreRecord, RestoreStats, Standby,
 };
 use crate::checkpoint::{
     self, CheckpointContext, CheckpointError, CheckpointRequest, Progress, StoreSpec,
@@ -173,6 +173,22 @@ impl Vm {
         options: RestoreOptions,
     ) -> Result<Vm, RestoreError> {
         restore::restore(store, options, MemoryMode::Shared(image))
+            .map(|(m, r)| Vm::new(m, Some(r)))
+    }
+
+    /// Restores the checkpoint in `store` on `standby` (made in advance with
+    /// [`Standby::new`]) and runs it: the KVM VM, its memory and vCPUs exist already, so only
+    /// state is loaded before the first instruction. Memory is served on first touch. A
+    /// checkpoint of another shape, or one that cannot be opened, is refused and leaves the
+    /// standby as it was; after a failure past that point the standby is used up.
+    /// `options.eager` is refused.
+    pub fn restore_standby(
+        standby: &mut Standby,
+        store: &StoreSpec,
+        options: RestoreOptions,
+    ) -> Result<Vm, RestoreError> {
+        standby
+            .restore(store, options)
             .map(|(m, r)| Vm::new(m, Some(r)))
     }
 

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use ckpt_format::{Checkpoint, CheckpointOptions, DirStore, IoPolicy, PageState, Strategy};
 use common::*;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::{CheckpointRequest, MachineState, Progress, RestoreOptions, RestoreStats, StoreSpec};
+use vmm::{
+    CheckpointRequest, MachineState, Progress, RestoreError, RestoreOptions, RestoreStats, Standby,
+    StoreSpec,
+};
 use vmm::{Vm, VmExit};
 
 const MEM: u64 = 64 << 20;
@@ -123,26 +126,90 @@ fn lazy_restores_of_a_writer_and_a_reader_finish_as_the_uninterrupted_run() {
         drop(vm);
 
         let at = bytes_emitted_at_checkpoint(&dir);
-        let (restored, restored_console) = restore(&dir);
-        assert_eq!(
-            wait_or_explain(&restored, &restored_console, LIMIT),
-            VmExit::Guest(0)
-        );
-        let out = format!("{}{}", &before[..at], restored_console.text());
-        assert_eq!(
-            without_tsc(&out),
-            expected,
-            "{workload}: the restored VM diverged"
-        );
-        let stats = wait_resident(&restored);
-        assert!(stats.lazy, "{stats:?}");
-        assert_eq!(
-            stats.pages.bytes_by_fault + stats.pages.bytes_prefetched,
-            MEM,
-            "every byte is installed once: {stats:?}"
-        );
-        eprintln!("{workload}: {stats:?}");
+        // A plain restore, and one on a standby VM made before the checkpoint was chosen.
+        let mut standby = Standby::new(MEM, 1).expect("standby");
+        for on_standby in [false, true] {
+            let (restored, restored_console) = if on_standby {
+                restore_on(&mut standby, &dir).expect("restore on the standby")
+            } else {
+                restore(&dir)
+            };
+            assert_eq!(
+                wait_or_explain(&restored, &restored_console, LIMIT),
+                VmExit::Guest(0)
+            );
+            let out = format!("{}{}", &before[..at], restored_console.text());
+            assert_eq!(
+                without_tsc(&out),
+                expected,
+                "{workload} (standby: {on_standby}): the restored VM diverged"
+            );
+            let stats = wait_resident(&restored);
+            assert!(stats.lazy, "{stats:?}");
+            assert_eq!(
+                stats.pages.bytes_by_fault + stats.pages.bytes_prefetched,
+                MEM,
+                "every byte is installed once: {stats:?}"
+            );
+            eprintln!("{workload} (standby: {on_standby}): {stats:?}");
+        }
+        assert!(standby.is_used());
     }
+}
+
+fn restore_on(standby: &mut Standby, dir: &Path) -> Result<(Vm, Capture), RestoreError> {
+    let console = Capture::default();
+    let vm = Vm::restore_standby(
+        standby,
+        &StoreSpec::Dir(dir.to_path_buf()),
+        RestoreOptions {
+            console: console.console(),
+            eager: false,
+            disk_dir: None,
+            allow_dirs: Vec::new(),
+        },
+    )?;
+    Ok((vm, console))
+}
+
+/// A standby VM takes only a checkpoint of its own shape, and one only: a refused checkpoint
+/// leaves it ready for the next.
+#[test]
+fn a_standby_vm_refuses_another_shape_and_serves_one_restore() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("ckpt");
+    let good = scan_checkpoint(&dir);
+    for (mem, vcpus) in [(MEM * 2, 1), (MEM, 2)] {
+        let mut other = Standby::new(mem, vcpus).expect("standby");
+        let Err(err) = restore_on(&mut other, &dir) else {
+            panic!("a standby of {mem} bytes and {vcpus} vCPUs took a checkpoint of {MEM} and 1");
+        };
+        assert!(
+            matches!(&err, RestoreError::Config { reason, .. } if reason.contains("standby")),
+            "{err:?}"
+        );
+        assert!(!other.is_used());
+    }
+
+    let mut standby = Standby::new(MEM, 1).expect("standby");
+    let Err(err) = restore_on(&mut standby, &work.path().join("missing")) else {
+        panic!("a missing checkpoint restored");
+    };
+    assert!(matches!(err, RestoreError::Open { .. }), "{err:?}");
+    assert!(!standby.is_used());
+    let (vm, console) = restore_on(&mut standby, &dir).expect("restore on the standby");
+    console.wait_for("scan pass=", 2, LIMIT);
+    wait_resident(&vm);
+    assert_eq!(vm.exit_status(), None);
+    for sum in sums(&console.text()) {
+        assert_eq!(sum, good[0], "the guest reads other memory");
+    }
+    assert!(standby.is_used());
+    let Err(err) = restore_on(&mut standby, &dir) else {
+        panic!("a standby served two restores");
+    };
+    assert!(err.to_string().contains("already been used"), "{err}");
+    drop(vm);
 }
 
 /// A checkpoint of a `scan` guest that has filled its working set.

@@ -9,6 +9,7 @@
 mod error;
 mod listen;
 pub mod model;
+pub mod standby;
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -515,12 +516,35 @@ pub struct ApiServer {
     path: PathBuf,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
+    spare: std::os::unix::net::UnixListener,
 }
 
 impl ApiServer {
     /// Binds `path` (owner-only) and serves the API for `controller` on the current runtime.
     pub fn start(path: &Path, controller: Ctl) -> Result<ApiServer, ServeError> {
-        let listener = bind_owner_only(path)?;
+        ApiServer::serve(bind_owner_only(path)?, path, router(controller))
+    }
+
+    /// Serves the API for `controller` on `listener`, bound at `path` by a server before it
+    /// ([`hand_over`](Self::hand_over)).
+    pub fn start_on(
+        listener: std::os::unix::net::UnixListener,
+        path: &Path,
+        controller: Ctl,
+    ) -> Result<ApiServer, ServeError> {
+        ApiServer::serve(listener, path, router(controller))
+    }
+
+    /// Binds `path` (owner-only) and serves `router` on the current runtime.
+    pub fn bind(path: &Path, router: Router) -> Result<ApiServer, ServeError> {
+        ApiServer::serve(bind_owner_only(path)?, path, router)
+    }
+
+    fn serve(
+        listener: std::os::unix::net::UnixListener,
+        path: &Path,
+        router: Router,
+    ) -> Result<ApiServer, ServeError> {
         let cleanup = |source| {
             if let Err(e) = std::fs::remove_file(path) {
                 warn!("cannot remove {}: {e}", path.display());
@@ -532,15 +556,33 @@ impl ApiServer {
             }
         };
         listener.set_nonblocking(true).map_err(cleanup)?;
+        // Kept to hand the bound socket to the next server without a moment unbound.
+        let spare = listener.try_clone().map_err(cleanup)?;
         let listener = tokio::net::UnixListener::from_std(listener).map_err(cleanup)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(listen::serve(listener, router(controller), stopped));
+        let task = tokio::spawn(listen::serve(listener, router, stopped));
         info!(socket = %path.display(), "API server listening");
         Ok(ApiServer {
             path: path.to_path_buf(),
             stop,
             task,
+            spare,
         })
+    }
+
+    /// Stops serving (requests in flight finish) and returns the socket, still bound at its
+    /// path: connections arriving meanwhile wait for the next server to accept them.
+    pub async fn hand_over(self) -> std::os::unix::net::UnixListener {
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+            .await
+            .is_err()
+        {
+            warn!("API requests still in flight after {SHUTDOWN_GRACE:?}; closing them");
+            task.abort();
+        }
+        self.spare
     }
 
     /// Stops accepting, lets requests in flight finish (a few seconds at most), and removes

@@ -128,6 +128,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<ExitCode> {
                 disk_dir: args.disk_dir.clone(),
                 allow_dirs: args.allow_dirs.clone(),
             },
+            api_listener: None,
         },
     )?;
     Ok(super::exit_code(&exit))

@@ -1,5 +1,5 @@
-//! Every subcommand but `bench`: its arguments and its handler. `run`, `restore` and `clone`
-//! run VMs in this process; `checkpoint`, `pause`, `resume`, `status` and `rollback` talk to a
+//! Every subcommand but `bench`: its arguments and its handler. `run`, `restore`, `clone` and
+//! `standby` run VMs in this process; `checkpoint`, `pause`, `resume`, `status` and `rollback` talk to a
 //! running VM through its API socket; `inspect` reads a checkpoint directly; `disk` works on
 //! disk images; `store` makes raw checkpoint stores.
 
@@ -12,6 +12,7 @@ mod output;
 mod restore;
 mod rollback;
 mod run;
+mod standby;
 mod store;
 mod vm;
 
@@ -28,6 +29,7 @@ pub use self::output::ms;
 pub use self::restore::{clone, restore, CloneArgs, RestoreArgs};
 pub use self::rollback::{rollback, RollbackArgs};
 pub use self::run::{exit_code, run, HugePagesArg, RunArgs, VmArgs};
+pub use self::standby::{standby, StandbyArgs};
 pub use self::store::{run as store, StoreCommand};
 pub use self::vm::{pause, resume, status};
 use crate::client::ApiClient;

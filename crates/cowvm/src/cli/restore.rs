@@ -49,6 +49,17 @@ pub struct RestoreArgs {
     /// directory and --disk-dir (repeatable).
     #[arg(long = "allow-dir", value_name = "DIR")]
     allow_dirs: Vec<PathBuf>,
+    /// Restore on the standby VM waiting on this API socket (`cowvm standby`) instead of in a
+    /// new process: print how long it took and return; the VM runs in the standby's process.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        conflicts_with_all = ["cache", "console", "eager", "disk_dir", "allow_dirs", "api_sock", "checkpoint_every"]
+    )]
+    standby: Option<PathBuf>,
+    /// With --standby: print one JSON object.
+    #[arg(long, requires = "standby")]
+    json: bool,
     #[command(flatten)]
     control: ControlArgs,
 }
@@ -111,7 +122,7 @@ pub fn store_spec(
 }
 
 /// `store` reading through the local cache `dir`, if given (S3 stores only).
-fn cached(store: StoreSpec, dir: Option<&Path>) -> anyhow::Result<StoreSpec> {
+pub(super) fn cached(store: StoreSpec, dir: Option<&Path>) -> anyhow::Result<StoreSpec> {
     match (store, dir) {
         (store, None) => Ok(store),
         (StoreSpec::S3(s3), Some(dir)) => {
@@ -123,12 +134,15 @@ fn cached(store: StoreSpec, dir: Option<&Path>) -> anyhow::Result<StoreSpec> {
 }
 
 /// Creates `dir` (and its parents) for files a command writes there.
-fn make_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
+pub(super) fn make_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{flag} {}", dir.display()))
 }
 
 /// Runs `cowvm restore`.
 pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    if let Some(socket) = &args.standby {
+        return super::standby::ask(socket, &args.from, args.s3_endpoint.as_deref(), args.json);
+    }
     if let Some(dir) = &args.disk_dir {
         make_dir(dir, "--disk-dir")?;
     }
@@ -166,6 +180,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                 disk_dir: args.disk_dir.clone(),
                 allow_dirs: args.allow_dirs.clone(),
             },
+            api_listener: None,
         },
     )?;
     Ok(super::exit_code(&exit))

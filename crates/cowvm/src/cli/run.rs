@@ -96,6 +96,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             disk_dir: None,
             allow_dirs: Vec::new(),
         },
+        api_listener: None,
     };
     let exit = supervise::run_or_wait(vm, &args.control, origin)?;
     Ok(exit_code(&exit))

@@ -116,6 +116,9 @@ pub struct Origin {
     pub restored_from: Option<StoreAddress>,
     /// How a rollback sets up the VM that replaces it.
     pub rollback: RollbackSettings,
+    /// The API socket, already bound at `--api-sock` by the server before this VM existed
+    /// (`cowvm standby`).
+    pub api_listener: Option<Arc<std::os::unix::net::UnixListener>>,
 }
 
 /// Runs `vm` until it ends: with its control plane (`run`) if `args` asks for one.
@@ -137,18 +140,30 @@ fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> {
         .build()
         .context("cannot start the async runtime")?;
     vm.set_cow_budget(args.cow_budget);
-    let controller = Arc::new(Controller::new(
-        Arc::new(vm),
-        origin.restored_from,
-        origin.rollback,
-    ));
+    let Origin {
+        restored_from,
+        rollback,
+        api_listener,
+    } = origin;
+    let controller = Arc::new(Controller::new(Arc::new(vm), restored_from, rollback));
     let exit = runtime.block_on(async {
-        let server = match &args.api_sock {
-            Some(path) => Some(
+        let server = match (&args.api_sock, api_listener) {
+            (Some(path), Some(bound)) => Some(
+                bound
+                    .try_clone()
+                    .map_err(|source| crate::api::ServeError::Io {
+                        op: "serve",
+                        path: path.clone(),
+                        source,
+                    })
+                    .and_then(|listener| ApiServer::start_on(listener, path, controller.clone()))
+                    .with_context(|| format!("--api-sock {}", path.display()))?,
+            ),
+            (Some(path), None) => Some(
                 ApiServer::start(path, controller.clone())
                     .with_context(|| format!("--api-sock {}", path.display()))?,
             ),
-            None => None,
+            (None, _) => None,
         };
         let (stop_trigger, trigger_stopped) = tokio::sync::watch::channel(false);
         let trigger = match (args.checkpoint_every, &args.checkpoint_dir) {

@@ -28,6 +28,7 @@ use crate::builder::{
 use crate::devices::virtio::block::DiskConfig;
 use crate::error::ErrorKind;
 use crate::exit::ExitNotifier;
+use crate::kvm::state::restore_vm;
 use crate::kvm::KvmVm;
 use crate::memory::{self, HugePages, MemoryError};
 use crate::page_service::{
@@ -175,6 +176,85 @@ pub(crate) enum MemoryMode<'a> {
     Eager,
     /// A private mapping of a verified, sealed image shared with other clones.
     Shared(&'a SharedImage),
+    /// Served on first touch, in the memory and KVM VM of a standby (taken from it only once
+    /// the checkpoint proves to fit).
+    Standby(&'a mut Option<Prepared>),
+}
+
+/// The parts of a VM that do not depend on the checkpoint it will run: guest memory
+/// (anonymous, empty), the KVM VM with that memory registered, and its vCPUs.
+pub(crate) struct Prepared {
+    mem_size: u64,
+    vcpus: u8,
+    memory: GuestMemoryMmap,
+    vm: KvmVm,
+    made: builder::NewVcpus,
+}
+
+/// A VM made before the checkpoint it will run is known: memory, the KVM VM and the vCPUs of
+/// a given shape. Creating a KVM VM and registering its memory takes milliseconds per GiB on
+/// some hosts, the larger part of a restore's path to the first instruction; a standby pays it
+/// in advance, so that [`restore`](Standby::restore) only loads state and starts the vCPUs.
+/// Memory is served lazily, as by a default restore.
+pub struct Standby {
+    mem_size: u64,
+    vcpus: u8,
+    prepared: Option<Prepared>,
+}
+
+impl Standby {
+    /// Makes a standby VM of `mem_size` bytes and `vcpus` vCPUs.
+    pub fn new(mem_size: u64, vcpus: u8) -> Result<Standby, VmError> {
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(VmError::VcpuCount(vcpus));
+        }
+        let memory = memory::create_guest_memory(mem_size, HugePages::None)?;
+        let vm = KvmVm::new(&memory)?;
+        let made = builder::create_vcpus(&vm, vcpus)?;
+        Ok(Standby {
+            mem_size,
+            vcpus,
+            prepared: Some(Prepared {
+                mem_size,
+                vcpus,
+                memory,
+                vm,
+                made,
+            }),
+        })
+    }
+
+    /// Guest memory, in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// vCPUs.
+    pub fn vcpus(&self) -> u8 {
+        self.vcpus
+    }
+
+    /// Whether a restore has used it (it makes one VM only).
+    pub fn is_used(&self) -> bool {
+        self.prepared.is_none()
+    }
+
+    /// Restores the checkpoint in `store` on this standby: see [`crate::Vm::restore_standby`].
+    pub(crate) fn restore(
+        &mut self,
+        store: &StoreSpec,
+        options: RestoreOptions,
+    ) -> Result<(Machine, RestoreRecord), RestoreError> {
+        if options.eager {
+            return Err(RestoreError::Config {
+                store: store.describe(),
+                reason: "a standby VM serves memory on first touch; an eager restore makes its \
+                         own VM"
+                    .into(),
+            });
+        }
+        restore(store, options, MemoryMode::Standby(&mut self.prepared))
+    }
 }
 
 /// How to restore.
@@ -343,6 +423,41 @@ fn trusted_dirs(
     Ok(trusted)
 }
 
+/// Takes the standby in `slot` for a checkpoint of `shape` (memory, vCPUs) and loads the
+/// checkpoint's VM-wide state into its KVM VM. A checkpoint of another shape, or whose page
+/// index is bad, leaves the standby in `slot`.
+fn on_standby(
+    slot: &mut Option<Prepared>,
+    ckpt: &Checkpoint,
+    shape: (u64, u8),
+    name: &str,
+    state: &MachineState,
+) -> Result<(GuestMemoryMmap, KvmVm, builder::NewVcpus), RestoreError> {
+    let bad = |reason: String| RestoreError::Config {
+        store: name.to_string(),
+        reason,
+    };
+    let have = slot
+        .as_ref()
+        .map(|p| (p.mem_size, p.vcpus))
+        .ok_or_else(|| bad("the standby VM has already been used".into()))?;
+    if have != shape {
+        return Err(bad(format!(
+            "the standby VM has {} bytes of memory and {} vCPUs, the checkpoint {} and {}",
+            have.0, have.1, shape.0, shape.1
+        )));
+    }
+    if !ckpt.has_index_segments() {
+        ckpt.page_index().map_err(|source| RestoreError::Open {
+            store: name.to_string(),
+            source,
+        })?;
+    }
+    let prepared = slot.take().expect("checked above");
+    restore_vm(&prepared.vm.fd, &state.vm).map_err(|e| RestoreError::Vm(e.into()))?;
+    Ok((prepared.memory, prepared.vm, prepared.made))
+}
+
 /// Distinguishes the COW files of several restores in one process (clones).
 static RESTORES: AtomicU64 = AtomicU64::new(0);
 
@@ -402,6 +517,8 @@ pub(crate) fn restore(
     }
 
     phase("state");
+    let lazy = matches!(mode, MemoryMode::Lazy | MemoryMode::Standby(_));
+    let mut standby = None;
     let memory = match mode {
         MemoryMode::Eager => {
             ckpt.page_index().map_err(open_err)?;
@@ -418,18 +535,28 @@ pub(crate) fn restore(
                 ),
             })
         }
+        MemoryMode::Standby(slot) => {
+            let (memory, vm, made) = on_standby(slot, &ckpt, (mem_size, vcpus), &name, &state)?;
+            standby = Some((vm, made));
+            memory
+        }
     };
     phase("memory");
-    let lazy = matches!(mode, MemoryMode::Lazy);
-    // A lazy restore of a checkpoint with checksums of its index's segments starts the guest
-    // without the index: the page service verifies each block against its segments until the
-    // prefetcher has read the whole index. Otherwise the index (9 bytes per page) is read and
-    // verified while KVM registers the memory, and a bad index is refused before the first
-    // guest instruction.
-    let vm = if lazy && ckpt.has_index_segments() {
-        builder::create_vm(&memory, Some(&state)).map_err(|e| RestoreError::Vm(e.into()))?
-    } else {
-        create_vm_reading_index(&ckpt, &memory, &state, open_err)?
+    let (vm, made) = match standby {
+        Some((vm, made)) => (vm, Some(made)),
+        // A lazy restore of a checkpoint with checksums of its index's segments starts the
+        // guest without the index: the page service verifies each block against its segments
+        // until the prefetcher has read the whole index. Otherwise the index (9 bytes per page)
+        // is read and verified while KVM registers the memory, and a bad index is refused
+        // before the first guest instruction.
+        None if lazy && ckpt.has_index_segments() => (
+            builder::create_vm(&memory, Some(&state)).map_err(|e| RestoreError::Vm(e.into()))?,
+            None,
+        ),
+        None => (
+            create_vm_reading_index(&ckpt, &memory, &state, open_err)?,
+            None,
+        ),
     };
     phase("vm");
     let ckpt = Arc::new(ckpt);
@@ -471,7 +598,7 @@ pub(crate) fn restore(
         exit,
         console: options.console,
         disks: &disks,
-        vcpus: None,
+        vcpus: made,
     };
     let machine = builder::assemble(parts, Start::Restore(&state))?;
     let first_instruction_us = started.elapsed().as_micros() as u64;
