@@ -74,6 +74,37 @@ impl PageBits {
         }
     }
 
+    /// Number of pages below `end` set both here and in `other`.
+    pub(crate) fn count_both_below(&self, other: &PageBits, end: u64) -> u64 {
+        let end = end.min(self.pages);
+        let full = (end / 64) as usize;
+        let mut n: u64 = self.words[..full]
+            .iter()
+            .zip(&other.words[..full])
+            .map(|(a, b)| u64::from((a & b).count_ones()))
+            .sum();
+        if end % 64 != 0 {
+            let mask = (1u64 << (end % 64)) - 1;
+            n += u64::from((self.words[full] & other.words[full] & mask).count_ones());
+        }
+        n
+    }
+
+    /// Sets the pages from `from` on that are set in `other`.
+    pub(crate) fn or_from(&mut self, other: &PageBits, from: u64) {
+        if from >= self.pages {
+            return;
+        }
+        let first = (from / 64) as usize;
+        self.words[first] |= other.words[first] & !((1u64 << (from % 64)) - 1);
+        for (w, o) in self.words[first + 1..]
+            .iter_mut()
+            .zip(&other.words[first + 1..])
+        {
+            *w |= o;
+        }
+    }
+
     /// Every page set.
     pub(crate) fn all(pages: u64) -> PageBits {
         PageBits::new(pages).complement()
@@ -533,6 +564,43 @@ mod tests {
         assert!(!b.get(130));
         assert!(b.any(60, 65) && b.any(129, 200) && !b.any(3, 64) && !b.any(66, 129));
         assert_eq!(b.runs(100, 200, false), vec![(100, 29), (130, 70)]);
+    }
+
+    #[test]
+    fn page_bits_counts_and_merges_match_a_page_by_page_scan() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut random = |pages: u64| {
+            let mut b = PageBits::new(pages);
+            for p in 0..pages {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if (seed >> 33) % 3 == 0 {
+                    b.set(p);
+                }
+            }
+            b
+        };
+        for pages in [1u64, 63, 64, 65, 200] {
+            let (a, b) = (random(pages), random(pages));
+            for at in [0, 1, 63, 64, 65, pages / 2, pages, pages + 9] {
+                let want = (0..at.min(pages)).filter(|&p| a.get(p) && b.get(p)).count();
+                assert_eq!(
+                    a.count_both_below(&b, at),
+                    want as u64,
+                    "{pages} pages, below {at}"
+                );
+                let mut merged = a.clone();
+                merged.or_from(&b, at);
+                for p in 0..pages {
+                    assert_eq!(
+                        merged.get(p),
+                        a.get(p) || (p >= at && b.get(p)),
+                        "{pages} pages, from {at}, page {p}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

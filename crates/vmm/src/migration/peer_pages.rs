@@ -21,7 +21,7 @@ use super::transport::{lock, ReadHalf, WriteHalf};
 use super::wire::{self, Kind, WireError, DATA, UNCHANGED, ZERO};
 use crate::checkpoint::dirty::PageBits;
 use crate::memory::{self, RamRegion, PAGE_SIZE};
-use crate::page_service::{BlockSource, PageServiceError, Run, RunKind, SourceError};
+use crate::page_service::{BlockSource, PageServiceError, Run, RunKind, SourceError, BLOCK_PAGES};
 
 /// The writing half and what the destination has said on it.
 struct Writer {
@@ -32,6 +32,10 @@ struct Writer {
 
 /// Blocks kept before they are claimed, at most (2 MiB each).
 const PUSHED_MAX: usize = 32;
+/// Frame buffers kept for reuse, at most: the blocks kept, and those being installed.
+const SPARE_MAX: usize = PUSHED_MAX + 4;
+/// The capacity of a frame buffer: a pages frame of a whole block (header, kinds, data).
+const FRAME_CAPACITY: usize = (BLOCK_PAGES * (PAGE_SIZE + 1)) as usize + 12;
 
 /// Blocks received and blocks awaited, by first page.
 #[derive(Default)]
@@ -49,6 +53,9 @@ struct Shared {
     space: Condvar,
     /// Why the connection is gone, once it is.
     lost: Mutex<Option<String>>,
+    /// Frame buffers to read into again: a 2 MiB buffer freshly allocated for each frame costs
+    /// a fault and a clear per page.
+    spare: Mutex<Vec<Vec<u8>>>,
     /// Every page is resident: the source closing the connection is expected.
     done: AtomicBool,
 }
@@ -90,6 +97,7 @@ impl PeerPages {
             inbox: Mutex::new(Inbox::default()),
             space: Condvar::new(),
             lost: Mutex::new(None),
+            spare: Mutex::new(Vec::new()),
             done: AtomicBool::new(false),
         });
         let pages = lacking.len();
@@ -100,8 +108,9 @@ impl PeerPages {
                 move || {
                     let mut lost_why = None;
                     let why = loop {
-                        match wire::read_frame(&mut r) {
-                            Ok((Kind::Pages, payload)) => {
+                        let mut payload = shared.spare_buffer();
+                        match wire::read_frame_into(&mut r, &mut payload) {
+                            Ok(Kind::Pages) => {
                                 let first = match wire::decode_pages(&payload, pages) {
                                     Ok(p) => p.first,
                                     Err(e) => break e.to_string(),
@@ -129,7 +138,7 @@ impl PeerPages {
                                     break why;
                                 }
                             }
-                            Ok((got, _)) => {
+                            Ok(got) => {
                                 break WireError::Unexpected {
                                     got,
                                     expected: "pages",
@@ -193,6 +202,23 @@ impl PeerPages {
     }
 }
 
+impl Shared {
+    /// A buffer to read a frame into: one read before, if any is spare.
+    fn spare_buffer(&self) -> Vec<u8> {
+        lock(&self.spare)
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(FRAME_CAPACITY))
+    }
+
+    /// Keeps `buf` to read a frame into again (its contents are overwritten then, not cleared).
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut spare = lock(&self.spare);
+        if buf.capacity() >= FRAME_CAPACITY && spare.len() < SPARE_MAX {
+            spare.push(buf);
+        }
+    }
+}
+
 impl Drop for PeerPages {
     fn drop(&mut self) {
         self.shared.done.store(true, Ordering::Release);
@@ -205,12 +231,19 @@ impl Drop for PeerPages {
     }
 }
 
-/// Pages and their kinds, in order, as runs.
+/// Pages and their kinds, in order, as runs (data pages join a run if their bytes follow its
+/// bytes in the buffer).
 fn runs_of(kinds: impl Iterator<Item = (u64, RunKind)>) -> Vec<Run> {
     let mut runs: Vec<Run> = Vec::new();
     for (page, kind) in kinds {
+        let joins = |last: &Run| match (last.kind, kind) {
+            (RunKind::Data { at: a }, RunKind::Data { at: b }) => {
+                b == a + (last.count * PAGE_SIZE) as usize
+            }
+            (a, b) => a == b,
+        };
         match runs.last_mut() {
-            Some(last) if last.kind == kind => last.count += 1,
+            Some(last) if joins(last) => last.count += 1,
             _ => runs.push(Run {
                 first: page,
                 count: 1,
@@ -230,7 +263,7 @@ impl BlockSource for PeerPages {
         self.lacking.any(first, end) || self.not_held.any(first, end)
     }
 
-    fn fetch(&self, first: u64, end: u64, buf: &mut [u8]) -> Result<Vec<Run>, PageServiceError> {
+    fn fetch(&self, first: u64, end: u64, buf: &mut Vec<u8>) -> Result<Vec<Run>, PageServiceError> {
         let count = end - first;
         let lost = |why: String| {
             self.failure(
@@ -313,17 +346,21 @@ impl BlockSource for PeerPages {
         if pages.first != first || pages.kinds.len() as u64 != count {
             return Err(self.failure(first, count, "the source answered other pages".into()));
         }
+        // The pages are installed straight from the frame: it becomes the fetch buffer, and
+        // the fetch buffer a spare one for the reader.
+        let data_at = payload.len() - pages.data.len();
         let mut kinds = Vec::with_capacity(count as usize);
-        for (page, kind, data) in pages.iter() {
+        let mut data_pages = 0;
+        for (page, kind, _) in pages.iter() {
             let kind = match (kind, self.lacking.get(page)) {
                 (UNCHANGED, false) if present[(page - first) as usize] => RunKind::Present,
                 (UNCHANGED, false) => RunKind::Zero,
                 (ZERO, true) => RunKind::Zero,
                 (DATA, true) => {
-                    let at = ((page - first) * PAGE_SIZE) as usize;
-                    buf[at..at + PAGE_SIZE as usize]
-                        .copy_from_slice(data.expect("data pages carry data"));
-                    RunKind::Data
+                    data_pages += 1;
+                    RunKind::Data {
+                        at: data_at + (data_pages - 1) * PAGE_SIZE as usize,
+                    }
                 }
                 _ => {
                     return Err(self.failure(
@@ -337,6 +374,9 @@ impl BlockSource for PeerPages {
             };
             kinds.push((page, kind));
         }
+        let mut payload = payload;
+        std::mem::swap(buf, &mut payload);
+        self.shared.give_back(payload);
         Ok(runs_of(kinds.into_iter()))
     }
 

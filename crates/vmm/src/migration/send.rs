@@ -191,16 +191,75 @@ fn send_block(
     Ok(carried)
 }
 
+/// As [`send_block`] (zero pages sent as zero), for a VM that never runs again here (after the
+/// hand-over): the pages go from guest memory to the connection without a copy, since nothing
+/// writes them between their checksum and their sending.
+fn send_stopped_block(
+    w: &mut impl Write,
+    memory: &GuestMemoryMmap,
+    region: &RamRegion,
+    (first, end): (u64, u64),
+    set: &PageBits,
+) -> Result<(), MigrationError> {
+    let len = ((end - first) * PAGE_SIZE) as usize;
+    let gpa = region.gpa + (first - region.first_page()) * PAGE_SIZE;
+    let slice = memory
+        .get_slice(GuestAddress(gpa), len)
+        .map_err(|e| MigrationError::GuestMemory(e.to_string()))?;
+    let guard = slice.ptr_guard();
+    // SAFETY: `get_slice` checked that the `len` bytes lie in one mapping of `memory`, which
+    // is borrowed (so mapped) for this whole call. The vCPUs are stopped for good and the
+    // devices with them, so nothing writes these bytes while they are read as a slice.
+    let block = unsafe { std::slice::from_raw_parts(guard.as_ptr(), len) };
+    let mut kinds = Vec::with_capacity((end - first) as usize);
+    // Byte ranges of `block` holding consecutive data pages.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, page) in (first..end).enumerate() {
+        let at = i * PAGE_SIZE as usize;
+        let bytes = &block[at..at + PAGE_SIZE as usize];
+        let kind = if !set.get(page) {
+            UNCHANGED
+        } else if page_is_zero(bytes) {
+            ZERO
+        } else {
+            DATA
+        };
+        kinds.push(kind);
+        if kind == DATA {
+            match runs.last_mut() {
+                Some((_, run_end)) if *run_end == at => *run_end += PAGE_SIZE as usize,
+                _ => runs.push((at, at + PAGE_SIZE as usize)),
+            }
+        }
+    }
+    let header = wire::pages_header(first, &kinds);
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + runs.len());
+    parts.push(&header);
+    parts.extend(runs.iter().map(|&(from, to)| &block[from..to]));
+    wire::write_frame(w, Kind::Pages, &parts).map_err(WireError::Io)?;
+    Ok(())
+}
+
+/// Pages carried between two looks at whether a hybrid round should stop early (64 MiB).
+const CHECK_EVERY_PAGES: u64 = 16 << 10;
+
+/// Asked every [`CHECK_EVERY_PAGES`] pages carried, with the first page not yet looked at and
+/// the pages carried so far: whether to stop the round there.
+type StopEarly<'a> = &'a mut dyn FnMut(u64, u64) -> Result<bool, MigrationError>;
+
 /// Sends every page of `set`, block by block (blocks with nothing to carry are skipped).
+/// Returns the pages carried, and the page where `stop_early` stopped the round, if it did.
 fn send_pages(
     conn: &mut Conn,
     memory: &GuestMemoryMmap,
     regions: &[RamRegion],
     set: &PageBits,
     zero_unchanged: bool,
-) -> Result<u64, MigrationError> {
+    mut stop_early: Option<StopEarly<'_>>,
+) -> Result<(u64, Option<u64>), MigrationError> {
     let mut buf = vec![0u8; (BLOCK_PAGES * PAGE_SIZE) as usize];
     let mut sent = 0;
+    let mut next_check = CHECK_EVERY_PAGES;
     for region in regions {
         let region_end = region.first_page() + region.pages();
         let mut first = region.first_page();
@@ -218,10 +277,19 @@ fn send_pages(
                 )?;
             }
             first = end;
+            if sent >= next_check {
+                next_check = sent + CHECK_EVERY_PAGES;
+                if let Some(stop) = stop_early.as_mut() {
+                    if stop(first, sent)? {
+                        conn.flush()?;
+                        return Ok((sent, Some(first)));
+                    }
+                }
+            }
         }
     }
     conn.flush()?;
-    Ok(sent)
+    Ok((sent, None))
 }
 
 fn region_of(regions: &[RamRegion], page: u64) -> Option<&RamRegion> {
@@ -354,7 +422,7 @@ pub(crate) fn migrate(
         }
         if options.mode == MigrationMode::Precopy {
             report.pages_in_pause =
-                send_pages(&mut conn, &machine.memory, &regions, &lacking, false)?;
+                send_pages(&mut conn, &machine.memory, &regions, &lacking, false, None)?.0;
             lacking = PageBits::new(pages);
         }
         report.pages_postcopy = lacking.count();
@@ -492,16 +560,48 @@ fn precopy(
         PageBits::all(pages)
     });
     let mut first_pass = true;
+    let hybrid = options.mode == MigrationMode::Hybrid;
     loop {
         let round = Instant::now();
         let bytes = conn.w.bytes;
-        let sent = send_pages(conn, &machine.memory, regions, &to_send, first_pass)?;
+        // In hybrid, the round looks at the dirty log as it goes: once it has sent a quarter
+        // of its pages and the guest has written again more than half of what it sent, the
+        // guest outruns the stream, and the rest goes to post-copy at once instead of after a
+        // round whose pages are mostly stale. (A guest that rewrites a small set of pages
+        // makes at most that set stale, a small share of a quarter of memory.)
+        let mut written_meanwhile = PageBits::new(pages);
+        let judged_after = (to_send.count() / 4).max(CHECK_EVERY_PAGES);
+        let mut outrun = |next: u64, sent: u64| -> Result<bool, MigrationError> {
+            written_meanwhile.or(&ctx.dirty.next_round(&machine.vm)?);
+            let stale = to_send.count_both_below(&written_meanwhile, next);
+            Ok(sent >= judged_after && stale * 2 > sent)
+        };
+        let (sent, cut) = send_pages(
+            conn,
+            &machine.memory,
+            regions,
+            &to_send,
+            first_pass,
+            hybrid.then_some(&mut outrun as StopEarly<'_>),
+        )?;
         report.pages_precopied += sent;
         report.precopy_rounds += 1;
         let secs = round.elapsed().as_secs_f64().max(1e-6);
         let rate = (conn.w.bytes - bytes) as f64 / secs;
         first_pass = false;
-        to_send = ctx.dirty.next_round(&machine.vm)?;
+        let mut left = ctx.dirty.next_round(&machine.vm)?;
+        left.or(&written_meanwhile);
+        if let Some(at) = cut {
+            left.or_from(&to_send, at);
+            info!(
+                round = report.precopy_rounds,
+                sent_pages = sent,
+                left_pages = left.count(),
+                "the guest writes memory faster than pre-copy sends it: post-copy sends the rest"
+            );
+            return Ok(left);
+        }
+        to_send = left;
         let left = (to_send.count() * PAGE_SIZE) as f64;
         let fits = rate <= 0.0 || left / rate <= options.max_downtime.as_secs_f64();
         debug!(
@@ -613,7 +713,6 @@ fn serve(
     ready_us: u64,
 ) -> Result<u64, MigrationError> {
     let pages = lacking.len();
-    let mut buf = vec![0u8; (BLOCK_PAGES * PAGE_SIZE) as usize];
     let mut sent = vec![false; pages.div_ceil(BLOCK_PAGES) as usize];
     let mut blocks = regions.iter().flat_map(|r| {
         let end = r.first_page() + r.pages();
@@ -640,7 +739,7 @@ fn serve(
                         return Ok::<(), MigrationError>(());
                     }
                     sent[block] = true;
-                    send_block(w, memory, region, (first, end), lacking, false, &mut buf)?;
+                    send_stopped_block(w, memory, region, (first, end), lacking)?;
                     w.flush().map_err(WireError::Io)?;
                     Ok(())
                 };

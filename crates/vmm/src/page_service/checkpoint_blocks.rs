@@ -65,7 +65,7 @@ impl BlockSource for CheckpointBlocks {
             .map_err(|source| self.index_error(source))
     }
 
-    fn fetch(&self, first: u64, end: u64, buf: &mut [u8]) -> Result<Vec<Run>, PageServiceError> {
+    fn fetch(&self, first: u64, end: u64, buf: &mut Vec<u8>) -> Result<Vec<Run>, PageServiceError> {
         let entries = self.entries(first, end)?;
         let mut runs = Vec::new();
         let mut page = first;
@@ -99,7 +99,9 @@ impl BlockSource for CheckpointBlocks {
                 kind: if is_zero {
                     RunKind::Zero
                 } else {
-                    RunKind::Data
+                    RunKind::Data {
+                        at: ((page - first) as usize) * PAGE_SIZE,
+                    }
                 },
             });
             page = run_end;

@@ -64,7 +64,7 @@ pub(super) fn handler_loop(shared: &Shared) {
 fn serve_fault(
     shared: &Shared,
     address: usize,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
 ) -> Result<Option<u64>, PageServiceError> {
     let Some(page) = shared.regions.iter().find_map(|r| r.page_of_host(address)) else {
         return Ok(None);
@@ -90,7 +90,7 @@ fn serve_fault(
 
 /// Installs the first missing block from `from` on (wrapping around at the end of memory);
 /// returns the block to continue from, or `None` when none is missing or the service failed.
-fn read_ahead(shared: &Shared, from: u64, buf: &mut [u8]) -> Option<u64> {
+fn read_ahead(shared: &Shared, from: u64, buf: &mut Vec<u8>) -> Option<u64> {
     let blocks = shared.block_count();
     let block = (0..blocks)
         .map(|i| (from + i) % blocks)

@@ -198,7 +198,7 @@ impl Shared {
 
     /// Fetches, verifies and installs a claimed block. On failure the block stays missing
     /// (marked failed) and the VM is stopped.
-    fn serve(&self, block: u64, buf: &mut [u8], by: Installer) -> Result<(), PageServiceError> {
+    fn serve(&self, block: u64, buf: &mut Vec<u8>, by: Installer) -> Result<(), PageServiceError> {
         let result = self.install(block, buf);
         match &result {
             Ok(bytes) => {
@@ -243,7 +243,7 @@ impl Shared {
     /// Installs the pages of `block` run by run as its source delivers them, verified: zero
     /// runs mapped, data runs copied in, pages already present left. Returns the bytes
     /// installed.
-    fn install(&self, block: u64, buf: &mut [u8]) -> Result<u64, PageServiceError> {
+    fn install(&self, block: u64, buf: &mut Vec<u8>) -> Result<u64, PageServiceError> {
         let (first, end) = self.block_pages(block);
         let region = *self.region_of(first);
         let mut bytes = 0;
@@ -260,8 +260,7 @@ impl Shared {
                             source,
                         })?;
                 }
-                RunKind::Data => {
-                    let at = ((run.first - first) * PAGE_SIZE) as usize;
+                RunKind::Data { at } => {
                     self.uffd
                         .copy(host, &buf[at..at + len])
                         .map_err(|source| PageServiceError::Uffd { op: "copy", source })?;

@@ -72,8 +72,11 @@ impl PageSource for Checkpoint {
 pub(crate) enum RunKind {
     /// All zeros: mapped with the zero page, nothing read.
     Zero,
-    /// Verified data, in the fetch buffer.
-    Data,
+    /// Verified data, in the fetch buffer from byte `at` on.
+    Data {
+        /// Where the run's first page starts in the fetch buffer.
+        at: usize,
+    },
     /// Already in guest memory: left as it is.
     Present,
 }
@@ -108,12 +111,14 @@ pub(crate) trait BlockSource: Send + Sync {
     }
 
     /// Fetches pages `first..end` (one block), verified, as runs covering the block in order;
-    /// a data run's bytes are in `buf` at `(page - first) * 4096`.
+    /// a data run's bytes are in `buf` from its `at` on. `buf` holds a block when called; a
+    /// source that received the pages in a buffer of its own may swap that one in instead of
+    /// copying.
     fn fetch(
         &self,
         first: u64,
         end: u64,
-        buf: &mut [u8],
+        buf: &mut Vec<u8>,
     ) -> Result<Vec<Run>, super::PageServiceError>;
 
     /// Every block is resident: nothing more will be fetched.
