@@ -51,6 +51,18 @@ impl PageBits {
         }
     }
 
+    /// As [`new`](Self::new), with its memory mapped already (written once): a fresh bitmap
+    /// costs a page fault per 32 Ki pages at its first write, too much where that write falls
+    /// in a VM's pause.
+    pub(crate) fn new_mapped(pages: u64) -> PageBits {
+        let mut words = vec![0u64; pages.div_ceil(64) as usize];
+        // Zeroed memory from the allocator may not be mapped yet, and the compiler knows it is
+        // zero: hidden from it, the fill is kept.
+        std::hint::black_box(&mut words);
+        words.fill(0);
+        PageBits { words, pages }
+    }
+
     pub(crate) fn get(&self, page: u64) -> bool {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
@@ -72,6 +84,23 @@ impl PageBits {
         for (w, o) in self.words.iter_mut().zip(&other.words) {
             *w &= o;
         }
+    }
+
+    /// Clears the pages set in `other`.
+    pub(crate) fn and_not(&mut self, other: &PageBits) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w &= !o;
+        }
+    }
+
+    /// Makes this the same set as `other` (of as many pages), in its own memory.
+    pub(crate) fn copy_from(&mut self, other: &PageBits) {
+        self.words.copy_from_slice(&other.words);
+    }
+
+    /// Whether any page of `first..end` is clear (pages past the bitmap do not count).
+    pub(crate) fn any_clear(&self, first: u64, end: u64) -> bool {
+        self.next_with(first, end.min(self.pages), false) < end.min(self.pages)
     }
 
     /// Number of pages below `end` set both here and in `other`.
@@ -590,6 +619,23 @@ mod tests {
                     want as u64,
                     "{pages} pages, below {at}"
                 );
+                let want_clear = (at.min(pages) / 2..at.min(pages)).any(|p| !a.get(p));
+                assert_eq!(
+                    a.any_clear(at.min(pages) / 2, at),
+                    want_clear,
+                    "{pages} pages"
+                );
+                let mut without = a.clone();
+                without.and_not(&b);
+                let mut copy = PageBits::new(pages);
+                copy.copy_from(&without);
+                for p in 0..pages {
+                    assert_eq!(
+                        copy.get(p),
+                        a.get(p) && !b.get(p),
+                        "{pages} pages, page {p}"
+                    );
+                }
                 let mut merged = a.clone();
                 merged.or_from(&b, at);
                 for p in 0..pages {

@@ -64,11 +64,9 @@ struct Shared {
 pub(super) struct PeerPages {
     peer: String,
     lacking: PageBits,
-    /// The pages pre-copy did not leave in place here: those not lacking among them are zero
-    /// at the source (it never sent them), and are mapped as zero unless already present.
-    not_held: PageBits,
-    /// The pages the source does not send (only a block holding some needs the page map).
-    not_lacking: PageBits,
+    /// The pages pre-copy left in place here: those neither held nor lacking are zero at the
+    /// source (it never sent them), and are mapped as zero unless already present.
+    held: PageBits,
     /// Guest memory, to look up which pages are present (huge pages can make pages present
     /// that pre-copy did not write).
     regions: Vec<RamRegion>,
@@ -86,7 +84,7 @@ impl PeerPages {
     pub(super) fn start(
         peer: String,
         lacking: PageBits,
-        held: &PageBits,
+        held: PageBits,
         regions: Vec<RamRegion>,
         mut r: BufReader<ReadHalf>,
         w: BufWriter<WriteHalf>,
@@ -161,9 +159,8 @@ impl PeerPages {
             })?;
         Ok(PeerPages {
             peer,
-            not_lacking: lacking.complement(),
             lacking,
-            not_held: held.complement(),
+            held,
             regions,
             map,
             writer: Mutex::new(Writer {
@@ -210,10 +207,14 @@ impl Shared {
             .unwrap_or_else(|| Vec::with_capacity(FRAME_CAPACITY))
     }
 
-    /// Keeps `buf` to read a frame into again (its contents are overwritten then, not cleared).
+    /// Keeps `buf` to read a frame into again (its contents are overwritten then, not cleared),
+    /// while frames may still come.
     fn give_back(&self, buf: Vec<u8>) {
         let mut spare = lock(&self.spare);
-        if buf.capacity() >= FRAME_CAPACITY && spare.len() < SPARE_MAX {
+        if buf.capacity() >= FRAME_CAPACITY
+            && spare.len() < SPARE_MAX
+            && !self.done.load(Ordering::Acquire)
+        {
             spare.push(buf);
         }
     }
@@ -260,7 +261,7 @@ impl BlockSource for PeerPages {
     }
 
     fn missing_at_start(&self, first: u64, end: u64) -> bool {
-        self.lacking.any(first, end) || self.not_held.any(first, end)
+        self.lacking.any(first, end) || self.held.any_clear(first, end)
     }
 
     fn fetch(&self, first: u64, end: u64, buf: &mut Vec<u8>) -> Result<Vec<Run>, PageServiceError> {
@@ -277,7 +278,7 @@ impl BlockSource for PeerPages {
         };
         // Which pages not lacking are here already (a block of lacking pages only, as in a
         // post-copy, needs no look); a block with none lacking needs nothing from the source.
-        let present = if self.not_lacking.any(first, end) {
+        let present = if self.lacking.any_clear(first, end) {
             let region = self
                 .regions
                 .iter()
@@ -382,6 +383,8 @@ impl BlockSource for PeerPages {
 
     fn all_resident(&self) {
         self.shared.done.store(true, Ordering::Release);
+        // No frame of pages comes any more: the buffers kept for them go.
+        lock(&self.shared.spare).clear();
         let mut w = lock(&self.writer);
         if !w.running_sent {
             w.resident_pending = true;

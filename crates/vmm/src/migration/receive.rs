@@ -237,8 +237,10 @@ pub(crate) fn receive(
 
     let zeros = vec![0u8; PAGE_SIZE as usize];
     let mut payload = Vec::new();
-    // The pages pre-copy wrote (only those can be stale).
-    let mut written = PageBits::new(pages);
+    // The pages pre-copy wrote (only those can be stale), and scratch for the stale ones: both
+    // are written in the pause.
+    let mut written = PageBits::new_mapped(pages);
+    let mut stale = PageBits::new_mapped(pages);
     loop {
         match wire::read_frame_into(&mut r, &mut payload)? {
             Kind::Pages => {
@@ -270,10 +272,10 @@ pub(crate) fn receive(
             Kind::Discard => {
                 let discard = decode_bitmap(&payload, pages)
                     .map_err(|why| WireError::malformed(Kind::Discard, why))?;
-                let mut stale = discard.clone();
+                stale.copy_from(&discard);
                 stale.and(&written);
                 forget_pages(&regions, &stale)?;
-                written.and(&discard.complement());
+                written.and_not(&discard);
             }
             Kind::Sync => {
                 wire::write_frame(&mut w, Kind::Synced, &[])
@@ -328,12 +330,12 @@ pub(crate) fn receive(
         .map_err(MigrationError::Disks)?;
         phase("disks");
         restore_vm(&vm.fd, &state.vm).map_err(|e: KvmError| MigrationError::Vm(e.into()))?;
-        let mut stale = lacking.clone();
+        stale.copy_from(&lacking);
         stale.and(&written);
         forget_pages(&regions, &stale)?;
         // What pre-copy left in place.
         let mut held = written;
-        held.and(&lacking.complement());
+        held.and_not(&lacking);
         phase("state");
         Ok((state, lacking, held, disks))
     })();
@@ -368,7 +370,7 @@ pub(crate) fn receive(
     let lacking_pages = lacking.count();
     let (peer_pages, service, plain) = if lacking_pages > 0 {
         let source = Arc::new(
-            PeerPages::start(peer.clone(), lacking, &held, regions.clone(), r, w).map_err(io)?,
+            PeerPages::start(peer.clone(), lacking, held, regions.clone(), r, w).map_err(io)?,
         );
         let service = PageService::start(ServiceSpec {
             regions: regions.clone(),

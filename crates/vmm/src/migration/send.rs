@@ -376,6 +376,9 @@ pub(crate) fn migrate(
     // One more read of the dirty log just before the pause, so that the one in the pause (a
     // cost that grows with the pages written since the last read) finds little.
     let mut lacking = lacking;
+    // The switchover's bitmap, written now so that its memory is mapped when the pause
+    // rewrites it.
+    let mut lacking_bytes = bitmap_bytes(&lacking);
     if options.mode != MigrationMode::Postcopy {
         let recent = ctx
             .dirty
@@ -432,7 +435,7 @@ pub(crate) fn migrate(
         })
         .expect("the switchover serializes");
         let encoded = ckpt_format::encode_state(&state).map_err(MigrationError::State)?;
-        let words = bitmap_bytes(&lacking);
+        bitmap_bytes_into(&lacking, &mut lacking_bytes);
         conn.send(
             Kind::Switchover,
             &[
@@ -440,7 +443,7 @@ pub(crate) fn migrate(
                 &switch,
                 &(encoded.len() as u32).to_le_bytes(),
                 &encoded,
-                &words,
+                &lacking_bytes,
             ],
         )?;
         conn.flush()?;
@@ -495,7 +498,16 @@ pub(crate) fn migrate(
 
 /// `bits` as the wire carries a bitmap: its words, little endian.
 fn bitmap_bytes(bits: &PageBits) -> Vec<u8> {
-    bits.words().iter().flat_map(|w| w.to_le_bytes()).collect()
+    let mut out = vec![0u8; bits.words().len() * 8];
+    bitmap_bytes_into(bits, &mut out);
+    out
+}
+
+/// Writes the words of `bits` into `out` (as many bytes), little endian.
+fn bitmap_bytes_into(bits: &PageBits, out: &mut [u8]) {
+    for (bytes, word) in out.chunks_exact_mut(8).zip(bits.words()) {
+        bytes.copy_from_slice(&word.to_le_bytes());
+    }
 }
 
 /// Waits until the destination has put in place everything sent so far.
