@@ -122,7 +122,7 @@ fn restore_and_clones_continue_exactly_after_the_checkpoint() {
         wait_for_socket(&sock);
         (process, sock, console)
     };
-    let (_other, other_sock, _) = standby("other", "128M");
+    let (mut other, other_sock, _) = standby("other", "128M");
     let out = cowvm(&["restore", "--standby", s(&other_sock), s(&ckpt)]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
@@ -135,6 +135,15 @@ fn restore_and_clones_continue_exactly_after_the_checkpoint() {
         (status, &health["status"]),
         (200, &json!("standby")),
         "{health}"
+    );
+    // SIGTERM ends an unused standby, and its socket goes with it.
+    let pid = i32::try_from(other.id()).expect("pid");
+    // SAFETY: signalling a child process this test spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(other.wait().code(), Some(128 + libc::SIGTERM));
+    assert!(
+        !other_sock.exists(),
+        "the socket of a stopped standby remains"
     );
     let (mut process, sock, console) = standby("standby", "64M");
     let (status, answer) = request(&sock, "PUT", "/restore", Some(&json!({"from": "ckpt"})));

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use vmm::{Console, MemSize, RestoreOptions, Standby, Vm};
@@ -73,13 +74,30 @@ pub fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let (asks, mut asked) = mpsc::channel::<RestoreAsked>(1);
-    let server = runtime
-        .block_on(async { ApiServer::bind(&socket, standby::router(mem.0, args.vcpus, asks)) })?;
+    let (server, mut int, mut term) = runtime.block_on(async {
+        let server = ApiServer::bind(&socket, standby::router(mem.0, args.vcpus, asks))?;
+        let int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        anyhow::Ok((server, int, term))
+    })?;
     // The server runs on the runtime's thread only while this one waits in `block_on`: each
     // request is taken there and restored here, so the KVM work stays off the async thread.
     let restored = loop {
-        let Some(ask) = runtime.block_on(asked.recv()) else {
-            bail!("the standby API stopped");
+        let next = runtime.block_on(async {
+            tokio::select! {
+                ask = asked.recv() => Ok(ask),
+                _ = int.recv() => Err(libc::SIGINT),
+                _ = term.recv() => Err(libc::SIGTERM),
+            }
+        });
+        let ask = match next {
+            Ok(Some(ask)) => ask,
+            Ok(None) => bail!("the standby API stopped"),
+            Err(signal) => {
+                info!(signal, "stopping the standby VM, unused");
+                runtime.block_on(server.shutdown());
+                return Ok(ExitCode::from(128 + signal as u8));
+            }
         };
         match restore_on(&mut vm_standby, &args, &ask) {
             Ok((vm, first_instruction_us)) => {

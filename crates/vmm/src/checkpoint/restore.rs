@@ -178,14 +178,12 @@ pub(crate) enum MemoryMode<'a> {
     Shared(&'a SharedImage),
     /// Served on first touch, in the memory and KVM VM of a standby (taken from it only once
     /// the checkpoint proves to fit).
-    Standby(&'a mut Option<Prepared>),
+    Standby(&'a mut Standby),
 }
 
 /// The parts of a VM that do not depend on the checkpoint it will run: guest memory
 /// (anonymous, empty), the KVM VM with that memory registered, and its vCPUs.
-pub(crate) struct Prepared {
-    mem_size: u64,
-    vcpus: u8,
+struct Prepared {
     memory: GuestMemoryMmap,
     vm: KvmVm,
     made: builder::NewVcpus,
@@ -214,13 +212,7 @@ impl Standby {
         Ok(Standby {
             mem_size,
             vcpus,
-            prepared: Some(Prepared {
-                mem_size,
-                vcpus,
-                memory,
-                vm,
-                made,
-            }),
+            prepared: Some(Prepared { memory, vm, made }),
         })
     }
 
@@ -253,7 +245,7 @@ impl Standby {
                     .into(),
             });
         }
-        restore(store, options, MemoryMode::Standby(&mut self.prepared))
+        restore(store, options, MemoryMode::Standby(self))
     }
 }
 
@@ -423,11 +415,11 @@ fn trusted_dirs(
     Ok(trusted)
 }
 
-/// Takes the standby in `slot` for a checkpoint of `shape` (memory, vCPUs) and loads the
+/// Takes the parts of `standby` for a checkpoint of `shape` (memory, vCPUs) and loads the
 /// checkpoint's VM-wide state into its KVM VM. A checkpoint of another shape, or whose page
-/// index is bad, leaves the standby in `slot`.
+/// index is bad, leaves the standby as it was.
 fn on_standby(
-    slot: &mut Option<Prepared>,
+    standby: &mut Standby,
     ckpt: &Checkpoint,
     shape: (u64, u8),
     name: &str,
@@ -437,10 +429,10 @@ fn on_standby(
         store: name.to_string(),
         reason,
     };
-    let have = slot
-        .as_ref()
-        .map(|p| (p.mem_size, p.vcpus))
-        .ok_or_else(|| bad("the standby VM has already been used".into()))?;
+    if standby.is_used() {
+        return Err(bad("the standby VM has already been used".into()));
+    }
+    let have = (standby.mem_size, standby.vcpus);
     if have != shape {
         return Err(bad(format!(
             "the standby VM has {} bytes of memory and {} vCPUs, the checkpoint {} and {}",
@@ -453,7 +445,7 @@ fn on_standby(
             source,
         })?;
     }
-    let prepared = slot.take().expect("checked above");
+    let prepared = standby.prepared.take().expect("checked above");
     restore_vm(&prepared.vm.fd, &state.vm).map_err(|e| RestoreError::Vm(e.into()))?;
     Ok((prepared.memory, prepared.vm, prepared.made))
 }
@@ -535,8 +527,9 @@ pub(crate) fn restore(
                 ),
             })
         }
-        MemoryMode::Standby(slot) => {
-            let (memory, vm, made) = on_standby(slot, &ckpt, (mem_size, vcpus), &name, &state)?;
+        MemoryMode::Standby(made_ahead) => {
+            let (memory, vm, made) =
+                on_standby(made_ahead, &ckpt, (mem_size, vcpus), &name, &state)?;
             standby = Some((vm, made));
             memory
         }
