@@ -40,18 +40,19 @@ fn checkpoint(vm: &Vm, dir: &Path, strategy: Strategy) -> ckpt_format::Manifest 
     .expect("checkpoint")
 }
 
+/// A lazy restore's options, its console captured in `console`.
+fn lazy(console: &Capture) -> RestoreOptions {
+    RestoreOptions {
+        console: console.console(),
+        eager: false,
+        disk_dir: None,
+        allow_dirs: Vec::new(),
+    }
+}
+
 fn restore(dir: &Path) -> (Vm, Capture) {
     let console = Capture::default();
-    let vm = Vm::restore(
-        &StoreSpec::Dir(dir.to_path_buf()),
-        RestoreOptions {
-            console: console.console(),
-            eager: false,
-            disk_dir: None,
-            allow_dirs: Vec::new(),
-        },
-    )
-    .expect("restore");
+    let vm = Vm::restore(&StoreSpec::Dir(dir.to_path_buf()), lazy(&console)).expect("restore");
     (vm, console)
 }
 
@@ -159,16 +160,7 @@ fn lazy_restores_of_a_writer_and_a_reader_finish_as_the_uninterrupted_run() {
 
 fn restore_on(standby: &mut Standby, dir: &Path) -> Result<(Vm, Capture), RestoreError> {
     let console = Capture::default();
-    let vm = Vm::restore_standby(
-        standby,
-        &StoreSpec::Dir(dir.to_path_buf()),
-        RestoreOptions {
-            console: console.console(),
-            eager: false,
-            disk_dir: None,
-            allow_dirs: Vec::new(),
-        },
-    )?;
+    let vm = Vm::restore_standby(standby, &StoreSpec::Dir(dir.to_path_buf()), lazy(&console))?;
     Ok((vm, console))
 }
 

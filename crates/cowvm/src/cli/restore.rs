@@ -35,20 +35,12 @@ pub struct RestoreArgs {
     /// there when this host restores the same checkpoint again (verified again each time).
     #[arg(long, value_name = "DIR")]
     cache: Option<PathBuf>,
-    /// Write the serial console to this file instead of standard output.
-    #[arg(long)]
-    console: Option<PathBuf>,
     /// Read and verify all memory before the VM runs, instead of serving it on demand (each
     /// page verified as it is first touched, the rest prefetched while the VM runs).
     #[arg(long)]
     eager: bool,
-    /// Where the disks' fresh COW files go (default: next to the checkpoint's disks).
-    #[arg(long, value_name = "DIR")]
-    disk_dir: Option<PathBuf>,
-    /// Trust checkpoint disks (and their backing files) below DIR besides the checkpoint's
-    /// directory and --disk-dir (repeatable).
-    #[arg(long = "allow-dir", value_name = "DIR")]
-    allow_dirs: Vec<PathBuf>,
+    #[command(flatten)]
+    vm: RestoredVmArgs,
     /// Restore on the standby VM waiting on this API socket (`cowvm standby`) instead of in a
     /// new process: print how long it took and return; the VM runs in the standby's process.
     #[arg(
@@ -62,6 +54,62 @@ pub struct RestoreArgs {
     json: bool,
     #[command(flatten)]
     control: ControlArgs,
+}
+
+/// How `cowvm restore` and `cowvm standby` set up the VM they restore.
+#[derive(clap::Args, Debug)]
+pub(super) struct RestoredVmArgs {
+    /// Write the serial console to this file instead of standard output.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Where the disks' fresh COW files go (default: next to the checkpoint's disks).
+    #[arg(long, value_name = "DIR")]
+    disk_dir: Option<PathBuf>,
+    /// Trust checkpoint disks (and their backing files) below DIR besides the checkpoint's
+    /// directory and --disk-dir (repeatable).
+    #[arg(long = "allow-dir", value_name = "DIR")]
+    allow_dirs: Vec<PathBuf>,
+}
+
+impl RestoredVmArgs {
+    /// Creates `--disk-dir` if it is missing.
+    pub(super) fn make_dirs(&self) -> anyhow::Result<()> {
+        match &self.disk_dir {
+            Some(dir) => make_dir(dir, "--disk-dir"),
+            None => Ok(()),
+        }
+    }
+
+    /// The options of a restore, lazy or `eager`.
+    pub(super) fn options(&self, eager: bool) -> RestoreOptions {
+        RestoreOptions {
+            console: match &self.console {
+                Some(path) => Console::File(path.clone()),
+                None => Console::Stdout,
+            },
+            eager,
+            disk_dir: self.disk_dir.clone(),
+            allow_dirs: self.allow_dirs.clone(),
+        }
+    }
+
+    /// What the control plane knows of the VM restored from `from` (`api_listener`: the API
+    /// socket, if a server before the VM bound it already).
+    pub(super) fn origin(
+        &self,
+        from: StoreAddress,
+        api_listener: Option<std::os::unix::net::UnixListener>,
+    ) -> Origin {
+        Origin {
+            restored_from: Some(from),
+            rollback: RollbackSettings {
+                console: self.console.clone(),
+                disk_dir: self.disk_dir.clone(),
+                allow_dirs: self.allow_dirs.clone(),
+            },
+            api_listener: api_listener.map(std::sync::Arc::new),
+        }
+    }
 }
 
 /// Arguments of `cowvm clone`.
@@ -134,7 +182,7 @@ pub(super) fn cached(store: StoreSpec, dir: Option<&Path>) -> anyhow::Result<Sto
 }
 
 /// Creates `dir` (and its parents) for files a command writes there.
-pub(super) fn make_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
+fn make_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{flag} {}", dir.display()))
 }
 
@@ -143,25 +191,11 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     if let Some(socket) = &args.standby {
         return super::standby::ask(socket, &args.from, args.s3_endpoint.as_deref(), args.json);
     }
-    if let Some(dir) = &args.disk_dir {
-        make_dir(dir, "--disk-dir")?;
-    }
-    let console = match &args.console {
-        Some(path) => Console::File(path.clone()),
-        None => Console::Stdout,
-    };
+    args.vm.make_dirs()?;
     let (from, store) = store_spec(&args.from, args.s3_endpoint.as_deref())?;
     let store = cached(store, args.cache.as_deref())?;
     let start = Instant::now();
-    let vm = Vm::restore(
-        &store,
-        RestoreOptions {
-            console,
-            eager: args.eager,
-            disk_dir: args.disk_dir.clone(),
-            allow_dirs: args.allow_dirs.clone(),
-        },
-    )?;
+    let vm = Vm::restore(&store, args.vm.options(args.eager))?;
     let first_instruction_us = vm.restore_stats().map_or(0, |s| s.first_instruction_us);
     info!(
         from = %args.from,
@@ -170,19 +204,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         "restored VM runs"
     );
     // The page service logs "all restored memory is resident" with what it served.
-    let exit = supervise::run_or_wait(
-        vm,
-        &args.control,
-        Origin {
-            restored_from: Some(from),
-            rollback: RollbackSettings {
-                console: args.console.clone(),
-                disk_dir: args.disk_dir.clone(),
-                allow_dirs: args.allow_dirs.clone(),
-            },
-            api_listener: None,
-        },
-    )?;
+    let exit = supervise::run_or_wait(vm, &args.control, args.vm.origin(from, None))?;
     Ok(super::exit_code(&exit))
 }
 

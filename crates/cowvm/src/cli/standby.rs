@@ -11,13 +11,13 @@ use anyhow::{bail, Context};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-use vmm::{Console, MemSize, RestoreOptions, Standby, Vm};
+use vmm::{MemSize, Standby, Vm};
 
-use super::restore::{cached, make_dir, store_spec};
+use super::restore::{cached, store_spec, RestoredVmArgs};
 use crate::api::standby::{self, RestoreAsked, StandbyRestored};
 use crate::api::ApiServer;
-use crate::control::supervise::{self, ControlArgs, Origin};
-use crate::control::{chain, named_store, RollbackSettings};
+use crate::control::supervise::{self, ControlArgs};
+use crate::control::{chain, named_store};
 
 /// Arguments of `cowvm standby`.
 #[derive(clap::Args, Debug)]
@@ -35,16 +35,8 @@ pub struct StandbyArgs {
     /// Keep what is read from s3:// checkpoints in DIR, and read it from there next time.
     #[arg(long, value_name = "DIR")]
     cache: Option<PathBuf>,
-    /// Write the serial console to this file instead of standard output.
-    #[arg(long)]
-    console: Option<PathBuf>,
-    /// Where the disks' fresh COW files go (default: next to the checkpoint's disks).
-    #[arg(long, value_name = "DIR")]
-    disk_dir: Option<PathBuf>,
-    /// Trust checkpoint disks (and their backing files) below DIR besides the checkpoint's
-    /// directory and --disk-dir (repeatable).
-    #[arg(long = "allow-dir", value_name = "DIR")]
-    allow_dirs: Vec<PathBuf>,
+    #[command(flatten)]
+    vm: RestoredVmArgs,
     #[command(flatten)]
     control: ControlArgs,
 }
@@ -54,9 +46,7 @@ pub fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
     let Some(socket) = args.control.api_sock.clone() else {
         bail!("cowvm standby needs --api-sock: the restore is asked for there");
     };
-    if let Some(dir) = &args.disk_dir {
-        make_dir(dir, "--disk-dir")?;
-    }
+    args.vm.make_dirs()?;
     let mem: MemSize = args
         .mem
         .parse()
@@ -128,19 +118,7 @@ pub fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
     let listener = runtime.block_on(server.hand_over());
     drop(runtime);
     let (vm, from) = restored;
-    let exit = supervise::run_or_wait(
-        vm,
-        &args.control,
-        Origin {
-            restored_from: Some(from),
-            rollback: RollbackSettings {
-                console: args.console.clone(),
-                disk_dir: args.disk_dir.clone(),
-                allow_dirs: args.allow_dirs.clone(),
-            },
-            api_listener: Some(std::sync::Arc::new(listener)),
-        },
-    )?;
+    let exit = supervise::run_or_wait(vm, &args.control, args.vm.origin(from, Some(listener)))?;
     Ok(super::exit_code(&exit))
 }
 
@@ -160,21 +138,8 @@ fn restore_on(
         );
     };
     let store = cached(store, args.cache.as_deref())?;
-    let console = match &args.console {
-        Some(path) => Console::File(path.clone()),
-        None => Console::Stdout,
-    };
     let before_us = started.elapsed().as_micros() as u64;
-    let vm = Vm::restore_standby(
-        standby,
-        &store,
-        RestoreOptions {
-            console,
-            eager: false,
-            disk_dir: args.disk_dir.clone(),
-            allow_dirs: args.allow_dirs.clone(),
-        },
-    )?;
+    let vm = Vm::restore_standby(standby, &store, args.vm.options(false))?;
     // The restore's own figure ends when the vCPUs run (what follows it does not delay them).
     let restore_us = vm.restore_stats().map_or(0, |s| s.first_instruction_us);
     Ok((vm, before_us + restore_us))
