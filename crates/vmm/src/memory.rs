@@ -45,8 +45,8 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
-    /// madvise(MADV_HUGEPAGE) failed.
-    #[error("cannot enable transparent huge pages on guest memory")]
+    /// madvise(MADV_HUGEPAGE or MADV_NOHUGEPAGE) failed.
+    #[error("cannot change the transparent huge page policy of guest memory")]
     HugePages(#[source] std::io::Error),
 }
 
@@ -136,20 +136,37 @@ pub fn create_guest_memory(size: u64, huge: HugePages) -> Result<GuestMemoryMmap
     let mem = GuestMemoryMmap::from_ranges(&ram_ranges(size))
         .map_err(|source| MemoryError::Map { size, source })?;
     if huge == HugePages::Thp {
-        for region in mem.iter() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .expect("offset 0 lies in every region");
-            // SAFETY: the range is exactly one mapping owned by `mem`; MADV_HUGEPAGE only changes
-            // the kernel's page size policy for it and never its contents.
-            let rc =
-                unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
-            if rc != 0 {
-                return Err(MemoryError::HugePages(std::io::Error::last_os_error()));
-            }
-        }
+        set_huge_pages(&mem, libc::MADV_HUGEPAGE)?;
     }
     Ok(mem)
+}
+
+/// The span of a transparent huge page (host addresses, aligned): the kernel maps a whole span
+/// at the first write into it when it has a huge page to give, and khugepaged may later fill in
+/// a span that has some pages present. Either makes pages present that nothing wrote.
+pub(crate) const HUGE_SPAN: u64 = 2 << 20;
+
+/// Stops transparent huge pages in `mem` from now on: no span is mapped whole or filled in any
+/// more, so a page that is not present stays so until it is written (huge pages mapped already
+/// stay).
+pub(crate) fn stop_huge_pages(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    set_huge_pages(mem, libc::MADV_NOHUGEPAGE)
+}
+
+/// Applies the huge page `advice` (`MADV_HUGEPAGE` or `MADV_NOHUGEPAGE`) to all of `mem`.
+fn set_huge_pages(mem: &GuestMemoryMmap, advice: libc::c_int) -> Result<(), MemoryError> {
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .expect("offset 0 lies in every region");
+        // SAFETY: the range is exactly one mapping owned by `mem`; the huge page advice only
+        // changes the kernel's page size policy for it and never its contents.
+        let rc = unsafe { libc::madvise(host.cast(), region.len() as usize, advice) };
+        if rc != 0 {
+            return Err(MemoryError::HugePages(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 /// One RAM region as the checkpoint code sees it: where it is in the guest, in this process, and

@@ -156,3 +156,27 @@ pub fn console_bytes(ckpt: &Path) -> usize {
 pub fn last_line(output: &str) -> &str {
     output.lines().last().unwrap_or("")
 }
+
+/// Asserts that a console equals the uninterrupted run's, naming the first line that differs
+/// (a whole console is too long for an assertion message to show).
+pub fn assert_same_output(got: &str, expected: &str, what: &str) {
+    if got == expected {
+        return;
+    }
+    let (got_lines, expected_lines): (Vec<_>, Vec<_>) =
+        (got.lines().collect(), expected.lines().collect());
+    let at = got_lines
+        .iter()
+        .zip(&expected_lines)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got_lines.len().min(expected_lines.len()));
+    panic!(
+        "{what}: output differs from the uninterrupted run at line {} of {} (expected {}): \
+         got {:?}, expected {:?}",
+        at + 1,
+        got_lines.len(),
+        expected_lines.len(),
+        got_lines.get(at),
+        expected_lines.get(at)
+    );
+}

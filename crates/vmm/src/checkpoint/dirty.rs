@@ -73,16 +73,32 @@ impl PageBits {
         }
     }
 
-    pub(crate) fn or(&mut self, other: &PageBits) {
-        for (w, o) in self.words.iter_mut().zip(&other.words) {
-            *w |= o;
+    pub(crate) fn clear(&mut self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize] &= !(1 << (page % 64));
         }
     }
 
-    /// Keeps only the pages also set in `other`.
-    pub(crate) fn and(&mut self, other: &PageBits) {
+    /// Clears every page of `first..end` (pages past the bitmap are ignored).
+    pub(crate) fn clear_range(&mut self, first: u64, end: u64) {
+        let end = end.min(self.pages);
+        let mut page = first;
+        while page < end {
+            let in_word = page % 64;
+            let n = (64 - in_word).min(end - page);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << in_word
+            };
+            self.words[(page / 64) as usize] &= !mask;
+            page += n;
+        }
+    }
+
+    pub(crate) fn or(&mut self, other: &PageBits) {
         for (w, o) in self.words.iter_mut().zip(&other.words) {
-            *w &= o;
+            *w |= o;
         }
     }
 
@@ -634,6 +650,17 @@ mod tests {
                         copy.get(p),
                         a.get(p) && !b.get(p),
                         "{pages} pages, page {p}"
+                    );
+                }
+                let mut cleared = a.clone();
+                cleared.clear_range(at / 3, at);
+                cleared.clear(at);
+                for p in 0..pages {
+                    assert_eq!(
+                        cleared.get(p),
+                        a.get(p) && !(at / 3..=at).contains(&p),
+                        "{pages} pages, cleared {}..={at}, page {p}",
+                        at / 3
                     );
                 }
                 let mut merged = a.clone();

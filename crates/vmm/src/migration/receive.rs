@@ -65,8 +65,8 @@ fn write_page(
         .map_err(|e| MigrationError::GuestMemory(e.to_string()))
 }
 
-/// Drops `stale`, the pages pre-copy wrote that the guest changed since: they must be missing
-/// again, so that the page service installs their final content on first touch.
+/// Drops the pages of `stale`: they read as missing afterwards (zero, or a userfault once
+/// registered).
 fn forget_pages(regions: &[RamRegion], stale: &PageBits) -> Result<(), MigrationError> {
     for r in regions {
         for (first, count) in stale.runs(r.first_page(), r.first_page() + r.pages(), true) {
@@ -90,6 +90,75 @@ fn forget_pages(regions: &[RamRegion], stale: &PageBits) -> Result<(), Migration
         }
     }
     Ok(())
+}
+
+/// Keeps in `pages` only those that may be present in memory here: pages in a huge page span
+/// (of host addresses) where pre-copy wrote some page (`written`). A span with none was never
+/// touched, so none of its pages can be present.
+fn keep_possibly_present(pages: &mut PageBits, written: &PageBits, regions: &[RamRegion]) {
+    let span_pages = memory::HUGE_SPAN / PAGE_SIZE;
+    for r in regions {
+        let region_end = r.first_page() + r.pages();
+        let mut first = r.first_page();
+        while first < region_end {
+            let in_span = (r.host_of_page(first) as u64 % memory::HUGE_SPAN) / PAGE_SIZE;
+            let end = (first + span_pages - in_span).min(region_end);
+            if !written.any(first, end) {
+                pages.clear_range(first, end);
+            }
+            first = end;
+        }
+    }
+}
+
+/// What pre-copy put into memory here, and which of those pages are known missing again.
+struct Precopied {
+    /// Every page pre-copy wrote.
+    written: PageBits,
+    /// Pages dropped since huge pages stopped (and not written since): missing for sure.
+    dropped: PageBits,
+    /// Scratch for the pages to drop; like the others, mapped before the pause writes it.
+    stale: PageBits,
+    /// Whether huge pages are stopped in guest memory.
+    huge_stopped: bool,
+}
+
+impl Precopied {
+    fn new(pages: u64) -> Precopied {
+        Precopied {
+            written: PageBits::new_mapped(pages),
+            dropped: PageBits::new_mapped(pages),
+            stale: PageBits::new_mapped(pages),
+            huge_stopped: false,
+        }
+    }
+
+    fn wrote(&mut self, page: u64) {
+        self.written.set(page);
+        self.dropped.clear(page);
+    }
+
+    /// Makes every page of `lacking` missing, so that the page service installs its final
+    /// content on first touch. Pre-copy's copies of those pages are stale; and pages it never
+    /// wrote may be present too, as zeros, where a huge page covers them. Huge pages stop
+    /// first, so that nothing fills in a span after its pages are dropped.
+    fn drop_lacking(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        regions: &[RamRegion],
+        lacking: &PageBits,
+    ) -> Result<(), MigrationError> {
+        if !self.huge_stopped {
+            memory::stop_huge_pages(memory)?;
+            self.huge_stopped = true;
+        }
+        self.stale.copy_from(lacking);
+        self.stale.and_not(&self.dropped);
+        keep_possibly_present(&mut self.stale, &self.written, regions);
+        forget_pages(regions, &self.stale)?;
+        self.dropped.or(lacking);
+        Ok(())
+    }
 }
 
 /// What the switchover frame carries.
@@ -237,10 +306,7 @@ pub(crate) fn receive(
 
     let zeros = vec![0u8; PAGE_SIZE as usize];
     let mut payload = Vec::new();
-    // The pages pre-copy wrote (only those can be stale), and scratch for the stale ones: both
-    // are written in the pause.
-    let mut written = PageBits::new_mapped(pages);
-    let mut stale = PageBits::new_mapped(pages);
+    let mut precopied = Precopied::new(pages);
     loop {
         match wire::read_frame_into(&mut r, &mut payload)? {
             Kind::Pages => {
@@ -251,7 +317,7 @@ pub(crate) fn receive(
                         (ZERO, _) => write_page(&memory, &regions, page, &zeros)?,
                         _ => continue,
                     }
-                    written.set(page);
+                    precopied.wrote(page);
                 }
             }
             kind @ (Kind::DiskLayer | Kind::DiskData) => {
@@ -272,10 +338,7 @@ pub(crate) fn receive(
             Kind::Discard => {
                 let discard = decode_bitmap(&payload, pages)
                     .map_err(|why| WireError::malformed(Kind::Discard, why))?;
-                stale.copy_from(&discard);
-                stale.and(&written);
-                forget_pages(&regions, &stale)?;
-                written.and_not(&discard);
+                precopied.drop_lacking(&memory, &regions, &discard)?;
             }
             Kind::Sync => {
                 wire::write_frame(&mut w, Kind::Synced, &[])
@@ -330,11 +393,11 @@ pub(crate) fn receive(
         .map_err(MigrationError::Disks)?;
         phase("disks");
         restore_vm(&vm.fd, &state.vm).map_err(|e: KvmError| MigrationError::Vm(e.into()))?;
-        stale.copy_from(&lacking);
-        stale.and(&written);
-        forget_pages(&regions, &stale)?;
+        if precopied.written.any(0, pages) {
+            precopied.drop_lacking(&memory, &regions, &lacking)?;
+        }
         // What pre-copy left in place.
-        let mut held = written;
+        let mut held = precopied.written;
         held.and_not(&lacking);
         phase("state");
         Ok((state, lacking, held, disks))
@@ -424,4 +487,55 @@ pub(crate) fn receive(
         lacking_pages, "VM received and running"
     );
     Ok((machine, RestoreRecord::new(first_instruction_us, service)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether each page of `memory` is present, from this process's page map.
+    fn present(memory: &GuestMemoryMmap, pages: &[u64]) -> Vec<bool> {
+        let map = std::fs::File::open("/proc/self/pagemap").unwrap();
+        let regions = memory::ram_regions(memory);
+        pages
+            .iter()
+            .map(|&p| memory::populated(&map, regions[0].host_of_page(p), 1).unwrap()[0])
+            .collect()
+    }
+
+    #[test]
+    fn lacking_pages_are_missing_after_the_drop_even_where_a_huge_page_covered_them() {
+        let memory = memory::create_guest_memory(16 << 20, HugePages::Thp).unwrap();
+        let regions = memory::ram_regions(&memory);
+        let pages = regions[0].pages();
+        let span = memory::HUGE_SPAN / PAGE_SIZE;
+        // The first page of a whole huge page span.
+        let start = (0..pages)
+            .find(|&p| regions[0].host_of_page(p) as u64 % memory::HUGE_SPAN == 0)
+            .unwrap();
+        let (kept, stale, zero_filled, untouched) = (start, start + 1, start + 2, start + span);
+        let mut precopied = Precopied::new(pages);
+        for page in [kept, stale] {
+            write_page(&memory, &regions, page, &[0x5a; PAGE_SIZE as usize]).unwrap();
+            precopied.wrote(page);
+        }
+        let mut lacking = PageBits::new(pages);
+        for page in [stale, zero_filled, untouched] {
+            lacking.set(page);
+        }
+        precopied.drop_lacking(&memory, &regions, &lacking).unwrap();
+        assert_eq!(
+            present(&memory, &[kept, stale, zero_filled, untouched]),
+            [true, false, false, false]
+        );
+        let mut byte = [0u8; 1];
+        memory
+            .read_slice(&mut byte, GuestAddress(kept * PAGE_SIZE + 7))
+            .unwrap();
+        assert_eq!(byte, [0x5a]);
+        // Written again after the drop, a page is present and no longer counted missing.
+        write_page(&memory, &regions, stale, &[0x33; PAGE_SIZE as usize]).unwrap();
+        precopied.wrote(stale);
+        assert!(!precopied.dropped.get(stale) && precopied.dropped.get(zero_filled));
+    }
 }
