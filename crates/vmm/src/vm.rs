@@ -112,6 +112,20 @@ impl Vm {
         (budget > 0).then_some(budget)
     }
 
+    /// Keeps KVM's dirty log from the next checkpoint on, so that incremental checkpoints
+    /// protect and write only the pages written since their parent (for periodic checkpoints
+    /// with incrementals). Without it, logging starts at the first checkpoint that names a
+    /// parent: it costs the guest a KVM fault per page it writes after each checkpoint.
+    pub fn log_writes(&self) {
+        self.dirty.want();
+    }
+
+    /// Whether [`Self::log_writes`] was asked for, or a checkpoint named a parent, or a
+    /// migration ran: logging is on from then on.
+    pub fn logs_writes(&self) -> bool {
+        self.dirty.wanted()
+    }
+
     /// Builds the VM described by `config` and starts its vCPUs.
     pub fn boot(config: VmConfig) -> Result<Vm, VmError> {
         let span = info_span!("boot", mem = config.mem_size, vcpus = config.vcpus);

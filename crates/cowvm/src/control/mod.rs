@@ -724,6 +724,9 @@ impl Controller {
         let restore_start = Instant::now();
         let new = Arc::new(Vm::restore(store, options).map_err(ControlError::Restore)?);
         new.set_cow_budget(old.cow_budget());
+        if old.logs_writes() {
+            new.log_writes();
+        }
         let restore = restore_start.elapsed();
         let stopping = {
             let gate = lock(&self.gate);

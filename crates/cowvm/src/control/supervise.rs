@@ -140,6 +140,9 @@ fn run(vm: Vm, args: &ControlArgs, origin: Origin) -> anyhow::Result<Ended> {
         .build()
         .context("cannot start the async runtime")?;
     vm.set_cow_budget(args.cow_budget);
+    if args.full_every.is_some_and(|n| n > 1) {
+        vm.log_writes();
+    }
     let Origin {
         restored_from,
         rollback,

@@ -8,9 +8,15 @@
 //!   marks the guest pages a device is about to write (disk reads, the status byte, the used
 //!   ring) in a bitmap of its own.
 //!
-//! Logging starts at the first checkpoint of the VM (its prepare phase, while the VM runs), so a
-//! VM never checkpointed pays nothing for it, and the first checkpoint, necessarily full, is the
-//! first possible parent. Each checkpoint reads the log twice: once while it prepares (the VM
+//! Logging costs the guest: each read of the log write-protects the pages written since the
+//! last one, and the guest's next write to each faults into KVM (on a host with shadow paging,
+//! microseconds per page, seconds per checkpoint of a guest that rewrites gigabytes), and it
+//! keeps KVM from mapping huge pages. So it starts only once wanted: at the first checkpoint
+//! that names a parent, or the first checkpoint after [`DirtyLog::want`] (periodic checkpoints
+//! with incrementals), or a migration. Until then every page counts as written since each
+//! checkpoint, and an incremental checkpoint compares every page with its parent (a page whose
+//! hash is the parent's stays in the parent): it writes what changed, but protects and reads
+//! all of memory like a full one. Each checkpoint with logging on reads the log twice: once while it prepares (the VM
 //! runs; clearing re-protects the pages written since the last checkpoint, a cost that grows
 //! with them), and once in the pause, which then only reads what the guest wrote during the
 //! prepare phase. At the instant T the pages read from both sources are the pages written since
@@ -317,6 +323,8 @@ enum Logging {
 
 struct LogState {
     logging: Logging,
+    /// Whether logging is wanted: it starts at the next checkpoint (or migration) then.
+    wanted: bool,
     /// Pages written since the last instant, read from KVM so far.
     pending: PageBits,
     /// Pages written since the last migration round, while a migration runs.
@@ -365,6 +373,7 @@ impl DirtyLog {
             pages,
             state: Mutex::new(LogState {
                 logging: Logging::Off,
+                wanted: false,
                 pending: PageBits::new(pages),
                 round: None,
                 since: VecDeque::new(),
@@ -404,11 +413,22 @@ impl DirtyLog {
             .ok_or(DirtyLogRefusal::UnknownParent)
     }
 
-    /// While the VM runs, before the pause: turns logging on (first checkpoint), or reads and
-    /// clears the log so that the pause reads little.
+    /// Asks for logging from the next checkpoint or migration on; once on, it stays on.
+    pub(crate) fn want(&self) {
+        self.lock().wanted = true;
+    }
+
+    /// Whether logging is wanted (see [`Self::want`]).
+    pub(crate) fn wanted(&self) -> bool {
+        self.lock().wanted
+    }
+
+    /// While the VM runs, before the pause: turns logging on if it is wanted and not on yet,
+    /// or reads and clears the log so that the pause reads little.
     pub(crate) fn prepare(&self, vm: &KvmVm, memory: &GuestMemoryMmap) {
         let mut state = self.lock();
         match state.logging {
+            Logging::Off if !state.wanted => {}
             Logging::Off => {
                 match vm.log_dirty_pages(memory) {
                     Ok(()) => state.logging = Logging::On,
@@ -460,6 +480,7 @@ impl DirtyLog {
         vm: &KvmVm,
         memory: &GuestMemoryMmap,
     ) -> Result<(), DirtyLogRefusal> {
+        self.want();
         self.prepare(vm, memory);
         let mut state = self.lock();
         if let Logging::Unsupported(why) = &state.logging {
@@ -577,15 +598,19 @@ impl DirtyLog {
 
     /// A checkpoint whose instant was the last one completed, with its resolved page index: it
     /// may be a parent from now on.
+    /// Without logging every page counts as written since it: an incremental checkpoint of it
+    /// then compares every page with it.
     pub(crate) fn completed(&self, manifest_checksum: u64, index: Arc<PageIndex>) {
         let mut state = self.lock();
-        if !matches!(state.logging, Logging::On) {
-            return;
-        }
+        let written = match state.logging {
+            Logging::On => PageBits::new(self.pages),
+            Logging::Off => PageBits::all(self.pages),
+            Logging::Unsupported(_) => return,
+        };
         state.since.push_back(Since {
             manifest_checksum,
             index,
-            written: PageBits::new(self.pages),
+            written,
         });
         while state.since.len() > PARENTS_KEPT {
             state.since.pop_front();

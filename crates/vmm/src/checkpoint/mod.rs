@@ -457,6 +457,9 @@ fn take_checkpoint(
     let (parent, parent_index) = match &request.parent {
         Some(p) => {
             let (sum, index) = check_parent(p, dirty)?;
+            // Incremental checkpoints are wanted: the next ones write and protect only the pages
+            // written (this one, if logging was off, compares every page with the parent).
+            dirty.want();
             (Some((p, sum)), Some(index))
         }
         None => (None, None),
