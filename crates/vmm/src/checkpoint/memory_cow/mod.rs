@@ -48,6 +48,9 @@ pub enum CowError {
     /// A thread of the mechanism could not be started.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
+    /// A buffer to copy original pages aside could not be mapped.
+    #[error("cannot map a buffer for original pages")]
+    CopyBuffer(#[source] std::io::Error),
     /// A worker thread panicked.
     #[error("the {0} thread panicked")]
     Panicked(&'static str),

@@ -34,8 +34,8 @@
 //! checkpoint).
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -84,7 +84,11 @@ struct Shared {
     stop: AtomicBool,
     failed: Mutex<Option<CowError>>,
     /// Recycled copy-aside buffers of `BLOCK_PAGES` pages.
-    pool: Mutex<Vec<Vec<u8>>>,
+    pool: Mutex<Vec<CopyBuf>>,
+    /// Copies waiting for the store writer, and how many of them the background writer may
+    /// add: the rest of the copy-aside budget is kept for write faults.
+    in_queue: AtomicUsize,
+    background_share: usize,
     /// First page of each block a write fault saved, in fault order: the guest's hot set.
     hot: Mutex<Vec<u64>>,
     /// An incremental checkpoint's pages unchanged since its parent: claimed like the others,
@@ -98,12 +102,66 @@ struct Shared {
     max_stall_ns: AtomicU64,
 }
 
+/// A copy-aside buffer of one block: an anonymous mapping of its own, so page-aligned, which a
+/// store may write without copying it first (a directory store writes it with `O_DIRECT`).
+struct CopyBuf {
+    ptr: std::ptr::NonNull<u8>,
+}
+
+// SAFETY: the buffer owns its mapping; nothing else refers to it.
+unsafe impl Send for CopyBuf {}
+
+impl CopyBuf {
+    fn new() -> std::io::Result<CopyBuf> {
+        // SAFETY: a new private anonymous mapping; no existing memory is affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                BLOCK_BYTES as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(CopyBuf {
+            ptr: std::ptr::NonNull::new(raw.cast()).expect("mmap never returns null"),
+        })
+    }
+}
+
+impl std::ops::Deref for CopyBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the mapping is BLOCK_BYTES long, readable, and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), BLOCK_BYTES as usize) }
+    }
+}
+
+impl std::ops::DerefMut for CopyBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), BLOCK_BYTES as usize) }
+    }
+}
+
+impl Drop for CopyBuf {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is this buffer's own, and no reference to it outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), BLOCK_BYTES as usize) };
+    }
+}
+
 /// A run of pages copied aside: its first image page and the bytes (none for a run kept in the
 /// parent checkpoint).
 struct Copied {
     first: u64,
     pages: u64,
-    buf: Option<Vec<u8>>,
+    buf: Option<CopyBuf>,
 }
 
 impl Copied {
@@ -253,7 +311,7 @@ impl Shared {
         let buf = if keep {
             None
         } else {
-            let mut buf = self.take_buffer();
+            let mut buf = self.take_buffer()?;
             let len = ((end - first) * PAGE_SIZE) as usize;
             // SAFETY: these pages are claimed by this thread and still write-protected: any
             // writer blocks until `protect_pages(.., false)` below.
@@ -276,12 +334,12 @@ impl Shared {
         Ok(())
     }
 
-    fn take_buffer(&self) -> Vec<u8> {
-        self.pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_else(|| vec![0; (BLOCK_PAGES * PAGE_SIZE) as usize])
+    fn take_buffer(&self) -> Result<CopyBuf, CowError> {
+        let recycled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match recycled {
+            Some(buf) => Ok(buf),
+            None => CopyBuf::new().map_err(CowError::CopyBuffer),
+        }
     }
 
     /// Writes a copied run to the store and recycles its buffer.
@@ -353,11 +411,18 @@ impl Shared {
         self.stalled_since(read_at);
         for c in copied {
             // Blocks once the copy-aside budget is spent: the guest then runs at store speed.
-            if to_store.send(c).is_err() {
-                return Err(CowError::Panicked("store writer"));
-            }
+            self.queue(to_store, c)?;
         }
         Ok(())
+    }
+
+    /// Hands a copy to the store writer, waiting while the copy-aside budget is spent.
+    fn queue(&self, to_store: &SyncSender<Copied>, c: Copied) -> Result<(), CowError> {
+        self.in_queue.fetch_add(1, Ordering::AcqRel);
+        to_store.send(c).map_err(|_| {
+            self.in_queue.fetch_sub(1, Ordering::AcqRel);
+            CowError::Panicked("store writer")
+        })
     }
 
     fn handler_loop(&self, to_store: SyncSender<Copied>) {
@@ -393,7 +458,16 @@ impl Shared {
         }
     }
 
-    fn background_loop(&self, writer: &MemoryWriter) -> Result<(), CowError> {
+    /// Saves every page not saved yet, from the top of memory down. While its share of the
+    /// copy-aside budget lasts, it only copies blocks aside and leaves them to the store writer,
+    /// so that it runs ahead of the guest at memory speed and the guest meets pages already
+    /// saved instead of faulting; past its share it writes to the store itself (a second
+    /// writer next to the store writer).
+    fn background_loop(
+        &self,
+        writer: &MemoryWriter,
+        to_store: &SyncSender<Copied>,
+    ) -> Result<(), CowError> {
         let mut copied = Vec::new();
         for region in self.regions.iter().rev() {
             let mut end = region.first_page() + region.pages();
@@ -407,7 +481,23 @@ impl Shared {
                     self.counters
                         .in_background
                         .fetch_add(c.saved(), Ordering::Relaxed);
-                    self.store(writer, c)?;
+                    if c.buf.is_none()
+                        || self.in_queue.load(Ordering::Acquire) >= self.background_share
+                    {
+                        self.store(writer, c)?;
+                        continue;
+                    }
+                    self.in_queue.fetch_add(1, Ordering::AcqRel);
+                    match to_store.try_send(c) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(c)) => {
+                            self.in_queue.fetch_sub(1, Ordering::AcqRel);
+                            self.store(writer, c)?;
+                        }
+                        Err(TrySendError::Disconnected(_)) => {
+                            return Err(CowError::Panicked("store writer"))
+                        }
+                    }
                 }
                 end = start;
             }
@@ -422,6 +512,7 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         for copied in from_faults {
+            self.in_queue.fetch_sub(1, Ordering::AcqRel);
             let Some(writer) = &writer else { continue };
             if let Err(e) = self.store(writer, copied) {
                 self.fail(e);
@@ -475,9 +566,16 @@ impl UffdCow {
             failed: Mutex::new(None),
             pool: Mutex::new(
                 (0..prefaulted)
-                    .map(|_| vec![0xa5; BLOCK_BYTES as usize])
-                    .collect(),
+                    .map(|_| {
+                        let mut buf = CopyBuf::new()?;
+                        buf.fill(0xa5);
+                        Ok(buf)
+                    })
+                    .collect::<std::io::Result<_>>()
+                    .map_err(CowError::CopyBuffer)?,
             ),
+            in_queue: AtomicUsize::new(0),
+            background_share: queued * 3 / 4,
             hot: Mutex::new(Vec::new()),
             in_parent: OnceLock::new(),
             armed: only,
@@ -617,10 +715,14 @@ impl UffdCow {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .expect("sealed before the background starts");
+        let to_store = self
+            .to_store
+            .clone()
+            .expect("the background starts before finish");
         let handle = std::thread::Builder::new()
             .name("ckpt-writer".into())
             .spawn(move || {
-                if let Err(e) = shared.background_loop(&writer) {
+                if let Err(e) = shared.background_loop(&writer, &to_store) {
                     shared.fail(e);
                     shared.unprotect_all();
                 }
@@ -758,9 +860,7 @@ impl DmaSaver {
                 .counters
                 .by_fault
                 .fetch_add(c.saved(), Ordering::Relaxed);
-            self.to_store
-                .send(c)
-                .map_err(|_| CowError::Panicked("store writer"))?;
+            self.shared.queue(&self.to_store, c)?;
         }
         Ok(())
     }
