@@ -60,13 +60,29 @@ pub fn vm_config() -> VmConfig {
     }
 }
 
+/// `bytes` copied into a buffer at a page-aligned address (`aligned`), or at one that is not:
+/// a directory store writes the first kind with direct I/O and the second through the page
+/// cache, and both must read back the same.
+fn placed(bytes: &[u8], aligned: bool, scratch: &mut Vec<u8>) -> std::ops::Range<usize> {
+    scratch.clear();
+    scratch.resize(bytes.len() + 2 * PAGE_SIZE, 0);
+    let mut at = scratch.as_ptr().align_offset(PAGE_SIZE);
+    if !aligned {
+        at += 8;
+    }
+    scratch[at..at + bytes.len()].copy_from_slice(bytes);
+    at..at + bytes.len()
+}
+
 /// Writes pages out of order: `threads` threads, each taking pages in a scattered order
-/// (thread t takes pages with `(i * 7) % threads == t`, walking backwards), a few via runs.
+/// (thread t takes pages with `(i * 7) % threads == t`, walking backwards), a few via runs;
+/// runs from page-aligned memory, single pages from memory that is not.
 pub fn write_memory(writer: &CheckpointWriter, pages: u64, seed: u64, threads: u64) {
     std::thread::scope(|s| {
         for t in 0..threads {
             let mem = Arc::clone(writer.memory());
             s.spawn(move || {
+                let mut scratch = Vec::new();
                 let mine: Vec<u64> = (0..pages)
                     .rev()
                     .filter(|i| (i * 7) % threads == t)
@@ -78,10 +94,12 @@ pub fn write_memory(writer: &CheckpointWriter, pages: u64, seed: u64, threads: u
                         let first = mine[k + 1];
                         let mut run = Vec::from(page(seed, first));
                         run.extend_from_slice(&page(seed, first + 1));
-                        mem.write_pages(first, &run).unwrap();
+                        let at = placed(&run, true, &mut scratch);
+                        mem.write_pages(first, &scratch[at]).unwrap();
                         k += 2;
                     } else {
-                        mem.write_page(mine[k], &page(seed, mine[k])).unwrap();
+                        let at = placed(&page(seed, mine[k]), false, &mut scratch);
+                        mem.write_pages(mine[k], &scratch[at]).unwrap();
                         k += 1;
                     }
                 }

@@ -537,11 +537,10 @@ fn take_checkpoint(
     let switched = timeline.time("switch_disks", || disk_cow::switch_disks(disks, &mut preps));
     disk_cow::record_layers(&preps, layers);
     switched?;
-    timeline.time("resume", || {
+    let resumed = timeline.time("resume", || {
         drop(frozen);
         guard.resume()
     });
-    let resumed = Instant::now();
     let pause_us = (resumed - pause_start).as_micros() as u64;
     progress.set_phase(Phase::Writing);
     info!(pause_us, "VM resumed");

@@ -152,8 +152,11 @@ pub struct PauseGuard<'a> {
 }
 
 impl PauseGuard<'_> {
-    /// Resumes the vCPUs now.
-    pub fn resume(self) {}
+    /// Resumes the vCPUs now. Returns the instant they were told to run: the end of the pause
+    /// (this thread may be preempted by a vCPU it woke before it returns).
+    pub fn resume(self) -> Instant {
+        self.control.resume_all()
+    }
 
     /// The vCPUs, for reading or writing their state while they cannot run.
     pub fn vcpus(&self) -> impl Iterator<Item = MutexGuard<'_, KvmVcpu>> {
@@ -271,12 +274,20 @@ impl VcpuControl {
         Ok(start.elapsed())
     }
 
-    fn resume_all(&self) {
+    /// Lets the vCPUs run; returns the instant they were told to. The lock is released before
+    /// they are woken, so a woken vCPU does not wait for it.
+    fn resume_all(&self) -> Instant {
         let mut st = self.lock();
-        if st.target == Target::Pause {
+        let paused = st.target == Target::Pause;
+        if paused {
             st.target = Target::Run;
+        }
+        drop(st);
+        let at = Instant::now();
+        if paused {
             self.changed.notify_all();
         }
+        at
     }
 
     /// Asks every vCPU thread to exit and kicks them.

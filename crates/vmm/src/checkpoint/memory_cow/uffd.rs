@@ -27,7 +27,9 @@
 //! store are bounded by the copy-aside budget: while budget remains the guest never waits on the
 //! store; once it is spent, the guest is slowed to store speed rather than memory growing
 //! without limit. The background writer walks memory from the top down, away from a guest that
-//! writes upwards.
+//! writes upwards; while three quarters of the budget last it only copies blocks aside for the
+//! store writer, so it runs at memory speed and the guest meets more pages already saved. The
+//! buffers are page-aligned mappings, which a directory store writes with direct I/O.
 //!
 //! The handler times each fault from reading it to its page being writable: the vCPU's stall,
 //! less the time the fault waited to be read (a lower bound, summed and maximised per
