@@ -16,10 +16,12 @@
 //! with incrementals), or a migration. Until then every page counts as written since each
 //! checkpoint, and an incremental checkpoint compares every page with its parent (a page whose
 //! hash is the parent's stays in the parent): it writes what changed, but protects and reads
-//! all of memory like a full one. Each checkpoint with logging on reads the log twice: once while it prepares (the VM
-//! runs; clearing re-protects the pages written since the last checkpoint, a cost that grows
-//! with them), and once in the pause, which then only reads what the guest wrote during the
-//! prepare phase. At the instant T the pages read from both sources are the pages written since
+//! all of memory like a full one.
+//!
+//! Each checkpoint with logging on reads the log twice: once while it prepares (the VM runs;
+//! clearing re-protects the pages written since the last checkpoint, a cost that grows with
+//! them), and once in the pause, which then only reads what the guest wrote during the prepare
+//! phase. At the instant T the pages read from both sources are the pages written since
 //! the previous instant; they are added to the set kept for each recent complete checkpoint, so
 //! an incremental checkpoint may name any of them as parent. The data of a disk read in flight
 //! at T lands after T: its pages are marked again for the next interval.
@@ -597,9 +599,8 @@ impl DirtyLog {
     }
 
     /// A checkpoint whose instant was the last one completed, with its resolved page index: it
-    /// may be a parent from now on.
-    /// Without logging every page counts as written since it: an incremental checkpoint of it
-    /// then compares every page with it.
+    /// may be a parent from now on. Without logging every page counts as written since it: an
+    /// incremental checkpoint of it then compares every page with it.
     pub(crate) fn completed(&self, manifest_checksum: u64, index: Arc<PageIndex>) {
         let mut state = self.lock();
         let written = match state.logging {
