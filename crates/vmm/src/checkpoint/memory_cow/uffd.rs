@@ -427,6 +427,24 @@ impl Shared {
         })
     }
 
+    /// Hands a copy of the background writer's to the store writer if the background's share
+    /// of the budget allows and the queue has room; else gives it back, to be written by the
+    /// caller (so are runs kept in the parent: they carry no bytes).
+    fn offer(&self, to_store: &SyncSender<Copied>, c: Copied) -> Result<Option<Copied>, CowError> {
+        if c.buf.is_none() || self.in_queue.load(Ordering::Acquire) >= self.background_share {
+            return Ok(Some(c));
+        }
+        self.in_queue.fetch_add(1, Ordering::AcqRel);
+        match to_store.try_send(c) {
+            Ok(()) => Ok(None),
+            Err(TrySendError::Full(c)) => {
+                self.in_queue.fetch_sub(1, Ordering::AcqRel);
+                Ok(Some(c))
+            }
+            Err(TrySendError::Disconnected(_)) => Err(CowError::Panicked("store writer")),
+        }
+    }
+
     fn handler_loop(&self, to_store: SyncSender<Copied>) {
         let mut faults = Vec::with_capacity(32);
         while !self.stop.load(Ordering::Acquire) {
@@ -483,22 +501,8 @@ impl Shared {
                     self.counters
                         .in_background
                         .fetch_add(c.saved(), Ordering::Relaxed);
-                    if c.buf.is_none()
-                        || self.in_queue.load(Ordering::Acquire) >= self.background_share
-                    {
+                    if let Some(c) = self.offer(to_store, c)? {
                         self.store(writer, c)?;
-                        continue;
-                    }
-                    self.in_queue.fetch_add(1, Ordering::AcqRel);
-                    match to_store.try_send(c) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(c)) => {
-                            self.in_queue.fetch_sub(1, Ordering::AcqRel);
-                            self.store(writer, c)?;
-                        }
-                        Err(TrySendError::Disconnected(_)) => {
-                            return Err(CowError::Panicked("store writer"))
-                        }
                     }
                 }
                 end = start;
