@@ -2,6 +2,7 @@
 //! say about a checkpoint, the row of a measured checkpoint, and `dd` as the yardstick.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -433,6 +434,68 @@ pub fn dd(dir: &Path, bytes: u64) -> anyhow::Result<Duration> {
         bail!("dd failed: {status}");
     }
     Ok(took)
+}
+
+/// Where a checkpoint's files are when a restore is timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PageCache {
+    /// On the device only: written back, then dropped from the host's page cache, as long
+    /// after a checkpoint (or on another host).
+    Cold,
+    /// Read once into the host's page cache, as when one checkpoint is restored again and
+    /// again.
+    Warm,
+}
+
+impl PageCache {
+    /// Where the files are, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            PageCache::Cold => "on the device only (dropped from the page cache)",
+            PageCache::Warm => "in the host's page cache",
+        }
+    }
+
+    /// Puts the file at `path`, or every file in the directory at `path`, in this state, so that
+    /// restores of both systems start from the same place: cowvm writes its images with direct
+    /// I/O (they are not cached afterwards), QEMU through the page cache.
+    pub fn apply(self, path: &Path) -> anyhow::Result<()> {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).with_context(|| format!("{}", path.display()))? {
+                self.apply_file(&entry?.path())?;
+            }
+            Ok(())
+        } else {
+            self.apply_file(path)
+        }
+    }
+
+    fn apply_file(self, path: &Path) -> anyhow::Result<()> {
+        let mut file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+        file.sync_all()
+            .with_context(|| format!("sync {}", path.display()))?;
+        match self {
+            PageCache::Warm => {
+                std::io::copy(&mut file, &mut std::io::sink())
+                    .with_context(|| format!("read {}", path.display()))?;
+            }
+            PageCache::Cold => {
+                // SAFETY: advice on an open descriptor; no memory is passed.
+                let rc = unsafe {
+                    libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+                };
+                if rc != 0 {
+                    bail!(
+                        "drop {} from the page cache: {}",
+                        path.display(),
+                        std::io::Error::from_raw_os_error(rc)
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Working set of the `dirty` guest: `percent` of memory, within low RAM (below 3 GiB), minus

@@ -15,7 +15,7 @@ use ckpt_format::Strategy;
 use serde::Serialize;
 use vmm::{Console, MemSize, Progress, RestoreOptions, Standby, StoreSpec, Vm};
 
-use super::common::{dir_checkpoint, guest_args, memory_sizes, working_set, Stamps};
+use super::common::{dir_checkpoint, guest_args, memory_sizes, working_set, PageCache, Stamps};
 use super::compare::qemu::{self, Qemu, QemuConfig};
 use super::plot::{line_chart, line_chart_log_y, Chart, Series};
 
@@ -53,6 +53,10 @@ pub struct RestoreBenchArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// Where the checkpoint's files (cowvm's image, QEMU's migration file) are when each
+    /// restore starts: only on the device (`cold`), or also in the host's page cache (`warm`).
+    #[arg(long, value_enum, default_value = "cold")]
+    page_cache: PageCache,
 }
 
 /// How a restore was made.
@@ -128,6 +132,7 @@ struct DensityRow {
 
 #[derive(Debug, Serialize)]
 struct Report {
+    page_cache: PageCache,
     latency: Vec<LatencyRow>,
     density: Vec<DensityRow>,
     booted_vm_pss_mib: f64,
@@ -201,20 +206,12 @@ fn boot(kernel: &Path, mem: u64, cmdline: String, console: &Stamps) -> anyhow::R
     )?)
 }
 
-/// Takes a stopped-VM checkpoint of `vm` into `dir` and writes the image back to disk.
+/// Takes a stopped-VM checkpoint of `vm` into `dir`.
 fn checkpoint(vm: &Vm, dir: &Path) -> anyhow::Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
     }
     vm.checkpoint(&dir_checkpoint(dir, Strategy::Stop), &Progress::default())?;
-    // A restore usually comes long after its checkpoint: the image is written back before a
-    // restore is timed, so the kernel's write-back does not compete with it.
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        std::fs::File::open(&path)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("sync {}", path.display()))?;
-    }
     Ok(())
 }
 
@@ -227,14 +224,22 @@ fn restore_options(console: Console, eager: bool) -> RestoreOptions {
     }
 }
 
-fn time_cowvm_restore(dir: &Path, mode: Mode, mem: u64) -> anyhow::Result<Timing> {
+fn time_cowvm_restore(
+    dir: &Path,
+    mode: Mode,
+    mem: u64,
+    cache: PageCache,
+) -> anyhow::Result<Timing> {
     let stamps = Stamps::default();
     let store = StoreSpec::Dir(dir.to_path_buf());
     let options = restore_options(
         Console::Writer(Box::new(stamps.clone())),
         mode == Mode::Eager,
     );
-    // A standby is made before the clock starts: that is its point.
+    // The image is written back (and cached or not) before the clock starts, so the kernel's
+    // write-back does not compete with the restore. A standby is made before the clock
+    // starts too: that is its point.
+    cache.apply(dir)?;
     let mut standby = match mode {
         Mode::Standby => Some(Standby::new(mem, 1)?),
         _ => None,
@@ -272,7 +277,7 @@ fn cowvm_latency(args: &RestoreBenchArgs, mem: u64) -> anyhow::Result<Vec<Latenc
     let mut rows = Vec::new();
     for mode in [Mode::Lazy, Mode::Standby, Mode::Eager] {
         let timings = (0..args.repeat)
-            .map(|_| time_cowvm_restore(&dir, mode, mem))
+            .map(|_| time_cowvm_restore(&dir, mode, mem, args.page_cache))
             .collect::<anyhow::Result<Vec<_>>>()?;
         rows.push(row(mem, mode, undisturbed, timings));
     }
@@ -280,7 +285,12 @@ fn cowvm_latency(args: &RestoreBenchArgs, mem: u64) -> anyhow::Result<Vec<Latenc
     Ok(rows)
 }
 
-fn time_qemu_restore(config: &QemuConfig<'_>, file: &Path) -> anyhow::Result<Timing> {
+fn time_qemu_restore(
+    config: &QemuConfig<'_>,
+    file: &Path,
+    cache: PageCache,
+) -> anyhow::Result<Timing> {
+    cache.apply(file)?;
     let start = Instant::now();
     let vm = Qemu::restore(config, file)?;
     let first_instruction = start.elapsed();
@@ -313,11 +323,8 @@ fn qemu_latency(args: &RestoreBenchArgs, mem: u64) -> anyhow::Result<LatencyRow>
     vm.stop()?;
     vm.migrate_to_file(&file)?;
     drop(vm);
-    std::fs::File::open(&file)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("sync {}", file.display()))?;
     let timings = (0..args.repeat)
-        .map(|_| time_qemu_restore(&config, &file))
+        .map(|_| time_qemu_restore(&config, &file, args.page_cache))
         .collect::<anyhow::Result<Vec<_>>>();
     std::fs::remove_file(&file).ok();
     Ok(row(mem, Mode::QemuIncoming, undisturbed, timings?))
@@ -457,6 +464,7 @@ pub fn run(args: RestoreBenchArgs) -> anyhow::Result<ExitCode> {
     eprintln!("clone density...");
     let (one_vm, density_rows) = density(&args, &counts)?;
     let report = Report {
+        page_cache: args.page_cache,
         latency: latency_rows,
         density: density_rows,
         booted_vm_pss_mib: one_vm,
@@ -482,6 +490,11 @@ fn find(rows: &[LatencyRow], mem_mib: u64, mode: Mode) -> Option<&LatencyRow> {
 fn tables(report: &Report) -> String {
     use std::fmt::Write as _;
     let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "Each restore starts with the checkpoint's files {}.\n",
+        report.page_cache.describe()
+    );
     t.push_str("| MiB | system | restore | first instruction ms | next pass ms | following pass ms | undisturbed pass ms | all resident ms | faults served |\n");
     t.push_str("|--:|---|---|--:|--:|--:|--:|--:|--:|\n");
     let opt = |v: Option<u64>, f: fn(u64) -> String| v.map_or_else(|| "-".into(), f);

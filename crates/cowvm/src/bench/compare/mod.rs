@@ -20,8 +20,8 @@ use vmm::{Console, MemSize, Vm};
 
 use self::qemu::{Qemu, QemuConfig};
 use super::common::{
-    guest_args, live_checkpoint, memory_sizes, parse_strategy, working_set, Row, Stamps, Subject,
-    Taken, Window, SETTLE,
+    guest_args, live_checkpoint, memory_sizes, parse_strategy, working_set, PageCache, Row, Stamps,
+    Subject, Taken, Window, SETTLE,
 };
 use super::plot::{line_chart, line_chart_log_y, Chart, Series};
 
@@ -48,6 +48,10 @@ pub struct CompareArgs {
     /// Directory for checkpoints, snapshot files and `dd` (each removed after its measurement).
     #[arg(long, default_value = "target/bench/compare-store")]
     store_dir: PathBuf,
+    /// Where the checkpoint's files are when its restore starts: only on the device (`cold`),
+    /// or also in the host's page cache (`warm`).
+    #[arg(long, value_enum, default_value = "cold")]
+    page_cache: PageCache,
 }
 
 /// The checkpoint methods compared.
@@ -116,18 +120,19 @@ impl Workload {
 }
 
 fn measure_cowvm(
-    kernel: &Path,
-    store: &Path,
+    args: &CompareArgs,
     mem: u64,
     work: Workload,
     strategy: &str,
 ) -> anyhow::Result<(Taken, Stamps, u64)> {
+    let (kernel, store) = (&args.kernel, &args.store_dir);
     let vm_args = guest_args(kernel, work.cmdline(mem), mem);
     let dir = store.join(format!("cowvm-{}-{strategy}", mem >> 20));
     let (taken, stamps) = live_checkpoint(&vm_args, &dir, parse_strategy(strategy)?, BOOT_WAIT)?;
 
     // Restore from the checkpoint just taken (memory served by the page service), timed to the
     // guest's next progress line.
+    args.page_cache.apply(&dir)?;
     let restored = Stamps::default();
     let start = Instant::now();
     let vm = Vm::restore(
@@ -151,12 +156,12 @@ fn measure_cowvm(
 }
 
 fn measure_qemu(
-    kernel: &Path,
-    store: &Path,
+    args: &CompareArgs,
     mem: u64,
     work: Workload,
     method: Method,
 ) -> anyhow::Result<(Taken, Stamps, u64)> {
+    let (kernel, store) = (&args.kernel, &args.store_dir);
     let cmdline = work.cmdline(mem);
     let config = QemuConfig {
         kernel,
@@ -198,6 +203,7 @@ fn measure_qemu(
         .with_context(|| format!("{}", file.display()))?
         .len();
 
+    args.page_cache.apply(&file)?;
     let start = Instant::now();
     let restored = Qemu::restore(&config, &file)?;
     let ran = restored.stamps.wait_for(1, BOOT_WAIT);
@@ -231,10 +237,8 @@ fn measure(args: &CompareArgs, mem: u64, work: Workload, method: Method) -> Row 
         workload: work.name(),
     };
     let measured = match method {
-        Method::Cowvm(strategy) => {
-            measure_cowvm(&args.kernel, &args.store_dir, mem, work, strategy)
-        }
-        _ => measure_qemu(&args.kernel, &args.store_dir, mem, work, method),
+        Method::Cowvm(strategy) => measure_cowvm(args, mem, work, strategy),
+        _ => measure_qemu(args, mem, work, method),
     }
     .and_then(|(taken, stamps, restore_us)| {
         Row::measured(
@@ -284,6 +288,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
         rows: &rows,
         took,
         load: format!("{load_before} at the start, {} at the end", load_average()),
+        page_cache: args.page_cache,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -320,6 +325,7 @@ struct Report<'a> {
     rows: &'a [Row],
     took: Duration,
     load: String,
+    page_cache: PageCache,
 }
 
 fn ms(us: u64) -> f64 {
@@ -416,6 +422,11 @@ impl Report<'_> {
 
     fn markdown(&self) -> String {
         let mut md = run_description(&self.load, self.took);
+        let _ = writeln!(
+            md,
+            "Each restore starts with the checkpoint's files {}.\n",
+            self.page_cache.describe()
+        );
         md.push_str(&self.tables());
         md
     }
@@ -590,6 +601,7 @@ mod tests {
             rows: &rows,
             took: Duration::from_secs(1),
             load: "0 0 0".into(),
+            page_cache: PageCache::Cold,
         };
         let tables = report.tables();
         assert!(
