@@ -424,6 +424,15 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Says that pages `first..first + count` will be read soon: a store on a device starts
+    /// reading them in the background. Only a checkpoint without a parent is hinted (the pages
+    /// of a chain are spread over its members). Pages out of range are ignored.
+    pub fn will_need(&self, first: u64, count: u64) {
+        if self.parent.is_none() && self.check_range(first, count).is_ok() {
+            self.store.will_need_memory(first * PAGE, count * PAGE);
+        }
+    }
+
     /// Reads a run of an incremental checkpoint: each maximal run of pages the parent holds
     /// from the parent, the others from this checkpoint's image (zero pages as zeros).
     fn read_chained(&self, parent: &Checkpoint, first: u64, buf: &mut [u8]) -> Result<()> {

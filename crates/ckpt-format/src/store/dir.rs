@@ -597,6 +597,12 @@ impl StoreReader for DirReader {
         read_exact_at(self.memory_file()?, &path, "memory", offset, buf)
     }
 
+    fn will_need_memory(&self, offset: u64, len: u64) {
+        if let Ok(file) = self.memory_file() {
+            super::will_need(file, offset, len);
+        }
+    }
+
     fn memory_source(&self, entry: &SectionEntry) -> Result<MemorySource> {
         let path = self.dir.join(MEMORY);
         let file = self

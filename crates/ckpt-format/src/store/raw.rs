@@ -789,6 +789,14 @@ impl StoreReader for RawReader {
         )
     }
 
+    fn will_need_memory(&self, offset: u64, len: u64) {
+        super::will_need(
+            &self.file,
+            self.superblock.geometry.mem_offset + offset,
+            len,
+        );
+    }
+
     fn memory_source(&self, entry: &SectionEntry) -> Result<MemorySource> {
         let file = self
             .file

@@ -39,6 +39,12 @@ pub trait PageSource: Send + Sync {
         let _ = segment;
         self.read_run(first, buf)
     }
+
+    /// Says that pages `first..first + count` will be read soon, so that a source on a device
+    /// can start reading them. A hint: by default nothing happens.
+    fn will_need(&self, first: u64, count: u64) {
+        let _ = (first, count);
+    }
 }
 
 fn source_error(first: u64, buf: &[u8], e: ckpt_format::Error) -> SourceError {
@@ -64,6 +70,10 @@ impl PageSource for Checkpoint {
     ) -> Result<(), SourceError> {
         self.read_pages_in(segment, first, buf)
             .map_err(|e| source_error(first, buf, e))
+    }
+
+    fn will_need(&self, first: u64, count: u64) {
+        Checkpoint::will_need(self, first, count);
     }
 }
 
@@ -120,6 +130,12 @@ pub(crate) trait BlockSource: Send + Sync {
         end: u64,
         buf: &mut Vec<u8>,
     ) -> Result<Vec<Run>, super::PageServiceError>;
+
+    /// Says that pages `first..end` (one block) will be fetched soon, so that the source can
+    /// start reading them. A hint: by default nothing happens.
+    fn will_need(&self, first: u64, end: u64) {
+        let _ = (first, end);
+    }
 
     /// Every block is resident: nothing more will be fetched.
     fn all_resident(&self) {}
