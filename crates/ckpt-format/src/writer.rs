@@ -230,6 +230,35 @@ impl MemoryWriter {
         Ok(())
     }
 
+    /// Records pages `first..first + count` as zero without reading them: pages the caller
+    /// knows hold only zeros (never populated). Fails, recording nothing, if any of them was
+    /// already saved.
+    pub fn write_zero(&self, first: u64, count: u64) -> Result<()> {
+        let pages = self.table.pages();
+        if first >= pages || pages - first < count {
+            return Err(Error::PageOutOfRange {
+                page: first.saturating_add(count).saturating_sub(1).max(first),
+                pages,
+            });
+        }
+        for i in 0..count {
+            if let Err(e) = self.table.claim(first + i) {
+                (0..i).for_each(|j| self.table.unclaim(first + j));
+                return Err(e);
+            }
+        }
+        if let Err(e) = self.store.zero_memory(first * PAGE, count * PAGE) {
+            (0..count).for_each(|i| self.table.unclaim(first + i));
+            return Err(e);
+        }
+        for page in first..first + count {
+            self.table.complete(page, true, zero_page_hash());
+        }
+        self.pages_done.fetch_add(count, Ordering::Relaxed);
+        self.zero_pages.fetch_add(count, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Records pages `first..first + count` as unchanged since the parent checkpoint's instant:
     /// not written, the parent holds them. Fails if any of them was saved already.
     pub fn keep_in_parent(&self, first: u64, count: u64) -> Result<()> {

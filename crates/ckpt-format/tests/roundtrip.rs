@@ -131,6 +131,15 @@ fn progress_counts_pages_and_bytes() {
         (p.pages_done, p.pages_total, p.zero_pages, p.bytes_written),
         (2, PAGES, 1, 4096)
     );
+    // Pages known to be zero are recorded without bytes, once.
+    w.memory().write_zero(5, 2).unwrap();
+    let p = w.memory().progress();
+    assert_eq!((p.pages_done, p.zero_pages, p.bytes_written), (4, 3, 4096));
+    assert!(w.memory().write_zero(2, 2).is_err(), "page 3 was saved");
+    assert!(w.memory().write_zero(PAGES - 1, 2).is_err(), "past the end");
+    assert_eq!(w.memory().progress().pages_done, 4);
+    // The refused run left page 2 unclaimed.
+    w.memory().write_zero(2, 1).unwrap();
 }
 
 /// The `fork` split: the child's copy writes memory and the page index; the parent adopts

@@ -76,7 +76,8 @@ fn placed(bytes: &[u8], aligned: bool, scratch: &mut Vec<u8>) -> std::ops::Range
 
 /// Writes pages out of order: `threads` threads, each taking pages in a scattered order
 /// (thread t takes pages with `(i * 7) % threads == t`, walking backwards), a few via runs;
-/// runs from page-aligned memory, single pages from memory that is not.
+/// runs from page-aligned memory, single pages from memory that is not, and every eighth page
+/// (a zero page) recorded as zero without bytes.
 pub fn write_memory(writer: &CheckpointWriter, pages: u64, seed: u64, threads: u64) {
     std::thread::scope(|s| {
         for t in 0..threads {
@@ -97,6 +98,11 @@ pub fn write_memory(writer: &CheckpointWriter, pages: u64, seed: u64, threads: u
                         let at = placed(&run, true, &mut scratch);
                         mem.write_pages(first, &scratch[at]).unwrap();
                         k += 2;
+                    } else if mine[k] % 8 == 0 {
+                        // A zero page (every fourth page is), recorded without its bytes.
+                        assert!(page(seed, mine[k]).iter().all(|&b| b == 0));
+                        mem.write_zero(mine[k], 1).unwrap();
+                        k += 1;
                     } else {
                         let at = placed(&page(seed, mine[k]), false, &mut scratch);
                         mem.write_pages(mine[k], &scratch[at]).unwrap();
