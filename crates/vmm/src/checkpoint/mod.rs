@@ -41,7 +41,7 @@ use self::dirty::{BothObservers, DirtyLog, DirtyLogRefusal, PageBits};
 use self::disk_chain::ChainLayers;
 use self::memory_cow::fork::{fork_writer, ForkedWriter};
 use self::memory_cow::uffd::UffdCow;
-use self::memory_cow::{stop, CowError, SaveCounters};
+use self::memory_cow::{stop, CowError, SaveCounters, Unpopulated};
 use crate::builder::{Machine, MachineState, VmError, VmSummary};
 use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::virtio::block::BlockHandle;
@@ -365,8 +365,8 @@ impl Timeline {
 /// The memory mechanism in use for one checkpoint.
 enum MemoryCow {
     Uffd(UffdCow),
-    Fork(Option<ForkedWriter>),
-    Stop,
+    Fork(Option<ForkedWriter>, Unpopulated),
+    Stop(Unpopulated),
 }
 
 /// What a checkpoint runs with besides its request: the VM's dirty log, the disk layers its
@@ -655,14 +655,20 @@ fn prepare(
                 .map_err(CheckpointError::NotResident)?;
         }
     }
+    // Only `stop` can find a page service still filling memory (see above).
+    let unpopulated = if shared_image(memory) || page_service.is_some_and(|s| !s.all_resident()) {
+        Unpopulated::Read
+    } else {
+        Unpopulated::Zero
+    };
     let cow = match request.options.strategy {
         // A clone maps the shared image of its checkpoint privately, which userfaultfd cannot
         // write-protect; the kernel's own copy-on-write (fork) protects it just as well. The
         // manifest records the strategy used.
-        Strategy::Uffd if shared_image(memory) => MemoryCow::Fork(None),
+        Strategy::Uffd if shared_image(memory) => MemoryCow::Fork(None, unpopulated),
         Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions, candidates, cow_budget)?),
-        Strategy::Fork => MemoryCow::Fork(None),
-        Strategy::Stop => MemoryCow::Stop,
+        Strategy::Fork => MemoryCow::Fork(None, unpopulated),
+        Strategy::Stop => MemoryCow::Stop(unpopulated),
     };
     Ok((writer, cow))
 }
@@ -680,8 +686,8 @@ impl MemoryCow {
     fn strategy(&self) -> Strategy {
         match self {
             MemoryCow::Uffd(_) => Strategy::Uffd,
-            MemoryCow::Fork(_) => Strategy::Fork,
-            MemoryCow::Stop => Strategy::Stop,
+            MemoryCow::Fork(..) => Strategy::Fork,
+            MemoryCow::Stop(_) => Strategy::Stop,
         }
     }
 }
@@ -738,12 +744,23 @@ fn mark_memory_cow(
             // New disk reads must not overwrite originals: they are saved first (M11).
             Some(Arc::new(BothObservers(u.observer(), dirty.observer())))
         }
-        MemoryCow::Fork(child) => {
-            *child = Some(fork_writer(regions, writer, in_parent.map(|k| &**k))?);
+        MemoryCow::Fork(child, unpopulated) => {
+            *child = Some(fork_writer(
+                regions,
+                writer,
+                in_parent.map(|k| &**k),
+                *unpopulated,
+            )?);
             first.then(|| dirty.observer())
         }
-        MemoryCow::Stop => {
-            stop::copy_while_paused(regions, writer.memory(), counters, in_parent.map(|k| &**k))?;
+        MemoryCow::Stop(unpopulated) => {
+            stop::copy_while_paused(
+                regions,
+                writer.memory(),
+                counters,
+                in_parent.map(|k| &**k),
+                *unpopulated,
+            )?;
             first.then(|| dirty.observer())
         }
     };
@@ -811,7 +828,7 @@ fn write_out(
                 stalls: Some(stalls),
             })
         }
-        MemoryCow::Fork(child) => {
+        MemoryCow::Fork(child, _) => {
             let child = child.expect("forked in the pause");
             let report = child.wait()?;
             let pages = report.pages;
@@ -824,7 +841,7 @@ fn write_out(
                 stalls: None,
             })
         }
-        MemoryCow::Stop => {
+        MemoryCow::Stop(_) => {
             let (by_fault, in_background) = counters.get();
             Ok(Saved {
                 by_fault,

@@ -435,6 +435,11 @@ impl PageService {
         }
     }
 
+    /// Whether all of memory is resident and the service has let go of it.
+    pub fn all_resident(&self) -> bool {
+        self.shared.is_resident()
+    }
+
     /// Waits up to `timeout` until all of memory is resident and the service has let go of
     /// it (a write-protect checkpoint can then register it).
     pub fn wait_resident(&self, timeout: Duration) -> Result<(), PageServiceError> {

@@ -13,7 +13,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use ckpt_format::{CheckpointWriter, MemoryReport};
 
-use super::{write_all, CowError, SaveCounters};
+use super::{write_all, CowError, SaveCounters, Unpopulated};
 use crate::checkpoint::dirty::PageBits;
 use crate::memory::RamRegion;
 
@@ -52,12 +52,13 @@ fn child_main(
     regions: &[RamRegion],
     writer: &mut CheckpointWriter,
     in_parent: Option<&PageBits>,
+    unpopulated: Unpopulated,
     mut out: File,
 ) -> i32 {
     let counters = SaveCounters::default();
     // SAFETY: in the forked child, guest memory is this process's private copy as of the fork;
     // no vCPU or device runs here.
-    let result = unsafe { write_all(regions, writer.memory(), &counters, in_parent) }
+    let result = unsafe { write_all(regions, writer.memory(), &counters, in_parent, unpopulated) }
         .map_err(|e| causes(&e))
         .and_then(|()| writer.finish_memory().map_err(|e| causes(&e)))
         .and_then(|report| serde_json::to_vec(&report).map_err(|e| causes(&e)));
@@ -77,6 +78,7 @@ pub fn fork_writer(
     regions: &[RamRegion],
     writer: &mut CheckpointWriter,
     in_parent: Option<&PageBits>,
+    unpopulated: Unpopulated,
 ) -> Result<ForkedWriter, CowError> {
     let (report_r, report_w) = pipe()?;
     // SAFETY: getpid has no preconditions.
@@ -99,7 +101,7 @@ pub fn fork_writer(
                 unsafe { libc::_exit(3) }
             }
             drop(report_r);
-            let status = child_main(regions, writer, in_parent, report_w);
+            let status = child_main(regions, writer, in_parent, unpopulated, report_w);
             // SAFETY: `_exit` ends the child without running the parent's atexit handlers or
             // destructors, which belong to the parent's threads.
             unsafe { libc::_exit(status) }

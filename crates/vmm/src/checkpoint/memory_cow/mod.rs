@@ -7,6 +7,9 @@
 //! - [`fork`]: a child process inherits guest memory, and the kernel's own copy-on-write keeps
 //!   the child's view frozen while it writes it out;
 //! - [`stop`]: stop-and-copy, the baseline: the VM stays paused until memory is written.
+//!
+//! None of them reads a page the guest never populated where such a page is known to be zero
+//! (see [`Unpopulated`]).
 
 pub mod fork;
 pub mod stop;
@@ -120,9 +123,24 @@ pub(crate) unsafe fn page_bytes(region: &RamRegion, first: u64, count: u64) -> &
     }
 }
 
+/// What a page of guest memory that was never populated holds, for the strategies that read
+/// all of memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unpopulated {
+    /// Zero: guest memory is private anonymous memory and nothing fills it in behind the
+    /// guest, so such a page is recorded as zero without being read (which would cost a host
+    /// page fault and a scan for zeros each).
+    Zero,
+    /// Unknown, so every page is read: a clone's memory maps its checkpoint's image (a page not
+    /// mapped there holds the file's bytes), or a page service is still filling memory.
+    Read,
+}
+
 /// Writes every page of `regions` in runs of [`RUN_PAGES`], counting them as background saves;
 /// the pages of `in_parent` (an incremental checkpoint's pages unchanged since its parent) are
-/// recorded as kept in the parent instead.
+/// recorded as kept in the parent instead. With [`Unpopulated::Zero`], pages this process never
+/// populated (per `/proc/self/pagemap`, opened here: in a forked child it is the child's) are
+/// recorded as zero without being read.
 ///
 /// # Safety
 /// As [`page_bytes`]: nothing may write guest memory while this runs.
@@ -131,16 +149,20 @@ pub(crate) unsafe fn write_all(
     writer: &MemoryWriter,
     counters: &SaveCounters,
     in_parent: Option<&PageBits>,
+    unpopulated: Unpopulated,
 ) -> Result<(), CowError> {
+    let map = match unpopulated {
+        Unpopulated::Zero => std::fs::File::open("/proc/self/pagemap").ok(),
+        Unpopulated::Read => None,
+    };
     for region in regions {
         let end = region.first_page() + region.pages();
         let mut page = region.first_page();
         while page < end {
             let count = RUN_PAGES.min(end - page);
             let Some(kept) = in_parent else {
-                // SAFETY: the caller promises guest memory is frozen.
-                let bytes = unsafe { page_bytes(region, page, count) };
-                writer.write_pages(page, bytes).map_err(CowError::Store)?;
+                // SAFETY: the caller's promise.
+                unsafe { write_run(region, page, count, writer, map.as_ref())? };
                 counters.in_background.fetch_add(count, Ordering::Relaxed);
                 page += count;
                 continue;
@@ -149,13 +171,56 @@ pub(crate) unsafe fn write_all(
                 writer.keep_in_parent(first, n).map_err(CowError::Store)?;
             }
             for (first, n) in kept.runs(page, page + count, false) {
-                // SAFETY: the caller promises guest memory is frozen.
-                let bytes = unsafe { page_bytes(region, first, n) };
-                writer.write_pages(first, bytes).map_err(CowError::Store)?;
+                // SAFETY: the caller's promise.
+                unsafe { write_run(region, first, n, writer, map.as_ref())? };
                 counters.in_background.fetch_add(n, Ordering::Relaxed);
             }
             page += count;
         }
+    }
+    Ok(())
+}
+
+/// Writes pages `first..first + count` of `region`: those `map` (this process's page map, if
+/// given and readable) shows were never populated as zero without reading them, the others
+/// read.
+///
+/// # Safety
+/// As [`page_bytes`].
+unsafe fn write_run(
+    region: &RamRegion,
+    first: u64,
+    count: u64,
+    writer: &MemoryWriter,
+    map: Option<&std::fs::File>,
+) -> Result<(), CowError> {
+    let populated = map.and_then(|m| {
+        crate::memory::populated(m, region.host_of_page(first), count)
+            .map_err(|e| tracing::debug!("cannot read the page map: {e}"))
+            .ok()
+    });
+    let Some(populated) = populated else {
+        // SAFETY: the caller's promise.
+        let bytes = unsafe { page_bytes(region, first, count) };
+        return writer.write_pages(first, bytes).map_err(CowError::Store);
+    };
+    let mut i = 0;
+    while i < count {
+        let there = populated[i as usize];
+        let run = populated[i as usize..]
+            .iter()
+            .take_while(|&&p| p == there)
+            .count() as u64;
+        if there {
+            // SAFETY: the caller's promise.
+            let bytes = unsafe { page_bytes(region, first + i, run) };
+            writer
+                .write_pages(first + i, bytes)
+                .map_err(CowError::Store)?;
+        } else {
+            writer.write_zero(first + i, run).map_err(CowError::Store)?;
+        }
+        i += run;
     }
     Ok(())
 }

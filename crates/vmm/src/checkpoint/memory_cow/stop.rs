@@ -3,7 +3,7 @@
 
 use ckpt_format::MemoryWriter;
 
-use super::{write_all, CowError, SaveCounters};
+use super::{write_all, CowError, SaveCounters, Unpopulated};
 use crate::checkpoint::dirty::PageBits;
 use crate::memory::RamRegion;
 
@@ -15,7 +15,8 @@ pub fn copy_while_paused(
     writer: &MemoryWriter,
     counters: &SaveCounters,
     in_parent: Option<&PageBits>,
+    unpopulated: Unpopulated,
 ) -> Result<(), CowError> {
     // SAFETY: the caller holds the VM paused, so nothing writes guest memory.
-    unsafe { write_all(regions, writer, counters, in_parent) }
+    unsafe { write_all(regions, writer, counters, in_parent, unpopulated) }
 }
