@@ -350,7 +350,10 @@ fn zero_pages_and_later_writes_to_the_image_never_reach_the_guest() {
 #[test]
 fn a_restored_vm_is_checkpointed_with_uffd_and_its_hot_set_is_recorded() {
     let work = tempfile::tempdir().unwrap();
-    let workload = "dirty mem=32M passes=3000 every=50";
+    // Long enough (over a second) that the restored guest still runs when the second
+    // checkpoint, which first waits for its memory to become resident, pauses it, even on a
+    // loaded host.
+    let workload = "dirty mem=32M passes=12000 every=200";
     let (reference, console) = boot_guest(workload, MEM, 1);
     assert_eq!(
         wait_or_explain(&reference, &console, LIMIT),
