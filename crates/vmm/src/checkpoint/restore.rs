@@ -206,7 +206,7 @@ impl Standby {
         if !(1..=MAX_VCPUS).contains(&vcpus) {
             return Err(VmError::VcpuCount(vcpus));
         }
-        let memory = memory::create_guest_memory(mem_size, HugePages::None)?;
+        let memory = memory::create_guest_memory(mem_size, HugePages::Thp)?;
         let vm = KvmVm::new(&memory)?;
         let made = builder::create_vcpus(&vm, vcpus)?;
         Ok(Standby {
@@ -527,7 +527,7 @@ pub(crate) fn restore(
             ckpt.page_index().map_err(open_err)?;
             eager_memory(&ckpt, mem_size)?
         }
-        MemoryMode::Lazy => memory::create_guest_memory(mem_size, HugePages::None)?,
+        MemoryMode::Lazy => memory::create_guest_memory(mem_size, HugePages::Thp)?,
         MemoryMode::Shared(image) if image.mem_size() == mem_size => image.map()?,
         MemoryMode::Shared(image) => {
             return Err(RestoreError::Config {

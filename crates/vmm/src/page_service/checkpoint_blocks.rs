@@ -88,6 +88,27 @@ impl BlockSource for CheckpointBlocks {
     }
 
     fn fetch(&self, first: u64, end: u64, buf: &mut Vec<u8>) -> Result<Vec<Run>, PageServiceError> {
+        self.fetch_into(first, end, buf)
+    }
+
+    fn fetch_in_place(
+        &self,
+        first: u64,
+        end: u64,
+        buf: &mut [u8],
+    ) -> Option<Result<Vec<Run>, PageServiceError>> {
+        Some(self.fetch_into(first, end, buf))
+    }
+}
+
+impl CheckpointBlocks {
+    /// Reads and verifies pages `first..end` into `buf`, each data run at its own offset.
+    fn fetch_into(
+        &self,
+        first: u64,
+        end: u64,
+        buf: &mut [u8],
+    ) -> Result<Vec<Run>, PageServiceError> {
         let entries = self.entries(first, end)?;
         let mut runs = Vec::new();
         let mut page = first;

@@ -33,6 +33,7 @@ mod fault;
 mod prefetch;
 mod shared;
 mod source;
+mod staging;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -46,7 +47,7 @@ pub(crate) use self::checkpoint_blocks::CheckpointBlocks;
 pub use self::shared::{SharedImage, SharedImageError};
 pub use self::source::SourceError;
 pub(crate) use self::source::{BlockSource, Run, RunKind};
-use crate::checkpoint::memory_cow::uffd_sys::Uffd;
+use crate::checkpoint::memory_cow::uffd_sys::{Uffd, UFFD_FEATURE_MOVE};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::memory::{RamRegion, PAGE_SIZE};
 
@@ -137,6 +138,9 @@ pub struct PageServiceStats {
 
 struct Shared {
     uffd: Uffd,
+    /// `UFFDIO_MOVE` is available: blocks are assembled in a staging huge page and moved in
+    /// whole ([`staging`]).
+    can_move: bool,
     regions: Vec<RamRegion>,
     source: Arc<dyn BlockSource>,
     /// What a failure stops, for messages ("restored VM").
@@ -246,6 +250,11 @@ impl Shared {
     fn install(&self, block: u64, buf: &mut Vec<u8>) -> Result<u64, PageServiceError> {
         let (first, end) = self.block_pages(block);
         let region = *self.region_of(first);
+        if self.can_move {
+            if let Some(installed) = staging::install(self, &region, first, end) {
+                return installed;
+            }
+        }
         let mut bytes = 0;
         for run in self.source.fetch(first, end, buf)? {
             debug_assert!(run.first >= first && run.first + run.count <= end);
@@ -345,7 +354,10 @@ impl PageService {
     /// prefetcher starts with [`PageService::prefetch`]). Call before anything touches guest
     /// memory.
     pub fn start(spec: ServiceSpec) -> Result<PageService, PageServiceError> {
-        let uffd = Uffd::new(0).map_err(PageServiceError::Userfaultfd)?;
+        let (uffd, can_move) = match Uffd::new(UFFD_FEATURE_MOVE) {
+            Ok(uffd) => (uffd, true),
+            Err(_) => (Uffd::new(0).map_err(PageServiceError::Userfaultfd)?, false),
+        };
         for r in &spec.regions {
             uffd.register_missing(r.host, r.len as usize)
                 .map_err(|source| PageServiceError::Uffd {
@@ -359,6 +371,7 @@ impl PageService {
             .collect();
         let mut shared = Shared {
             uffd,
+            can_move,
             regions: spec.regions,
             source: spec.source,
             role: spec.role,

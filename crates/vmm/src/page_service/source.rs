@@ -137,6 +137,19 @@ pub(crate) trait BlockSource: Send + Sync {
         let _ = (first, end);
     }
 
+    /// As [`fetch`](Self::fetch), into `buf` itself (one block long), every data run at its
+    /// own offset, so that the page service can hand the buffer's pages to guest memory
+    /// whole. `None` where the source delivers into buffers of its own.
+    fn fetch_in_place(
+        &self,
+        first: u64,
+        end: u64,
+        buf: &mut [u8],
+    ) -> Option<Result<Vec<Run>, super::PageServiceError>> {
+        let _ = (first, end, buf);
+        None
+    }
+
     /// Every block is resident: nothing more will be fetched.
     fn all_resident(&self) {}
 }

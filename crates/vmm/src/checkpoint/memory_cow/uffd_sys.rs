@@ -23,6 +23,9 @@ pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 /// Write protection also applies to pages that were never populated (none PTEs), so even a
 /// never-touched page faults on its first write. Linux 6.4 and later.
 pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// Pages of this process can be moved into registered memory (`UFFDIO_MOVE`). Linux 6.8 and
+/// later.
+pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
 /// `UFFDIO_REGISTER_MODE_MISSING`: report faults on pages that are not mapped at all.
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
@@ -71,6 +74,18 @@ struct UffdioCopy {
     copy: i64,
 }
 
+/// `struct uffdio_move { __u64 dst; __u64 src; __u64 len; __u64 mode; __s64 move; }`: the
+/// kernel writes into `moved` the bytes moved, or a negated errno. Mode 0 wakes the waiters.
+#[repr(C)]
+#[derive(Default)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    moved: i64,
+}
+
 /// `struct uffdio_zeropage { struct uffdio_range range; __u64 mode; __s64 zeropage; }`: maps the
 /// shared zero page over the range; `zeropage` is the bytes done or a negated errno.
 #[repr(C)]
@@ -100,6 +115,7 @@ ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+ioctl_iowr_nr!(UFFDIO_MOVE, UFFDIO, 0x05, UffdioMove);
 ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
 
 /// A userfaultfd file descriptor, non-blocking.
@@ -202,6 +218,26 @@ impl Uffd {
             }
         }
         Ok(installed)
+    }
+
+    /// Moves the pages mapped at `[src, src + len)` of this process to the registered, missing
+    /// range at `dst` and wakes the threads waiting there: page-table entries change hands, the
+    /// bytes stay where they are, and a transparent huge page at 2 MiB-aligned addresses moves
+    /// whole. Returns the bytes moved, which may stop short of `len` (a page already present
+    /// at `dst`, a page the kernel will not move): the rest stays at `src`.
+    pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> u64 {
+        let mut op = UffdioMove {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode: 0,
+            moved: 0,
+        };
+        // SAFETY: UFFDIO_MOVE reads and writes one `uffdio_move`; it only remaps pages of this
+        // process from `src`, which the caller owns and reads no more, into registered,
+        // missing pages at `dst`.
+        unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_MOVE(), &mut op) };
+        u64::try_from(op.moved.max(0)).unwrap_or(0)
     }
 
     /// Maps the zero page over `[start, start + len)` and wakes the waiting threads; pages
