@@ -12,7 +12,8 @@
 //!   at store speed.
 //!
 //! A claimed block is read from its [`PageSource`], every page is checked against the page
-//! index, and only then installed with `UFFDIO_COPY`, which wakes the threads waiting on it.
+//! index, and only then installed, which wakes the threads waiting on it: moved in whole as a
+//! huge page where the kernel can ([`staging`]), else with `UFFDIO_COPY`.
 //! The whole index (9 bytes per page) is read by the prefetcher, off the path to the first
 //! instruction; until it is there, a block is checked against the index's segments that cover
 //! it, fetched alone and each verified against its checksum in the manifest (a checkpoint
