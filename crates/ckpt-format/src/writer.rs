@@ -120,6 +120,11 @@ impl MemoryWriter {
             });
         }
         let count = (data.len() / PAGE_SIZE) as u64;
+        self.save_claimed(first, count, || self.write_claimed(first, data))
+    }
+
+    /// Fails unless pages `first..first + count` are all pages of guest memory.
+    fn check_run(&self, first: u64, count: u64) -> Result<()> {
         let pages = self.table.pages();
         if first >= pages || pages - first < count {
             return Err(Error::PageOutOfRange {
@@ -127,13 +132,25 @@ impl MemoryWriter {
                 pages,
             });
         }
+        Ok(())
+    }
+
+    /// Claims pages `first..first + count` (none of them if any was saved already), then runs
+    /// `save`, releasing the claims if it fails.
+    fn save_claimed(
+        &self,
+        first: u64,
+        count: u64,
+        save: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        self.check_run(first, count)?;
         for i in 0..count {
             if let Err(e) = self.table.claim(first + i) {
                 (0..i).for_each(|j| self.table.unclaim(first + j));
                 return Err(e);
             }
         }
-        let result = self.write_claimed(first, data);
+        let result = save();
         if result.is_err() {
             (0..count).for_each(|i| self.table.unclaim(first + i));
         }
@@ -234,41 +251,21 @@ impl MemoryWriter {
     /// knows hold only zeros (never populated). Fails, recording nothing, if any of them was
     /// already saved.
     pub fn write_zero(&self, first: u64, count: u64) -> Result<()> {
-        let pages = self.table.pages();
-        if first >= pages || pages - first < count {
-            return Err(Error::PageOutOfRange {
-                page: first.saturating_add(count).saturating_sub(1).max(first),
-                pages,
-            });
-        }
-        for i in 0..count {
-            if let Err(e) = self.table.claim(first + i) {
-                (0..i).for_each(|j| self.table.unclaim(first + j));
-                return Err(e);
+        self.save_claimed(first, count, || {
+            self.store.zero_memory(first * PAGE, count * PAGE)?;
+            for page in first..first + count {
+                self.table.complete(page, true, zero_page_hash());
             }
-        }
-        if let Err(e) = self.store.zero_memory(first * PAGE, count * PAGE) {
-            (0..count).for_each(|i| self.table.unclaim(first + i));
-            return Err(e);
-        }
-        for page in first..first + count {
-            self.table.complete(page, true, zero_page_hash());
-        }
-        self.pages_done.fetch_add(count, Ordering::Relaxed);
-        self.zero_pages.fetch_add(count, Ordering::Relaxed);
-        Ok(())
+            self.pages_done.fetch_add(count, Ordering::Relaxed);
+            self.zero_pages.fetch_add(count, Ordering::Relaxed);
+            Ok(())
+        })
     }
 
     /// Records pages `first..first + count` as unchanged since the parent checkpoint's instant:
     /// not written, the parent holds them. Fails if any of them was saved already.
     pub fn keep_in_parent(&self, first: u64, count: u64) -> Result<()> {
-        let pages = self.table.pages();
-        if first >= pages || pages - first < count {
-            return Err(Error::PageOutOfRange {
-                page: first.saturating_add(count).saturating_sub(1).max(first),
-                pages,
-            });
-        }
+        self.check_run(first, count)?;
         for page in first..first + count {
             self.table.keep_in_parent(page)?;
         }

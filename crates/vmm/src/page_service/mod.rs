@@ -256,9 +256,23 @@ impl Shared {
                 return installed;
             }
         }
+        let runs = self.source.fetch(first, end, buf)?;
+        debug_assert!(runs
+            .iter()
+            .all(|r| r.first >= first && r.first + r.count <= end));
+        self.install_runs(&region, &runs, buf)
+    }
+
+    /// Installs fetched runs of one block of `region` in small pages: zero runs mapped, data
+    /// runs copied in from `buf`, pages already present left. Returns the bytes installed.
+    fn install_runs(
+        &self,
+        region: &RamRegion,
+        runs: &[Run],
+        buf: &[u8],
+    ) -> Result<u64, PageServiceError> {
         let mut bytes = 0;
-        for run in self.source.fetch(first, end, buf)? {
-            debug_assert!(run.first >= first && run.first + run.count <= end);
+        for run in runs {
             let len = (run.count * PAGE_SIZE) as usize;
             let host = region.host_of_page(run.first);
             match run.kind {

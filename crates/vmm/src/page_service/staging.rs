@@ -120,38 +120,12 @@ pub(super) fn install(
             }
             Ok(BLOCK_BYTES as u64)
         } else {
-            // Nothing worth a huge page: each run as the usual path installs it.
-            let mut bytes = 0;
-            for run in &runs {
-                let len = (run.count * PAGE_SIZE) as usize;
-                let at = region.host_of_page(run.first);
-                let done = match run.kind {
-                    RunKind::Zero => {
-                        shared
-                            .uffd
-                            .zero(at, len)
-                            .map_err(|source| PageServiceError::Uffd {
-                                op: "zeropage",
-                                source,
-                            })
-                    }
-                    RunKind::Data { at: offset } => shared
-                        .uffd
-                        .copy(at, &staging.bytes()[offset..offset + len])
-                        .map(|_| ())
-                        .map_err(|source| PageServiceError::Uffd { op: "copy", source }),
-                    RunKind::Present => continue,
-                };
-                if let Err(e) = done {
-                    staging.clear();
-                    return Some(Err(e));
-                }
-                bytes += len as u64;
-            }
-            if data {
+            // Nothing worth a huge page: the runs go in as small pages.
+            let installed = shared.install_runs(region, &runs, staging.bytes());
+            if data || installed.is_err() {
                 staging.clear();
             }
-            Ok(bytes)
+            installed
         };
         Some(result)
     })
