@@ -424,12 +424,12 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Says that pages `first..first + count` will be read soon: a store on a device starts
-    /// reading them in the background. Only a checkpoint without a parent is hinted (the pages
-    /// of a chain are spread over its members). Pages out of range are ignored.
-    pub fn will_need(&self, first: u64, count: u64) {
-        if self.parent.is_none() && self.check_range(first, count).is_ok() {
-            self.store.will_need_memory(first * PAGE, count * PAGE);
+    /// Says that memory will be read mostly in ascending page order, so that the store (and
+    /// each parent's store) reads further ahead of the reader.
+    pub fn reads_in_order(&self) {
+        self.store.memory_read_in_order();
+        if let Some(parent) = &self.parent {
+            parent.reads_in_order();
         }
     }
 

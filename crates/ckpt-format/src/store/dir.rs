@@ -597,9 +597,9 @@ impl StoreReader for DirReader {
         read_exact_at(self.memory_file()?, &path, "memory", offset, buf)
     }
 
-    fn will_need_memory(&self, offset: u64, len: u64) {
+    fn memory_read_in_order(&self) {
         if let Ok(file) = self.memory_file() {
-            super::will_need(file, offset, len);
+            super::reads_in_order(file);
         }
     }
 

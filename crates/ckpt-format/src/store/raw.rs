@@ -789,12 +789,8 @@ impl StoreReader for RawReader {
         )
     }
 
-    fn will_need_memory(&self, offset: u64, len: u64) {
-        super::will_need(
-            &self.file,
-            self.superblock.geometry.mem_offset + offset,
-            len,
-        );
+    fn memory_read_in_order(&self) {
+        super::reads_in_order(&self.file);
     }
 
     fn memory_source(&self, entry: &SectionEntry) -> Result<MemorySource> {

@@ -65,26 +65,8 @@ impl BlockSource for CheckpointBlocks {
             .map_err(|source| self.index_error(source))
     }
 
-    /// Hints the block's runs that are not zero (zero pages are never read), once the whole
-    /// page index is there to say which.
-    fn will_need(&self, first: u64, end: u64) {
-        if !self.checkpoint.page_index_loaded() {
-            return;
-        }
-        let Ok(index) = self.checkpoint.page_index() else {
-            return;
-        };
-        let zero = |p: u64| index.entry(p).is_some_and(|e| e.state == PageState::Zero);
-        let mut page = first;
-        while page < end {
-            let run_end = (page + 1..end)
-                .find(|&p| zero(p) != zero(page))
-                .unwrap_or(end);
-            if !zero(page) {
-                self.source.will_need(page, run_end - page);
-            }
-            page = run_end;
-        }
+    fn reads_in_order(&self) {
+        self.source.reads_in_order();
     }
 
     fn fetch(&self, first: u64, end: u64, buf: &mut Vec<u8>) -> Result<Vec<Run>, PageServiceError> {

@@ -1,19 +1,16 @@
 //! The prefetcher: reads the whole page index, then installs every block nobody has faulted on
 //! yet, the checkpoint's hot set first (the blocks the guest was writing while it was
-//! checkpointed, in the order it wrote them), then the rest in address order, announcing the
-//! blocks ahead of it to the source so that a store on a device reads while it installs; then
-//! waits for the blocks the fault handler is still installing and lets go of memory.
+//! checkpointed, in the order it wrote them), then the rest in address order, having told the
+//! source that it reads in order (so that a store on a device reads ahead while it installs);
+//! then waits for the blocks the fault handler is still installing and lets go of memory.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tracing::debug;
 
-use super::{finish_resident, Installer, Shared, BLOCK_PAGES, MISSING};
+use super::{finish_resident, Installer, Shared, BLOCK_PAGES};
 use crate::memory::PAGE_SIZE;
-
-/// Blocks announced to the source ahead of the one being installed (32 MiB).
-const AHEAD: usize = 16;
 
 /// The blocks in prefetch order: those holding `hot_pages` (in that order, each once), then all
 /// others ascending. Pages out of range are ignored.
@@ -44,22 +41,11 @@ pub(super) fn prefetch_loop(shared: &Shared, order: &[u64]) {
         took_us = started.elapsed().as_micros() as u64,
         "page source prepared"
     );
+    shared.source.reads_in_order();
     let mut buf = vec![0u8; (BLOCK_PAGES * PAGE_SIZE) as usize];
-    // Blocks up to here in `order` have been announced to the source.
-    let mut announced = 0;
-    for (i, &block) in order.iter().enumerate() {
+    for &block in order {
         if shared.stop.load(Ordering::Acquire) || shared.is_finished() {
             return;
-        }
-        // Keep the source reading AHEAD blocks ahead, so that a store on a device is never
-        // idle while a block is verified and installed.
-        while announced < order.len() && announced <= i + AHEAD {
-            let next = order[announced];
-            if shared.state(next) == MISSING {
-                let (first, end) = shared.block_pages(next);
-                shared.source.will_need(first, end);
-            }
-            announced += 1;
         }
         if shared.claim(block) && shared.serve(block, &mut buf, Installer::Prefetch).is_err() {
             return;

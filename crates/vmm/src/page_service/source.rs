@@ -40,11 +40,9 @@ pub trait PageSource: Send + Sync {
         self.read_run(first, buf)
     }
 
-    /// Says that pages `first..first + count` will be read soon, so that a source on a device
-    /// can start reading them. A hint: by default nothing happens.
-    fn will_need(&self, first: u64, count: u64) {
-        let _ = (first, count);
-    }
+    /// Says that pages will be read mostly in ascending order, so that a source on a device
+    /// can read further ahead. A hint: by default nothing happens.
+    fn reads_in_order(&self) {}
 }
 
 fn source_error(first: u64, buf: &[u8], e: ckpt_format::Error) -> SourceError {
@@ -72,8 +70,8 @@ impl PageSource for Checkpoint {
             .map_err(|e| source_error(first, buf, e))
     }
 
-    fn will_need(&self, first: u64, count: u64) {
-        Checkpoint::will_need(self, first, count);
+    fn reads_in_order(&self) {
+        Checkpoint::reads_in_order(self);
     }
 }
 
@@ -131,11 +129,9 @@ pub(crate) trait BlockSource: Send + Sync {
         buf: &mut Vec<u8>,
     ) -> Result<Vec<Run>, super::PageServiceError>;
 
-    /// Says that pages `first..end` (one block) will be fetched soon, so that the source can
-    /// start reading them. A hint: by default nothing happens.
-    fn will_need(&self, first: u64, end: u64) {
-        let _ = (first, end);
-    }
+    /// Says that blocks will be fetched mostly in ascending order, so that the source can read
+    /// further ahead. A hint: by default nothing happens.
+    fn reads_in_order(&self) {}
 
     /// As [`fetch`](Self::fetch), into `buf` itself (one block long), every data run at its
     /// own offset, so that the page service can hand the buffer's pages to guest memory
