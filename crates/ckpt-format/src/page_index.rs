@@ -73,9 +73,19 @@ fn states_len(pages: u64) -> u64 {
 }
 
 impl PageIndex {
-    /// Byte length of the encoded index of `pages` pages.
+    /// Byte length of the encoded index of `pages` pages (at most 2^60 pages: every memory
+    /// size a manifest can name).
     pub fn encoded_len(pages: u64) -> u64 {
-        HEADER_LEN + states_len(pages) + 8 * pages
+        Self::checked_encoded_len(pages).expect("a page count below 2^60")
+    }
+
+    /// As [`encoded_len`](Self::encoded_len), `None` where the length does not fit in 64 bits
+    /// (a count that only a corrupt header claims).
+    fn checked_encoded_len(pages: u64) -> Option<u64> {
+        let states = pages.checked_next_multiple_of(8)?;
+        HEADER_LEN
+            .checked_add(states)?
+            .checked_add(pages.checked_mul(8)?)
     }
 
     /// Number of pages.
@@ -276,12 +286,15 @@ impl PageIndex {
                 "{pages} pages, manifest says {expected_pages}"
             )));
         }
-        if bytes.len() as u64 != Self::encoded_len(pages) {
-            return Err(bad(format!(
-                "{} bytes, {} expected for {pages} pages",
-                bytes.len(),
-                Self::encoded_len(pages)
-            )));
+        match Self::checked_encoded_len(pages) {
+            Some(len) if len == bytes.len() as u64 => {}
+            Some(len) => {
+                return Err(bad(format!(
+                    "{} bytes, {len} expected for {pages} pages",
+                    bytes.len()
+                )))
+            }
+            None => return Err(bad(format!("{pages} pages is more than any memory holds"))),
         }
         let n = pages as usize;
         let states_at = HEADER_LEN as usize;
