@@ -17,6 +17,7 @@ mod memory;
 mod migration;
 mod page_service;
 mod persist;
+mod sched;
 mod vm;
 
 pub use builder::{Console, MachineState, VmError, VmSummary, MAX_VCPUS};

@@ -53,6 +53,7 @@ use crate::kvm::{KvmError, KvmVm};
 use crate::memory::{ram_regions, RamRegion};
 use crate::page_service::{PageService, PageServiceError};
 use crate::persist::Persist;
+use crate::sched::RaisedHere;
 
 /// Errors of taking a checkpoint. The VM keeps running after any of them, and the checkpoint
 /// is left incomplete (never reported complete).
@@ -506,6 +507,12 @@ fn take_checkpoint(
             .map_err(store_err(&request.store))?;
     }
     progress.set_phase(Phase::Paused);
+    // Until the VM resumes, this thread runs ahead of ordinary ones (crate::sched), so that
+    // nothing else on the host (the memory savers started in the pause among them) preempts
+    // it, nor delays its waking when the vCPUs have parked. Only where the pause is short:
+    // `stop` copies memory and `fork` copies page tables in it, which must not hold a core at
+    // real-time priority.
+    let raised = (options.strategy == Strategy::Uffd).then(RaisedHere::new);
     let pause_start = Instant::now();
     let (guard, frozen) = timeline.time("quiesce", || quiesce(machine, options.io))?;
     let in_parent = timeline.time("dirty_log", || {
@@ -541,6 +548,7 @@ fn take_checkpoint(
         drop(frozen);
         guard.resume()
     });
+    drop(raised);
     let pause_us = (resumed - pause_start).as_micros() as u64;
     progress.set_phase(Phase::Writing);
     info!(pause_us, "VM resumed");

@@ -6,8 +6,15 @@
 //! returns at once instead of sleeping in the guest; a thread already inside `KVM_RUN` is
 //! interrupted by the signal itself (`KVM_RUN` returns `EINTR`). Each thread then parks on a
 //! condition variable, and the pausing thread waits until all are parked.
+//!
+//! On a busy host both hand-overs can wait for the scheduler, milliseconds each: a vCPU thread
+//! that another thread has preempted takes its kick only when it next runs, and a pausing
+//! thread asleep, woken by the last vCPU to park, waits for the thread on its core to reach the
+//! end of its time slice. So the vCPU threads and the pausing thread run at real-time
+//! priority until all vCPUs are parked ([`crate::sched`]).
 
 use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
@@ -21,6 +28,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::state::KvmVcpu;
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, VmExit};
+use crate::sched::{RaisedHere, Scheduling};
 
 /// Errors of the vCPU control path.
 #[derive(Debug, Error)]
@@ -214,13 +222,33 @@ impl VcpuControl {
         self.lock().target == Target::Pause
     }
 
-    fn kick_all(&self) {
+    /// Kicks every vCPU thread out of `KVM_RUN`; with `raise`, raised to real-time priority
+    /// first (see the module docs), under the threads lock so that none is joined meanwhile.
+    /// Returns the scheduling of each thread raised, for
+    /// [`restore_scheduling`](Self::restore_scheduling).
+    fn kick_all(&self, raise: bool) -> Vec<Scheduling> {
         let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        let mut raised = Vec::new();
         for thread in threads.iter() {
+            if raise {
+                raised.extend(Scheduling::raise(thread.as_pthread_t()));
+            }
             // A thread that has already finished cannot be signalled; that is fine, it is not
             // running guest code either.
             if let Err(e) = thread.kill(kick_signal()) {
                 debug!("kick of a vCPU thread failed: {e}");
+            }
+        }
+        raised
+    }
+
+    /// Puts the threads of `raised` back to the scheduling they had, each only while it is
+    /// still one of this VM's vCPU threads (not joined since).
+    fn restore_scheduling(&self, raised: Vec<Scheduling>) {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for r in raised {
+            if threads.iter().any(|t| t.as_pthread_t() == r.thread()) {
+                r.restore();
             }
         }
     }
@@ -254,7 +282,8 @@ impl VcpuControl {
                 Target::Run => st.target = Target::Pause,
             }
         }
-        self.kick_all();
+        let here = RaisedHere::new();
+        let raised = self.kick_all(true);
         let st = self.lock();
         let (st, timeout) = self
             .changed
@@ -262,6 +291,10 @@ impl VcpuControl {
                 st.parked < self.count() && st.target == Target::Pause
             })
             .unwrap_or_else(|p| p.into_inner());
+        drop(st);
+        self.restore_scheduling(raised);
+        drop(here);
+        let st = self.lock();
         if st.target == Target::Exit {
             return Err(VcpuError::Exiting);
         }
@@ -294,7 +327,7 @@ impl VcpuControl {
     pub fn request_exit(&self) {
         self.lock().target = Target::Exit;
         self.changed.notify_all();
-        self.kick_all();
+        self.kick_all(false);
     }
 
     /// Waits for every vCPU thread to finish.
