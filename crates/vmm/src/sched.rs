@@ -72,6 +72,25 @@ impl Scheduling {
     }
 }
 
+/// Another thread of this process at real-time priority until this is dropped. Whoever makes
+/// it keeps that thread alive (not joined) for longer than this lives.
+pub(crate) struct Raised(Option<Scheduling>);
+
+impl Raised {
+    pub(crate) fn new(thread: libc::pthread_t) -> Raised {
+        Raised(Scheduling::raise(thread))
+    }
+}
+
+impl Drop for Raised {
+    fn drop(&mut self) {
+        // Its maker keeps the thread alive while this lives.
+        if let Some(was) = self.0.take() {
+            was.restore();
+        }
+    }
+}
+
 /// The calling thread at real-time priority until this is dropped (on the same thread: it is
 /// neither `Send` nor `Sync`).
 pub(crate) struct RaisedHere {

@@ -53,7 +53,7 @@ use crate::kvm::{KvmError, KvmVm};
 use crate::memory::{ram_regions, RamRegion};
 use crate::page_service::{PageService, PageServiceError};
 use crate::persist::Persist;
-use crate::sched::RaisedHere;
+use crate::sched::{Raised, RaisedHere};
 
 /// Errors of taking a checkpoint. The VM keeps running after any of them, and the checkpoint
 /// is left incomplete (never reported complete).
@@ -513,6 +513,13 @@ fn take_checkpoint(
     // `stop` copies memory and `fork` copies page tables in it, which must not hold a core at
     // real-time priority.
     let raised = (options.strategy == Strategy::Uffd).then(RaisedHere::new);
+    // A vCPU that the pause kicks may be waiting for the fault handler to serve a write fault
+    // (arming protects memory before the pause): it parks only once the handler has run. `cow`
+    // owns the handler thread and outlives this.
+    let handler = match &cow {
+        MemoryCow::Uffd(u) => u.fault_handler().map(Raised::new),
+        _ => None,
+    };
     let pause_start = Instant::now();
     let (guard, frozen) = timeline.time("quiesce", || quiesce(machine, options.io))?;
     let in_parent = timeline.time("dirty_log", || {
@@ -548,6 +555,7 @@ fn take_checkpoint(
         drop(frozen);
         guard.resume()
     });
+    drop(handler);
     drop(raised);
     let pause_us = (resumed - pause_start).as_micros() as u64;
     progress.set_phase(Phase::Writing);

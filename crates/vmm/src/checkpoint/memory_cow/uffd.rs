@@ -42,6 +42,7 @@
 //! checkpoint).
 
 use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -829,6 +830,12 @@ impl UffdCow {
             .map_err(|e| CowError::Thread("background writer", e))?;
         self.background = Some(handle);
         Ok(())
+    }
+
+    /// The fault handler thread, while it runs: a vCPU that the pause kicks may be waiting for
+    /// it to serve a write fault. It lives as long as `self` (joined in `finish` or on drop).
+    pub fn fault_handler(&self) -> Option<libc::pthread_t> {
+        self.handler.as_ref().map(|h| h.as_pthread_t())
     }
 
     /// An observer that saves the pages a device is about to write (for disk reads issued
