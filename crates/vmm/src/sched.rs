@@ -2,11 +2,12 @@
 //!
 //! On a busy host a thread that another has preempted runs again only at the end of that one's
 //! time slice, milliseconds later, and a pause waits on several threads in turn: the vCPU
-//! threads must take their kick and park, the pausing thread must wake when they have, do its
-//! work and resume them. So the vCPU threads (until they park) and the pausing thread (until
-//! it resumes the VM) are raised to the lowest real-time priority (`SCHED_FIFO` 1, ahead of
-//! every ordinary thread), then put back as they were. That needs `CAP_SYS_NICE` or an
-//! `RLIMIT_RTPRIO` above zero; without it they wait their turn, and a debug line says so once.
+//! threads must take their kick and park (one waiting in a write fault, only once the fault
+//! handler has served it), the pausing thread must wake when they have, do its work and resume
+//! them. So those threads are raised to the lowest real-time priority (`SCHED_FIFO` 1, ahead
+//! of every ordinary thread) for as long as the pause needs them, then put back as they were.
+//! That needs `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` above zero; without it they wait their turn,
+//! and a debug line says so once.
 
 use std::marker::PhantomData;
 use std::sync::Once;
