@@ -25,12 +25,14 @@ impl Scheduling {
     /// Raises `thread` to `SCHED_FIFO` priority 1 if it is an ordinary (not real-time) thread
     /// and this process may; returns what it was.
     ///
-    /// The caller keeps `thread` alive (not joined) until it is restored.
-    pub(crate) fn raise(thread: libc::pthread_t) -> Option<Scheduling> {
+    /// # Safety
+    /// `thread` is a thread of this process that has not been joined (or detached and ended),
+    /// and stays so until the result is restored or dropped: a thread id is only valid until
+    /// then.
+    pub(crate) unsafe fn raise(thread: libc::pthread_t) -> Option<Scheduling> {
         let mut policy = 0;
         let mut param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: the caller guarantees `thread` is a live, unjoined thread of this process;
-        // the out-pointers are locals.
+        // SAFETY: the caller guarantees `thread` is valid; the out-pointers are locals.
         if unsafe { libc::pthread_getschedparam(thread, &mut policy, &mut param) } != 0 {
             return None;
         }
@@ -62,10 +64,13 @@ impl Scheduling {
         self.thread
     }
 
-    /// Puts the thread back as it was. The caller guarantees it is still alive (not joined).
-    pub(crate) fn restore(self) {
-        // SAFETY: the caller guarantees the thread is live and unjoined; `param` is what the
-        // kernel reported for it with `policy`.
+    /// Puts the thread back as it was.
+    ///
+    /// # Safety
+    /// The thread is still valid, as [`raise`](Self::raise) requires.
+    pub(crate) unsafe fn restore(self) {
+        // SAFETY: the caller guarantees the thread is valid; `param` is what the kernel
+        // reported for it with `policy`.
         let rc = unsafe { libc::pthread_setschedparam(self.thread, self.policy, &self.param) };
         if rc != 0 {
             warn!("cannot put a thread back to its scheduling after a pause (error {rc})");
@@ -73,21 +78,23 @@ impl Scheduling {
     }
 }
 
-/// Another thread of this process at real-time priority until this is dropped. Whoever makes
-/// it keeps that thread alive (not joined) for longer than this lives.
+/// Another thread of this process at real-time priority until this is dropped.
 pub(crate) struct Raised(Option<Scheduling>);
 
 impl Raised {
-    pub(crate) fn new(thread: libc::pthread_t) -> Raised {
-        Raised(Scheduling::raise(thread))
+    /// # Safety
+    /// `thread` stays valid (see [`Scheduling::raise`]) for as long as the result lives.
+    pub(crate) unsafe fn new(thread: libc::pthread_t) -> Raised {
+        // SAFETY: the caller's guarantee, for as long as the result lives.
+        Raised(unsafe { Scheduling::raise(thread) })
     }
 }
 
 impl Drop for Raised {
     fn drop(&mut self) {
-        // Its maker keeps the thread alive while this lives.
         if let Some(was) = self.0.take() {
-            was.restore();
+            // SAFETY: `new`'s caller keeps the thread valid while this lives.
+            unsafe { was.restore() };
         }
     }
 }
@@ -104,7 +111,9 @@ impl RaisedHere {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         RaisedHere {
-            was: Scheduling::raise(me),
+            // SAFETY: the calling thread is valid while it runs, and the result is dropped on
+            // it (it is neither Send nor Sync).
+            was: unsafe { Scheduling::raise(me) },
             _here: PhantomData,
         }
     }
@@ -112,9 +121,9 @@ impl RaisedHere {
 
 impl Drop for RaisedHere {
     fn drop(&mut self) {
-        // The calling thread is alive: it is running this.
         if let Some(was) = self.was.take() {
-            was.restore();
+            // SAFETY: this runs on the thread that was raised, which is therefore valid.
+            unsafe { was.restore() };
         }
     }
 }

@@ -514,10 +514,11 @@ fn take_checkpoint(
     // real-time priority.
     let raised = (options.strategy == Strategy::Uffd).then(RaisedHere::new);
     // A vCPU that the pause kicks may be waiting for the fault handler to serve a write fault
-    // (arming protects memory before the pause): it parks only once the handler has run. `cow`
-    // owns the handler thread and outlives this.
+    // (arming protects memory before the pause): it parks only once the handler has run.
     let handler = match &cow {
-        MemoryCow::Uffd(u) => u.fault_handler().map(Raised::new),
+        // SAFETY: `cow` owns the handler thread's handle and joins it only when finished or
+        // dropped, after `handler` (dropped at the resume below, or first on an early return).
+        MemoryCow::Uffd(u) => u.fault_handler().map(|t| unsafe { Raised::new(t) }),
         _ => None,
     };
     let pause_start = Instant::now();

@@ -231,7 +231,9 @@ impl VcpuControl {
         let mut raised = Vec::new();
         for thread in threads.iter() {
             if raise {
-                raised.extend(Scheduling::raise(thread.as_pthread_t()));
+                // SAFETY: the handle is in `threads`, which join empties under this lock
+                // before joining, and `restore_scheduling` checks it is still there.
+                raised.extend(unsafe { Scheduling::raise(thread.as_pthread_t()) });
             }
             // A thread that has already finished cannot be signalled; that is fine, it is not
             // running guest code either.
@@ -248,7 +250,8 @@ impl VcpuControl {
         let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         for r in raised {
             if threads.iter().any(|t| t.as_pthread_t() == r.thread()) {
-                r.restore();
+                // SAFETY: its handle is still in `threads` under this lock: not joined.
+                unsafe { r.restore() };
             }
         }
     }
