@@ -102,7 +102,7 @@ impl Drop for Raised {
 /// The calling thread at real-time priority until this is dropped (on the same thread: it is
 /// neither `Send` nor `Sync`).
 pub(crate) struct RaisedHere {
-    was: Option<Scheduling>,
+    _raised: Raised,
     _here: PhantomData<*const ()>,
 }
 
@@ -113,17 +113,8 @@ impl RaisedHere {
         RaisedHere {
             // SAFETY: the calling thread is valid while it runs, and the result is dropped on
             // it (it is neither Send nor Sync).
-            was: unsafe { Scheduling::raise(me) },
+            _raised: unsafe { Raised::new(me) },
             _here: PhantomData,
-        }
-    }
-}
-
-impl Drop for RaisedHere {
-    fn drop(&mut self) {
-        if let Some(was) = self.was.take() {
-            // SAFETY: this runs on the thread that was raised, which is therefore valid.
-            unsafe { was.restore() };
         }
     }
 }
@@ -150,7 +141,7 @@ mod tests {
             assert_eq!(before.0, libc::SCHED_OTHER);
             let raised = RaisedHere::new();
             let during = policy_of_this_thread();
-            if raised.was.is_some() {
+            if raised._raised.0.is_some() {
                 assert_eq!(during, (libc::SCHED_FIFO, 1));
             } else {
                 assert_eq!(during, before);

@@ -135,29 +135,29 @@ fn probe_savable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, KvmError> {
     let list = kvm
         .get_msr_index_list()
         .map_err(KvmError::ioctl("get MSR index list"))?;
-    let mut left: Vec<u32> = list
+    let candidates: Vec<u32> = list
         .as_slice()
         .iter()
         .copied()
         .filter(|index| !SKIPPED_MSRS.contains(index))
         .collect();
-    let mut savable = Vec::with_capacity(left.len());
-    while !left.is_empty() {
-        let entries: Vec<kvm_msr_entry> = left
+    let mut savable = Vec::with_capacity(candidates.len());
+    let mut next = 0;
+    while next < candidates.len() {
+        let batch = &candidates[next..candidates.len().min(next + MSRS_PER_CALL)];
+        let entries: Vec<kvm_msr_entry> = batch
             .iter()
-            .take(MSRS_PER_CALL)
             .map(|&index| kvm_msr_entry {
                 index,
                 ..Default::default()
             })
             .collect();
-        let mut batch =
+        let mut msrs =
             Msrs::from_entries(&entries).map_err(|_| KvmError::TooManyMsrs(entries.len()))?;
-        let read = vcpu.get_msrs(&mut batch).unwrap_or(0).min(entries.len());
-        savable.extend_from_slice(&left[..read]);
+        let read = vcpu.get_msrs(&mut msrs).unwrap_or(0).min(batch.len());
+        savable.extend_from_slice(&batch[..read]);
         // A short read stopped at an MSR KVM cannot read: leave that one out.
-        let unreadable = usize::from(read < entries.len());
-        left.drain(..read + unreadable);
+        next += read + usize::from(read < batch.len());
     }
     Ok(savable)
 }
