@@ -68,7 +68,8 @@ fn checkpoint_while_dirtying(strategy: Strategy) {
     checkpoint_while_dirtying_with_budget(strategy, None);
 }
 
-/// As [`checkpoint_while_dirtying`], with a `uffd` copy-aside budget of `cow_budget` bytes.
+/// As [`checkpoint_while_dirtying`], with a copy-aside budget of `cow_budget` bytes (for `uffd`
+/// the copies waiting for the store, for `stop` its arena).
 fn checkpoint_while_dirtying_with_budget(strategy: Strategy, cow_budget: Option<u64>) {
     let (vm, console) = boot_guest("dirty mem=96M fill=1 every=4", 160 << 20, 1);
     vm.set_cow_budget(cow_budget);
@@ -182,6 +183,14 @@ fn fork_checkpoint_holds_the_pause_instant() {
 #[test]
 fn stop_checkpoint_holds_the_pause_instant() {
     checkpoint_while_dirtying(Strategy::Stop);
+}
+
+/// An arena smaller than what the guest populated: the pause copies what fits into it and
+/// writes the rest to the store itself, and the arena's copies follow after the resume; the
+/// checkpoint holds the pause instant all the same.
+#[test]
+fn stop_checkpoint_past_its_arena_holds_the_pause_instant() {
+    checkpoint_while_dirtying_with_budget(Strategy::Stop, Some(16 << 20));
 }
 
 /// Boots `cmdline` with an 8 MiB zeroed raw disk `disk.raw` in `dir`.

@@ -140,11 +140,12 @@ fn print_rows(rows: &[Row], json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:>6} {:>6} {:>10} {:>12} {:>8} {:>10} {:>10} {:>7} {:>9} {:>9}",
+        "{:>6} {:>6} {:>12} {:>10} {:>12} {:>8} {:>10} {:>10} {:>7} {:>9} {:>9}",
         "method",
         "MiB",
+        "guest lost µs",
         "pause µs",
-        "guest µs",
+        "stall µs",
         "progress",
         "total ms",
         "MB written",
@@ -154,9 +155,10 @@ fn print_rows(rows: &[Row], json: bool) -> anyhow::Result<()> {
     );
     for r in rows {
         println!(
-            "{:>6} {:>6} {:>10} {:>12} {:>7.0}% {:>10.1} {:>10.1} {:>6.2}x {:>9} {:>9}",
+            "{:>6} {:>6} {:>12} {:>10} {:>12} {:>7.0}% {:>10.1} {:>10.1} {:>6.2}x {:>9} {:>9}",
             r.method,
             r.mem_mib,
+            r.guest_lost_us,
             r.pause_us,
             r.guest_pause_us,
             r.guest_progress * 100.0,

@@ -104,9 +104,14 @@ impl PageBits {
         }
     }
 
+    /// Adds the pages set in `other`, writing only the words that gain a page: a bitmap is
+    /// mostly empty, and an untouched word costs nothing (nor does its memory, if never
+    /// mapped).
     pub(crate) fn or(&mut self, other: &PageBits) {
         for (w, o) in self.words.iter_mut().zip(&other.words) {
-            *w |= o;
+            if *o & !*w != 0 {
+                *w |= o;
+            }
         }
     }
 
@@ -329,6 +334,9 @@ struct LogState {
     wanted: bool,
     /// Pages written since the last instant, read from KVM so far.
     pending: PageBits,
+    /// The next `pending`, mapped before the pause that swaps it in (see
+    /// [`PageBits::new_mapped`]).
+    spare: Option<PageBits>,
     /// Pages written since the last migration round, while a migration runs.
     round: Option<PageBits>,
     /// The recent complete checkpoints, newest last.
@@ -376,7 +384,8 @@ impl DirtyLog {
             state: Mutex::new(LogState {
                 logging: Logging::Off,
                 wanted: false,
-                pending: PageBits::new(pages),
+                pending: PageBits::new_mapped(pages),
+                spare: None,
                 round: None,
                 since: VecDeque::new(),
             }),
@@ -429,6 +438,9 @@ impl DirtyLog {
     /// or reads and clears the log so that the pause reads little.
     pub(crate) fn prepare(&self, vm: &KvmVm, memory: &GuestMemoryMmap) {
         let mut state = self.lock();
+        if state.spare.is_none() {
+            state.spare = Some(PageBits::new_mapped(self.pages));
+        }
         match state.logging {
             Logging::Off if !state.wanted => {}
             Logging::Off => {
@@ -560,9 +572,16 @@ impl DirtyLog {
                 None => Ok(None),
             };
         }
-        let mut written = std::mem::replace(&mut state.pending, PageBits::new(self.pages));
+        let next = state
+            .spare
+            .take()
+            .unwrap_or_else(|| PageBits::new_mapped(self.pages));
+        let mut written = std::mem::replace(&mut state.pending, next);
         for (w, word) in self.device.bits.iter().enumerate() {
-            written.words[w] |= word.swap(0, Ordering::AcqRel);
+            let bits = word.swap(0, Ordering::AcqRel);
+            if bits != 0 {
+                written.words[w] |= bits;
+            }
         }
         for since in state.since.iter_mut() {
             since.written.or(&written);

@@ -41,7 +41,7 @@ use self::dirty::{BothObservers, DirtyLog, DirtyLogRefusal, PageBits};
 use self::disk_chain::ChainLayers;
 use self::memory_cow::fork::{fork_writer, ForkedWriter};
 use self::memory_cow::uffd::UffdCow;
-use self::memory_cow::{stop, CowError, SaveCounters, Unpopulated};
+use self::memory_cow::{stop::StopCopy, CowError, SaveCounters, Unpopulated};
 use crate::builder::{Machine, MachineState, VmError, VmSummary};
 use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::virtio::block::BlockHandle;
@@ -367,7 +367,7 @@ impl Timeline {
 enum MemoryCow {
     Uffd(UffdCow),
     Fork(Option<ForkedWriter>, Unpopulated),
-    Stop(Unpopulated),
+    Stop(StopCopy),
 }
 
 /// What a checkpoint runs with besides its request: the VM's dirty log, the disk layers its
@@ -685,7 +685,7 @@ fn prepare(
         Strategy::Uffd if shared_image(memory) => MemoryCow::Fork(None, unpopulated),
         Strategy::Uffd => MemoryCow::Uffd(UffdCow::arm(regions, candidates, cow_budget)?),
         Strategy::Fork => MemoryCow::Fork(None, unpopulated),
-        Strategy::Stop => MemoryCow::Stop(unpopulated),
+        Strategy::Stop => MemoryCow::Stop(StopCopy::prepare(regions, unpopulated, cow_budget)),
     };
     Ok((writer, cow))
 }
@@ -770,14 +770,8 @@ fn mark_memory_cow(
             )?);
             first.then(|| dirty.observer())
         }
-        MemoryCow::Stop(unpopulated) => {
-            stop::copy_while_paused(
-                regions,
-                writer.memory(),
-                counters,
-                in_parent.map(|k| &**k),
-                *unpopulated,
-            )?;
+        MemoryCow::Stop(copy) => {
+            copy.copy_while_paused(regions, writer.memory(), counters, in_parent.map(|k| &**k))?;
             first.then(|| dirty.observer())
         }
     };
@@ -858,7 +852,8 @@ fn write_out(
                 stalls: None,
             })
         }
-        MemoryCow::Stop(_) => {
+        MemoryCow::Stop(copy) => {
+            copy.write_out(writer.memory())?;
             let (by_fault, in_background) = counters.get();
             Ok(Saved {
                 by_fault,

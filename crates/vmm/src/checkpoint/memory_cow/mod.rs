@@ -136,11 +136,10 @@ pub(crate) enum Unpopulated {
     Read,
 }
 
-/// Writes every page of `regions` in runs of [`RUN_PAGES`], counting them as background saves;
-/// the pages of `in_parent` (an incremental checkpoint's pages unchanged since its parent) are
-/// recorded as kept in the parent instead. With [`Unpopulated::Zero`], pages this process never
-/// populated (per `/proc/self/pagemap`, opened here: in a forked child it is the child's) are
-/// recorded as zero without being read.
+/// Where [`save_all`] puts the bytes of a run of populated pages: (first image page, bytes).
+pub(crate) type Sink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), CowError> + 'a;
+
+/// Writes every page of `regions` to the store, as [`save_all`].
 ///
 /// # Safety
 /// As [`page_bytes`]: nothing may write guest memory while this runs.
@@ -150,6 +149,38 @@ pub(crate) unsafe fn write_all(
     counters: &SaveCounters,
     in_parent: Option<&PageBits>,
     unpopulated: Unpopulated,
+) -> Result<(), CowError> {
+    let mut to_store =
+        |first: u64, bytes: &[u8]| writer.write_pages(first, bytes).map_err(CowError::Store);
+    // SAFETY: the caller's promise.
+    unsafe {
+        save_all(
+            regions,
+            writer,
+            counters,
+            in_parent,
+            unpopulated,
+            &mut to_store,
+        )
+    }
+}
+
+/// Saves every page of `regions` in runs of [`RUN_PAGES`], counting them as background saves:
+/// the bytes of populated pages go to `sink`; the pages of `in_parent` (an incremental
+/// checkpoint's pages unchanged since its parent) are recorded in `writer` as kept in the
+/// parent. With [`Unpopulated::Zero`], pages this process never populated (per
+/// `/proc/self/pagemap`, opened here: in a forked child it is the child's) are recorded as zero
+/// without being read.
+///
+/// # Safety
+/// As [`page_bytes`]: nothing may write guest memory while this runs.
+pub(crate) unsafe fn save_all(
+    regions: &[RamRegion],
+    writer: &MemoryWriter,
+    counters: &SaveCounters,
+    in_parent: Option<&PageBits>,
+    unpopulated: Unpopulated,
+    sink: &mut Sink<'_>,
 ) -> Result<(), CowError> {
     let map = match unpopulated {
         Unpopulated::Zero => std::fs::File::open("/proc/self/pagemap").ok(),
@@ -162,7 +193,7 @@ pub(crate) unsafe fn write_all(
             let count = RUN_PAGES.min(end - page);
             let Some(kept) = in_parent else {
                 // SAFETY: the caller's promise.
-                unsafe { write_run(region, page, count, writer, map.as_ref())? };
+                unsafe { write_run(region, page, count, writer, map.as_ref(), sink)? };
                 counters.in_background.fetch_add(count, Ordering::Relaxed);
                 page += count;
                 continue;
@@ -172,7 +203,7 @@ pub(crate) unsafe fn write_all(
             }
             for (first, n) in kept.runs(page, page + count, false) {
                 // SAFETY: the caller's promise.
-                unsafe { write_run(region, first, n, writer, map.as_ref())? };
+                unsafe { write_run(region, first, n, writer, map.as_ref(), sink)? };
                 counters.in_background.fetch_add(n, Ordering::Relaxed);
             }
             page += count;
@@ -181,9 +212,9 @@ pub(crate) unsafe fn write_all(
     Ok(())
 }
 
-/// Writes pages `first..first + count` of `region`: those `map` (this process's page map, if
-/// given and readable) shows were never populated as zero without reading them, the others
-/// read.
+/// Saves pages `first..first + count` of `region`: those `map` (this process's page map, if
+/// given and readable) shows were never populated are recorded as zero without being read, the
+/// others go to `sink`.
 ///
 /// # Safety
 /// As [`page_bytes`].
@@ -193,6 +224,7 @@ unsafe fn write_run(
     count: u64,
     writer: &MemoryWriter,
     map: Option<&std::fs::File>,
+    sink: &mut Sink<'_>,
 ) -> Result<(), CowError> {
     let populated = map.and_then(|m| {
         crate::memory::populated(m, region.host_of_page(first), count)
@@ -202,7 +234,7 @@ unsafe fn write_run(
     let Some(populated) = populated else {
         // SAFETY: the caller's promise.
         let bytes = unsafe { page_bytes(region, first, count) };
-        return writer.write_pages(first, bytes).map_err(CowError::Store);
+        return sink(first, bytes);
     };
     let mut i = 0;
     while i < count {
@@ -214,15 +246,99 @@ unsafe fn write_run(
         if there {
             // SAFETY: the caller's promise.
             let bytes = unsafe { page_bytes(region, first + i, run) };
-            writer
-                .write_pages(first + i, bytes)
-                .map_err(CowError::Store)?;
+            sink(first + i, bytes)?;
         } else {
             writer.write_zero(first + i, run).map_err(CowError::Store)?;
         }
         i += run;
     }
     Ok(())
+}
+
+/// Host memory for copies of guest pages, private and anonymous, page-aligned so that a store
+/// may write from it with direct I/O. Populated when made where asked: copying into memory
+/// already mapped runs several times faster than into fresh memory, each page of which costs a
+/// host page fault (and zeroing) at its first touch.
+pub(crate) struct Arena {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the arena owns its mapping; nothing else refers to it.
+unsafe impl Send for Arena {}
+
+impl Arena {
+    /// An arena of `len` bytes (a multiple of the page size); `populate` maps its pages now
+    /// rather than at their first write.
+    pub(crate) fn new(len: usize, populate: bool) -> std::io::Result<Arena> {
+        debug_assert!(len > 0 && len as u64 % PAGE_SIZE == 0);
+        let populate = if populate { libc::MAP_POPULATE } else { 0 };
+        // SAFETY: a new private anonymous mapping; no existing memory is affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | populate,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Arena {
+            ptr: std::ptr::NonNull::new(raw.cast()).expect("mmap never returns null"),
+            len,
+        })
+    }
+}
+
+impl std::ops::Deref for Arena {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` bytes, readable, and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Arena {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is this arena's own, and no reference to it outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// How much of `regions` the guest populated, per this process's page map: (pages, blocks of
+/// `block_pages` holding at least one such page); `None` if the page map cannot be read.
+pub(crate) fn populated_in(regions: &[RamRegion], block_pages: u64) -> Option<(u64, u64)> {
+    let map = std::fs::File::open("/proc/self/pagemap")
+        .map_err(|e| tracing::debug!("cannot open the page map: {e}"))
+        .ok()?;
+    let (mut pages, mut blocks) = (0, 0);
+    for r in regions {
+        let end = r.first_page() + r.pages();
+        let mut first = r.first_page();
+        while first < end {
+            let count = block_pages.min(end - first);
+            let populated = crate::memory::populated(&map, r.host_of_page(first), count)
+                .map_err(|e| tracing::debug!("cannot read the page map: {e}"))
+                .ok()?;
+            let n = populated.iter().filter(|&&p| p).count() as u64;
+            pages += n;
+            blocks += u64::from(n > 0);
+            first += count;
+        }
+    }
+    Some((pages, blocks))
 }
 
 #[cfg(test)]
