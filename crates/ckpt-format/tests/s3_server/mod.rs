@@ -184,6 +184,19 @@ impl Weed {
             assert!(Instant::now() < deadline, "cannot create bucket: {status}");
             std::thread::sleep(Duration::from_millis(200));
         }
+        // The first write into a bucket makes SeaweedFS grow volumes for it, which can take
+        // seconds: done now, so that no test's first checkpoint (or a guest racing it) waits.
+        loop {
+            let (status, _) = self.filer("PUT", &format!("/buckets/{name}/warm-up/object"), b"x");
+            if (200..300).contains(&status) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cannot write to bucket: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
         let store = self.store_in(name, "ready-probe");
         loop {
             match Checkpoint::open(&store) {

@@ -644,29 +644,10 @@ fn precopy(
 /// it costs a fault: the first pass skips those without touching them. `None` where memory is
 /// a file's mapping (a page not mapped there holds the file's bytes) or the map is unreadable.
 fn populated_pages(memory: &GuestMemoryMmap, regions: &[RamRegion]) -> Option<PageBits> {
-    const CHUNK: u64 = 1 << 16;
     if memory.iter().any(|r| r.file_offset().is_some()) {
         return None;
     }
-    let map = std::fs::File::open("/proc/self/pagemap")
-        .map_err(|e| debug!("cannot open the page map: {e}"))
-        .ok()?;
-    let pages = regions.iter().map(RamRegion::pages).sum();
-    let mut populated = PageBits::new(pages);
-    for r in regions {
-        let mut done = 0;
-        while done < r.pages() {
-            let n = CHUNK.min(r.pages() - done);
-            let present = crate::memory::populated(&map, r.host_of_page(r.first_page() + done), n)
-                .map_err(|e| debug!("cannot read the page map: {e}"))
-                .ok()?;
-            for (i, _) in present.iter().enumerate().filter(|(_, &p)| p) {
-                populated.set(r.first_page() + done + i as u64);
-            }
-            done += n;
-        }
-    }
-    Some(populated)
+    crate::checkpoint::memory_cow::populated_pages(regions)
 }
 
 /// What the destination said after `Go`.

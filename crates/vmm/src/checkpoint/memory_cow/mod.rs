@@ -317,28 +317,46 @@ impl Drop for Arena {
     }
 }
 
-/// How much of `regions` the guest populated, per this process's page map: (pages, blocks of
-/// `block_pages` holding at least one such page); `None` if the page map cannot be read.
-pub(crate) fn populated_in(regions: &[RamRegion], block_pages: u64) -> Option<(u64, u64)> {
+/// The pages of `regions` the guest populated (mapped, or swapped out), per this process's page
+/// map; `None` if it cannot be read.
+pub(crate) fn populated_pages(regions: &[RamRegion]) -> Option<PageBits> {
+    const CHUNK: u64 = 1 << 16;
     let map = std::fs::File::open("/proc/self/pagemap")
         .map_err(|e| tracing::debug!("cannot open the page map: {e}"))
         .ok()?;
-    let (mut pages, mut blocks) = (0, 0);
+    let pages = regions.iter().map(RamRegion::pages).sum();
+    let mut populated = PageBits::new(pages);
+    for r in regions {
+        let mut done = 0;
+        while done < r.pages() {
+            let n = CHUNK.min(r.pages() - done);
+            let present = crate::memory::populated(&map, r.host_of_page(r.first_page() + done), n)
+                .map_err(|e| tracing::debug!("cannot read the page map: {e}"))
+                .ok()?;
+            for (i, _) in present.iter().enumerate().filter(|(_, &p)| p) {
+                populated.set(r.first_page() + done + i as u64);
+            }
+            done += n;
+        }
+    }
+    Some(populated)
+}
+
+/// How much of `regions` the guest populated: (pages, blocks of `block_pages` from each
+/// region's start holding at least one such page); `None` if the page map cannot be read.
+pub(crate) fn populated_in(regions: &[RamRegion], block_pages: u64) -> Option<(u64, u64)> {
+    let populated = populated_pages(regions)?;
+    let mut blocks = 0;
     for r in regions {
         let end = r.first_page() + r.pages();
         let mut first = r.first_page();
         while first < end {
-            let count = block_pages.min(end - first);
-            let populated = crate::memory::populated(&map, r.host_of_page(first), count)
-                .map_err(|e| tracing::debug!("cannot read the page map: {e}"))
-                .ok()?;
-            let n = populated.iter().filter(|&&p| p).count() as u64;
-            pages += n;
-            blocks += u64::from(n > 0);
-            first += count;
+            let block_end = (first + block_pages).min(end);
+            blocks += u64::from(populated.any(first, block_end));
+            first = block_end;
         }
     }
-    Some((pages, blocks))
+    Some((populated.count(), blocks))
 }
 
 #[cfg(test)]

@@ -15,8 +15,7 @@ use crate::memory::{RamRegion, PAGE_SIZE};
 pub struct StopCopy {
     unpopulated: Unpopulated,
     arena: Option<Arena>,
-    used: usize,
-    /// (first image page, pages, offset in the arena).
+    /// (first image page, pages, offset in the arena), in arena order.
     runs: Vec<(u64, u64, usize)>,
 }
 
@@ -50,7 +49,6 @@ impl StopCopy {
         StopCopy {
             unpopulated,
             arena,
-            used: 0,
             runs: Vec::new(),
         }
     }
@@ -69,15 +67,16 @@ impl StopCopy {
         let StopCopy {
             unpopulated,
             arena,
-            used,
             runs,
         } = self;
         let mut sink = |first: u64, bytes: &[u8]| -> Result<(), CowError> {
+            let used = runs.last().map_or(0, |&(_, pages, offset)| {
+                offset + (pages * PAGE_SIZE) as usize
+            });
             match arena {
-                Some(arena) if arena.len() - *used >= bytes.len() => {
-                    arena[*used..*used + bytes.len()].copy_from_slice(bytes);
-                    runs.push((first, bytes.len() as u64 / PAGE_SIZE, *used));
-                    *used += bytes.len();
+                Some(arena) if arena.len() - used >= bytes.len() => {
+                    arena[used..used + bytes.len()].copy_from_slice(bytes);
+                    runs.push((first, bytes.len() as u64 / PAGE_SIZE, used));
                     Ok(())
                 }
                 _ => writer.write_pages(first, bytes).map_err(CowError::Store),
