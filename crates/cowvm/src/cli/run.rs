@@ -18,6 +18,15 @@ pub enum HugePagesArg {
     Thp,
 }
 
+impl From<HugePagesArg> for HugePages {
+    fn from(arg: HugePagesArg) -> HugePages {
+        match arg {
+            HugePagesArg::None => HugePages::None,
+            HugePagesArg::Thp => HugePages::Thp,
+        }
+    }
+}
+
 /// How to build a VM.
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmArgs {
@@ -65,10 +74,7 @@ impl VmArgs {
         Ok(VmConfig {
             mem_size: mem.0,
             vcpus: self.vcpus,
-            hugepages: match self.hugepages {
-                HugePagesArg::None => HugePages::None,
-                HugePagesArg::Thp => HugePages::Thp,
-            },
+            hugepages: self.hugepages.into(),
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),

@@ -100,7 +100,8 @@ pub struct MigrateOptions {
     pub to: String,
     /// How memory moves.
     pub mode: MigrationMode,
-    /// Pre-copy stops once what is left could be sent in this time (`precopy`), or after
+    /// Pre-copy stops once what is left could be sent in this time (`precopy`), once rounds
+    /// stop shrinking (the guest writes about as fast as the stream sends), or after
     /// [`Self::max_rounds`].
     pub max_downtime: Duration,
     /// The most pre-copy rounds (after the first full pass) before the pause.

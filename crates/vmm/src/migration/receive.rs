@@ -46,6 +46,8 @@ pub struct ReceiveOptions {
     /// Serve TLS with this certificate: a source speaking plain TCP is refused. Plain TCP
     /// without it.
     pub tls: Option<TlsServer>,
+    /// Whether the VM's memory asks the host for transparent huge pages.
+    pub hugepages: HugePages,
 }
 
 /// Writes one pre-copied page into guest memory.
@@ -111,10 +113,40 @@ fn keep_possibly_present(pages: &mut PageBits, written: &PageBits, regions: &[Ra
     }
 }
 
+/// Maps the pages of `pages` in guest memory now, one kernel call per run, rather than one
+/// page fault each when pre-copy writes them. Best effort: a kernel that cannot (before Linux
+/// 5.14) or a host short of memory leaves the rest to those faults.
+fn map_ahead(regions: &[RamRegion], pages: &PageBits) {
+    for r in regions {
+        for (first, count) in pages.runs(r.first_page(), r.first_page() + r.pages(), true) {
+            let addr = r.host_of_page(first);
+            // SAFETY: the range lies inside guest memory this process mapped (anonymous,
+            // private) and nothing runs on it yet; populating only maps zeroed pages where
+            // none are.
+            let rc = unsafe {
+                libc::madvise(
+                    addr as *mut libc::c_void,
+                    (count * PAGE_SIZE) as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if rc != 0 {
+                debug!(
+                    "guest memory is not mapped ahead of pre-copy: {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+        }
+    }
+}
+
 /// What pre-copy put into memory here, and which of those pages are known missing again.
 struct Precopied {
     /// Every page pre-copy wrote.
     written: PageBits,
+    /// Every page that may be mapped here: those pre-copy wrote and those mapped ahead of it.
+    mapped: PageBits,
     /// Pages dropped since huge pages stopped (and not written since): missing for sure.
     dropped: PageBits,
     /// Scratch for the pages to drop; like the others, mapped before the pause writes it.
@@ -127,6 +159,7 @@ impl Precopied {
     fn new(pages: u64) -> Precopied {
         Precopied {
             written: PageBits::new_mapped(pages),
+            mapped: PageBits::new_mapped(pages),
             dropped: PageBits::new_mapped(pages),
             stale: PageBits::new_mapped(pages),
             huge_stopped: false,
@@ -135,6 +168,7 @@ impl Precopied {
 
     fn wrote(&mut self, page: u64) {
         self.written.set(page);
+        self.mapped.set(page);
         self.dropped.clear(page);
     }
 
@@ -154,7 +188,7 @@ impl Precopied {
         }
         self.stale.copy_from(lacking);
         self.stale.and_not(&self.dropped);
-        keep_possibly_present(&mut self.stale, &self.written, regions);
+        keep_possibly_present(&mut self.stale, &self.mapped, regions);
         forget_pages(regions, &self.stale)?;
         self.dropped.or(lacking);
         Ok(())
@@ -289,14 +323,25 @@ pub(crate) fn receive(
     };
     // Memory, the KVM VM and its vCPUs before any page arrives: creating the VM costs
     // milliseconds per GiB, and each vCPU a fraction of one, which must not fall in the pause.
-    // Transparent huge pages: pre-copy fills memory block by block, so a first touch maps 2 MiB
-    // instead of one page, and stale pages are dropped from a few huge mappings instead of from
-    // many page-table entries (both cost a fault or a page-table write per entry).
-    let memory = memory::create_guest_memory(hello.mem_size, HugePages::Thp)?;
+    let memory = memory::create_guest_memory(hello.mem_size, options.hugepages)?;
     let vm = KvmVm::new(&memory).map_err(|e| MigrationError::Vm(e.into()))?;
     let vcpus = builder::create_vcpus(&vm, hello.vcpus)?;
     let regions = memory::ram_regions(&memory);
     let pages: u64 = regions.iter().map(RamRegion::pages).sum();
+    let mut precopied = Precopied::new(pages);
+    if hello.mode != MigrationMode::Postcopy {
+        let populated = wire::expect_frame(&mut r, Kind::Populated, "the populated pages")?;
+        let populated = decode_bitmap(&populated, pages)
+            .map_err(|why| WireError::malformed(Kind::Populated, why))?;
+        let mapping = Instant::now();
+        map_ahead(&regions, &populated);
+        precopied.mapped.or(&populated);
+        debug!(
+            pages = populated.count(),
+            us = mapping.elapsed().as_micros() as u64,
+            "guest memory mapped ahead of pre-copy"
+        );
+    }
     wire::write_frame(&mut w, Kind::Prepared, &[]).map_err(io)?;
     w.flush().map_err(io)?;
     if hello.mode == MigrationMode::Postcopy {
@@ -306,7 +351,6 @@ pub(crate) fn receive(
 
     let zeros = vec![0u8; PAGE_SIZE as usize];
     let mut payload = Vec::new();
-    let mut precopied = Precopied::new(pages);
     loop {
         match wire::read_frame_into(&mut r, &mut payload)? {
             Kind::Pages => {
@@ -393,7 +437,7 @@ pub(crate) fn receive(
         .map_err(MigrationError::Disks)?;
         phase("disks");
         restore_vm(&vm.fd, &state.vm).map_err(|e: KvmError| MigrationError::Vm(e.into()))?;
-        if precopied.written.any(0, pages) {
+        if precopied.mapped.any(0, pages) {
             precopied.drop_lacking(&memory, &regions, &lacking)?;
         }
         // What pre-copy left in place.
@@ -537,5 +581,27 @@ mod tests {
         write_page(&memory, &regions, stale, &[0x33; PAGE_SIZE as usize]).unwrap();
         precopied.wrote(stale);
         assert!(!precopied.dropped.get(stale) && precopied.dropped.get(zero_filled));
+    }
+
+    #[test]
+    fn pages_mapped_ahead_and_never_sent_are_missing_after_the_drop() {
+        let memory = memory::create_guest_memory(16 << 20, HugePages::None).unwrap();
+        let regions = memory::ram_regions(&memory);
+        let pages = regions[0].pages();
+        let mut ahead = PageBits::new(pages);
+        for page in 0..pages / 2 {
+            ahead.set(page);
+        }
+        let mut precopied = Precopied::new(pages);
+        map_ahead(&regions, &ahead);
+        precopied.mapped.or(&ahead);
+        let (sent, never_sent) = (3, 700);
+        write_page(&memory, &regions, sent, &[0x5a; PAGE_SIZE as usize]).unwrap();
+        precopied.wrote(sent);
+        assert_eq!(present(&memory, &[sent, never_sent]), [true, true]);
+        let mut lacking = PageBits::new(pages);
+        lacking.set(never_sent);
+        precopied.drop_lacking(&memory, &regions, &lacking).unwrap();
+        assert_eq!(present(&memory, &[sent, never_sent]), [true, false]);
     }
 }

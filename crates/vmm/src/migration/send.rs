@@ -339,7 +339,7 @@ pub(crate) fn migrate(
             .map_or(0, |d| d.as_micros())
     );
     let copy_disks = options.copy_disks && !disks.is_empty();
-    handshake(&ctx, options, copy_disks, &mut conn).map_err(resumed)?;
+    handshake(&ctx, options, copy_disks, &regions, &mut conn).map_err(resumed)?;
     let mut copies = if copy_disks {
         let copies = Outgoing::send_frozen(&mut conn, disks, ctx.layers, &format!("{tag}-copy"))
             .map_err(resumed)?;
@@ -518,11 +518,13 @@ fn sync(conn: &mut Conn) -> Result<(), MigrationError> {
     Ok(())
 }
 
-/// Says what VM comes and waits until the destination has its memory and KVM VM ready.
+/// Says what VM comes (and, for a pre-copy, which pages its memory holds) and waits until the
+/// destination has its memory and KVM VM ready.
 fn handshake(
     ctx: &SendContext<'_>,
     options: &MigrateOptions,
     copy_disks: bool,
+    regions: &[RamRegion],
     conn: &mut Conn,
 ) -> Result<(), MigrationError> {
     let machine = ctx.machine;
@@ -537,6 +539,12 @@ fn handshake(
     wire::write_preamble(&mut conn.w).map_err(WireError::Io)?;
     let hello = serde_json::to_vec(&hello).expect("the hello serializes");
     conn.send(Kind::Hello, &[&hello])?;
+    if options.mode != MigrationMode::Postcopy {
+        let pages = regions.iter().map(RamRegion::pages).sum();
+        let populated =
+            populated_pages(&machine.memory, regions).unwrap_or_else(|| PageBits::all(pages));
+        conn.send(Kind::Populated, &[&bitmap_bytes(&populated)])?;
+    }
     conn.flush()?;
     wire::expect_frame(&mut conn.r, Kind::Prepared, "the destination prepared")?;
     Ok(())
@@ -544,8 +552,9 @@ fn handshake(
 
 /// Pre-copy, the VM running: the first pass sends every page that is not zero, each round then
 /// the pages written during the previous one, until what is left would fit the downtime
-/// target or the rounds run out (for `hybrid`, also once rounds stop shrinking). Returns the pages the destination still lacks (all of them
-/// for `postcopy`).
+/// target, the rounds run out, or rounds stop shrinking (a round leaves more than three
+/// quarters of what it sent; for `hybrid`, more than half). Returns the pages the destination
+/// still lacks (all of them for `postcopy`).
 fn precopy(
     ctx: &SendContext<'_>,
     options: &MigrateOptions,
@@ -627,11 +636,18 @@ fn precopy(
         // the destination more stale pages to drop in the pause.
         let shrinking = to_send.count() * 2 <= sent;
         let hybrid_done = options.mode == MigrationMode::Hybrid && !shrinking;
-        if fits || hybrid_done || report.precopy_rounds > options.max_rounds {
+        // A pre-copy goes on while each round leaves at most three quarters of what it sent.
+        // Past that the guest writes about as fast as the stream sends: more rounds would
+        // barely shorten the pause, while every one of them slows the guest (its first write
+        // to each page after a read of the dirty log is a fault).
+        let stalled = to_send.count() * 4 > sent * 3;
+        if fits || hybrid_done || stalled || report.precopy_rounds > options.max_rounds {
             if !fits && options.mode == MigrationMode::Precopy {
                 warn!(
+                    round = report.precopy_rounds,
+                    sent_pages = sent,
                     left_pages = to_send.count(),
-                    "pre-copy did not converge: the pause sends what is left"
+                    "pre-copy does not converge: the pause sends what is left"
                 );
             }
             return Ok(to_send);

@@ -15,8 +15,8 @@ use crate::memory::PAGE_SIZE;
 /// The first bytes of every migration stream.
 pub(crate) const MAGIC: [u8; 8] = *b"COWVMMIG";
 /// The version of the stream this build speaks (2: `Sync`, `Synced`, `Discard`; the times
-/// that `Ready` and `Running` measure).
-pub(crate) const VERSION: u32 = 2;
+/// that `Ready` and `Running` measure; 3: `Populated`).
+pub(crate) const VERSION: u32 = 3;
 /// The largest payload a frame may carry: a block of pages with its kinds, a switchover
 /// (device state and the bitmap of the pages the destination lacks) or a chunk of a disk layer,
 /// with room to spare.
@@ -54,6 +54,11 @@ pub enum Kind {
     /// since they were sent; they come again after the hand-over, so the destination drops
     /// what it holds of them now rather than in the pause.
     Discard = 9,
+    /// Source → destination, right after the hello of a pre-copy or hybrid migration: a bitmap
+    /// of the pages the guest has populated (the first round sends those). The destination
+    /// maps them before it says it is prepared, so that no page fault of its own slows the
+    /// round while the guest runs under the dirty log.
+    Populated = 10,
     /// Destination → source: memory and the KVM VM are ready for pages.
     Prepared = 16,
     /// Destination → source: the VM is built and waits for `Go`.
@@ -80,6 +85,7 @@ impl Kind {
             7 => Kind::DiskData,
             8 => Kind::Sync,
             9 => Kind::Discard,
+            10 => Kind::Populated,
             16 => Kind::Prepared,
             17 => Kind::Ready,
             18 => Kind::Request,
