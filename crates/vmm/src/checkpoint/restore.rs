@@ -577,6 +577,7 @@ pub(crate) fn restore(
             role: "restored VM",
             hot_pages: ckpt.manifest().memory.hot_pages.clone(),
             exit: exit.clone(),
+            reservoir: None,
         })?))
     } else {
         None

@@ -24,7 +24,7 @@ use crate::exit::ExitNotifier;
 use crate::kvm::state::restore_vm;
 use crate::kvm::{KvmError, KvmVm};
 use crate::memory::{self, HugePages, RamRegion, PAGE_SIZE};
-use crate::page_service::{PageService, ServiceSpec};
+use crate::page_service::{PageService, Reservoir, ServiceSpec, BLOCK_PAGES};
 
 /// How long a read polls before it blocks once the switchover is next (post-copy: after
 /// `Prepared`; else after `Synced`).
@@ -329,19 +329,29 @@ pub(crate) fn receive(
     let regions = memory::ram_regions(&memory);
     let pages: u64 = regions.iter().map(RamRegion::pages).sum();
     let mut precopied = Precopied::new(pages);
-    if hello.mode != MigrationMode::Postcopy {
-        let populated = wire::expect_frame(&mut r, Kind::Populated, "the populated pages")?;
-        let populated = decode_bitmap(&populated, pages)
-            .map_err(|why| WireError::malformed(Kind::Populated, why))?;
-        let mapping = Instant::now();
+    let populated = wire::expect_frame(&mut r, Kind::Populated, "the populated pages")?;
+    let populated = decode_bitmap(&populated, pages)
+        .map_err(|why| WireError::malformed(Kind::Populated, why))?;
+    // Memory for the pages to come, mapped while the guest still runs at the source: guest
+    // memory itself for a pre-copy, which writes into it; a reservoir for a post-copy, whose
+    // pages must stay missing until they arrive.
+    let mapping = Instant::now();
+    let mut reservoir = None;
+    if hello.mode == MigrationMode::Postcopy {
+        let blocks = (0..pages.div_ceil(BLOCK_PAGES))
+            .filter(|b| populated.any(b * BLOCK_PAGES, ((b + 1) * BLOCK_PAGES).min(pages)))
+            .count() as u64;
+        reservoir = Reservoir::mapped(blocks).map(Arc::new);
+    } else {
         map_ahead(&regions, &populated);
         precopied.mapped.or(&populated);
-        debug!(
-            pages = populated.count(),
-            us = mapping.elapsed().as_micros() as u64,
-            "guest memory mapped ahead of pre-copy"
-        );
     }
+    debug!(
+        pages = populated.count(),
+        reservoir = reservoir.is_some(),
+        us = mapping.elapsed().as_micros() as u64,
+        "memory mapped ahead of the pages"
+    );
     wire::write_frame(&mut w, Kind::Prepared, &[]).map_err(io)?;
     w.flush().map_err(io)?;
     if hello.mode == MigrationMode::Postcopy {
@@ -485,6 +495,7 @@ pub(crate) fn receive(
             role: "migrated VM",
             hot_pages: Vec::new(),
             exit: exit.clone(),
+            reservoir: reservoir.take(),
         })?;
         (Some(source), Some(Arc::new(service)), None)
     } else {

@@ -518,8 +518,8 @@ fn sync(conn: &mut Conn) -> Result<(), MigrationError> {
     Ok(())
 }
 
-/// Says what VM comes (and, for a pre-copy, which pages its memory holds) and waits until the
-/// destination has its memory and KVM VM ready.
+/// Says what VM comes and which pages its memory holds, and waits until the destination has
+/// its memory and KVM VM ready.
 fn handshake(
     ctx: &SendContext<'_>,
     options: &MigrateOptions,
@@ -539,12 +539,10 @@ fn handshake(
     wire::write_preamble(&mut conn.w).map_err(WireError::Io)?;
     let hello = serde_json::to_vec(&hello).expect("the hello serializes");
     conn.send(Kind::Hello, &[&hello])?;
-    if options.mode != MigrationMode::Postcopy {
-        let pages = regions.iter().map(RamRegion::pages).sum();
-        let populated =
-            populated_pages(&machine.memory, regions).unwrap_or_else(|| PageBits::all(pages));
-        conn.send(Kind::Populated, &[&bitmap_bytes(&populated)])?;
-    }
+    let pages = regions.iter().map(RamRegion::pages).sum();
+    let populated =
+        populated_pages(&machine.memory, regions).unwrap_or_else(|| PageBits::all(pages));
+    conn.send(Kind::Populated, &[&bitmap_bytes(&populated)])?;
     conn.flush()?;
     wire::expect_frame(&mut conn.r, Kind::Prepared, "the destination prepared")?;
     Ok(())

@@ -54,10 +54,10 @@ pub enum Kind {
     /// since they were sent; they come again after the hand-over, so the destination drops
     /// what it holds of them now rather than in the pause.
     Discard = 9,
-    /// Source → destination, right after the hello of a pre-copy or hybrid migration: a bitmap
-    /// of the pages the guest has populated (the first round sends those). The destination
-    /// maps them before it says it is prepared, so that no page fault of its own slows the
-    /// round while the guest runs under the dirty log.
+    /// Source → destination, right after the hello: a bitmap of the pages the guest has
+    /// populated (the pages to come). The destination maps memory for them before it says it
+    /// is prepared, so that no page fault of its own slows a pre-copy round or a post-copy
+    /// install.
     Populated = 10,
     /// Destination → source: memory and the KVM VM are ready for pages.
     Prepared = 16,

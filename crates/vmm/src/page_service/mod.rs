@@ -32,6 +32,7 @@
 mod checkpoint_blocks;
 mod fault;
 mod prefetch;
+mod reservoir;
 mod shared;
 mod source;
 mod staging;
@@ -45,6 +46,7 @@ use thiserror::Error;
 use tracing::{error, info};
 
 pub(crate) use self::checkpoint_blocks::CheckpointBlocks;
+pub use self::reservoir::Reservoir;
 pub use self::shared::{SharedImage, SharedImageError};
 pub use self::source::SourceError;
 pub(crate) use self::source::{BlockSource, Run, RunKind};
@@ -142,6 +144,9 @@ struct Shared {
     /// `UFFDIO_MOVE` is available: blocks are assembled in a staging huge page and moved in
     /// whole ([`staging`]).
     can_move: bool,
+    /// Blocks mapped ahead to move arriving pages into, until they run out or every block is
+    /// resident ([`reservoir`]).
+    reservoir: Mutex<Option<Arc<Reservoir>>>,
     regions: Vec<RamRegion>,
     source: Arc<dyn BlockSource>,
     /// What a failure stops, for messages ("restored VM").
@@ -218,6 +223,8 @@ impl Shared {
                     }
                 }
                 if self.resident.fetch_add(1, Ordering::AcqRel) + 1 == self.block_count() {
+                    // What is left of the reservoir is not needed any more.
+                    drop(self.reservoir_lock().take());
                     // Under the lock, so the prefetcher cannot miss it between its check and
                     // its wait.
                     let _finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
@@ -260,7 +267,19 @@ impl Shared {
         debug_assert!(runs
             .iter()
             .all(|r| r.first >= first && r.first + r.count <= end));
+        if self.can_move {
+            let reservoir = self.reservoir_lock().clone();
+            if let Some(installed) =
+                reservoir.and_then(|r| r.install(self, &region, first, end, &runs, buf))
+            {
+                return installed;
+            }
+        }
         self.install_runs(&region, &runs, buf)
+    }
+
+    fn reservoir_lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Reservoir>>> {
+        self.reservoir.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Installs fetched runs of one block of `region` in small pages: zero runs mapped, data
@@ -362,6 +381,8 @@ pub struct ServiceSpec {
     pub hot_pages: Vec<u64>,
     /// Where a failure stops the VM.
     pub exit: Arc<ExitNotifier>,
+    /// Blocks mapped ahead for the pages that arrive (a migration's), if any.
+    pub reservoir: Option<Arc<Reservoir>>,
 }
 
 impl PageService {
@@ -387,6 +408,7 @@ impl PageService {
         let mut shared = Shared {
             uffd,
             can_move,
+            reservoir: Mutex::new(spec.reservoir),
             regions: spec.regions,
             source: spec.source,
             role: spec.role,
