@@ -300,7 +300,7 @@ pub(crate) fn receive(
     // Small: a block of pages is read past it, without a copy.
     let mut r = BufReader::with_capacity(64 << 10, r);
     let mut w = BufWriter::new(w);
-    wire::read_preamble(&mut r)?;
+    let version = wire::read_preamble(&mut r)?;
     let hello: Hello = serde_json::from_slice(&wire::expect_frame(&mut r, Kind::Hello, "hello")?)
         .map_err(|e| WireError::malformed(Kind::Hello, e.to_string()))?;
     if let Err(e) = memory::validate_size(hello.mem_size) {
@@ -329,9 +329,13 @@ pub(crate) fn receive(
     let regions = memory::ram_regions(&memory);
     let pages: u64 = regions.iter().map(RamRegion::pages).sum();
     let mut precopied = Precopied::new(pages);
-    let populated = wire::expect_frame(&mut r, Kind::Populated, "the populated pages")?;
-    let populated = decode_bitmap(&populated, pages)
-        .map_err(|why| WireError::malformed(Kind::Populated, why))?;
+    // An older source does not say which pages it populated: nothing is mapped ahead.
+    let populated = if version >= wire::POPULATED_SINCE {
+        let bitmap = wire::expect_frame(&mut r, Kind::Populated, "the populated pages")?;
+        decode_bitmap(&bitmap, pages).map_err(|why| WireError::malformed(Kind::Populated, why))?
+    } else {
+        PageBits::new(pages)
+    };
     // Memory for the pages to come, mapped while the guest still runs at the source: guest
     // memory itself for a pre-copy, which writes into it; a reservoir for a post-copy, whose
     // pages must stay missing until they arrive.
@@ -592,6 +596,44 @@ mod tests {
         write_page(&memory, &regions, stale, &[0x33; PAGE_SIZE as usize]).unwrap();
         precopied.wrote(stale);
         assert!(!precopied.dropped.get(stale) && precopied.dropped.get(zero_filled));
+    }
+
+    #[test]
+    fn a_source_of_the_version_before_the_populated_pages_is_prepared_for() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let source = std::thread::spawn(move || {
+            let mut conn = TcpStream::connect(addr).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut preamble = wire::MAGIC.to_vec();
+            preamble.extend_from_slice(&(wire::POPULATED_SINCE - 1).to_le_bytes());
+            conn.write_all(&preamble).unwrap();
+            let hello = serde_json::to_vec(&Hello {
+                mem_size: 16 << 20,
+                vcpus: 1,
+                mode: MigrationMode::Precopy,
+                kernel: None,
+                cmdline: None,
+                copy_disks: false,
+            })
+            .unwrap();
+            wire::write_frame(&mut conn, Kind::Hello, &[&hello]).unwrap();
+            // No `Populated` follows: the destination must answer all the same.
+            wire::read_frame(&mut conn).unwrap().0
+        });
+        let (stream, _) = listener.accept().unwrap();
+        let options = ReceiveOptions {
+            console: Console::Stdout,
+            disk_dir: None,
+            allow_dirs: Vec::new(),
+            tls: None,
+            hugepages: HugePages::Thp,
+        };
+        let destination = std::thread::spawn(move || receive(stream, options).map(|_| ()));
+        assert_eq!(source.join().unwrap(), Kind::Prepared);
+        // The source is gone: the destination gives up.
+        assert!(destination.join().unwrap().is_err());
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub(crate) const MAGIC: [u8; 8] = *b"COWVMMIG";
 /// The version of the stream this build speaks (2: `Sync`, `Synced`, `Discard`; the times
 /// that `Ready` and `Running` measure; 3: `Populated`).
 pub(crate) const VERSION: u32 = 3;
+/// The first version whose source sends `Populated` after the hello.
+pub(crate) const POPULATED_SINCE: u32 = 3;
 /// The largest payload a frame may carry: a block of pages with its kinds, a switchover
 /// (device state and the bitmap of the pages the destination lacks) or a chunk of a disk layer,
 /// with room to spare.
@@ -166,8 +168,8 @@ pub(crate) fn write_preamble(w: &mut impl Write) -> io::Result<()> {
     w.write_all(&VERSION.to_le_bytes())
 }
 
-/// Reads and checks the preamble.
-pub(crate) fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
+/// Reads and checks the preamble; returns the peer's version (this one's or older).
+pub(crate) fn read_preamble(r: &mut impl Read) -> Result<u32, WireError> {
     let mut buf = [0u8; 12];
     read_exact(r, &mut buf)?;
     if buf[..8] != MAGIC {
@@ -181,7 +183,7 @@ pub(crate) fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
     if theirs > VERSION {
         return Err(WireError::Newer { theirs });
     }
-    Ok(())
+    Ok(theirs)
 }
 
 fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireError> {
@@ -346,7 +348,7 @@ mod tests {
         write_preamble(&mut buf).unwrap();
         write_frame(&mut buf, Kind::Hello, &[b"{\"a\":", b"1}"]).unwrap();
         let mut r = &buf[..];
-        read_preamble(&mut r).unwrap();
+        assert_eq!(read_preamble(&mut r).unwrap(), VERSION);
         let (kind, payload) = read_frame(&mut r).unwrap();
         assert_eq!(kind, Kind::Hello);
         assert_eq!(payload, b"{\"a\":1}");
