@@ -141,6 +141,14 @@ fn map_ahead(regions: &[RamRegion], pages: &PageBits) {
     }
 }
 
+/// How many blocks of the page service's (`BLOCK_PAGES` pages each) `test` holds for in `bits`.
+fn blocks_where(bits: &PageBits, test: impl Fn(&PageBits, u64, u64) -> bool) -> u64 {
+    let pages = bits.len();
+    (0..pages.div_ceil(BLOCK_PAGES))
+        .filter(|b| test(bits, b * BLOCK_PAGES, ((b + 1) * BLOCK_PAGES).min(pages)))
+        .count() as u64
+}
+
 /// What pre-copy put into memory here, and which of those pages are known missing again.
 struct Precopied {
     /// Every page pre-copy wrote.
@@ -175,12 +183,15 @@ impl Precopied {
     /// Makes every page of `lacking` missing, so that the page service installs its final
     /// content on first touch. Pre-copy's copies of those pages are stale; and pages it never
     /// wrote may be present too, as zeros, where a huge page covers them. Huge pages stop
-    /// first, so that nothing fills in a span after its pages are dropped.
+    /// first, so that nothing fills in a span after its pages are dropped. Whole blocks go
+    /// into `keep`, if given and while it has room, instead of being freed: their memory then
+    /// serves the pages that replace them.
     fn drop_lacking(
         &mut self,
         memory: &GuestMemoryMmap,
         regions: &[RamRegion],
         lacking: &PageBits,
+        keep: Option<&mut Reservoir>,
     ) -> Result<(), MigrationError> {
         if !self.huge_stopped {
             memory::stop_huge_pages(memory)?;
@@ -189,6 +200,20 @@ impl Precopied {
         self.stale.copy_from(lacking);
         self.stale.and_not(&self.dropped);
         keep_possibly_present(&mut self.stale, &self.mapped, regions);
+        if let Some(keep) = keep {
+            for r in regions {
+                let end = r.first_page() + r.pages();
+                let mut first = r.first_page();
+                while first + BLOCK_PAGES <= end {
+                    if !self.stale.any_clear(first, first + BLOCK_PAGES)
+                        && keep.adopt(r.host_of_page(first))
+                    {
+                        self.stale.clear_range(first, first + BLOCK_PAGES);
+                    }
+                    first += BLOCK_PAGES;
+                }
+            }
+        }
         forget_pages(regions, &self.stale)?;
         self.dropped.or(lacking);
         Ok(())
@@ -342,10 +367,7 @@ pub(crate) fn receive(
     let mapping = Instant::now();
     let mut reservoir = None;
     if hello.mode == MigrationMode::Postcopy {
-        let blocks = (0..pages.div_ceil(BLOCK_PAGES))
-            .filter(|b| populated.any(b * BLOCK_PAGES, ((b + 1) * BLOCK_PAGES).min(pages)))
-            .count() as u64;
-        reservoir = Reservoir::mapped(blocks).map(Arc::new);
+        reservoir = Reservoir::mapped(blocks_where(&populated, PageBits::any)).map(Arc::new);
     } else {
         map_ahead(&regions, &populated);
         precopied.mapped.or(&populated);
@@ -396,7 +418,18 @@ pub(crate) fn receive(
             Kind::Discard => {
                 let discard = decode_bitmap(&payload, pages)
                     .map_err(|why| WireError::malformed(Kind::Discard, why))?;
-                precopied.drop_lacking(&memory, &regions, &discard)?;
+                // The blocks dropped whole come again after the hand-over: their memory is
+                // kept for them, in a reservoir.
+                let mut keep = match &reservoir {
+                    None => Reservoir::empty(blocks_where(&discard, |bits, first, end| {
+                        !bits.any_clear(first, end)
+                    })),
+                    Some(_) => None,
+                };
+                precopied.drop_lacking(&memory, &regions, &discard, keep.as_mut())?;
+                if let Some(keep) = keep {
+                    reservoir = Some(Arc::new(keep));
+                }
             }
             Kind::Sync => {
                 wire::write_frame(&mut w, Kind::Synced, &[])
@@ -452,7 +485,7 @@ pub(crate) fn receive(
         phase("disks");
         restore_vm(&vm.fd, &state.vm).map_err(|e: KvmError| MigrationError::Vm(e.into()))?;
         if precopied.mapped.any(0, pages) {
-            precopied.drop_lacking(&memory, &regions, &lacking)?;
+            precopied.drop_lacking(&memory, &regions, &lacking, None)?;
         }
         // What pre-copy left in place.
         let mut held = precopied.written;
@@ -582,7 +615,9 @@ mod tests {
         for page in [stale, zero_filled, untouched] {
             lacking.set(page);
         }
-        precopied.drop_lacking(&memory, &regions, &lacking).unwrap();
+        precopied
+            .drop_lacking(&memory, &regions, &lacking, None)
+            .unwrap();
         assert_eq!(
             present(&memory, &[kept, stale, zero_filled, untouched]),
             [true, false, false, false]
@@ -654,7 +689,9 @@ mod tests {
         assert_eq!(present(&memory, &[sent, never_sent]), [true, true]);
         let mut lacking = PageBits::new(pages);
         lacking.set(never_sent);
-        precopied.drop_lacking(&memory, &regions, &lacking).unwrap();
+        precopied
+            .drop_lacking(&memory, &regions, &lacking, None)
+            .unwrap();
         assert_eq!(present(&memory, &[sent, never_sent]), [true, false]);
     }
 }

@@ -21,13 +21,17 @@ use crate::memory::{self, RamRegion, PAGE_SIZE};
 
 const BLOCK_BYTES: usize = (BLOCK_PAGES * PAGE_SIZE) as usize;
 
-/// Zeroed blocks of anonymous memory, mapped ahead, each handed out once.
+/// Blocks of anonymous memory, mapped ahead, each handed out once.
 pub struct Reservoir {
-    /// The mapping: one block more than the reservoir holds, so that aligned blocks fit.
+    /// The mapping: one block more than the reservoir has room for, so that aligned blocks
+    /// fit.
     map: *mut libc::c_void,
     map_len: usize,
     /// The first aligned block within it.
     first: *mut u8,
+    /// Room, in blocks.
+    room: u64,
+    /// Blocks mapped (from the first): those handed out, and those still to hand out.
     blocks: u64,
     next: AtomicU64,
 }
@@ -43,10 +47,27 @@ impl Reservoir {
     /// them all now. `None` if the kernel cannot map them ahead (before Linux 5.14) or the host
     /// lacks the memory: pages are then allocated as they arrive.
     pub fn mapped(blocks: u64) -> Option<Reservoir> {
-        if blocks == 0 {
+        let mut reservoir = Reservoir::empty(blocks)?;
+        let len = blocks as usize * BLOCK_BYTES;
+        // SAFETY: advice on this mapping's own pages, which nothing references yet. Without
+        // huge pages the blocks still work, in small pages.
+        unsafe { libc::madvise(reservoir.first.cast(), len, libc::MADV_HUGEPAGE) };
+        // SAFETY: as above; populating maps zeroed pages where none are.
+        let rc = unsafe { libc::madvise(reservoir.first.cast(), len, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            debug!("no reservoir: {}", std::io::Error::last_os_error());
             return None;
         }
-        let map_len = usize::try_from(blocks + 1).ok()?.checked_mul(BLOCK_BYTES)?;
+        reservoir.blocks = blocks;
+        Some(reservoir)
+    }
+
+    /// Room for `room` blocks, none mapped yet: [`Self::adopt`] fills it.
+    pub fn empty(room: u64) -> Option<Reservoir> {
+        if room == 0 {
+            return None;
+        }
+        let map_len = usize::try_from(room + 1).ok()?.checked_mul(BLOCK_BYTES)?;
         // SAFETY: a new private anonymous mapping; no existing memory is affected.
         let map = unsafe {
             libc::mmap(
@@ -63,26 +84,51 @@ impl Reservoir {
             return None;
         }
         let offset = (map as usize).next_multiple_of(BLOCK_BYTES) - map as usize;
-        let reservoir = Reservoir {
+        Some(Reservoir {
             map,
             map_len,
-            // SAFETY: `offset` is below BLOCK_BYTES, so `blocks` blocks from there lie inside
+            // SAFETY: `offset` is below BLOCK_BYTES, so `room` blocks from there lie inside
             // the mapping.
             first: unsafe { map.cast::<u8>().add(offset) },
-            blocks,
+            room,
+            blocks: 0,
             next: AtomicU64::new(0),
-        };
-        let len = blocks as usize * BLOCK_BYTES;
-        // SAFETY: advice on this mapping's own pages, which nothing references yet. Without
-        // huge pages the blocks still work, in small pages.
-        unsafe { libc::madvise(reservoir.first.cast(), len, libc::MADV_HUGEPAGE) };
-        // SAFETY: as above; populating maps zeroed pages where none are.
-        let rc = unsafe { libc::madvise(reservoir.first.cast(), len, libc::MADV_POPULATE_WRITE) };
-        if rc != 0 {
-            debug!("no reservoir: {}", std::io::Error::last_os_error());
-            return None;
+        })
+    }
+
+    /// Moves the pages of the 2 MiB-aligned block at host address `block` into the
+    /// reservoir's next free block (`mremap` with `MREMAP_DONTUNMAP`: page-table entries change
+    /// hands, a huge page whole, and `block` stays mapped, empty, reading as missing). The
+    /// memory a stale block held thus serves the block that replaces it, with no allocation.
+    /// False, and nothing changed, if the reservoir is full or the kernel refuses.
+    pub fn adopt(&mut self, block: usize) -> bool {
+        if self.blocks >= self.room || block % BLOCK_BYTES != 0 {
+            return false;
         }
-        Some(reservoir)
+        // SAFETY: the free block lies inside the mapping (blocks < room).
+        let to = unsafe { self.first.add(self.blocks as usize * BLOCK_BYTES) };
+        // SAFETY: `block` is a block of private anonymous memory that the caller owns and
+        // nothing else uses while it runs; its pages move to `to`, a block of this reservoir's
+        // own mapping that holds nothing (MREMAP_FIXED replaces what is there), and `block`
+        // stays mapped, empty.
+        let moved = unsafe {
+            libc::mremap(
+                block as *mut libc::c_void,
+                BLOCK_BYTES,
+                BLOCK_BYTES,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+                to.cast::<libc::c_void>(),
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            debug!(
+                "a stale block is freed, not kept: {}",
+                std::io::Error::last_os_error()
+            );
+            return false;
+        }
+        self.blocks += 1;
+        true
     }
 
     /// The blocks handed out so far.
@@ -125,10 +171,14 @@ impl Reservoir {
         // counter hands each block out once, so this is its only reference.
         let block = unsafe { std::slice::from_raw_parts_mut(at, BLOCK_BYTES) };
         for run in runs {
-            if let RunKind::Data { at } = run.kind {
-                let len = (run.count * PAGE_SIZE) as usize;
-                let to = ((run.first - first) * PAGE_SIZE) as usize;
-                block[to..to + len].copy_from_slice(&buf[at..at + len]);
+            let len = (run.count * PAGE_SIZE) as usize;
+            let to = ((run.first - first) * PAGE_SIZE) as usize;
+            match run.kind {
+                RunKind::Data { at } => block[to..to + len].copy_from_slice(&buf[at..at + len]),
+                // An adopted block holds what its pages held before.
+                RunKind::Zero => block[to..to + len].fill(0),
+                // Not in a block moved whole (see above).
+                RunKind::Present => {}
             }
         }
         let moved = shared
@@ -252,5 +302,52 @@ mod tests {
             .read_slice(&mut page[..1], GuestAddress(3 * PAGE_SIZE))
             .unwrap();
         assert_eq!(page[0], 7);
+    }
+
+    #[test]
+    fn adopted_blocks_serve_new_pages_and_their_old_bytes_never_show() {
+        let memory = memory::create_guest_memory(16 << 20, HugePages::Thp).unwrap();
+        let regions = memory::ram_regions(&memory);
+        // Stale bytes everywhere, as pre-copy would have left them.
+        memory
+            .write_slice(&vec![0xee; 16 << 20], GuestAddress(0))
+            .unwrap();
+        let mut reservoir = Reservoir::empty(8).expect("room");
+        for block in 0..8 {
+            let host = regions[0].host_of_page(block * BLOCK_PAGES);
+            assert!(reservoir.adopt(host), "block {block} not adopted");
+        }
+        assert!(
+            !reservoir.adopt(regions[0].host_of_page(0)),
+            "a full reservoir adopts"
+        );
+        // Adopted blocks are left empty (reading one now would map a zero page over it).
+        let map = std::fs::File::open("/proc/self/pagemap").unwrap();
+        let present = memory::populated(&map, regions[0].host, regions[0].pages()).unwrap();
+        assert!(present.iter().all(|&p| !p), "a page stayed behind");
+        let reservoir = Arc::new(reservoir);
+        let service = PageService::start(ServiceSpec {
+            regions: regions.clone(),
+            source: Arc::new(Pattern),
+            role: "test VM",
+            hot_pages: Vec::new(),
+            exit: Arc::new(ExitNotifier::default()),
+            reservoir: Some(reservoir.clone()),
+        })
+        .unwrap();
+        service.prefetch().unwrap();
+        service.wait_resident(Duration::from_secs(10)).unwrap();
+        // Seven blocks hold data, each served by an adopted block.
+        assert_eq!(reservoir.used(), 7);
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for p in 0..regions[0].pages() {
+            memory
+                .read_slice(&mut page, GuestAddress(p * PAGE_SIZE))
+                .unwrap();
+            assert!(
+                page.iter().all(|&b| b == expected(p)),
+                "page {p} does not hold what was sent"
+            );
+        }
     }
 }
