@@ -10,6 +10,12 @@
 //! addresses moves as one), its zero pages included, so the guest's first write to one of those
 //! costs no fault either. A block that holds pages already present, or one of zeros only, goes
 //! in as before; so does every block once the reservoir is spent.
+//!
+//! A hybrid migration fills its reservoir another way: the blocks of guest memory it drops
+//! before the hand-over (the guest wrote them again after pre-copy sent them) are moved into
+//! the reservoir whole instead of being freed ([`Reservoir::adopt`]), and their memory serves
+//! the pages that replace them. Such a block still holds its old bytes, so every zero run
+//! installed from it is cleared first.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
