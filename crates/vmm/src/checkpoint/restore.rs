@@ -192,7 +192,7 @@ struct Prepared {
 /// A VM made before the checkpoint it will run is known: memory, the KVM VM and the vCPUs of
 /// a given shape. Creating a KVM VM and registering its memory takes milliseconds per GiB on
 /// some hosts, the larger part of a restore's path to the first instruction; a standby pays it
-/// in advance, so that [`restore`](Standby::restore) only loads state and starts the vCPUs.
+/// in advance, so that its restore only loads state and starts the vCPUs.
 /// Memory is served lazily, as by a default restore.
 pub struct Standby {
     mem_size: u64,

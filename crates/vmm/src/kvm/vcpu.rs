@@ -78,7 +78,7 @@ pub struct ExitCounters {
     pub other: AtomicU64,
 }
 
-/// A snapshot of [`ExitCounters`].
+/// A snapshot of a vCPU's exit counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExitCounts {
     /// Port I/O exits.
