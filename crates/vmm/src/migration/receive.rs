@@ -19,6 +19,7 @@ use super::wire::{self, Kind, WireError, DATA, ZERO};
 use super::{MigrationError, MigrationMode};
 use crate::builder::{self, Console, Machine, MachineState, Parts, Start, VmSummary, MAX_VCPUS};
 use crate::checkpoint::dirty::PageBits;
+use crate::checkpoint::memory_cow;
 use crate::checkpoint::restore::{disk_overlays, RestoreRecord};
 use crate::exit::ExitNotifier;
 use crate::kvm::state::restore_vm;
@@ -113,12 +114,26 @@ fn keep_possibly_present(pages: &mut PageBits, written: &PageBits, regions: &[Ra
     }
 }
 
+/// The most memory mapped ahead of the pages a source says will come: half of what the host
+/// has available. The source only names the pages; it must not make this host commit memory
+/// it lacks in one frame (what is not mapped ahead is mapped as the pages arrive).
+fn map_ahead_limit() -> u64 {
+    memory_cow::host_available_memory().map_or(0, |available| available / 2)
+}
+
 /// Maps the pages of `pages` in guest memory now, one kernel call per run, rather than one
-/// page fault each when pre-copy writes them. Best effort: a kernel that cannot (before Linux
-/// 5.14) or a host short of memory leaves the rest to those faults.
-fn map_ahead(regions: &[RamRegion], pages: &PageBits) {
+/// page fault each when pre-copy writes them, up to `limit` bytes. Best effort: a kernel that
+/// cannot (before Linux 5.14) or a host short of memory leaves the rest to those faults.
+fn map_ahead(regions: &[RamRegion], pages: &PageBits, limit: u64) {
+    let mut left = limit / PAGE_SIZE;
     for r in regions {
         for (first, count) in pages.runs(r.first_page(), r.first_page() + r.pages(), true) {
+            if left == 0 {
+                debug!("guest memory mapped ahead up to half of the host's available memory");
+                return;
+            }
+            let count = count.min(left);
+            left -= count;
             let addr = r.host_of_page(first);
             // SAFETY: the range lies inside guest memory this process mapped (anonymous,
             // private) and nothing runs on it yet; populating only maps zeroed pages where
@@ -367,9 +382,11 @@ pub(crate) fn receive(
     let mapping = Instant::now();
     let mut reservoir = None;
     if hello.mode == MigrationMode::Postcopy {
-        reservoir = Reservoir::mapped(blocks_where(&populated, PageBits::any)).map(Arc::new);
+        let blocks = blocks_where(&populated, PageBits::any)
+            .min(map_ahead_limit() / (BLOCK_PAGES * PAGE_SIZE));
+        reservoir = Reservoir::mapped(blocks).map(Arc::new);
     } else {
-        map_ahead(&regions, &populated);
+        map_ahead(&regions, &populated, map_ahead_limit());
         precopied.mapped.or(&populated);
     }
     debug!(
@@ -672,6 +689,23 @@ mod tests {
     }
 
     #[test]
+    fn mapping_ahead_stops_at_its_limit() {
+        let memory = memory::create_guest_memory(16 << 20, HugePages::None).unwrap();
+        // Small pages even where the host hands out huge ones unasked.
+        memory::stop_huge_pages(&memory).unwrap();
+        let regions = memory::ram_regions(&memory);
+        let mut ahead = PageBits::new(regions[0].pages());
+        for page in [1, 2, 3, 10, 11, 12] {
+            ahead.set(page);
+        }
+        map_ahead(&regions, &ahead, 4 * PAGE_SIZE);
+        assert_eq!(
+            present(&memory, &[0, 1, 2, 3, 10, 11, 12]),
+            [false, true, true, true, true, false, false]
+        );
+    }
+
+    #[test]
     fn pages_mapped_ahead_and_never_sent_are_missing_after_the_drop() {
         let memory = memory::create_guest_memory(16 << 20, HugePages::None).unwrap();
         let regions = memory::ram_regions(&memory);
@@ -681,7 +715,7 @@ mod tests {
             ahead.set(page);
         }
         let mut precopied = Precopied::new(pages);
-        map_ahead(&regions, &ahead);
+        map_ahead(&regions, &ahead, u64::MAX);
         precopied.mapped.or(&ahead);
         let (sent, never_sent) = (3, 700);
         write_page(&memory, &regions, sent, &[0x5a; PAGE_SIZE as usize]).unwrap();

@@ -83,11 +83,14 @@ impl SaveCounters {
 /// leaves the page cache the store writes through, and the rest of the host, most of what is
 /// free; the floor keeps a small host's guest from waiting on the store at its first faults.
 pub(crate) fn default_cow_budget() -> u64 {
-    let available = std::fs::read_to_string("/proc/meminfo")
+    (host_available_memory().unwrap_or(0) / 4).max(MIN_COW_BUDGET)
+}
+
+/// The host's available memory (`MemAvailable`), in bytes, if `/proc/meminfo` tells.
+pub(crate) fn host_available_memory() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| mem_available(&text))
-        .unwrap_or(0);
-    (available / 4).max(MIN_COW_BUDGET)
 }
 
 /// The smallest default copy-aside budget (64 MiB).
