@@ -13,7 +13,8 @@
 //!
 //! A claimed block is read from its [`PageSource`], every page is checked against the page
 //! index, and only then installed, which wakes the threads waiting on it: moved in whole as a
-//! huge page where the kernel can ([`staging`]), else with `UFFDIO_COPY`.
+//! huge page where the kernel can ([`staging`]; for a migration, through a reservoir of
+//! blocks mapped before the VM moved, [`reservoir`]), else with `UFFDIO_COPY`.
 //! The whole index (9 bytes per page) is read by the prefetcher, off the path to the first
 //! instruction; until it is there, a block is checked against the index's segments that cover
 //! it, fetched alone and each verified against its checksum in the manifest (a checkpoint
