@@ -23,6 +23,7 @@ use tracing::debug;
 
 use super::source::{Run, RunKind};
 use super::{PageServiceError, Shared, BLOCK_PAGES};
+use crate::checkpoint::memory_cow::uffd_sys::{Uffd, UFFD_FEATURE_MOVE};
 use crate::memory::{self, RamRegion, PAGE_SIZE};
 
 const BLOCK_BYTES: usize = (BLOCK_PAGES * PAGE_SIZE) as usize;
@@ -68,9 +69,11 @@ impl Reservoir {
         Some(reservoir)
     }
 
-    /// Room for `room` blocks, none mapped yet: [`Self::adopt`] fills it.
+    /// Room for `room` blocks, none mapped yet: [`Self::adopt`] fills it. `None` where the
+    /// kernel cannot move pages into guest memory (`UFFDIO_MOVE`, Linux 6.8), which a
+    /// reservoir is for.
     pub fn empty(room: u64) -> Option<Reservoir> {
-        if room == 0 {
+        if room == 0 || Uffd::new(UFFD_FEATURE_MOVE).is_err() {
             return None;
         }
         let map_len = usize::try_from(room + 1).ok()?.checked_mul(BLOCK_BYTES)?;
