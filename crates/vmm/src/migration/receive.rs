@@ -68,28 +68,45 @@ fn write_page(
         .map_err(|e| MigrationError::GuestMemory(e.to_string()))
 }
 
+/// What [`advise`] asks of the kernel for a run of guest memory.
+#[derive(Clone, Copy)]
+enum Advice {
+    /// Drop the pages: they read as missing afterwards (zero, or a userfault once registered).
+    Drop,
+    /// Map zeroed pages where none are.
+    Map,
+}
+
+/// Asks the kernel to `advice` `count` pages of `region` from image page `first`.
+fn advise(region: &RamRegion, first: u64, count: u64, advice: Advice) -> std::io::Result<()> {
+    let advice = match advice {
+        Advice::Drop => libc::MADV_DONTNEED,
+        Advice::Map => libc::MADV_POPULATE_WRITE,
+    };
+    // SAFETY: the range lies inside guest memory this process mapped (anonymous, private),
+    // and nothing runs on it yet; dropping pages only makes them read as missing, and
+    // populating only maps zeroed pages where none are.
+    let rc = unsafe {
+        libc::madvise(
+            region.host_of_page(first) as *mut libc::c_void,
+            (count * PAGE_SIZE) as usize,
+            advice,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Drops the pages of `stale`: they read as missing afterwards (zero, or a userfault once
 /// registered).
 fn forget_pages(regions: &[RamRegion], stale: &PageBits) -> Result<(), MigrationError> {
     for r in regions {
         for (first, count) in stale.runs(r.first_page(), r.first_page() + r.pages(), true) {
-            let addr = r.host_of_page(first);
-            // SAFETY: the range lies inside guest memory this process mapped (anonymous,
-            // private); nothing runs on it yet, and dropping pages only makes them read as
-            // missing (zero, or a userfault once registered).
-            let rc = unsafe {
-                libc::madvise(
-                    addr as *mut libc::c_void,
-                    (count * PAGE_SIZE) as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
-            if rc != 0 {
-                return Err(MigrationError::GuestMemory(format!(
-                    "cannot drop stale pages: {}",
-                    std::io::Error::last_os_error()
-                )));
-            }
+            advise(r, first, count, Advice::Drop).map_err(|e| {
+                MigrationError::GuestMemory(format!("cannot drop stale pages: {e}"))
+            })?;
         }
     }
     Ok(())
@@ -134,22 +151,8 @@ fn map_ahead(regions: &[RamRegion], pages: &PageBits, limit: u64) {
             }
             let count = count.min(left);
             left -= count;
-            let addr = r.host_of_page(first);
-            // SAFETY: the range lies inside guest memory this process mapped (anonymous,
-            // private) and nothing runs on it yet; populating only maps zeroed pages where
-            // none are.
-            let rc = unsafe {
-                libc::madvise(
-                    addr as *mut libc::c_void,
-                    (count * PAGE_SIZE) as usize,
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
-            if rc != 0 {
-                debug!(
-                    "guest memory is not mapped ahead of pre-copy: {}",
-                    std::io::Error::last_os_error()
-                );
+            if let Err(e) = advise(r, first, count, Advice::Map) {
+                debug!("guest memory is not mapped ahead of pre-copy: {e}");
                 return;
             }
         }

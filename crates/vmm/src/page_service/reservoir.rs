@@ -274,13 +274,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn blocks_moved_from_the_reservoir_read_back_as_sent() {
-        let memory = memory::create_guest_memory(16 << 20, HugePages::Thp).unwrap();
-        let regions = memory::ram_regions(&memory);
-        let reservoir = Arc::new(Reservoir::mapped(4).expect("a reservoir"));
+    /// Serves the pattern into `regions` through `reservoir` until every block is resident.
+    fn serve_pattern(regions: &[RamRegion], reservoir: &Arc<Reservoir>) {
         let service = PageService::start(ServiceSpec {
-            regions: regions.clone(),
+            regions: regions.to_vec(),
             source: Arc::new(Pattern),
             role: "test VM",
             hot_pages: Vec::new(),
@@ -290,9 +287,11 @@ mod tests {
         .unwrap();
         service.prefetch().unwrap();
         service.wait_resident(Duration::from_secs(10)).unwrap();
-        // Seven blocks hold data: four come from the reservoir, the others are copied in once
-        // it is spent; the block of zeros is mapped as such.
-        assert_eq!(reservoir.used(), 4);
+    }
+
+    /// Checks every page of `memory` against the pattern.
+    fn assert_holds_pattern(memory: &vm_memory::GuestMemoryMmap) {
+        let regions = memory::ram_regions(memory);
         let mut page = vec![0u8; PAGE_SIZE as usize];
         for p in 0..regions[0].pages() {
             memory
@@ -303,12 +302,25 @@ mod tests {
                 "page {p} does not hold what was sent"
             );
         }
+    }
+
+    #[test]
+    fn blocks_moved_from_the_reservoir_read_back_as_sent() {
+        let memory = memory::create_guest_memory(16 << 20, HugePages::Thp).unwrap();
+        let regions = memory::ram_regions(&memory);
+        let reservoir = Arc::new(Reservoir::mapped(4).expect("a reservoir"));
+        serve_pattern(&regions, &reservoir);
+        // Seven blocks hold data: four come from the reservoir, the others are copied in once
+        // it is spent; the block of zeros is mapped as such.
+        assert_eq!(reservoir.used(), 4);
+        assert_holds_pattern(&memory);
         // A zero page that came with a data block is the guest's to write.
+        let mut page = [0u8; 1];
         memory
             .write_slice(&[7], GuestAddress(3 * PAGE_SIZE))
             .unwrap();
         memory
-            .read_slice(&mut page[..1], GuestAddress(3 * PAGE_SIZE))
+            .read_slice(&mut page, GuestAddress(3 * PAGE_SIZE))
             .unwrap();
         assert_eq!(page[0], 7);
     }
@@ -335,28 +347,9 @@ mod tests {
         let present = memory::populated(&map, regions[0].host, regions[0].pages()).unwrap();
         assert!(present.iter().all(|&p| !p), "a page stayed behind");
         let reservoir = Arc::new(reservoir);
-        let service = PageService::start(ServiceSpec {
-            regions: regions.clone(),
-            source: Arc::new(Pattern),
-            role: "test VM",
-            hot_pages: Vec::new(),
-            exit: Arc::new(ExitNotifier::default()),
-            reservoir: Some(reservoir.clone()),
-        })
-        .unwrap();
-        service.prefetch().unwrap();
-        service.wait_resident(Duration::from_secs(10)).unwrap();
+        serve_pattern(&regions, &reservoir);
         // Seven blocks hold data, each served by an adopted block.
         assert_eq!(reservoir.used(), 7);
-        let mut page = vec![0u8; PAGE_SIZE as usize];
-        for p in 0..regions[0].pages() {
-            memory
-                .read_slice(&mut page, GuestAddress(p * PAGE_SIZE))
-                .unwrap();
-            assert!(
-                page.iter().all(|&b| b == expected(p)),
-                "page {p} does not hold what was sent"
-            );
-        }
+        assert_holds_pattern(&memory);
     }
 }
